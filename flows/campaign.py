@@ -1,0 +1,43 @@
+"""A MEL campaign: warm start (or load) the policy, run N iterations, summarise.
+
+Every stage is cached by ids, so running the same campaign again — after a crash, or with more
+steps — reuses what finished and continues from the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.iteration import iteration
+from mel_core.config import from_dict
+from mel_core.runtime import Checkpoint, get_runtime
+from mel_core.stages import register_run
+from mel_core.summary import format_step, step_summary
+from tasks import warm_start_task
+from tasks.common import results_dir
+
+
+def announce(line: str) -> None:
+    """To the terminal and to the flow run's log in the UI."""
+    from prefect.logging import get_run_logger
+    print(line, flush=True)
+    get_run_logger().info(line)
+
+
+@flow(name="mel-campaign")
+def campaign(config: dict) -> dict:
+    """`config` is a plain dict (mel_core.config.to_dict); it is validated before any work starts."""
+    cfg = from_dict(config)
+    rt = get_runtime(cfg)
+
+    checkpoint = warm_start_task.with_options(result_storage=results_dir(config))(config)
+    register_run(rt, Checkpoint(**checkpoint))
+
+    summaries = []
+    for step in range(1, cfg.run.steps + 1):
+        checkpoint = iteration(config, step, checkpoint)
+        summaries.append(step_summary(rt.store, rt.run_id, step))
+        announce(format_step(summaries[-1]))
+
+    return {"run_id": rt.run_id, "run_dir": str(rt.run_dir), "db": str(rt.store.path),
+            "final_checkpoint": checkpoint, "steps": summaries}

@@ -1,0 +1,40 @@
+"""One MEL training step as a Prefect DAG (paper §3, DESIGN.md §1):
+
+    sample -> verify -> pair -> diagnose -> abstract -> replay -> update
+
+Each stage is a cached task keyed by ids; each hands the next a small manifest, never tensors.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from mel_core.config import from_dict
+from tasks import (abstract_task, diagnose_task, pair_task, replay_task, sample_task, update_task,
+                   verify_task)
+from tasks.common import results_dir
+
+
+@flow(name="mel-iteration", flow_run_name="step-{step}", log_prints=True)
+def iteration(config: dict, step: int, checkpoint: dict) -> dict:
+    """One step from policy version `checkpoint`; returns the next checkpoint's manifest."""
+    cfg = from_dict(config)
+    store_at = {"result_storage": results_dir(config)}
+    sample, verify, pair, diagnose, abstract, replay, update = (
+        t.with_options(**store_at) for t in
+        (sample_task, verify_task, pair_task, diagnose_task, abstract_task, replay_task, update_task))
+
+    # 1-2. G rollouts per prompt from pi_old, scored by a verifiable reward.
+    rollouts = sample(config, step, checkpoint)
+    rewards = verify(config, step, upstream=rollouts)
+    experience = rewards
+    if cfg.experience.enabled:
+        # 3. Contrast a correct and an incorrect rollout of the same (mixed) group.
+        pairs = pair(config, step, upstream=rewards)
+        # 4-5. The policy locates the bifurcation point, critiques, and abstracts If/Then heuristics.
+        analyses = diagnose(config, step, checkpoint, upstream=pairs)
+        heuristics = abstract(config, step, upstream=analyses)
+        # 6. Keep a meta-experience only if a replay with it in context solves the problem.
+        experience = replay(config, step, checkpoint, upstream=heuristics)
+    # 7. theta <- theta - lr * grad(L_RL + lambda * L_NLL over the accepted meta-experience).
+    return update(config, step, checkpoint, upstream=experience)

@@ -1,0 +1,139 @@
+"""`mel` — run a campaign, query the corpus, trace a heuristic's lineage.
+
+    mel run --config configs/tiny.yaml [key=value ...]
+    mel query "SELECT ..." [--db runs/NAME/mel.duckdb]
+    mel lineage HEURISTIC_ID [--db ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _prefect_env(verbose: bool) -> None:
+    """Prefect state under the working directory (never $HOME), telemetry off, quiet by default."""
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _find_db(arg: str | None) -> Path:
+    if arg:
+        p = Path(arg)
+        p = p / "mel.duckdb" if p.is_dir() else p
+        if not p.exists():
+            sys.exit(f"mel: no DuckDB file at {p}")
+        return p
+    found = sorted(Path("runs").glob("*/mel.duckdb"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        sys.exit("mel: no run found under ./runs; pass --db PATH")
+    return found[-1]
+
+
+def cmd_run(args) -> int:
+    from mel_core import config as config_mod
+
+    _prefect_env(args.verbose)
+    try:
+        cfg = config_mod.load(args.config, args.overrides)
+    except config_mod.ConfigError as e:
+        print(f"mel: {e}", file=sys.stderr)
+        return 2
+    from flows.campaign import campaign
+
+    t0 = time.time()
+    print(f"mel: campaign '{cfg.run.name}' — {cfg.run.steps} steps, model {cfg.model.name_or_path}, "
+          f"B={cfg.sampling.prompts_per_step} G={cfg.sampling.group_size}", flush=True)
+    result = campaign(config_mod.to_dict(cfg))
+    db = result["db"]
+    from mel_core.store import Store
+    store = Store(db)
+    hid = store.query("SELECT heuristic_id FROM heuristics WHERE run_id = ? AND accepted ORDER BY step DESC, "
+                      "heuristic_id LIMIT 1", [result["run_id"]])
+    print(f"\nmel: done in {time.time() - t0:.0f}s")
+    print(f"  DuckDB:      {db}")
+    print(f"  checkpoints: {Path(result['final_checkpoint']['path']).parent}")
+    print(f"  final:       {result['final_checkpoint']['path']}")
+    print("Try:")
+    print(f"  .venv/bin/mel query --db {db} \"SELECT * FROM step_summary ORDER BY step\"")
+    if hid:
+        print(f"  .venv/bin/mel lineage --db {db} {hid[0]['heuristic_id']}")
+    else:
+        print(f"  .venv/bin/mel query --db {db} \"SELECT status, reject_reason, count(*) FROM analyses GROUP BY ALL\"")
+    return 0
+
+
+def cmd_query(args) -> int:
+    from mel_core.store import ReadOnlyViolation, Store, check_read_only, format_table
+
+    try:
+        check_read_only(args.sql)
+    except ReadOnlyViolation as e:
+        print(f"mel: {e}", file=sys.stderr)
+        return 2
+    store = Store.open_existing(_find_db(args.db))
+    try:
+        cols, rows = store.query_readonly(args.sql)
+    except Exception as e:  # SQL errors are the user's to fix: say what DuckDB said
+        print(f"mel: query failed: {e}", file=sys.stderr)
+        return 2
+    print(format_table(cols, rows, max_width=args.width))
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from mel_core.store import Store
+
+    store = Store.open_existing(_find_db(args.db))
+    rows = store.query("SELECT * FROM heuristic_lineage WHERE heuristic_id = ?", [args.heuristic_id])
+    if not rows:
+        print(f"mel: no heuristic with id {args.heuristic_id}", file=sys.stderr)
+        return 1
+    r = rows[0]
+    ind = lambda t: "\n".join("      " + ln for ln in (t or "").splitlines())
+    status = {True: "accepted", False: "rejected", None: "not replayed"}[r["accepted"]]
+    print(f"heuristic {r['heuristic_id']} ({status})\n    {r['heuristic']}")
+    print(f"  from analysis {r['analysis_id']}: bifurcation step {r['bifurcation_step']}\n"
+          f"    critique: {r['critique']}")
+    print(f"  of pair {r['pair_id']}")
+    print(f"    incorrect rollout {r['incorrect_rollout_id']}:\n{ind(r['incorrect_text'])}")
+    print(f"    correct rollout {r['correct_rollout_id']}:\n{ind(r['correct_text'])}")
+    print(f"  on prompt {r['prompt_id']} (problem {r['problem_id']}): {r['question']}  [gold {r['answer']}]")
+    print(f"  written by policy version {r['policy_version_id']} at step {r['step']} of run {r['run_name']} ({r['run_id']})")
+    if r["internalized_by_update"]:
+        print(f"  internalized by update {r['internalized_by_update']} -> checkpoint {r['internalized_in_checkpoint']}")
+    else:
+        print("  not internalized (not accepted, or its update has not run)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a MEL campaign")
+    r.add_argument("--config", required=True, help="YAML config (see configs/)")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=10")
+    r.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
+    r.set_defaults(fn=cmd_run)
+    q = sub.add_parser("query", help="read-only SQL over a run's DuckDB file")
+    q.add_argument("sql")
+    q.add_argument("--db", help="DuckDB file or run directory (default: the latest under ./runs)")
+    q.add_argument("--width", type=int, default=60, help="max characters per cell")
+    q.set_defaults(fn=cmd_query)
+    lg = sub.add_parser("lineage", help="where a heuristic came from and which checkpoint learned it")
+    lg.add_argument("heuristic_id")
+    lg.add_argument("--db")
+    lg.set_defaults(fn=cmd_lineage)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Structured configuration: one dataclass per section, every field documented.
+
+Each field carries ``metadata={"help": ..., "source": ...}`` where ``source`` is ``"paper"`` when the
+MEL paper (arXiv 2602.10224) or the RLVR literature it builds on fixes the value, and ``"choice"``
+when the paper is silent and the value is ours. ``mel_core.config.describe()`` prints them all.
+
+Loading is ``schema <- extends-chain of YAML files <- key=value overrides``; an unknown key or a
+value of the wrong type raises :class:`ConfigError` naming the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PAPER = "paper"
+CHOICE = "choice"
+
+
+def doc(default: Any, help: str, source: str = CHOICE, **kw) -> Any:
+    """A dataclass field with a one-line doc and where its value comes from (paper or our choice)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "source": source}, **kw)
+    return field(default=default, metadata={"help": help, "source": source}, **kw)
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help, "source": CHOICE})
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key and the file (or override) it came from."""
+
+
+# --------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("mel", "Run name; with the config hash it determines the run id.")
+    seed: int = doc(0, "Master seed: sampling, pairing and replay seeds derive from it and the step.")
+    steps: int = doc(4, "Number of MEL training steps in the campaign.")
+    root_dir: str = doc("runs", "Directory holding one sub-directory per run (DuckDB file, checkpoints).")
+    cache_dir: str = doc(".cache/mel", "Where built artefacts shared across runs live (the tiny warm start).")
+    torch_threads: int = doc(0, "torch.set_num_threads for the process; 0 leaves torch's default.")
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = doc(128, "Embedded model width (Qwen2 architecture).")
+    num_layers: int = doc(4, "Transformer blocks.")
+    num_heads: int = doc(4, "Attention heads.")
+    num_kv_heads: int = doc(2, "Key/value heads (grouped-query attention, as Qwen2/3).")
+    intermediate_size: int = doc(512, "MLP width.")
+    vocab_size: int = doc(512, "Byte-level BPE vocabulary size trained on the synthetic corpus.")
+    max_position_embeddings: int = doc(512, "Context window of the tiny model, in tokens.")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = doc("tiny", "'tiny' builds the embedded model by warm start; otherwise an HF path or hub name (GPU configs).")
+    dtype: str = doc("float32", "Parameter dtype: float32 | bfloat16.")
+    max_seq_len: int = doc(512, "Longest prompt+completion the update sees; longer retrospective contexts are left-truncated in the prompt part.")
+    tiny: TinyModelConfig = section(TinyModelConfig, "Shape of the embedded tiny model.")
+
+
+@dataclass
+class WarmStartConfig:
+    steps: int = doc(900, "Optimizer steps of warm-start training of the tiny model.")
+    batch_size: int = doc(48, "Sequences per warm-start step.")
+    lr: float = doc(3e-3, "Peak learning rate (cosine decay, linear warmup).")
+    warmup_steps: int = doc(30, "Linear warmup steps.")
+    analysis_fraction: float = doc(0.35, "Fraction of warm-start examples that teach the analysis format.")
+    validation_fraction: float = doc(0.1, "Fraction that teach solving with a heuristic in context (the validation prompt).")
+    eval_problems: int = doc(200, "Held-out problems for the greedy accuracy printed after warm start.")
+    seed: int = doc(0, "Seed of warm-start data and initialisation.")
+
+
+@dataclass
+class SyntheticConfig:
+    min_ops: int = doc(1, "Fewest operators per synthetic problem.")
+    max_ops: int = doc(2, "Most operators per synthetic problem.")
+    max_number: int = doc(30, "Operands are drawn from 1..max_number.")
+    operators: str = doc("+-*", "Operators used; '*' binds tighter than '+'/'-'.")
+    train_size: int = doc(4096, "Problems in the training split.")
+    eval_size: int = doc(200, "Problems in the held-out split.")
+    seed: int = doc(1234, "Seed of problem generation (training and held-out splits do not overlap).")
+
+
+@dataclass
+class DataConfig:
+    source: str = doc("synthetic", "'synthetic' (embedded task) or a path to a JSONL file of problems.")
+    question_field: str = doc("problem", "JSONL field holding the question.")
+    answer_field: str = doc("answer", "JSONL field holding the gold answer.")
+    id_field: str = doc("", "JSONL field holding a row id; empty means the line number.")
+    synthetic: SyntheticConfig = section(SyntheticConfig, "The embedded synthetic arithmetic task.")
+
+
+@dataclass
+class SamplingConfig:
+    prompts_per_step: int = doc(128, "Prompts per training step (B).", PAPER)
+    group_size: int = doc(8, "Rollouts per prompt (G).", PAPER)
+    temperature: float = doc(1.0, "Rollout sampling temperature.", PAPER)
+    top_p: float = doc(1.0, "Nucleus sampling; 1.0 disables it (top_k is always 0).")
+    max_new_tokens: int = doc(1024, "Longest rollout.")
+
+
+@dataclass
+class ExperienceConfig:
+    enabled: bool = doc(True, "Run the MEL stages (pair, diagnose, abstract, replay) and the NLL term; False is plain GRPO.")
+    pairs_per_group: int = doc(1, "Contrastive (correct, incorrect) pairs drawn per mixed group, at random with the step seed.")
+    analysis_temperature: float = doc(1.0, "Sampling temperature of the analysis (diagnose/abstract) generation.")
+    analysis_max_new_tokens: int = doc(1024, "Longest analysis generation.")
+    replays_per_experience: int = doc(1, "Replays of the question with the meta-experience in context.")
+    accept_min_correct: int = doc(1, "Replays that must verify for a meta-experience to be accepted (paper: the one replay must).", PAPER)
+    replay_temperature: float = doc(1.0, "Sampling temperature of replays.")
+    max_heuristics: int = doc(3, "Most heuristics kept from one analysis.")
+
+
+@dataclass
+class LossConfig:
+    advantage: str = doc("grpo", "Advantage estimator by name (mel_core.losses.ADVANTAGES).", PAPER)
+    policy_loss: str = doc("grpo", "Policy loss / aggregation by name (mel_core.losses.POLICY_LOSSES); grpo = per-sequence token mean, then mean (Eq. 10).", PAPER)
+    epsilon: float = doc(0.2, "PPO ratio clip range (the paper does not state it).")
+    epsilon_high: Optional[float] = doc(None, "Upper clip for DAPO clip-higher; None uses epsilon.")
+    beta: float = doc(0.0, "KL coefficient to the reference policy (k3); 0 as in the paper.", PAPER)
+    nll_coef: float = doc(1.0, "lambda in L = L_RL + lambda * L_NLL.", PAPER)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(1e-6, "AdamW learning rate.", PAPER)
+    weight_decay: float = doc(0.0, "AdamW weight decay.")
+    betas: list = doc([0.9, 0.999], "AdamW betas.")
+    max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables it.")
+
+
+@dataclass
+class VerifyConfig:
+    timeout_s: float = doc(5.0, "Time limit per verified item (math-verify runs in a worker process).")
+
+
+@dataclass
+class PromptsConfig:
+    dir: str = doc("configs/prompts/paper", "Directory with solve.txt, analysis.txt, validation.txt.")
+
+
+@dataclass
+class MelConfig:
+    run: RunConfig = section(RunConfig, "Run identity, seeds and directories.")
+    model: ModelConfig = section(ModelConfig, "Policy model.")
+    warm_start: WarmStartConfig = section(WarmStartConfig, "Warm start of the embedded tiny model.")
+    data: DataConfig = section(DataConfig, "Training problems.")
+    sampling: SamplingConfig = section(SamplingConfig, "Rollout sampling.")
+    experience: ExperienceConfig = section(ExperienceConfig, "Meta-experience stages.")
+    loss: LossConfig = section(LossConfig, "RL and NLL losses.")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    verify: VerifyConfig = section(VerifyConfig, "Reward verification.")
+    prompts: PromptsConfig = section(PromptsConfig, "Prompt templates.")
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def _wrap(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{origin}: bad config key '{key}': {msg}")
+
+
+def _read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[str, Any]]:
+    """[(origin, DictConfig)] from the root of the `extends:` chain down to `path`."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from e
+    if node is None:
+        node = OmegaConf.create({})
+    chain: list[tuple[str, Any]] = []
+    parent = node.pop("extends", None) if hasattr(node, "pop") else None
+    if parent is not None:
+        chain += _read_yaml_chain((path.parent / str(parent)), seen + (path,))
+    chain.append((str(path), node))
+    return chain
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> MelConfig:
+    """Validated config: schema defaults <- YAML chain <- `key=value` overrides."""
+    cfg = OmegaConf.structured(MelConfig)
+    if path is not None:
+        for origin, node in _read_yaml_chain(Path(path)):
+            try:
+                cfg = OmegaConf.merge(cfg, node)
+            except OmegaConfBaseException as e:
+                raise _wrap(e, origin) from e
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}': expected key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+        except OmegaConfBaseException as e:
+            raise _wrap(e, f"override '{ov}'") from e
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def from_dict(d: dict) -> MelConfig:
+    """Rebuild a validated config from `to_dict` output (what flows receive as a parameter)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(MelConfig), OmegaConf.create(d))
+    except OmegaConfBaseException as e:
+        raise _wrap(e, "flow parameter 'config'") from e
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def to_dict(cfg: MelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = ("run.steps",)) -> str:
+    """Stable hash of everything that changes results. Extending a campaign (run.steps) keeps it."""
+    d = to_dict(cfg)
+    for dotted in exclude:
+        *parents, leaf = dotted.split(".")
+        node = d
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate(cfg: MelConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    from mel_core import losses  # local: losses imports torch
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    need(cfg.sampling.group_size >= 2, "sampling.group_size", "GRPO needs at least 2 rollouts per prompt")
+    need(cfg.sampling.prompts_per_step >= 1, "sampling.prompts_per_step", "must be >= 1")
+    need(cfg.loss.advantage in losses.ADVANTAGES, "loss.advantage", f"unknown estimator; one of {sorted(losses.ADVANTAGES)}")
+    need(cfg.loss.policy_loss in losses.POLICY_LOSSES, "loss.policy_loss", f"unknown loss; one of {sorted(losses.POLICY_LOSSES)}")
+    need(1 <= cfg.experience.accept_min_correct <= cfg.experience.replays_per_experience,
+         "experience.accept_min_correct", "must be between 1 and experience.replays_per_experience")
+    need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
+    need(cfg.data.synthetic.min_ops <= cfg.data.synthetic.max_ops, "data.synthetic.min_ops", "must be <= max_ops")
+
+
+def describe(cls: type = MelConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """[(dotted key, source, help)] for every leaf field: the documentation table."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+            sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            rows += describe(type(sub()) if sub else f.type, key + ".")
+        else:
+            rows.append((key, f.metadata.get("source", ""), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,38 @@
+"""The generation-engine interface: what the pipeline needs from HF, vLLM or any other backend.
+
+Every generation of a step (rollouts, analyses, replays) is one call to :meth:`Engine.generate`
+with all its prompts, so the backend batches as it sees fit. The engine serves one policy version
+at a time and is told to move to another with :meth:`Engine.load_version`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos) | "length"
+    logprobs: list[float] | None = field(default=None, repr=False)
+
+
+class Engine(Protocol):
+    version: str | None
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, desc: str = "") -> list[list[Completion]]:
+        """`params.n` completions for each prompt, in prompt order."""
+
+    def load_version(self, version: str, path: str) -> None:
+        """Serve the policy saved at `path` from now on (no-op if already serving `version`)."""

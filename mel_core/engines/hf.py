@@ -1,0 +1,71 @@
+"""Batched sampling with transformers' `generate`, sharing the trainable model in-process.
+
+On one host the engine and the trainer hold the *same* module: an optimizer step is visible to the
+next generation with no copy, which is the in-place refresh. `load_version` is for a process that
+starts mid-campaign (resume) and must first move the shared model to a saved checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from mel_core.engines.base import Completion, SamplingParams
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, *, max_batch_sequences: int = 256,
+                 loader: Callable[[str], None] | None = None, progress: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_sequences = max_batch_sequences
+        self.version: str | None = None
+        self._loader = loader  # moves the shared model to a checkpoint path (owned by the Policy)
+        self.progress = progress
+
+    def load_version(self, version: str, path: str) -> None:
+        if version == self.version:
+            return
+        if self._loader is None:
+            raise RuntimeError("this engine has no loader; construct it with loader=")
+        self._loader(path)
+        self.version = version
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], params: SamplingParams, desc: str = "") -> list[list[Completion]]:
+        tok = self.tokenizer
+        expanded = [p for p in prompts for _ in range(params.n)]  # [P*n]
+        out: list[Completion] = []
+        was_training = self.model.training
+        self.model.eval()
+        generator_seed = int(params.seed) % (2**63 - 1)
+        chunks = range(0, len(expanded), self.max_batch_sequences)
+        if self.progress and len(chunks) > 1:
+            from tqdm.auto import tqdm
+            chunks = tqdm(chunks, desc=desc or "generate", leave=False)
+        try:
+            for i, start in enumerate(chunks):
+                batch = expanded[start:start + self.max_batch_sequences]
+                enc = tok(batch, return_tensors="pt", padding=True, padding_side="left")
+                enc = {k: v.to(self.model.device) for k, v in enc.items()}
+                torch.manual_seed(generator_seed + i)
+                kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id)
+                if params.temperature > 0:
+                    kwargs.update(do_sample=True, temperature=params.temperature, top_k=0, top_p=params.top_p)
+                else:
+                    kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+                seqs = self.model.generate(**enc, **kwargs)  # [b, L_prompt + L_new]
+                new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+                for ids in new:
+                    if tok.eos_token_id in ids:
+                        ids = ids[: ids.index(tok.eos_token_id) + 1]  # keep eos: the update learns to stop
+                        reason = "stop"
+                    else:
+                        reason = "length"
+                    out.append(Completion(text=tok.decode(ids, skip_special_tokens=True), token_ids=ids,
+                                          finish_reason=reason))
+        finally:
+            self.model.train(was_training)
+        return [out[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]

@@ -1,0 +1,331 @@
+"""The seven stages of one MEL step, as plain functions over the runtime and the store.
+
+sample -> verify -> pair -> diagnose -> abstract -> replay -> update (DESIGN.md §1). Each reads its
+inputs from the store by (run, step), writes its records with deterministic ids, and returns a small
+manifest (ids and counts) — never tensors. ``tasks/`` wraps each in a Prefect task; calling them
+directly runs the same step without an orchestrator (the benchmarks compare both).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import traceback
+import uuid
+from collections import defaultdict
+
+import torch
+
+from mel_core import experience, losses
+from mel_core.engines.base import SamplingParams
+from mel_core.runtime import Checkpoint, Runtime, derive_seed
+from mel_core.store import make_id
+
+STAGES = ("sample", "verify", "pair", "diagnose", "abstract", "replay", "update")
+
+# Bump a stage's version when its logic changes, so cached results of the old logic are not reused.
+STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 1, "pair": 1, "diagnose": 1, "abstract": 1,
+                  "replay": 1, "update": 1}
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def execute(rt: Runtime, stage: str, step: int, fn, *args, cache_key: str | None = None, **kwargs):
+    """Run one stage body and record the execution in `stage_runs` (one row per execution)."""
+    row_id = uuid.uuid4().hex
+    started = _now()
+    t0 = time.perf_counter()
+    rt.store.insert("stage_runs", [{"stage_run_id": row_id, "run_id": rt.run_id, "step": step, "stage": stage,
+                                    "cache_key": cache_key, "started_at": started, "status": "running"}])
+    try:
+        out = fn(rt, *args, **kwargs)
+    except BaseException as e:
+        rt.store.update("stage_runs", "stage_run_id", [{
+            "stage_run_id": row_id, "finished_at": _now(), "seconds": time.perf_counter() - t0,
+            "status": "failed", "error": "".join(traceback.format_exception_only(type(e), e)).strip()[:2000]}])
+        raise
+    rt.store.update("stage_runs", "stage_run_id", [{
+        "stage_run_id": row_id, "finished_at": _now(), "seconds": time.perf_counter() - t0, "status": "completed"}])
+    return out
+
+
+def _metrics(rt: Runtime, step: int, values: dict) -> list[dict]:
+    return [{"run_id": rt.run_id, "step": step, "name": k, "value": float(v)} for k, v in values.items()]
+
+
+# ------------------------------------------------------------------------------------ 0. runs
+
+
+def base_checkpoint_key(rt: Runtime) -> str:
+    cfg = rt.cfg
+    if cfg.model.name_or_path == "tiny":
+        from mel_core import tiny
+        return f"warm_start-v{STAGE_VERSIONS['warm_start']}-{tiny.warm_start_key(cfg)}-{rt.run_id}-{rt.epoch}"
+    return f"base-{cfg.model.name_or_path}-{rt.run_id}-{rt.epoch}"
+
+
+def base_checkpoint(rt: Runtime) -> Checkpoint:
+    """Version 0 of the policy: the warm-started tiny model (built once, cached on disk) or a real model."""
+    cfg = rt.cfg
+    if cfg.model.name_or_path == "tiny":
+        from mel_core import tiny
+        path = tiny.ensure_warm_start(cfg)
+        return Checkpoint(make_id("ckpt", "tiny", tiny.warm_start_key(cfg)), str(path))
+    return Checkpoint(make_id("ckpt", "base", cfg.model.name_or_path), cfg.model.name_or_path)
+
+
+def register_run(rt: Runtime, base: Checkpoint) -> None:
+    """The run row and its version-0 checkpoint (the base or warm-started model)."""
+    import json
+    from mel_core.config import to_dict
+
+    with rt.store.transaction() as w:
+        w.insert("runs", [{"run_id": rt.run_id, "name": rt.cfg.run.name, "config_hash": rt.config_hash,
+                           "config_json": json.dumps(to_dict(rt.cfg), sort_keys=True), "created_at": _now()}])
+        w.insert("checkpoints", [{"checkpoint_id": base.checkpoint_id, "run_id": rt.run_id, "step": 0,
+                                  "path": base.path, "parent_checkpoint_id": None, "created_at": _now()}])
+
+
+# ---------------------------------------------------------------------------------- 1. sample
+
+
+def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
+    """B prompts x G rollouts from pi_old at the rollout temperature, in one engine call."""
+    cfg = rt.cfg
+    rt.ensure_version(ckpt)
+    problems = rt.step_problems(step)
+    prompt_rows = []
+    for pos, prob in enumerate(problems):
+        prompt_rows.append({"prompt_id": make_id("prompt", rt.run_id, step, pos, prob.problem_id), "run_id": rt.run_id,
+                            "step": step, "position": pos, "problem_id": prob.problem_id, "question": prob.question,
+                            "answer": prob.answer, "prompt_text": rt.prompts.render_solve(prob.question)})
+    seed = derive_seed(cfg.run.seed, step, "sample")
+    params = SamplingParams(n=cfg.sampling.group_size, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                            max_new_tokens=cfg.sampling.max_new_tokens, seed=seed)
+    groups = rt.engine.generate([r["prompt_text"] for r in prompt_rows], params, desc=f"sample step {step}")
+    rollout_rows = []
+    for pr, completions in zip(prompt_rows, groups):
+        for i, c in enumerate(completions):
+            rollout_rows.append({
+                "rollout_id": make_id("rollout", pr["prompt_id"], i, ckpt.checkpoint_id), "prompt_id": pr["prompt_id"],
+                "run_id": rt.run_id, "step": step, "sample_index": i, "policy_version_id": ckpt.checkpoint_id,
+                "text": c.text, "token_ids": c.token_ids, "num_tokens": len(c.token_ids),
+                "finish_reason": c.finish_reason})
+    with rt.store.transaction() as w:
+        w.insert("steps", [{"step_id": make_id("step", rt.run_id, step), "run_id": rt.run_id, "step": step,
+                            "policy_version_id": ckpt.checkpoint_id, "seed": seed}])
+        w.insert("prompts", prompt_rows)
+        w.insert("rollouts", rollout_rows)
+    return {"step": step, "prompts": len(prompt_rows), "rollouts": len(rollout_rows),
+            "tokens": sum(r["num_tokens"] for r in rollout_rows)}
+
+
+# ---------------------------------------------------------------------------------- 2. verify
+
+
+def verify(rt: Runtime, step: int) -> dict:
+    """Binary reward per rollout; unparsable output scores 0 with its reason, never a crash."""
+    from mel_core.verify import verify_batch
+
+    rows = rt.store.query(
+        "SELECT r.rollout_id, r.text, p.answer FROM rollouts r JOIN prompts p USING (prompt_id) "
+        "WHERE r.run_id = ? AND r.step = ? ORDER BY r.rollout_id", [rt.run_id, step])
+    verdicts = verify_batch(rt.reward_kind, [r["text"] for r in rows], [r["answer"] for r in rows],
+                            rt.cfg.verify.timeout_s)
+    updates = [{"rollout_id": r["rollout_id"], "reward": v.reward, "extracted_answer": v.extracted,
+                "verify_reason": v.reason} for r, v in zip(rows, verdicts)]
+    reward_mean = sum(v.reward for v in verdicts) / max(len(verdicts), 1)
+    with rt.store.transaction() as w:
+        w.update("rollouts", "rollout_id", updates)
+        w.insert("metrics", _metrics(rt, step, {"reward_mean": reward_mean}))
+    return {"step": step, "verified": len(rows), "reward_mean": reward_mean}
+
+
+# ------------------------------------------------------------------------------------ 3. pair
+
+
+def _groups(rt: Runtime, step: int) -> dict[str, list[tuple[str, float]]]:
+    rows = rt.store.query("SELECT prompt_id, rollout_id, reward FROM rollouts WHERE run_id = ? AND step = ? "
+                          "ORDER BY prompt_id, sample_index", [rt.run_id, step])
+    groups: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for r in rows:
+        if r["reward"] is None:
+            raise RuntimeError(f"step {step}: rollout {r['rollout_id']} has no reward; run verify first")
+        groups[r["prompt_id"]].append((r["rollout_id"], r["reward"]))
+    return groups
+
+
+def pair(rt: Runtime, step: int) -> dict:
+    """Contrastive pairs from mixed groups only."""
+    groups = _groups(rt, step)
+    mixed = sum(1 for g in groups.values() if experience.is_mixed([r for _, r in g]))
+    pairs = experience.make_pairs(groups, rt.cfg.experience.pairs_per_group, derive_seed(rt.cfg.run.seed, step, "pair"))
+    rows = [{"pair_id": make_id("pair", p.prompt_id, p.correct_rollout_id, p.incorrect_rollout_id), "run_id": rt.run_id,
+             "step": step, "prompt_id": p.prompt_id, "correct_rollout_id": p.correct_rollout_id,
+             "incorrect_rollout_id": p.incorrect_rollout_id} for p in pairs]
+    with rt.store.transaction() as w:
+        w.insert("pairs", rows)
+        w.insert("metrics", _metrics(rt, step, {"mixed_groups": mixed, "groups": len(groups), "pairs": len(rows)}))
+    return {"step": step, "pairs": len(rows), "mixed_groups": mixed}
+
+
+# -------------------------------------------------------------------------------- 4. diagnose
+
+
+def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
+    """The policy reads [question, incorrect, correct] and writes s*, C (and H) — one batched call."""
+    cfg = rt.cfg
+    rows = rt.store.query(
+        "SELECT pa.pair_id, pr.question, ri.text AS incorrect, rc.text AS correct FROM pairs pa "
+        "JOIN prompts pr USING (prompt_id) JOIN rollouts ri ON ri.rollout_id = pa.incorrect_rollout_id "
+        "JOIN rollouts rc ON rc.rollout_id = pa.correct_rollout_id WHERE pa.run_id = ? AND pa.step = ? "
+        "ORDER BY pa.pair_id", [rt.run_id, step])
+    if not rows:
+        return {"step": step, "analyses": 0, "diagnosed": 0}
+    rt.ensure_version(ckpt)
+    prompts = [rt.prompts.render_analysis(r["question"], r["incorrect"], r["correct"]) for r in rows]
+    params = SamplingParams(n=1, temperature=cfg.experience.analysis_temperature,
+                            max_new_tokens=cfg.experience.analysis_max_new_tokens,
+                            seed=derive_seed(cfg.run.seed, step, "diagnose"))
+    outs = rt.engine.generate(prompts, params, desc=f"diagnose step {step}")
+    analysis_rows = []
+    for r, prompt, (c,) in zip(rows, prompts, outs):
+        parsed = experience.parse_diagnosis(c.text)
+        analysis_rows.append({
+            "analysis_id": make_id("analysis", r["pair_id"], ckpt.checkpoint_id), "pair_id": r["pair_id"],
+            "run_id": rt.run_id, "step": step, "policy_version_id": ckpt.checkpoint_id, "prompt_text": prompt,
+            "raw_text": c.text, "token_ids": c.token_ids, "num_tokens": len(c.token_ids),
+            "bifurcation_step": parsed.bifurcation_step, "critique": parsed.critique, "parsed": parsed.ok,
+            "status": "diagnosed" if parsed.ok else "rejected", "reject_reason": parsed.reject_reason})
+    diagnosed = sum(r["parsed"] for r in analysis_rows)
+    with rt.store.transaction() as w:
+        w.insert("analyses", analysis_rows)
+        w.insert("metrics", _metrics(rt, step, {"analyses": len(analysis_rows), "diagnosed": diagnosed}))
+    return {"step": step, "analyses": len(analysis_rows), "diagnosed": diagnosed}
+
+
+# -------------------------------------------------------------------------------- 5. abstract
+
+
+def abstract(rt: Runtime, step: int) -> dict:
+    """Subject heuristics H (If/Then, no problem numbers) from each diagnosed analysis."""
+    rows = rt.store.query(
+        "SELECT a.analysis_id, a.raw_text, pr.question, pr.answer FROM analyses a JOIN pairs pa USING (pair_id) "
+        "JOIN prompts pr ON pr.prompt_id = pa.prompt_id WHERE a.run_id = ? AND a.step = ? "
+        "AND a.status IN ('diagnosed', 'candidate') ORDER BY a.analysis_id", [rt.run_id, step])
+    heuristic_rows, status_rows = [], []
+    for r in rows:
+        rules, reason = experience.parse_heuristics(r["raw_text"], gold_answer=r["answer"], question=r["question"],
+                                                    max_heuristics=rt.cfg.experience.max_heuristics)
+        status_rows.append({"analysis_id": r["analysis_id"], "status": "candidate" if rules else "rejected",
+                            "parsed": bool(rules), "reject_reason": reason})
+        heuristic_rows += [{"heuristic_id": make_id("heuristic", r["analysis_id"], i), "analysis_id": r["analysis_id"],
+                            "run_id": rt.run_id, "step": step, "position": i, "text": h} for i, h in enumerate(rules)]
+    candidates = sum(1 for s in status_rows if s["status"] == "candidate")
+    with rt.store.transaction() as w:
+        w.update("analyses", "analysis_id", status_rows)
+        w.insert("heuristics", heuristic_rows)
+        w.insert("metrics", _metrics(rt, step, {"candidates": candidates}))
+    return {"step": step, "candidates": candidates, "heuristics": len(heuristic_rows)}
+
+
+# ---------------------------------------------------------------------------------- 6. replay
+
+
+def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
+    """Re-solve each question with its M in context (one batched call); accept M if replays verify."""
+    from mel_core.verify import verify_batch
+
+    cfg = rt.cfg.experience
+    rows = rt.store.query(
+        "SELECT a.analysis_id, pr.question, pr.answer, list(h.text ORDER BY h.position) AS heuristics "
+        "FROM analyses a JOIN pairs pa USING (pair_id) JOIN prompts pr ON pr.prompt_id = pa.prompt_id "
+        "JOIN heuristics h ON h.analysis_id = a.analysis_id WHERE a.run_id = ? AND a.step = ? "
+        "AND (a.status IN ('candidate', 'accepted') OR a.reject_reason = 'replay_failed') "
+        "GROUP BY ALL ORDER BY a.analysis_id", [rt.run_id, step])
+    rows = [r for r in rows if r["heuristics"]]
+    if not rows:
+        with rt.store.transaction() as w:
+            w.insert("metrics", _metrics(rt, step, {"accepted": 0, "retention_ratio": 0.0}))
+        return {"step": step, "candidates": 0, "accepted": 0, "retention_ratio": 0.0}
+    rt.ensure_version(ckpt)
+    prompts = [rt.prompts.render_validation(r["question"], experience.render_experience(r["heuristics"])) for r in rows]
+    params = SamplingParams(n=cfg.replays_per_experience, temperature=cfg.replay_temperature,
+                            max_new_tokens=rt.cfg.sampling.max_new_tokens, seed=derive_seed(rt.cfg.run.seed, step, "replay"))
+    outs = rt.engine.generate(prompts, params, desc=f"replay step {step}")
+    flat = [(r, p, i, c) for r, p, cs in zip(rows, prompts, outs) for i, c in enumerate(cs)]
+    verdicts = verify_batch(rt.reward_kind, [c.text for *_, c in flat], [r["answer"] for r, *_ in flat],
+                            rt.cfg.verify.timeout_s)
+    replay_rows, rewards = [], defaultdict(list)
+    for (r, p, i, c), v in zip(flat, verdicts):
+        rewards[r["analysis_id"]].append(v.reward)
+        replay_rows.append({"replay_id": make_id("replay", r["analysis_id"], i), "analysis_id": r["analysis_id"],
+                            "run_id": rt.run_id, "step": step, "replay_index": i, "prompt_text": p, "text": c.text,
+                            "reward": v.reward, "verify_reason": v.reason})
+    status_rows, heuristic_rows = [], []
+    for r in rows:
+        ok = experience.accept(rewards[r["analysis_id"]], cfg.accept_min_correct)
+        status_rows.append({"analysis_id": r["analysis_id"], "status": "accepted" if ok else "rejected",
+                            "reject_reason": None if ok else "replay_failed"})
+    accepted = sum(1 for s in status_rows if s["status"] == "accepted")
+    ratio = experience.retention_ratio(accepted, len(rows))
+    with rt.store.transaction() as w:
+        w.insert("replays", replay_rows)
+        w.update("analyses", "analysis_id", status_rows)
+        w.execute("UPDATE heuristics SET accepted = (a.status = 'accepted') FROM analyses a "
+                  "WHERE heuristics.analysis_id = a.analysis_id AND heuristics.run_id = ? AND heuristics.step = ?",
+                  [rt.run_id, step])
+        w.insert("metrics", _metrics(rt, step, {"accepted": accepted, "retention_ratio": ratio}))
+    return {"step": step, "candidates": len(rows), "accepted": accepted, "retention_ratio": ratio}
+
+
+# ---------------------------------------------------------------------------------- 7. update
+
+
+def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
+    """One optimizer step on L_RL + lambda * L_NLL; the checkpoint, the update row and the
+    "internalized" links commit together after the checkpoint directory is in place."""
+    from mel_core.policy import NLLBatch, RLBatch
+
+    cfg = rt.cfg
+    rollouts = rt.store.query(
+        "SELECT r.rollout_id, r.prompt_id, r.token_ids, r.reward, p.prompt_text FROM rollouts r "
+        "JOIN prompts p USING (prompt_id) WHERE r.run_id = ? AND r.step = ? ORDER BY p.position, r.sample_index",
+        [rt.run_id, step])
+    if any(r["reward"] is None for r in rollouts):
+        raise RuntimeError(f"step {step}: unverified rollouts; run verify first")
+    group_index = {pid: i for i, pid in enumerate(dict.fromkeys(r["prompt_id"] for r in rollouts))}
+    rewards = torch.tensor([r["reward"] for r in rollouts], dtype=torch.float32)  # [B*G]
+    group_ids = torch.tensor([group_index[r["prompt_id"]] for r in rollouts])  # [B*G]
+    advantages = losses.ADVANTAGES[cfg.loss.advantage](rewards, group_ids)  # [B*G]
+    rl = RLBatch(prompts=[r["prompt_text"] for r in rollouts], completion_ids=[r["token_ids"] for r in rollouts],
+                 advantages=advantages)
+    accepted = []
+    if cfg.experience.enabled and cfg.loss.nll_coef > 0:
+        accepted = rt.store.query(
+            "SELECT analysis_id, prompt_text, token_ids FROM analyses WHERE run_id = ? AND step = ? "
+            "AND status = 'accepted' ORDER BY analysis_id", [rt.run_id, step])
+    nll = NLLBatch(prompts=[a["prompt_text"] for a in accepted], target_ids=[a["token_ids"] for a in accepted])
+
+    rt.ensure_version(ckpt)
+    stats = rt.policy.train_step(rl, nll)
+    new = Checkpoint(make_id("ckpt", rt.run_id, step, ckpt.checkpoint_id), str(rt.checkpoint_dir / f"step-{step:05d}"))
+    rt.policy.save_checkpoint(new.path)
+    rt.engine.version = new.checkpoint_id  # the shared module already holds the new weights
+    update_id = make_id("update", rt.run_id, step, ckpt.checkpoint_id)
+    heuristic_ids = rt.store.query(
+        "SELECT h.heuristic_id, h.analysis_id FROM heuristics h JOIN analyses a USING (analysis_id) "
+        "WHERE a.run_id = ? AND a.step = ? AND a.status = 'accepted'", [rt.run_id, step]) if accepted else []
+    with rt.store.transaction() as w:
+        w.insert("checkpoints", [{"checkpoint_id": new.checkpoint_id, "run_id": rt.run_id, "step": step,
+                                  "path": new.path, "parent_checkpoint_id": ckpt.checkpoint_id, "created_at": _now()}])
+        w.insert("updates", [{"update_id": update_id, "run_id": rt.run_id, "step": step,
+                              "checkpoint_in": ckpt.checkpoint_id, "checkpoint_out": new.checkpoint_id,
+                              **{k: stats[k] for k in ("loss", "rl_loss", "nll_loss", "grad_norm", "num_sequences",
+                                                       "num_nll_sequences")}}])
+        w.insert("internalized", [{"update_id": update_id, "analysis_id": h["analysis_id"],
+                                   "heuristic_id": h["heuristic_id"]} for h in heuristic_ids])
+        w.insert("metrics", _metrics(rt, step, {k: v for k, v in stats.items() if isinstance(v, (int, float))}))
+    return {"step": step, **new.as_dict(), "loss": stats["loss"], "nll_loss": stats["nll_loss"]}

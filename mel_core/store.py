@@ -1,0 +1,355 @@
+"""The DuckDB system of record: schema, idempotent writes, lineage views, read-only queries.
+
+Every record has a deterministic id derived from its content and position (see :func:`make_id`), and
+every write is ``INSERT OR IGNORE``, so writing the same record twice is a no-op and a re-run or a
+resumed stage never duplicates rows. The writer holds the file only while it writes (DuckDB lets one
+process hold a file at a time), so ``mel query`` can read between writes; both sides retry briefly
+when they meet the other's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import duckdb
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+TABLES: dict[str, str] = {
+    "meta": """
+        key VARCHAR PRIMARY KEY,
+        value VARCHAR""",
+    "runs": """
+        run_id VARCHAR PRIMARY KEY,
+        name VARCHAR,
+        config_hash VARCHAR,
+        config_json VARCHAR,
+        created_at TIMESTAMP""",
+    "steps": """
+        step_id VARCHAR PRIMARY KEY,
+        run_id VARCHAR,
+        step INTEGER,
+        policy_version_id VARCHAR,
+        seed BIGINT""",
+    "prompts": """
+        prompt_id VARCHAR PRIMARY KEY,
+        run_id VARCHAR,
+        step INTEGER,
+        position INTEGER,
+        problem_id VARCHAR,
+        question VARCHAR,
+        answer VARCHAR,
+        prompt_text VARCHAR""",
+    "rollouts": """
+        rollout_id VARCHAR PRIMARY KEY,
+        prompt_id VARCHAR,
+        run_id VARCHAR,
+        step INTEGER,
+        sample_index INTEGER,
+        policy_version_id VARCHAR,
+        text VARCHAR,
+        token_ids INTEGER[],
+        num_tokens INTEGER,
+        finish_reason VARCHAR,
+        reward DOUBLE,
+        extracted_answer VARCHAR,
+        verify_reason VARCHAR""",
+    "pairs": """
+        pair_id VARCHAR PRIMARY KEY,
+        run_id VARCHAR,
+        step INTEGER,
+        prompt_id VARCHAR,
+        correct_rollout_id VARCHAR,
+        incorrect_rollout_id VARCHAR""",
+    "analyses": """
+        analysis_id VARCHAR PRIMARY KEY,
+        pair_id VARCHAR,
+        run_id VARCHAR,
+        step INTEGER,
+        policy_version_id VARCHAR,
+        prompt_text VARCHAR,
+        raw_text VARCHAR,
+        token_ids INTEGER[],
+        num_tokens INTEGER,
+        bifurcation_step INTEGER,
+        critique VARCHAR,
+        parsed BOOLEAN,
+        status VARCHAR,
+        reject_reason VARCHAR""",
+    "heuristics": """
+        heuristic_id VARCHAR PRIMARY KEY,
+        analysis_id VARCHAR,
+        run_id VARCHAR,
+        step INTEGER,
+        position INTEGER,
+        text VARCHAR,
+        accepted BOOLEAN""",
+    "replays": """
+        replay_id VARCHAR PRIMARY KEY,
+        analysis_id VARCHAR,
+        run_id VARCHAR,
+        step INTEGER,
+        replay_index INTEGER,
+        prompt_text VARCHAR,
+        text VARCHAR,
+        reward DOUBLE,
+        verify_reason VARCHAR""",
+    "checkpoints": """
+        checkpoint_id VARCHAR PRIMARY KEY,
+        run_id VARCHAR,
+        step INTEGER,
+        path VARCHAR,
+        parent_checkpoint_id VARCHAR,
+        created_at TIMESTAMP""",
+    "updates": """
+        update_id VARCHAR PRIMARY KEY,
+        run_id VARCHAR,
+        step INTEGER,
+        checkpoint_in VARCHAR,
+        checkpoint_out VARCHAR,
+        loss DOUBLE,
+        rl_loss DOUBLE,
+        nll_loss DOUBLE,
+        grad_norm DOUBLE,
+        num_sequences INTEGER,
+        num_nll_sequences INTEGER""",
+    "internalized": """
+        update_id VARCHAR,
+        analysis_id VARCHAR,
+        heuristic_id VARCHAR,
+        PRIMARY KEY (update_id, heuristic_id)""",
+    "metrics": """
+        run_id VARCHAR,
+        step INTEGER,
+        name VARCHAR,
+        value DOUBLE,
+        PRIMARY KEY (run_id, step, name)""",
+    "stage_runs": """
+        stage_run_id VARCHAR PRIMARY KEY,
+        run_id VARCHAR,
+        step INTEGER,
+        stage VARCHAR,
+        cache_key VARCHAR,
+        started_at TIMESTAMP,
+        finished_at TIMESTAMP,
+        seconds DOUBLE,
+        status VARCHAR,
+        error VARCHAR""",
+}
+
+VIEWS: dict[str, str] = {
+    # One row per heuristic with everything it came from, and the update/checkpoint that learned it.
+    "heuristic_lineage": """
+        SELECT h.heuristic_id, h.text AS heuristic, h.accepted, h.step,
+               a.analysis_id, a.bifurcation_step, a.critique, a.status AS analysis_status,
+               pa.pair_id, pa.correct_rollout_id, rc.text AS correct_text,
+               pa.incorrect_rollout_id, ri.text AS incorrect_text,
+               pr.prompt_id, pr.problem_id, pr.question, pr.answer,
+               a.policy_version_id, r.run_id, r.name AS run_name,
+               i.update_id AS internalized_by_update, u.checkpoint_out AS internalized_in_checkpoint
+        FROM heuristics h
+        JOIN analyses a ON a.analysis_id = h.analysis_id
+        JOIN pairs pa ON pa.pair_id = a.pair_id
+        JOIN rollouts rc ON rc.rollout_id = pa.correct_rollout_id
+        JOIN rollouts ri ON ri.rollout_id = pa.incorrect_rollout_id
+        JOIN prompts pr ON pr.prompt_id = pa.prompt_id
+        JOIN runs r ON r.run_id = h.run_id
+        LEFT JOIN internalized i ON i.heuristic_id = h.heuristic_id
+        LEFT JOIN updates u ON u.update_id = i.update_id""",
+    "step_summary": """
+        SELECT run_id, step,
+               max(CASE WHEN name = 'reward_mean' THEN value END) AS reward_mean,
+               max(CASE WHEN name = 'mixed_groups' THEN value END) AS mixed_groups,
+               max(CASE WHEN name = 'analyses' THEN value END) AS analyses,
+               max(CASE WHEN name = 'accepted' THEN value END) AS accepted,
+               max(CASE WHEN name = 'retention_ratio' THEN value END) AS retention_ratio,
+               max(CASE WHEN name = 'nll_loss' THEN value END) AS nll_loss
+        FROM metrics GROUP BY run_id, step""",
+    "stage_timings": """
+        SELECT run_id, step, stage, count(*) AS executions, sum(seconds) AS seconds
+        FROM stage_runs WHERE status = 'completed' GROUP BY run_id, step, stage""",
+}
+
+
+def make_id(prefix: str, *parts: Any) -> str:
+    """Deterministic id from content and position: the same inputs always give the same id."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{prefix}_{h}"
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class ReadOnlyViolation(StoreError):
+    pass
+
+
+def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    """Open, retrying while another process holds the file's lock (a writer mid-write or a reader)."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.02
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+class Writer:
+    """Writes inside one transaction; obtained from :meth:`Store.transaction`."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection):
+        self.con = con
+
+    def insert(self, table: str, rows: Sequence[dict]) -> None:
+        if not rows:
+            return
+        if table not in TABLES:
+            raise StoreError(f"unknown table {table!r}")
+        arrow = pa.Table.from_pylist(list(rows))
+        self.con.register("_mel_rows", arrow)
+        try:
+            self.con.execute(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _mel_rows")
+        finally:
+            self.con.unregister("_mel_rows")
+
+    def update(self, table: str, key: str, rows: Sequence[dict]) -> None:
+        """Set the given columns of existing rows, matched on `key` (idempotent)."""
+        if not rows:
+            return
+        cols = [c for c in rows[0] if c != key]
+        arrow = pa.Table.from_pylist(list(rows))
+        self.con.register("_mel_rows", arrow)
+        try:
+            sets = ", ".join(f"{c} = r.{c}" for c in cols)
+            self.con.execute(f"UPDATE {table} SET {sets} FROM _mel_rows r WHERE {table}.{key} = r.{key}")
+        finally:
+            self.con.unregister("_mel_rows")
+
+    def execute(self, sql: str, params: Sequence | None = None) -> None:
+        self.con.execute(sql, params or [])
+
+
+class Store:
+    """One DuckDB file. Cheap to construct; connections are opened per operation."""
+
+    def __init__(self, path: str | Path, lock_wait_s: float = 60.0, create: bool = True):
+        self.path = Path(path)
+        self.lock_wait_s = lock_wait_s
+        if not create:
+            if not self.path.exists():
+                raise StoreError(f"no DuckDB file at {self.path}")
+            return
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.transaction() as w:
+            for name, cols in TABLES.items():
+                w.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+            for name, sql in VIEWS.items():
+                w.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+            w.insert("meta", [{"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                              {"key": "epoch", "value": uuid.uuid4().hex}])
+
+    @classmethod
+    def open_existing(cls, path: str | Path, lock_wait_s: float = 60.0) -> "Store":
+        """A reader's handle: never creates or migrates anything."""
+        return cls(path, lock_wait_s=lock_wait_s, create=False)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Writer]:
+        """All writes inside commit together or not at all."""
+        con = _connect(self.path, read_only=False, wait_s=self.lock_wait_s)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield Writer(con)
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    def insert(self, table: str, rows: Sequence[dict]) -> None:
+        with self.transaction() as w:
+            w.insert(table, rows)
+
+    def update(self, table: str, key: str, rows: Sequence[dict]) -> None:
+        with self.transaction() as w:
+            w.update(table, key, rows)
+
+    def execute(self, sql: str, params: Sequence | None = None) -> None:
+        with self.transaction() as w:
+            w.execute(sql, params)
+
+    @property
+    def epoch(self) -> str:
+        """A random id written when the file was created: deleting the file invalidates caches."""
+        return self.query("SELECT value FROM meta WHERE key = 'epoch'")[0]["value"]
+
+    def query(self, sql: str, params: Sequence | None = None) -> list[dict]:
+        """Rows as dicts, from a connection opened for this query only."""
+        con = _connect(self.path, read_only=True, wait_s=self.lock_wait_s)
+        try:
+            cur = con.execute(sql, params or [])
+            cols = [d[0] for d in cur.description] if cur.description else []
+            return [dict(zip(cols, row)) for row in cur.fetchall()]
+        finally:
+            con.close()
+
+    def query_readonly(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """A user's SQL: only SELECT-like statements, on a read-only connection."""
+        check_read_only(sql)
+        con = _connect(self.path, read_only=True, wait_s=self.lock_wait_s)
+        try:
+            cur = con.execute(sql)
+            cols = [d[0] for d in cur.description] if cur.description else []
+            return cols, cur.fetchall()
+        finally:
+            con.close()
+
+    def counts(self) -> dict[str, int]:
+        return {t: self.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}
+
+
+_READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
+
+
+def check_read_only(sql: str) -> None:
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise ReadOnlyViolation(f"cannot parse query: {e}") from e
+    if not statements:
+        raise ReadOnlyViolation("empty query")
+    for st in statements:
+        kind = str(st.type).split(".")[-1]
+        if kind not in _READ_ONLY_TYPES:
+            raise ReadOnlyViolation(
+                f"mel query is read-only: {kind} statements are refused (only SELECT/EXPLAIN, incl. DESCRIBE/SHOW)")
+
+
+def format_table(cols: list[str], rows: list[tuple], max_width: int = 60) -> str:
+    """A plain-text table for the terminal."""
+    def cell(v: Any) -> str:
+        s = "NULL" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+        s = s.replace("\n", "\\n")
+        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+
+    body = [[cell(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(cols)]
+    line = lambda vals: " | ".join(v.ljust(w) for v, w in zip(vals, widths))
+    out = [line(cols), "-+-".join("-" * w for w in widths)] + [line(r) for r in body]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)

@@ -1,0 +1,39 @@
+"""What every stage task shares: the cache key and the recording of executions.
+
+Cache keys are built from ids — stage + stage version, run id, the DuckDB file's epoch, step and
+policy version — never from Prefect's RUN_ID or from hashed tensors, so a *new* flow run of the same
+campaign reuses every finished stage, and a deleted store invalidates its cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mel_core import stages
+from mel_core.runtime import Checkpoint, get_runtime
+
+
+def stage_cache_key(stage: str):
+    def key(context, parameters: dict) -> str:
+        rt = get_runtime(parameters["config"])
+        ckpt = parameters.get("checkpoint") or {}
+        parts = [stage, f"v{stages.STAGE_VERSIONS[stage]}", rt.run_id, rt.config_hash, rt.epoch,
+                 str(parameters.get("step", "")), ckpt.get("checkpoint_id", "")]
+        return "-".join(parts)
+    return key
+
+
+def results_dir(config: dict) -> Path:
+    """Task results (small manifests) live with the run, so deleting the run clears its cache."""
+    return get_runtime(config).run_dir / "prefect-results"
+
+
+def run_stage(stage: str, config: dict, step: int, fn, *args, checkpoint: dict | None = None) -> dict:
+    """Resolve the runtime, run the stage body with its execution recorded in stage_runs."""
+    from prefect.context import TaskRunContext
+
+    rt = get_runtime(config)
+    ctx = TaskRunContext.get()
+    key = ctx.task_run.cache_key if ctx and ctx.task_run else None
+    extra = (Checkpoint(**checkpoint),) if checkpoint is not None else ()
+    return stages.execute(rt, stage, step, fn, step, *extra, *args, cache_key=key)

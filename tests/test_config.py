@@ -1,0 +1,62 @@
+import pytest
+
+from mel_core import config as C
+
+
+def test_tiny_config_loads_with_extends():
+    cfg = C.load("configs/tiny.yaml")
+    assert cfg.model.name_or_path == "tiny"
+    assert cfg.sampling.group_size == 8  # from base.yaml
+    assert cfg.prompts.dir == "configs/prompts/tiny"  # tiny.yaml overrides base.yaml
+
+
+def test_overrides_apply_and_are_typed():
+    cfg = C.load("configs/tiny.yaml", ["run.steps=3", "loss.nll_coef=0.5"])
+    assert cfg.run.steps == 3 and cfg.loss.nll_coef == 0.5
+
+
+def test_typo_in_file_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampling:\n  group_sise: 4\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(bad)
+    assert "group_sise" in str(e.value) and str(bad) in str(e.value)
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: " + str(C.Path("configs/base.yaml").resolve()) + "\noptim:\n  lr: fast\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(bad)
+    assert "optim.lr" in str(e.value) and str(bad) in str(e.value)
+
+
+def test_override_typo_is_named():
+    with pytest.raises(C.ConfigError) as e:
+        C.load("configs/tiny.yaml", ["loss.nll_coeff=2"])
+    assert "nll_coeff" in str(e.value) and "override" in str(e.value)
+
+
+def test_cross_field_validation():
+    with pytest.raises(C.ConfigError, match="sampling.group_size"):
+        C.load("configs/tiny.yaml", ["sampling.group_size=1"])
+    with pytest.raises(C.ConfigError, match="loss.advantage"):
+        C.load("configs/tiny.yaml", ["loss.advantage=nope"])
+
+
+def test_every_field_documented_with_source():
+    rows = C.describe()
+    assert len(rows) > 40
+    for key, source, help_ in rows:
+        assert help_, f"{key} has no doc"
+        assert source in (C.PAPER, C.CHOICE), key
+
+
+def test_round_trip_and_hash_stability():
+    cfg = C.load("configs/tiny.yaml")
+    again = C.from_dict(C.to_dict(cfg))
+    assert C.config_hash(cfg) == C.config_hash(again)
+    longer = C.load("configs/tiny.yaml", ["run.steps=50"])
+    assert C.config_hash(longer) == C.config_hash(cfg)  # extending a campaign keeps its identity
+    other = C.load("configs/tiny.yaml", ["optim.lr=0.5"])
+    assert C.config_hash(other) != C.config_hash(cfg)

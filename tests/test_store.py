@@ -1,0 +1,79 @@
+import pytest
+
+from mel_core.store import ReadOnlyViolation, Store, check_read_only, format_table, make_id
+
+
+def test_ids_are_deterministic():
+    assert make_id("r", "run", 1, 2) == make_id("r", "run", 1, 2)
+    assert make_id("r", "run", 1, 2) != make_id("r", "run", 2, 1)
+
+
+def test_insert_twice_is_noop_and_update_sets_columns(tmp_path):
+    s = Store(tmp_path / "m.duckdb")
+    row = {"rollout_id": "a", "text": "x", "token_ids": [1, 2], "reward": None}
+    s.insert("rollouts", [row])
+    s.insert("rollouts", [row])
+    s.update("rollouts", "rollout_id", [{"rollout_id": "a", "reward": 1.0}])
+    rows = s.query("SELECT * FROM rollouts")
+    assert len(rows) == 1 and rows[0]["reward"] == 1.0 and rows[0]["token_ids"] == [1, 2]
+
+
+def test_transaction_rolls_back_on_error(tmp_path):
+    s = Store(tmp_path / "m.duckdb")
+    with pytest.raises(RuntimeError):
+        with s.transaction() as w:
+            w.insert("pairs", [{"pair_id": "p1"}])
+            raise RuntimeError("crash mid-write")
+    assert s.counts()["pairs"] == 0
+
+
+def test_epoch_is_stable_per_file(tmp_path):
+    a = Store(tmp_path / "m.duckdb").epoch
+    assert Store(tmp_path / "m.duckdb").epoch == a
+    assert Store(tmp_path / "other.duckdb").epoch != a
+
+
+def test_read_only_queries_refuse_writes(tmp_path):
+    s = Store(tmp_path / "m.duckdb")
+    for sql in ["DELETE FROM runs", "DROP TABLE runs", "CREATE TABLE x (a INT)", "INSERT INTO meta VALUES ('a','b')",
+                "SELECT 1; DELETE FROM runs", "ATTACH 'x.db'", "COPY runs TO 'x.csv'"]:
+        with pytest.raises(ReadOnlyViolation):
+            check_read_only(sql)
+    cols, rows = s.query_readonly("SELECT key FROM meta ORDER BY key")
+    assert cols == ["key"] and [r[0] for r in rows] == ["epoch", "schema_version"]
+    assert "(2 rows)" in format_table(cols, rows)
+
+
+def test_reader_waits_for_writer_in_another_process(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    s = Store(tmp_path / "m.duckdb")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); "
+        "time.sleep(1.0); c.close()"), str(s.path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    assert s.query("SELECT count(*) AS n FROM runs")[0]["n"] == 0  # waited for the lock instead of failing
+    assert time.monotonic() - t0 > 0.3
+    holder.wait(5)
+
+
+def test_lineage_view_joins_the_chain(tmp_path):
+    s = Store(tmp_path / "m.duckdb")
+    with s.transaction() as w:
+        w.insert("runs", [{"run_id": "run1", "name": "n"}])
+        w.insert("prompts", [{"prompt_id": "p1", "run_id": "run1", "question": "1+2", "answer": "3"}])
+        w.insert("rollouts", [{"rollout_id": "good", "prompt_id": "p1", "text": "ok"},
+                              {"rollout_id": "bad", "prompt_id": "p1", "text": "no"}])
+        w.insert("pairs", [{"pair_id": "pa", "run_id": "run1", "prompt_id": "p1", "correct_rollout_id": "good",
+                            "incorrect_rollout_id": "bad"}])
+        w.insert("analyses", [{"analysis_id": "a1", "pair_id": "pa", "run_id": "run1", "policy_version_id": "v0",
+                               "status": "accepted"}])
+        w.insert("heuristics", [{"heuristic_id": "h1", "analysis_id": "a1", "run_id": "run1", "step": 1,
+                                 "text": "If x, then y.", "accepted": True}])
+        w.insert("updates", [{"update_id": "u1", "run_id": "run1", "step": 1, "checkpoint_out": "v1"}])
+        w.insert("internalized", [{"update_id": "u1", "analysis_id": "a1", "heuristic_id": "h1"}])
+    r = s.query("SELECT * FROM heuristic_lineage WHERE heuristic_id = 'h1'")[0]
+    assert (r["correct_text"], r["incorrect_text"], r["question"], r["internalized_in_checkpoint"]) == ("ok", "no", "1+2", "v1")
