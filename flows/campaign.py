@@ -14,7 +14,8 @@ from mel_core.runtime import Checkpoint, get_runtime
 from mel_core.stages import register_run
 from mel_core.summary import format_step, step_summary
 from tasks import warm_start_task
-from tasks.common import results_dir
+from tasks.artifacts import publish_step
+from tasks.common import configured
 
 
 def announce(line: str) -> None:
@@ -30,7 +31,7 @@ def campaign(config: dict) -> dict:
     cfg = from_dict(config)
     rt = get_runtime(cfg)
 
-    checkpoint = warm_start_task.with_options(result_storage=results_dir(config))(config)
+    checkpoint = configured(warm_start_task, "warm_start", config)(config)
     register_run(rt, Checkpoint(**checkpoint))
 
     summaries = []
@@ -38,6 +39,7 @@ def campaign(config: dict) -> dict:
         checkpoint = iteration(config, step, checkpoint)
         summaries.append(step_summary(rt.store, rt.run_id, step))
         announce(format_step(summaries[-1]))
+        publish_step(rt, step, summaries[-1])
 
     return {"run_id": rt.run_id, "run_dir": str(rt.run_dir), "db": str(rt.store.path),
             "final_checkpoint": checkpoint, "steps": summaries}

@@ -12,17 +12,17 @@ from prefect import flow
 from mel_core.config import from_dict
 from tasks import (abstract_task, diagnose_task, pair_task, replay_task, sample_task, update_task,
                    verify_task)
-from tasks.common import results_dir
+from tasks.common import configured
 
 
 @flow(name="mel-iteration", flow_run_name="step-{step}", log_prints=True)
 def iteration(config: dict, step: int, checkpoint: dict) -> dict:
     """One step from policy version `checkpoint`; returns the next checkpoint's manifest."""
     cfg = from_dict(config)
-    store_at = {"result_storage": results_dir(config)}
     sample, verify, pair, diagnose, abstract, replay, update = (
-        t.with_options(**store_at) for t in
-        (sample_task, verify_task, pair_task, diagnose_task, abstract_task, replay_task, update_task))
+        configured(t, name, config) for t, name in
+        ((sample_task, "sample"), (verify_task, "verify"), (pair_task, "pair"), (diagnose_task, "diagnose"),
+         (abstract_task, "abstract"), (replay_task, "replay"), (update_task, "update")))
 
     # 1-2. G rollouts per prompt from pi_old, scored by a verifiable reward.
     rollouts = sample(config, step, checkpoint)

@@ -92,6 +92,21 @@ def cmd_lineage(args) -> int:
     from mel_core.store import Store
 
     store = Store.open_existing(_find_db(args.db))
+    if args.checkpoint:
+        rows = store.query("SELECT * FROM checkpoint_heuristics WHERE checkpoint_id = ? ORDER BY heuristic_step, "
+                           "heuristic_id", [args.checkpoint])
+        ck = store.query("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [args.checkpoint])
+        if not ck:
+            print(f"mel: no checkpoint with id {args.checkpoint}", file=sys.stderr)
+            return 1
+        print(f"checkpoint {args.checkpoint} (step {ck[0]['step']}, parent {ck[0]['parent_checkpoint_id']})\n"
+              f"  {ck[0]['path']}\n  internalized {len(rows)} heuristic(s):")
+        for r in rows:
+            print(f"    {r['heuristic_id']}  [step {r['heuristic_step']}]  {r['heuristic']}")
+        return 0
+    if not args.heuristic_id:
+        print("mel: give a HEURISTIC_ID or --checkpoint ID", file=sys.stderr)
+        return 2
     rows = store.query("SELECT * FROM heuristic_lineage WHERE heuristic_id = ?", [args.heuristic_id])
     if not rows:
         print(f"mel: no heuristic with id {args.heuristic_id}", file=sys.stderr)
@@ -128,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--width", type=int, default=60, help="max characters per cell")
     q.set_defaults(fn=cmd_query)
     lg = sub.add_parser("lineage", help="where a heuristic came from and which checkpoint learned it")
-    lg.add_argument("heuristic_id")
+    lg.add_argument("heuristic_id", nargs="?")
+    lg.add_argument("--checkpoint", help="list every heuristic this checkpoint internalized instead")
     lg.add_argument("--db")
     lg.set_defaults(fn=cmd_lineage)
     args = ap.parse_args(argv)

@@ -15,10 +15,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from mel_core.errors import PermanentError
 
 PAPER = "paper"
 CHOICE = "choice"
@@ -35,7 +37,7 @@ def section(cls: type, help: str) -> Any:
     return field(default_factory=cls, metadata={"help": help, "source": CHOICE})
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentError, ValueError):
     """A configuration problem, with the offending key and the file (or override) it came from."""
 
 
@@ -153,6 +155,30 @@ class PromptsConfig:
 
 
 @dataclass
+class StagePolicy:
+    retries: int = doc(2, "Retries of a transiently failed stage (data/config errors and NaN losses fail at once).")
+    retry_delay_s: float = doc(2.0, "Delay before the first retry.")
+    retry_backoff: float = doc(2.0, "Each further retry waits this factor longer.")
+    timeout_s: Optional[float] = doc(None, "Stage time limit (Prefect timeout_seconds); None = no limit.")
+
+
+@dataclass
+class FaultConfig:
+    stage: str = doc("update", "Stage to fail (one of the seven, or warm_start).")
+    step: int = doc(1, "Step at which it fails.")
+    times: int = doc(1, "How many executions of that stage fail before it succeeds.")
+    when: str = doc("after", "'before' the stage body runs, or 'after' it has written its records.")
+    kind: str = doc("transient", "'transient' (retried) or 'permanent' (fails the run at once).")
+
+
+@dataclass
+class OrchestrationConfig:
+    default: StagePolicy = section(StagePolicy, "Retry/timeout policy of every stage.")
+    stages: Dict[str, StagePolicy] = doc({}, "Per-stage overrides of the default policy, keyed by stage name.")
+    faults: List[FaultConfig] = doc([], "Fault injection for tests and drills: fail a stage at a step.")
+
+
+@dataclass
 class MelConfig:
     run: RunConfig = section(RunConfig, "Run identity, seeds and directories.")
     model: ModelConfig = section(ModelConfig, "Policy model.")
@@ -164,6 +190,7 @@ class MelConfig:
     optim: OptimConfig = section(OptimConfig, "Optimizer.")
     verify: VerifyConfig = section(VerifyConfig, "Reward verification.")
     prompts: PromptsConfig = section(PromptsConfig, "Prompt templates.")
+    orchestration: OrchestrationConfig = section(OrchestrationConfig, "Retries, timeouts, fault injection.")
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -260,16 +287,25 @@ def validate(cfg: MelConfig) -> None:
          "experience.accept_min_correct", "must be between 1 and experience.replays_per_experience")
     need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
     need(cfg.data.synthetic.min_ops <= cfg.data.synthetic.max_ops, "data.synthetic.min_ops", "must be <= max_ops")
+    from mel_core.stages import ALL_STAGES
+    for name in cfg.orchestration.stages:
+        need(name in ALL_STAGES, f"orchestration.stages.{name}", f"unknown stage; one of {list(ALL_STAGES)}")
+    for i, f in enumerate(cfg.orchestration.faults):
+        need(f.stage in ALL_STAGES, f"orchestration.faults[{i}].stage", f"unknown stage; one of {list(ALL_STAGES)}")
+        need(f.when in ("before", "after"), f"orchestration.faults[{i}].when", "'before' or 'after'")
+        need(f.kind in ("transient", "permanent"), f"orchestration.faults[{i}].kind", "'transient' or 'permanent'")
 
 
 def describe(cls: type = MelConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """[(dotted key, source, help)] for every leaf field: the documentation table."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
-            sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-            rows += describe(type(sub()) if sub else f.type, key + ".")
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], key + ".")
         else:
             rows.append((key, f.metadata.get("source", ""), f.metadata.get("help", "")))
     return rows

@@ -19,11 +19,12 @@ import torch
 
 from mel_core import losses
 from mel_core.config import MelConfig
+from mel_core.errors import PermanentError
 
 OPTIMIZER_FILE = "optimizer.pt"
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(PermanentError, FloatingPointError):
     """The step's loss is NaN/inf: the step is refused and no checkpoint is written."""
 
 

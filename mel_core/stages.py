@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-import traceback
 import uuid
 from collections import defaultdict
 
@@ -18,10 +17,12 @@ import torch
 
 from mel_core import experience, losses
 from mel_core.engines.base import SamplingParams
+from mel_core.errors import InjectedFault, InjectedPermanentFault
 from mel_core.runtime import Checkpoint, Runtime, derive_seed
 from mel_core.store import make_id
 
 STAGES = ("sample", "verify", "pair", "diagnose", "abstract", "replay", "update")
+ALL_STAGES = ("warm_start",) + STAGES
 
 # Bump a stage's version when its logic changes, so cached results of the old logic are not reused.
 STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 1, "pair": 1, "diagnose": 1, "abstract": 1,
@@ -40,15 +41,29 @@ def execute(rt: Runtime, stage: str, step: int, fn, *args, cache_key: str | None
     rt.store.insert("stage_runs", [{"stage_run_id": row_id, "run_id": rt.run_id, "step": step, "stage": stage,
                                     "cache_key": cache_key, "started_at": started, "status": "running"}])
     try:
+        _inject_fault(rt, stage, step, "before")
         out = fn(rt, *args, **kwargs)
+        _inject_fault(rt, stage, step, "after")
     except BaseException as e:
         rt.store.update("stage_runs", "stage_run_id", [{
             "stage_run_id": row_id, "finished_at": _now(), "seconds": time.perf_counter() - t0,
-            "status": "failed", "error": "".join(traceback.format_exception_only(type(e), e)).strip()[:2000]}])
+            "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}])
         raise
     rt.store.update("stage_runs", "stage_run_id", [{
         "stage_run_id": row_id, "finished_at": _now(), "seconds": time.perf_counter() - t0, "status": "completed"}])
     return out
+
+
+def _inject_fault(rt: Runtime, stage: str, step: int, when: str) -> None:
+    """Fail as `orchestration.faults` asks; counted from stage_runs, so it holds across processes."""
+    for f in rt.cfg.orchestration.faults:
+        if (f.stage, f.step, f.when) != (stage, step, when):
+            continue
+        failed = rt.store.query("SELECT count(*) AS n FROM stage_runs WHERE run_id = ? AND step = ? AND stage = ? "
+                                "AND error LIKE 'Injected%'", [rt.run_id, step, stage])[0]["n"]
+        if failed < f.times:
+            cls = InjectedFault if f.kind == "transient" else InjectedPermanentFault
+            raise cls(f"injected {f.kind} fault in {stage} at step {step} ({when} its body), #{failed + 1}")
 
 
 def _metrics(rt: Runtime, step: int, values: dict) -> list[dict]:

@@ -163,6 +163,14 @@ VIEWS: dict[str, str] = {
         JOIN runs r ON r.run_id = h.run_id
         LEFT JOIN internalized i ON i.heuristic_id = h.heuristic_id
         LEFT JOIN updates u ON u.update_id = i.update_id""",
+    # Every heuristic a checkpoint internalized: "which checkpoint learned this?" read backwards.
+    "checkpoint_heuristics": """
+        SELECT c.checkpoint_id, c.step AS checkpoint_step, c.path, u.update_id, h.heuristic_id,
+               h.text AS heuristic, h.step AS heuristic_step, h.analysis_id
+        FROM checkpoints c
+        JOIN updates u ON u.checkpoint_out = c.checkpoint_id
+        JOIN internalized i ON i.update_id = u.update_id
+        JOIN heuristics h ON h.heuristic_id = i.heuristic_id""",
     "step_summary": """
         SELECT run_id, step,
                max(CASE WHEN name = 'reward_mean' THEN value END) AS reward_mean,

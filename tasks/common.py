@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mel_core import stages
+from mel_core.errors import is_transient
 from mel_core.runtime import Checkpoint, get_runtime
 
 
@@ -26,6 +27,25 @@ def stage_cache_key(stage: str):
 def results_dir(config: dict) -> Path:
     """Task results (small manifests) live with the run, so deleting the run clears its cache."""
     return get_runtime(config).run_dir / "prefect-results"
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry only failures that can pass (see mel_core.errors): a data error fails at once."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False
+
+
+def configured(task, stage: str, config: dict):
+    """The task with this campaign's result storage and the stage's retry/timeout policy."""
+    orch = get_runtime(config).cfg.orchestration
+    policy = orch.stages.get(stage, orch.default)
+    delays = [policy.retry_delay_s * policy.retry_backoff ** i for i in range(policy.retries)]
+    return task.with_options(result_storage=results_dir(config), retries=policy.retries,
+                             retry_delay_seconds=delays or 0, timeout_seconds=policy.timeout_s,
+                             retry_condition_fn=_retry_transient)
 
 
 def run_stage(stage: str, config: dict, step: int, fn, *args, checkpoint: dict | None = None) -> dict:

@@ -1,0 +1,30 @@
+"""Prefect artifacts per step, under stable keys so the UI shows each one's history across steps."""
+
+from __future__ import annotations
+
+import re
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from mel_core.runtime import Runtime
+from mel_core.summary import format_step
+
+
+def _key(rt: Runtime, what: str) -> str:
+    # Artifact keys allow lowercase letters, digits and dashes only.
+    return re.sub(r"[^a-z0-9-]+", "-", f"mel-{rt.cfg.run.name}-{what}".lower()).strip("-")
+
+
+def publish_step(rt: Runtime, step: int, summary: dict) -> None:
+    heuristics = rt.store.query(
+        "SELECT heuristic_id, text, analysis_id FROM heuristics WHERE run_id = ? AND step = ? AND accepted "
+        "ORDER BY heuristic_id", [rt.run_id, step])
+    create_table_artifact(key=_key(rt, "accepted-heuristics"), table=heuristics or [{"heuristic_id": "", "text": "(none)"}],
+                          description=f"Heuristics accepted at step {step} of run {rt.run_id}")
+    secs = summary.get("stage_seconds", {})
+    lines = [f"## Step {step} of `{rt.cfg.run.name}`", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in summary.items() if isinstance(v, (int, float)) and k != "step"]
+    lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in secs.items()]
+    lines += ["", "```", format_step(summary), "```"]
+    create_markdown_artifact(key=_key(rt, "step-summary"), markdown="\n".join(lines),
+                             description=f"Metrics of step {step}")
