@@ -32,7 +32,7 @@ def campaign(config: dict) -> dict:
     rt = get_runtime(cfg)
 
     checkpoint = configured(warm_start_task, "warm_start", config)(config)
-    register_run(rt, Checkpoint(**checkpoint))
+    register_run(rt, Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"]))
 
     summaries = []
     for step in range(1, cfg.run.steps + 1):

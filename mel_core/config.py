@@ -69,6 +69,7 @@ class TinyModelConfig:
 class ModelConfig:
     name_or_path: str = doc("tiny", "'tiny' builds the embedded model by warm start; otherwise an HF path or hub name (GPU configs).")
     dtype: str = doc("float32", "Parameter dtype: float32 | bfloat16.")
+    gradient_checkpointing: bool = doc(False, "Recompute activations in backward (GPU memory for long contexts).")
     max_seq_len: int = doc(512, "Longest prompt+completion the update sees; longer retrospective contexts are left-truncated in the prompt part.")
     tiny: TinyModelConfig = section(TinyModelConfig, "Shape of the embedded tiny model.")
 
@@ -142,6 +143,9 @@ class OptimConfig:
     weight_decay: float = doc(0.0, "AdamW weight decay.")
     betas: list = doc([0.9, 0.999], "AdamW betas.")
     max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables it.")
+    mini_batch_size: int = doc(0, "Sequences per optimizer step; 0 = the whole batch (paper: mini-batch 128 = batch 128, one step).", PAPER)
+    epochs_per_step: int = doc(1, "PPO-style passes over the step's batch (ratios against pi_old log-probs); paper: 1.")
+    micro_batch_size: int = doc(0, "Sequences per forward/backward (gradient accumulation, aggregation kept exact); 0 = whole mini-batch.")
 
 
 @dataclass

@@ -265,6 +265,7 @@ def _make_clipped_pg(name: str, aggregation: str, doc: str):
 
     fn.__name__ = fn.__qualname__ = f"{name}_loss"
     fn.__doc__ = doc
+    fn.aggregation = aggregation
     return register_policy_loss(name)(fn)
 
 
@@ -303,6 +304,16 @@ def policy_loss(
         per_token_logps, old_per_token_logps, advantages, completion_mask,
         ref_per_token_logps=ref_per_token_logps, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
         max_completion_length=max_completion_length)
+
+
+def micro_batch_weight(loss_type: str, micro_mask: Tensor, batch_mask: Tensor) -> float:
+    """Weight of a micro-batch's loss so that the sum over micro-batches equals the loss of the whole
+    batch (gradient accumulation that keeps the aggregation exact): sequence-normalised losses weigh
+    by their share of sequences, token-mean losses by their share of tokens."""
+    mode = get_policy_loss(loss_type).aggregation
+    if mode == "token_mean":
+        return float(micro_mask.sum()) / max(float(batch_mask.sum()), 1.0)
+    return micro_mask.size(0) / batch_mask.size(0)
 
 
 # ------------------------------------------------------------------------------------------ NLL

@@ -50,7 +50,9 @@ def _dtype(name: str) -> torch.dtype:
 class Policy:
     def __init__(self, cfg: MelConfig, path: str | Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # per-step loads/saves would flood the campaign's output
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.tokenizer.padding_side = "left"
@@ -58,6 +60,8 @@ class Policy:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(cfg.model.dtype))
         self.model.train()
+        if cfg.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
@@ -139,43 +143,88 @@ class Policy:
             self._ref_model.requires_grad_(False)
         return self._ref_model
 
+    def _chunked_logps(self, model, ids, attn, temperature: float, size: int) -> torch.Tensor:
+        """Log-probs of a whole batch without grad, `size` sequences at a time: pi_old or pi_ref."""
+        with torch.no_grad():
+            return torch.cat([self.token_logps(model, ids[i:i + size], attn[i:i + size], temperature)
+                              for i in range(0, ids.size(0), size)])
+
     def train_step(self, rl: RLBatch, nll: NLLBatch | None) -> dict:
-        """One optimizer step on L = L_RL + lambda * L_NLL (paper Eq. 10 + the NLL term)."""
-        L = self.cfg.loss
-        temperature = self.cfg.sampling.temperature
+        """L = L_RL + lambda * L_NLL (paper Eq. 10 + the NLL term), over mini-batches and epochs.
+
+        Default (paper): one optimizer step on the whole batch, pi_old = pi_theta detached. With
+        `optim.mini_batch_size` / `epochs_per_step`, pi_old log-probs are computed once before the
+        first step and every step's ratio is taken against them (PPO). Micro-batches accumulate
+        gradients with weights that keep each loss's aggregation exact (losses.micro_batch_weight).
+        The accepted meta-experiences are split across the mini-batches of an epoch, so each is
+        learned once per epoch.
+        """
+        L, O = self.cfg.loss, self.cfg.optim
+        T = self.cfg.sampling.temperature
         self.model.train()
         ids, attn, mask = self.encode(rl.prompts, rl.completion_ids)  # [N, L], [N, L], [N, L-1]
-        logps = self.token_logps(self.model, ids, attn, temperature)  # [N, L-1]
-        ref = None
-        if L.beta > 0:
-            with torch.no_grad():
-                ref = self.token_logps(self._reference(), ids, attn, temperature)
-        # One optimizer step per batch (mini-batch = batch, as the paper): pi_old = pi_theta, detached.
-        rl_loss, metrics = losses.policy_loss(
-            L.policy_loss, logps, logps.detach(), rl.advantages.to(logps.dtype), mask,
-            ref_per_token_logps=ref, beta=L.beta, epsilon=L.epsilon, epsilon_high=L.epsilon_high,
-            max_completion_length=self.cfg.sampling.max_new_tokens)
-        nll_loss = torch.zeros((), dtype=logps.dtype)
-        n_nll = 0
-        if nll is not None and nll.prompts and L.nll_coef > 0:
+        N = ids.size(0)
+        mini = O.mini_batch_size or N
+        micro = O.micro_batch_size or mini
+        old = None
+        if O.epochs_per_step > 1 or mini < N:
+            old = self._chunked_logps(self.model, ids, attn, T, micro)  # [N, L-1]
+        ref = self._chunked_logps(self._reference(), ids, attn, T, micro) if L.beta > 0 else None
+        use_nll = nll is not None and len(nll.prompts) > 0 and L.nll_coef > 0
+        if use_nll:
             n_ids, n_attn, n_mask = self.encode(nll.prompts, nll.target_ids)
-            n_logps = self.token_logps(self.model, n_ids, n_attn, 1.0)
-            nll_loss, _ = losses.nll_loss(n_logps, n_mask)
-            n_nll = len(nll.prompts)
-        loss = losses.total_loss(rl_loss, nll_loss, L.nll_coef)
+        mini_batches = [torch.arange(i, min(i + mini, N)) for i in range(0, N, mini)]
+        nll_parts = (torch.tensor_split(torch.arange(n_ids.size(0)), len(mini_batches)) if use_nll
+                     else [torch.arange(0)] * len(mini_batches))
+
+        sums: dict[str, float] = {}
+        steps = 0
+        grad_norm = torch.zeros(())
+        for _ in range(O.epochs_per_step):
+            for mb, nll_mb in zip(mini_batches, nll_parts):
+                self.optimizer.zero_grad(set_to_none=True)
+                rl_total, nll_total, metrics = 0.0, 0.0, {}
+                for part in torch.split(mb, micro):
+                    width = int(attn[part].sum(1).max())  # trim the batch's padding to this micro-batch
+                    logps = self.token_logps(self.model, ids[part, :width], attn[part, :width], T)  # [m, w-1]
+                    m_mask = mask[part, : width - 1]
+                    loss_part, met = losses.policy_loss(
+                        L.policy_loss, logps, old[part, : width - 1] if old is not None else logps.detach(),
+                        rl.advantages[part].to(logps.dtype), m_mask,
+                        ref_per_token_logps=ref[part, : width - 1] if ref is not None else None, beta=L.beta,
+                        epsilon=L.epsilon, epsilon_high=L.epsilon_high,
+                        max_completion_length=self.cfg.sampling.max_new_tokens)
+                    w = losses.micro_batch_weight(L.policy_loss, m_mask, mask[mb])
+                    self._backward(w * loss_part, "rl")
+                    rl_total += w * loss_part.item()
+                    for k, v in met.items():
+                        metrics[k] = metrics.get(k, 0.0) + w * float(v)
+                for part in torch.split(nll_mb, micro) if len(nll_mb) else []:
+                    width = int(n_attn[part].sum(1).max())
+                    n_logps = self.token_logps(self.model, n_ids[part, :width], n_attn[part, :width], 1.0)
+                    nl, _ = losses.nll_loss(n_logps, n_mask[part, : width - 1])
+                    w = len(part) / len(nll_mb)
+                    self._backward(L.nll_coef * w * nl, "nll")
+                    nll_total += w * nl.item()
+                clip = O.max_grad_norm
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+                if not torch.isfinite(grad_norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLoss(f"gradient norm is {grad_norm.item()}: step refused")
+                self.optimizer.step()
+                steps += 1
+                step_stats = {"loss": losses.total_loss(rl_total, nll_total, L.nll_coef), "rl_loss": rl_total, "nll_loss": nll_total,
+                              "grad_norm": grad_norm.item(), **metrics}
+                for k, v in step_stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {k: v / steps for k, v in sums.items()}  # means over the optimizer steps of this update
+        out.update(num_sequences=N, num_nll_sequences=len(nll.prompts) if use_nll else 0, optimizer_steps=steps)
+        return out
+
+    def _backward(self, loss: torch.Tensor, what: str) -> None:
+        """Refuse the step before any parameter moves if a loss is NaN/inf."""
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"loss is {loss.item()} (rl={rl_loss.item()}, nll={nll_loss.item()}): step refused")
-        self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"{what} loss is {loss.item()}: step refused, no checkpoint written")
         loss.backward()
-        clip = self.cfg.optim.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"gradient norm is {grad_norm.item()}: step refused")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": loss.item(), "rl_loss": rl_loss.item(), "nll_loss": float(nll_loss),
-               "grad_norm": grad_norm.item(), "num_sequences": len(rl.prompts), "num_nll_sequences": n_nll}
-        out.update({k: float(v) for k, v in metrics.items()})
-        return out

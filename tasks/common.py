@@ -55,5 +55,5 @@ def run_stage(stage: str, config: dict, step: int, fn, *args, checkpoint: dict |
     rt = get_runtime(config)
     ctx = TaskRunContext.get()
     key = ctx.task_run.cache_key if ctx and ctx.task_run else None
-    extra = (Checkpoint(**checkpoint),) if checkpoint is not None else ()
+    extra = (Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"]),) if checkpoint is not None else ()
     return stages.execute(rt, stage, step, fn, step, *extra, *args, cache_key=key)
