@@ -93,8 +93,9 @@ class Policy:
         path = Path(path)
         if path.exists():
             return path
+        for stale in path.parent.glob(path.name + ".tmp-*"):  # left by a process killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
         torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
