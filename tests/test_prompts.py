@@ -17,3 +17,60 @@ def test_missing_field_is_an_error(tmp_path):
     (tmp_path / "analysis.txt").write_text("{question} {correct}")
     with pytest.raises(ValueError, match="incorrect"):
         PromptSet.load(tmp_path)
+
+
+def test_paper_prompts_render_with_boxed_and_sections():
+    ps = PromptSet.load("configs/prompts/paper")
+    solve = ps.render_solve("What is 2+3?")
+    assert "\\boxed{}" in solve and "What is 2+3?" in solve
+    analysis = ps.render_analysis("What is 2+3?", incorrect="2+3=6 \\boxed{6}", correct="2+3=5 \\boxed{5}")
+    assert analysis.index("\\boxed{6}") < analysis.index("\\boxed{5}")  # incorrect first
+    assert analysis.index("(incorrect)") < analysis.index("(correct)")
+    assert "meta-cognitive reasoning analyst" in analysis
+    for section in ("Failure Point & Latent Cognitive Pattern", "Success Factors",
+                    "First-Person Reflective Summary", "Subject Heuristics", "Bifurcation step: N",
+                    "If [condition], then [action]"):
+        assert section in analysis, section
+    validation = ps.render_validation("What is 2+3?", "If adding, then line up the digits.")
+    assert "\\boxed{}" in validation
+    assert validation.index("If adding, then line up the digits.") < validation.index("What is 2+3?")
+    for text in (solve, analysis, validation):
+        assert "{{" not in text and "}}" not in text
+
+
+def _chat_tokenizer(template: str | None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "user": 3, "assistant": 4}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>")
+    if template is not None:
+        fast.chat_template = template
+    return fast
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_to_model_input_wraps_one_user_turn_with_chat_template():
+    ps = PromptSet.load("configs/prompts/paper")
+    text = ps.render_solve("What is 2+3?")
+    tok = _chat_tokenizer(CHATML)
+    wrapped = ps.to_model_input(text, tok, use_chat_template=True)
+    assert wrapped == f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    assert PromptSet.to_model_input(text, tok, True) == wrapped  # callable on the class too
+    # off, no tokenizer, or a tokenizer without a template (base models): the raw text
+    assert ps.to_model_input(text, tok, use_chat_template=False) == text
+    assert ps.to_model_input(text, None, use_chat_template=True) == text
+    assert ps.to_model_input(text, _chat_tokenizer(None), use_chat_template=True) == text
+
+
+def test_to_model_input_passes_template_kwargs():
+    tok = _chat_tokenizer(CHATML.replace("<|im_start|>assistant\n{% endif %}",
+                                         "<|im_start|>assistant\n{% if enable_thinking is defined and not "
+                                         "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"))
+    assert PromptSet.to_model_input("hi", tok, True, enable_thinking=False).endswith("<think>\n\n</think>\n\n")
+    assert PromptSet.to_model_input("hi", tok, True).endswith("assistant\n")
