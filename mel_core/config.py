@@ -118,7 +118,8 @@ class SamplingConfig:
 @dataclass
 class ExperienceConfig:
     enabled: bool = doc(True, "Run the MEL stages (pair, diagnose, abstract, replay) and the NLL term; False is plain GRPO.")
-    pairs_per_group: int = doc(1, "Contrastive (correct, incorrect) pairs drawn per mixed group, at random with the step seed.")
+    pairing: str = doc("random", "How pairs are drawn from a mixed group: random (k per group, seeded) | all | disjoint (no rollout reused).")
+    pairs_per_group: int = doc(1, "k: contrastive (correct, incorrect) pairs drawn per mixed group (random/disjoint), with the step seed.")
     analysis_temperature: float = doc(1.0, "Sampling temperature of the analysis (diagnose/abstract) generation.")
     analysis_max_new_tokens: int = doc(1024, "Longest analysis generation.")
     replays_per_experience: int = doc(1, "Replays of the question with the meta-experience in context.")
@@ -290,6 +291,7 @@ def validate(cfg: MelConfig) -> None:
     need(1 <= cfg.experience.accept_min_correct <= cfg.experience.replays_per_experience,
          "experience.accept_min_correct", "must be between 1 and experience.replays_per_experience")
     need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
+    need(cfg.experience.pairing in ("random", "all", "disjoint"), "experience.pairing", "random, all or disjoint")
     need(cfg.data.synthetic.min_ops <= cfg.data.synthetic.max_ops, "data.synthetic.min_ops", "must be <= max_ops")
     from mel_core.stages import ALL_STAGES
     for name in cfg.orchestration.stages:

@@ -176,7 +176,8 @@ def pair(rt: Runtime, step: int) -> dict:
     """Contrastive pairs from mixed groups only."""
     groups = _groups(rt, step)
     mixed = sum(1 for g in groups.values() if experience.is_mixed([r for _, r in g]))
-    pairs = experience.make_pairs(groups, rt.cfg.experience.pairs_per_group, derive_seed(rt.cfg.run.seed, step, "pair"))
+    pairs = experience.make_pairs(groups, rt.cfg.experience.pairs_per_group, derive_seed(rt.cfg.run.seed, step, "pair"),
+                                  strategy=rt.cfg.experience.pairing)
     rows = [{"pair_id": make_id("pair", p.prompt_id, p.correct_rollout_id, p.incorrect_rollout_id), "run_id": rt.run_id,
              "step": step, "prompt_id": p.prompt_id, "correct_rollout_id": p.correct_rollout_id,
              "incorrect_rollout_id": p.incorrect_rollout_id} for p in pairs]

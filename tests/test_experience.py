@@ -50,3 +50,11 @@ def test_acceptance_and_retention():
     assert E.accept([1.0], 1) and not E.accept([0.0], 1)
     assert E.accept([1.0, 0.0, 1.0], 2) and not E.accept([1.0, 0.0, 0.0], 2)
     assert E.retention_ratio(1, 4) == 0.25 and E.retention_ratio(0, 0) == 0.0
+
+
+def test_disjoint_pairing_never_reuses_a_rollout():
+    groups = {"p": [("c1", 1.0), ("c2", 1.0), ("w1", 0.0), ("w2", 0.0), ("w3", 0.0)]}
+    pairs = E.make_pairs(groups, 0, seed=3, strategy="disjoint")
+    used = [p.correct_rollout_id for p in pairs] + [p.incorrect_rollout_id for p in pairs]
+    assert len(pairs) == 2 and len(used) == len(set(used))
+    assert len(E.make_pairs(groups, 1, seed=3, strategy="disjoint")) == 1
