@@ -66,11 +66,22 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraSettings:
+    enabled: bool = doc(False, "Train LoRA adapters (peft) instead of the full model; checkpoints are adapters.")
+    r: int = doc(16, "LoRA rank.")
+    alpha: int = doc(32, "LoRA alpha (scaling = alpha / r).")
+    dropout: float = doc(0.0, "LoRA dropout.")
+    target_modules: List[str] = doc(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                    "Modules that get adapters (all attention and MLP projections of Qwen2/3).")
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = doc("tiny", "'tiny' builds the embedded model by warm start; otherwise an HF path or hub name (GPU configs).")
     dtype: str = doc("float32", "Parameter dtype: float32 | bfloat16.")
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward (GPU memory for long contexts).")
     max_seq_len: int = doc(512, "Longest prompt+completion the update sees; longer retrospective contexts are left-truncated in the prompt part.")
+    lora: LoraSettings = section(LoraSettings, "LoRA instead of full fine-tuning.")
     tiny: TinyModelConfig = section(TinyModelConfig, "Shape of the embedded tiny model.")
 
 

@@ -47,6 +47,18 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+class _AdaptersOff(torch.nn.Module):
+    """Calls a peft model with its adapters disabled: the frozen base as the KL reference."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, **kw):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kw)
+
+
 class Policy:
     def __init__(self, cfg: MelConfig, path: str | Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,11 +71,18 @@ class Policy:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(cfg.model.dtype))
+        self.lora = cfg.model.lora.enabled
+        if self.lora:
+            from peft import LoraConfig, get_peft_model
+            lc = cfg.model.lora
+            self.model = get_peft_model(self.model, LoraConfig(
+                r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                task_type="CAUSAL_LM"))
         self.model.train()
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
         self._ref_model = None
         self._base_path = str(path)
@@ -76,17 +95,32 @@ class Policy:
 
         path = Path(path)
         weights = path / "model.safetensors"
-        if weights.exists():
+        adapter = path / "adapter_model.safetensors"
+        if self.lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+            if adapter.exists():
+                set_peft_model_state_dict(self.model, load_file(str(adapter)))
+            else:  # the base model: adapters at their initialisation (B = 0, i.e. the base policy)
+                self._reset_adapters()
+        elif weights.exists():
             from safetensors.torch import load_file
             state = load_file(str(weights))
         else:
             state = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(self.cfg.model.dtype)).state_dict()
-        self.model.load_state_dict(state)
+        if not self.lora:
+            self.model.load_state_dict(state)
         opt = path / OPTIMIZER_FILE
         if opt.exists():
             self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
         else:  # a base model: fresh optimizer state
             self.optimizer.state.clear()
+
+    def _reset_adapters(self) -> None:
+        for module in self.model.modules():
+            if hasattr(module, "reset_lora_parameters"):
+                for name in getattr(module, "lora_A", {}):
+                    module.reset_lora_parameters(name, True)
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write model + tokenizer + optimizer to `path` atomically (temp dir, then rename)."""
@@ -138,6 +172,8 @@ class Policy:
         return losses.selective_log_softmax(logits, input_ids[:, 1:])  # [B, L-1]
 
     def _reference(self):
+        if self.lora:  # the reference is the base model: the same weights with adapters switched off
+            return _AdaptersOff(self.model)
         if self._ref_model is None:
             from transformers import AutoModelForCausalLM
             self._ref_model = AutoModelForCausalLM.from_pretrained(self._base_path, dtype=_dtype(self.cfg.model.dtype)).eval()

@@ -79,11 +79,13 @@ class Runtime:
         from mel_core.policy import Policy
 
         if self._policy is None:
-            self._policy = Policy(self.cfg, ckpt.path)
+            # A LoRA checkpoint holds adapters only: build on the base model, then load them.
+            from mel_core.stages import base_checkpoint
+            self._policy = Policy(self.cfg, base_checkpoint(self).path if self.cfg.model.lora.enabled else ckpt.path)
             self._engine = HFEngine(self._policy.model, self._policy.tokenizer,
                                     loader=self._policy.load_checkpoint)
             self._engine.version = ckpt.checkpoint_id
-            if (Path(ckpt.path) / "optimizer.pt").exists():
+            if (Path(ckpt.path) / "optimizer.pt").exists() or self.cfg.model.lora.enabled:
                 self._policy.load_checkpoint(ckpt.path)
         self._engine.load_version(ckpt.checkpoint_id, ckpt.path)
 
