@@ -171,6 +171,16 @@ class PromptsConfig:
 
 
 @dataclass
+class EvalConfig:
+    datasets: List[str] = doc([], "Datasets to evaluate on: 'synthetic' or JSONL paths (MATH-500, AIME24/25, AMC23, GSM8K).")
+    greedy: bool = doc(True, "Greedy Pass@1.", PAPER)
+    temperature: float = doc(0.6, "Sampling temperature of Avg@k / Pass@k.", PAPER)
+    k: int = doc(8, "Samples per problem for Avg@k / Pass@k (unbiased estimator, Chen et al. 2021).", PAPER)
+    every_n_steps: int = doc(0, "Evaluate the campaign every N steps; 0 = never during training.")
+    max_new_tokens: int = doc(4096, "Longest evaluation generation.")
+
+
+@dataclass
 class StagePolicy:
     retries: int = doc(2, "Retries of a transiently failed stage (data/config errors and NaN losses fail at once).")
     retry_delay_s: float = doc(2.0, "Delay before the first retry.")
@@ -206,6 +216,7 @@ class MelConfig:
     optim: OptimConfig = section(OptimConfig, "Optimizer.")
     verify: VerifyConfig = section(VerifyConfig, "Reward verification.")
     prompts: PromptsConfig = section(PromptsConfig, "Prompt templates.")
+    eval: EvalConfig = section(EvalConfig, "Evaluation (never with meta-experience in context).")
     orchestration: OrchestrationConfig = section(OrchestrationConfig, "Retries, timeouts, fault injection.")
 
 
