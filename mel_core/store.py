@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = 1
 
@@ -186,6 +188,26 @@ VIEWS: dict[str, str] = {
 }
 
 
+def _primary_key(ddl: str) -> dict[str, str]:
+    """{column: SQL type} of a table's primary key, from its column list in TABLES."""
+    lines = [ln.strip().rstrip(",") for ln in ddl.strip().splitlines()]
+    types = {ln.split()[0]: ln.split()[1] for ln in lines if not ln.startswith("PRIMARY KEY")}
+    m = re.search(r"PRIMARY KEY\s*\(([^)]*)\)", ddl)
+    cols = [c.strip() for c in m.group(1).split(",")] if m else [ln.split()[0] for ln in lines
+                                                                 if ln.endswith("PRIMARY KEY")]
+    return {c: types[c] for c in cols}
+
+
+PRIMARY_KEYS: dict[str, dict[str, str]] = {t: _primary_key(ddl) for t, ddl in TABLES.items()}
+
+# A batch at least this fraction of its table's size skips existing keys with one anti-join (a scan of
+# the key column, ~0.05 us/row) instead of INSERT OR IGNORE (~60 us per inserted row); see
+# docs/BENCHMARKS.md, "store.py".
+_ANTI_JOIN_MIN_FRACTION = 1e-3
+_ARROW_KEY_TYPES = {"VARCHAR": (pa.types.is_string, pa.types.is_large_string),
+                    "INTEGER": (pa.types.is_integer,), "BIGINT": (pa.types.is_integer,)}
+
+
 def make_id(prefix: str, *parts: Any) -> str:
     """Deterministic id from content and position: the same inputs always give the same id."""
     h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -214,6 +236,13 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
             delay = min(delay * 2, 0.5)
 
 
+def _unregister(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop the temporary view; after a failed statement this fails too ("transaction is aborted"), and
+    must not replace the statement's own error."""
+    with contextlib.suppress(duckdb.Error):
+        con.unregister("_mel_rows")
+
+
 class Writer:
     """Writes inside one transaction; obtained from :meth:`Store.transaction`."""
 
@@ -221,16 +250,44 @@ class Writer:
         self.con = con
 
     def insert(self, table: str, rows: Sequence[dict]) -> None:
+        """Insert rows (dicts; columns by name, missing ones NULL); rows whose primary key exists are skipped."""
         if not rows:
             return
         if table not in TABLES:
             raise StoreError(f"unknown table {table!r}")
-        arrow = pa.Table.from_pylist(list(rows))
-        self.con.register("_mel_rows", arrow)
+        self.insert_arrow(table, pa.Table.from_pylist(list(rows)))
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        """:meth:`insert` for data already in Arrow form (skips the dict -> Arrow conversion)."""
+        if table not in TABLES:
+            raise StoreError(f"unknown table {table!r}")
+        if data.num_rows == 0:
+            return
+        self.con.register("_mel_rows", data)
         try:
-            self.con.execute(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _mel_rows")
+            if self._anti_join_ok(table, data):
+                # Same result as INSERT OR IGNORE when the batch's keys are distinct, 3x faster on large batches.
+                using = ", ".join(PRIMARY_KEYS[table])
+                self.con.execute(f"INSERT INTO {table} BY NAME SELECT r.* FROM _mel_rows r "
+                                 f"ANTI JOIN {table} USING ({using})")
+            else:
+                self.con.execute(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _mel_rows")
         finally:
-            self.con.unregister("_mel_rows")
+            _unregister(self.con)
+
+    def _anti_join_ok(self, table: str, data: pa.Table) -> bool:
+        key = PRIMARY_KEYS[table]
+        if not key or any(c not in data.column_names or not any(
+                f(data.schema.field(c).type) for f in _ARROW_KEY_TYPES.get(t, ())) for c, t in key.items()):
+            return False
+        distinct = (pc.count_distinct(data[next(iter(key))], mode="all").as_py() if len(key) == 1
+                    else data.group_by(list(key)).aggregate([]).num_rows)
+        if distinct != data.num_rows:
+            return False  # duplicates inside the batch: OR IGNORE keeps the first, a plain INSERT would fail
+        size = self.con.execute("SELECT estimated_size FROM duckdb_tables() WHERE table_name = ? AND "
+                                "database_name = current_database() AND schema_name = current_schema()",
+                                [table]).fetchall()
+        return not size or data.num_rows >= _ANTI_JOIN_MIN_FRACTION * size[0][0]
 
     def update(self, table: str, key: str, rows: Sequence[dict]) -> None:
         """Set the given columns of existing rows, matched on `key` (idempotent)."""
@@ -243,7 +300,7 @@ class Writer:
             sets = ", ".join(f"{c} = r.{c}" for c in cols)
             self.con.execute(f"UPDATE {table} SET {sets} FROM _mel_rows r WHERE {table}.{key} = r.{key}")
         finally:
-            self.con.unregister("_mel_rows")
+            _unregister(self.con)
 
     def execute(self, sql: str, params: Sequence | None = None) -> None:
         self.con.execute(sql, params or [])
