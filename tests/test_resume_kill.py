@@ -22,7 +22,10 @@ STEPS = 2
 def _start(root, env):
     cmd = [sys.executable, "-m", "mel_core.cli", "run", "--config", "configs/tiny.yaml", "run.name=kill",
            f"run.steps={STEPS}", f"run.root_dir={root}", "sampling.prompts_per_step=8"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own session: the kill takes the whole process group (the campaign and the temporary Prefect
+    # server it started), as a pre-empted machine would; otherwise the server keeps the output pipe open.
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def _running_update(db) -> int | None:
@@ -44,7 +47,7 @@ def test_sigkill_during_update_then_resume(tmp_path):
     while proc.poll() is None and time.monotonic() < deadline:
         step = _running_update(db) if db.exists() else None
         if step is not None:
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             killed_at = step
             break
         time.sleep(0.05)
