@@ -33,7 +33,7 @@ def iteration(config: dict, step: int, checkpoint: dict) -> dict:
         pairs = pair(config, step, upstream=rewards)
         # 4-5. The policy locates the bifurcation point, critiques, and abstracts If/Then heuristics.
         analyses = diagnose(config, step, checkpoint, upstream=pairs)
-        heuristics = abstract(config, step, upstream=analyses)
+        heuristics = abstract(config, step, checkpoint, upstream=analyses)
         # 6. Keep a meta-experience only if a replay with it in context solves the problem.
         experience = replay(config, step, checkpoint, upstream=heuristics)
     # 7. theta <- theta - lr * grad(L_RL + lambda * L_NLL over the accepted meta-experience).

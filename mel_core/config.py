@@ -137,6 +137,9 @@ class ExperienceConfig:
     accept_min_correct: int = doc(1, "Replays that must verify for a meta-experience to be accepted (paper: the one replay must).", PAPER)
     replay_temperature: float = doc(1.0, "Sampling temperature of replays.")
     max_heuristics: int = doc(3, "Most heuristics kept from one analysis.")
+    analysis_mode: str = doc("single_pass", "single_pass: s*, C and H in one generation (the paper's appendix "
+                             "prompt); two_pass: H in a second batched call conditioned on s* and C (Eqs. 2-4; "
+                             "needs abstract.txt in the prompt set). Our choice between the paper's two descriptions.")
 
 
 @dataclass
@@ -167,7 +170,11 @@ class VerifyConfig:
 
 @dataclass
 class PromptsConfig:
-    dir: str = doc("configs/prompts/paper", "Directory with solve.txt, analysis.txt, validation.txt.")
+    dir: str = doc("configs/prompts/paper", "Directory with solve.txt, analysis.txt, validation.txt (+ abstract.txt, "
+                   "optional diagnose.txt for two_pass).")
+    chat_template: bool = doc(False, "Wrap every prompt as one user turn of the tokenizer's chat template (instruction-"
+                              "tuned models); base models, as in the paper (Qwen3-*-Base), take the raw text.")
+    chat_template_kwargs: Dict[str, Any] = doc({}, "Extra arguments of apply_chat_template, e.g. {enable_thinking: false} for Qwen3.")
 
 
 @dataclass
@@ -314,6 +321,12 @@ def validate(cfg: MelConfig) -> None:
          "experience.accept_min_correct", "must be between 1 and experience.replays_per_experience")
     need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
     need(cfg.experience.pairing in ("random", "all", "disjoint"), "experience.pairing", "random, all or disjoint")
+    need(cfg.experience.analysis_mode in ("single_pass", "two_pass"), "experience.analysis_mode",
+         "single_pass or two_pass")
+    if cfg.experience.enabled and cfg.experience.analysis_mode == "two_pass":
+        from mel_core.prompts import PromptSet, resolve_path
+        need(PromptSet.load(cfg.prompts.dir).abstract is not None, "experience.analysis_mode",
+             f"two_pass needs {resolve_path(cfg.prompts.dir) / 'abstract.txt'}")
     need(cfg.data.synthetic.min_ops <= cfg.data.synthetic.max_ops, "data.synthetic.min_ops", "must be <= max_ops")
     from mel_core.stages import ALL_STAGES
     for name in cfg.orchestration.stages:

@@ -183,6 +183,20 @@ def _sections(text: str) -> tuple[str, dict[str, list[_Section]]]:
     return layout, out
 
 
+def diagnosis_part(text: str) -> str:
+    """The diagnosis (s*, C) of a generation: its text up to the first heuristics header, thinking removed.
+
+    two_pass conditions the abstract call on this, and trains on it, so heuristics the model wrote
+    unasked in the first call are neither shown to the second nor learned from the first.
+    """
+    text, _ = _strip_thinking(text or "")
+    layout, secs = _sections(text)
+    heuristics = secs.get("heuristic")
+    if heuristics:
+        text = text[:text.index(heuristics[0].span)]
+    return text.strip()
+
+
 def _joined(sections: list[_Section]) -> str | None:
     bodies = [s.body for s in sections if s.body]
     return "\n\n".join(bodies) if bodies else None

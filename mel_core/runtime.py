@@ -71,6 +71,19 @@ class Runtime:
         B = self.cfg.sampling.prompts_per_step
         return [problems[int(order[(step * B + i) % len(problems)])] for i in range(B)]
 
+    def model_input(self, text: str) -> str:
+        """A rendered prompt as the model reads it: inside its chat template when `prompts.chat_template`.
+
+        What is stored as a record's prompt text is this string, so the update trains on exactly the
+        context the generation saw.
+        """
+        p = self.cfg.prompts
+        tokenizer = self.policy.tokenizer
+        if p.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise config_mod.ConfigError(f"config key 'prompts.chat_template': the tokenizer of "
+                                         f"{self.cfg.model.name_or_path} has no chat template")
+        return PromptSet.to_model_input(text, tokenizer, p.chat_template, **p.chat_template_kwargs)
+
     # --------------------------------------------------------------------- the loaded policy
 
     def ensure_version(self, ckpt: Checkpoint) -> None:

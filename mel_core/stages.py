@@ -25,7 +25,7 @@ STAGES = ("sample", "verify", "pair", "diagnose", "abstract", "replay", "update"
 ALL_STAGES = ("warm_start",) + STAGES
 
 # Bump a stage's version when its logic changes, so cached results of the old logic are not reused.
-STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 1, "pair": 1, "diagnose": 1, "abstract": 1,
+STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 1, "pair": 1, "diagnose": 1, "abstract": 2,
                   "replay": 1, "update": 1}
 
 
@@ -115,7 +115,7 @@ def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     for pos, prob in enumerate(problems):
         prompt_rows.append({"prompt_id": make_id("prompt", rt.run_id, step, pos, prob.problem_id), "run_id": rt.run_id,
                             "step": step, "position": pos, "problem_id": prob.problem_id, "question": prob.question,
-                            "answer": prob.answer, "prompt_text": rt.prompts.render_solve(prob.question)})
+                            "answer": prob.answer, "prompt_text": rt.model_input(rt.prompts.render_solve(prob.question))})
     seed = derive_seed(cfg.run.seed, step, "sample")
     params = SamplingParams(n=cfg.sampling.group_size, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                             max_new_tokens=cfg.sampling.max_new_tokens, seed=seed)
@@ -190,31 +190,52 @@ def pair(rt: Runtime, step: int) -> dict:
 # -------------------------------------------------------------------------------- 4. diagnose
 
 
-def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
-    """The policy reads [question, incorrect, correct] and writes s*, C (and H) — one batched call."""
+def _pair_rows(rt: Runtime, step: int, where: str = "") -> list[dict]:
+    """The step's pairs with question, gold answer and both solutions (and their analysis, if any)."""
+    return rt.store.query(
+        "SELECT pa.pair_id, pr.question, pr.answer, ri.text AS incorrect, rc.text AS correct, a.analysis_id, "
+        "a.raw_text FROM pairs pa JOIN prompts pr USING (prompt_id) "
+        "JOIN rollouts ri ON ri.rollout_id = pa.incorrect_rollout_id "
+        "JOIN rollouts rc ON rc.rollout_id = pa.correct_rollout_id LEFT JOIN analyses a ON a.pair_id = pa.pair_id "
+        f"WHERE pa.run_id = ? AND pa.step = ? {where} ORDER BY pa.pair_id", [rt.run_id, step])
+
+
+def _analysis_params(rt: Runtime, step: int, stage: str) -> SamplingParams:
     cfg = rt.cfg
-    rows = rt.store.query(
-        "SELECT pa.pair_id, pr.question, ri.text AS incorrect, rc.text AS correct FROM pairs pa "
-        "JOIN prompts pr USING (prompt_id) JOIN rollouts ri ON ri.rollout_id = pa.incorrect_rollout_id "
-        "JOIN rollouts rc ON rc.rollout_id = pa.correct_rollout_id WHERE pa.run_id = ? AND pa.step = ? "
-        "ORDER BY pa.pair_id", [rt.run_id, step])
+    return SamplingParams(n=1, temperature=cfg.experience.analysis_temperature,
+                          max_new_tokens=cfg.experience.analysis_max_new_tokens,
+                          seed=derive_seed(cfg.run.seed, step, stage))
+
+
+def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
+    """The policy reads [question, incorrect, correct] and writes s* and C — one batched call.
+
+    single_pass: the same generation goes on to the heuristics, which `abstract` parses. two_pass: the
+    diagnosis part alone is kept (and is the NLL target), and `abstract` asks for H in a second call.
+    """
+    rows = _pair_rows(rt, step)
     if not rows:
         return {"step": step, "analyses": 0, "diagnosed": 0}
     rt.ensure_version(ckpt)
-    prompts = [rt.prompts.render_analysis(r["question"], r["incorrect"], r["correct"]) for r in rows]
-    params = SamplingParams(n=1, temperature=cfg.experience.analysis_temperature,
-                            max_new_tokens=cfg.experience.analysis_max_new_tokens,
-                            seed=derive_seed(cfg.run.seed, step, "diagnose"))
-    outs = rt.engine.generate(prompts, params, desc=f"diagnose step {step}")
+    two_pass = rt.cfg.experience.analysis_mode == "two_pass"
+    render = rt.prompts.render_diagnose if two_pass else rt.prompts.render_analysis
+    prompts = [rt.model_input(render(r["question"], r["incorrect"], r["correct"])) for r in rows]
+    outs = rt.engine.generate(prompts, _analysis_params(rt, step, "diagnose"), desc=f"diagnose step {step}")
     analysis_rows = []
     for r, prompt, (c,) in zip(rows, prompts, outs):
         parsed = experience.parse_diagnosis(c.text)
+        token_ids = c.token_ids
+        if two_pass:
+            kept = experience.diagnosis_part(c.text)
+            if kept != c.text.strip():  # heuristics written unasked are cut: re-encode what is kept
+                token_ids = rt.policy.tokenizer(kept, add_special_tokens=False)["input_ids"]
         analysis_rows.append({
             "analysis_id": make_id("analysis", r["pair_id"], ckpt.checkpoint_id), "pair_id": r["pair_id"],
             "run_id": rt.run_id, "step": step, "policy_version_id": ckpt.checkpoint_id, "prompt_text": prompt,
-            "raw_text": c.text, "token_ids": c.token_ids, "num_tokens": len(c.token_ids),
+            "raw_text": c.text, "token_ids": token_ids, "num_tokens": len(token_ids),
             "bifurcation_step": parsed.bifurcation_step, "critique": parsed.critique, "parsed": parsed.ok,
-            "status": "diagnosed" if parsed.ok else "rejected", "reject_reason": parsed.reject_reason})
+            "status": "diagnosed" if parsed.ok else "rejected", "reject_reason": parsed.reject_reason,
+            "mode": rt.cfg.experience.analysis_mode})
     diagnosed = sum(r["parsed"] for r in analysis_rows)
     with rt.store.transaction() as w:
         w.insert("analyses", analysis_rows)
@@ -225,18 +246,30 @@ def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
 # -------------------------------------------------------------------------------- 5. abstract
 
 
-def abstract(rt: Runtime, step: int) -> dict:
-    """Subject heuristics H (If/Then, no problem numbers) from each diagnosed analysis."""
-    rows = rt.store.query(
-        "SELECT a.analysis_id, a.raw_text, pr.question, pr.answer FROM analyses a JOIN pairs pa USING (pair_id) "
-        "JOIN prompts pr ON pr.prompt_id = pa.prompt_id WHERE a.run_id = ? AND a.step = ? "
-        "AND a.status IN ('diagnosed', 'candidate') ORDER BY a.analysis_id", [rt.run_id, step])
+def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
+    """Subject heuristics H (If/Then, no problem numbers) for each diagnosed analysis.
+
+    single_pass parses them from the diagnose generation; two_pass generates them in one batched call
+    conditioned on the question, both solutions and the diagnosis (s*, C).
+    """
+    rows = _pair_rows(rt, step, "AND a.status IN ('diagnosed', 'candidate')")
+    texts = [r["raw_text"] for r in rows]
+    abstract_rows = [{} for _ in rows]
+    if rows and rt.cfg.experience.analysis_mode == "two_pass":
+        rt.ensure_version(ckpt)
+        prompts = [rt.model_input(rt.prompts.render_abstract(r["question"], r["incorrect"], r["correct"],
+                                                             experience.diagnosis_part(r["raw_text"])))
+                   for r in rows]
+        outs = rt.engine.generate(prompts, _analysis_params(rt, step, "abstract"), desc=f"abstract step {step}")
+        texts = [c.text for (c,) in outs]
+        abstract_rows = [{"abstract_prompt_text": p, "abstract_text": c.text, "abstract_token_ids": c.token_ids}
+                         for p, (c,) in zip(prompts, outs)]
     heuristic_rows, status_rows = [], []
-    for r in rows:
-        rules, reason = experience.parse_heuristics(r["raw_text"], gold_answer=r["answer"], question=r["question"],
+    for r, text, extra in zip(rows, texts, abstract_rows):
+        rules, reason = experience.parse_heuristics(text, gold_answer=r["answer"], question=r["question"],
                                                     max_heuristics=rt.cfg.experience.max_heuristics)
         status_rows.append({"analysis_id": r["analysis_id"], "status": "candidate" if rules else "rejected",
-                            "parsed": bool(rules), "reject_reason": reason})
+                            "parsed": bool(rules), "reject_reason": reason, **extra})
         heuristic_rows += [{"heuristic_id": make_id("heuristic", r["analysis_id"], i), "analysis_id": r["analysis_id"],
                             "run_id": rt.run_id, "step": step, "position": i, "text": h} for i, h in enumerate(rules)]
     candidates = sum(1 for s in status_rows if s["status"] == "candidate")
@@ -267,7 +300,8 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
             w.insert("metrics", _metrics(rt, step, {"accepted": 0, "retention_ratio": 0.0}))
         return {"step": step, "candidates": 0, "accepted": 0, "retention_ratio": 0.0}
     rt.ensure_version(ckpt)
-    prompts = [rt.prompts.render_validation(r["question"], experience.render_experience(r["heuristics"])) for r in rows]
+    prompts = [rt.model_input(rt.prompts.render_validation(r["question"], experience.render_experience(r["heuristics"])))
+               for r in rows]
     params = SamplingParams(n=cfg.replays_per_experience, temperature=cfg.replay_temperature,
                             max_new_tokens=rt.cfg.sampling.max_new_tokens, seed=derive_seed(rt.cfg.run.seed, step, "replay"))
     outs = rt.engine.generate(prompts, params, desc=f"replay step {step}")
@@ -321,9 +355,12 @@ def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     accepted = []
     if cfg.experience.enabled and cfg.loss.nll_coef > 0:
         accepted = rt.store.query(
-            "SELECT analysis_id, prompt_text, token_ids FROM analyses WHERE run_id = ? AND step = ? "
-            "AND status = 'accepted' ORDER BY analysis_id", [rt.run_id, step])
-    nll = NLLBatch(prompts=[a["prompt_text"] for a in accepted], target_ids=[a["token_ids"] for a in accepted])
+            "SELECT analysis_id, prompt_text, token_ids, abstract_prompt_text, abstract_token_ids FROM analyses "
+            "WHERE run_id = ? AND step = ? AND status = 'accepted' ORDER BY analysis_id", [rt.run_id, step])
+    # M given its retrospective context; in two_pass M spans two generations, each learned given its own prompt.
+    targets = [(a["prompt_text"], a["token_ids"]) for a in accepted]
+    targets += [(a["abstract_prompt_text"], a["abstract_token_ids"]) for a in accepted if a["abstract_token_ids"]]
+    nll = NLLBatch(prompts=[p for p, _ in targets], target_ids=[t for _, t in targets])
 
     rt.ensure_version(ckpt)
     stats = rt.policy.train_step(rl, nll)

@@ -84,7 +84,11 @@ TABLES: dict[str, str] = {
         critique VARCHAR,
         parsed BOOLEAN,
         status VARCHAR,
-        reject_reason VARCHAR""",
+        reject_reason VARCHAR,
+        mode VARCHAR,
+        abstract_prompt_text VARCHAR,
+        abstract_text VARCHAR,
+        abstract_token_ids INTEGER[]""",
     "heuristics": """
         heuristic_id VARCHAR PRIMARY KEY,
         analysis_id VARCHAR,
@@ -306,6 +310,16 @@ class Writer:
         self.con.execute(sql, params or [])
 
 
+def _add_missing_columns(w: Writer, table: str, ddl: str) -> None:
+    """Columns added to a table's schema since an existing file was created (as NULL in old rows)."""
+    have = {r[0] for r in w.con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND "
+                                        "database_name = current_database()", [table]).fetchall()}
+    for line in ddl.strip().splitlines():
+        name, sql_type = line.strip().rstrip(",").split()[:2]
+        if name != "PRIMARY" and name not in have:
+            w.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+
+
 class Store:
     """One DuckDB file. Cheap to construct; connections are opened per operation."""
 
@@ -321,6 +335,7 @@ class Store:
         with self.transaction() as w:
             for name, cols in TABLES.items():
                 w.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+                _add_missing_columns(w, name, cols)
             for name, sql in VIEWS.items():
                 w.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
             w.insert("meta", [{"key": "schema_version", "value": str(SCHEMA_VERSION)},

@@ -328,13 +328,16 @@ def warm_start_key(cfg: MelConfig) -> str:
         "tiny": asdict(cfg.model.tiny),
         "warm_start": asdict(cfg.warm_start),
         "synthetic": asdict(cfg.data.synthetic),
-        "prompts": asdict(prompts),
+        "prompts": prompts.core(),  # the two_pass-only templates do not shape the warm start
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def warm_start(cfg: MelConfig, out_dir: Path, log: Log = print) -> dict:
     """Build tokenizer + model, train on the example mixture, measure, save atomically into `out_dir`."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would break the campaign's output
     t0, cpu0 = time.perf_counter(), time.process_time()
     out_dir = Path(out_dir)
     ws, synthetic = cfg.warm_start, cfg.data.synthetic

@@ -58,3 +58,17 @@ def test_disjoint_pairing_never_reuses_a_rollout():
     used = [p.correct_rollout_id for p in pairs] + [p.incorrect_rollout_id for p in pairs]
     assert len(pairs) == 2 and len(used) == len(set(used))
     assert len(E.make_pairs(groups, 1, seed=3, strategy="disjoint")) == 1
+
+
+def test_diagnosis_part_stops_before_the_heuristics():
+    compact = "Bifurcation: step 2\nCritique: 3+9=11 should be 3+9=12.\nHeuristic: If a sum passes ten, then carry."
+    assert E.diagnosis_part(compact) == "Bifurcation: step 2\nCritique: 3+9=11 should be 3+9=12."
+    paper = ("<think>compare them</think>\n## Failure Point & Latent Cognitive Pattern\nBifurcation step: 3\nI dropped a sign.\n\n"
+             "## Success Factors\nB kept the sign.\n\n## First-Person Reflective Summary\nI will check signs.\n\n"
+             "## Subject Heuristics\n- If a term moves across the equals sign, then flip its sign.")
+    part = E.diagnosis_part(paper)
+    assert part.startswith("## Failure Point") and part.endswith("I will check signs.")
+    assert "think" not in part and "Subject Heuristics" not in part
+    assert E.parse_diagnosis(part).ok  # what two_pass conditions on still parses as s*, C
+    only_diagnosis = "Bifurcation: step 1\nCritique: wrong order."
+    assert E.diagnosis_part(only_diagnosis) == only_diagnosis

@@ -74,3 +74,21 @@ def test_to_model_input_passes_template_kwargs():
                                          "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"))
     assert PromptSet.to_model_input("hi", tok, True, enable_thinking=False).endswith("<think>\n\n</think>\n\n")
     assert PromptSet.to_model_input("hi", tok, True).endswith("assistant\n")
+
+
+def test_two_pass_templates_are_optional_and_rendered(tmp_path):
+    ps = PromptSet.load("configs/prompts/paper")
+    abstract = ps.render_abstract("What is 2+3?", "2+3=6", "2+3=5", diagnosis="## Failure Point\nBifurcation step: 1\n")
+    assert abstract.index("2+3=6") < abstract.index("2+3=5") < abstract.index("Bifurcation step: 1")
+    assert "## Subject Heuristics" in abstract and "## Subject Heuristics" not in ps.render_diagnose("q", "a", "b")
+    tiny = PromptSet.load("configs/prompts/tiny")
+    assert tiny.diagnose is None and tiny.render_diagnose("1+2", "x", "y") == tiny.render_analysis("1+2", "x", "y")
+    # a set without abstract.txt loads, but two_pass refuses it before any work starts
+    core = {"solve": "{question}", "analysis": "{question}{incorrect}{correct}", "validation": "{experience}{question}"}
+    for name, text in core.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    assert PromptSet.load(tmp_path).abstract is None
+    from mel_core import config as C
+    with pytest.raises(C.ConfigError, match="abstract.txt"):
+        C.load("configs/tiny.yaml", [f"prompts.dir={tmp_path}", "experience.analysis_mode=two_pass"])
+    C.load("configs/tiny.yaml", [f"prompts.dir={tmp_path}"])  # single_pass does not need it

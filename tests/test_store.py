@@ -77,3 +77,17 @@ def test_lineage_view_joins_the_chain(tmp_path):
         w.insert("internalized", [{"update_id": "u1", "analysis_id": "a1", "heuristic_id": "h1"}])
     r = s.query("SELECT * FROM heuristic_lineage WHERE heuristic_id = 'h1'")[0]
     assert (r["correct_text"], r["incorrect_text"], r["question"], r["internalized_in_checkpoint"]) == ("ok", "no", "1+2", "v1")
+
+
+def test_opening_an_older_file_adds_new_columns(tmp_path):
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE analyses (analysis_id VARCHAR PRIMARY KEY, pair_id VARCHAR, status VARCHAR)")
+    con.execute("INSERT INTO analyses VALUES ('a1', 'p1', 'accepted')")
+    con.close()
+    s = Store(path)
+    cols = {r["column_name"] for r in s.query("SELECT column_name FROM duckdb_columns() WHERE table_name = 'analyses'")}
+    assert {"abstract_text", "abstract_token_ids", "mode", "reject_reason"} <= cols
+    assert s.query("SELECT status, abstract_text FROM analyses") == [{"status": "accepted", "abstract_text": None}]

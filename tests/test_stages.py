@@ -1,0 +1,91 @@
+"""The stage functions called directly (no orchestrator): two_pass analysis and chat-template prompts."""
+
+import pytest
+import torch
+
+from mel_core import config as C
+from mel_core import experience, stages, tiny
+from mel_core.prompts import PromptSet
+from mel_core.runtime import Checkpoint, Runtime
+
+pytestmark = pytest.mark.slow
+
+
+def _step(rt: Runtime, step: int, ckpt: Checkpoint, experience_stages: bool = True) -> dict:
+    stages.sample(rt, step, ckpt)
+    stages.verify(rt, step)
+    if experience_stages:
+        stages.pair(rt, step)
+        stages.diagnose(rt, step, ckpt)
+        stages.abstract(rt, step, ckpt)
+        stages.replay(rt, step, ckpt)
+    return stages.update(rt, step, ckpt)
+
+
+def test_two_pass_generates_heuristics_from_the_diagnosis(tmp_path):
+    """The warm-started tiny model (cached) writes s*, C in one call and H in a second one that sees them."""
+    cfg = C.load("configs/tiny.yaml", ["run.name=two-pass", f"run.root_dir={tmp_path}", "sampling.prompts_per_step=16",
+                                       "experience.analysis_mode=two_pass"])
+    rt = Runtime(cfg)
+    base = stages.base_checkpoint(rt)
+    stages.register_run(rt, base)
+    out = _step(rt, 1, base)
+
+    rows = rt.store.query("SELECT * FROM analyses WHERE status != 'rejected' OR reject_reason = 'replay_failed'")
+    assert rows, "no analysis reached the abstract stage"
+    for r in rows:
+        assert r["mode"] == "two_pass"
+        diagnosis = experience.diagnosis_part(r["raw_text"])
+        assert diagnosis and "Heuristic" not in diagnosis
+        # the second call is conditioned on the question, both solutions and exactly the kept diagnosis
+        assert r["abstract_prompt_text"].endswith(diagnosis + "\n")
+        assert r["abstract_prompt_text"].startswith(r["prompt_text"])
+        assert r["abstract_text"] and r["abstract_token_ids"]
+        heuristics = rt.store.query("SELECT text FROM heuristics WHERE analysis_id = ? ORDER BY position",
+                                    [r["analysis_id"]])
+        parsed, _ = experience.parse_heuristics(r["abstract_text"], max_heuristics=cfg.experience.max_heuristics)
+        assert [h["text"] for h in heuristics] == parsed
+        # the diagnosis target is the kept text alone (what the first call wrote past it is not learned)
+        assert rt.policy.tokenizer.decode(r["token_ids"]) == diagnosis
+    accepted = rt.store.query("SELECT count(*) AS n FROM analyses WHERE status = 'accepted'")[0]["n"]
+    update = rt.store.query("SELECT num_nll_sequences FROM updates")[0]
+    assert update["num_nll_sequences"] == 2 * accepted  # M spans two generations, each an NLL target
+    assert out["checkpoint_id"] != base.checkpoint_id
+
+
+def test_chat_template_wraps_what_is_generated_stored_and_trained(tmp_path):
+    """With prompts.chat_template, every prompt the engine sees and the store keeps is the templated turn."""
+    micro = C.load("configs/tiny.yaml", ["model.tiny.hidden_size=32", "model.tiny.num_layers=1",
+                                         "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300"])
+    prompts = PromptSet.load(micro.prompts.dir)
+    tok = tiny.build_tokenizer(micro.model.tiny, tiny.tokenizer_corpus(prompts, micro.data.synthetic, 200, 0))
+    tok.chat_template = "{% for m in messages %}<user>{{ m.content }}</user>{% endfor %}<assistant>"
+    torch.manual_seed(0)
+    model_dir = tmp_path / "chat-model"
+    tiny.build_model(micro.model.tiny, tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    cfg = C.load("configs/tiny.yaml", ["run.name=chat", f"run.root_dir={tmp_path / 'runs'}", f"model.name_or_path={model_dir}",
+                                       "sampling.prompts_per_step=2", "sampling.group_size=2", "sampling.max_new_tokens=8",
+                                       "prompts.chat_template=true"])
+    rt = Runtime(cfg)
+    base = stages.base_checkpoint(rt)
+    stages.register_run(rt, base)
+    _step(rt, 1, base, experience_stages=False)
+    texts = [r["prompt_text"] for r in rt.store.query("SELECT prompt_text FROM prompts")]
+    questions = [r["question"] for r in rt.store.query("SELECT question FROM prompts")]
+    assert len(texts) == 2
+    for text, q in zip(texts, questions):
+        assert text == f"<user>{rt.prompts.render_solve(q)}</user><assistant>"
+    assert rt.store.query("SELECT num_sequences FROM updates")[0]["num_sequences"] == 4
+
+    # a tokenizer without a template is a config error, not a silently raw prompt
+    tok.chat_template = None
+    plain_dir = tmp_path / "plain-model"
+    tiny.build_model(micro.model.tiny, tok).save_pretrained(plain_dir)
+    tok.save_pretrained(plain_dir)
+    rt2 = Runtime(C.load("configs/tiny.yaml", ["run.name=plain", f"run.root_dir={tmp_path / 'runs'}",
+                                               f"model.name_or_path={plain_dir}", "prompts.chat_template=true"]))
+    rt2.ensure_version(stages.base_checkpoint(rt2))
+    with pytest.raises(C.ConfigError, match="prompts.chat_template"):
+        rt2.model_input("Q: 1+1\n")
