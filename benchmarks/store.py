@@ -42,10 +42,7 @@ import contextlib
 import datetime as dt
 import json
 import math
-import os
-import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -61,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._doc import DOC, load_average, machine, update_doc  # noqa: E402
 from mel_core.store import TABLES, Store, Writer, make_id  # noqa: E402
 
 G = 8  # rollouts per prompt (group size)
@@ -75,8 +73,6 @@ STEPS_PER_ROW_GROUP = ROW_GROUP_ROWS // (B * G)  # one rollouts row group filled
 GOAL_INGEST_ROWS_PER_S = 1_000_000
 GOAL_LINEAGE_MS = 20.0
 LINEAGE_SQL = "SELECT * FROM heuristic_lineage WHERE heuristic_id = ?"  # what `mel lineage` runs
-DOC = REPO / "docs" / "BENCHMARKS.md"
-DOC_HEADER = "# Benchmarks\n\nBenchmarks — each section: the command, the machine, the numbers.\n"
 HEADLINE_ORDER = ("store_ingest_batch_rows_per_s", "store_ingest_held_rows_per_s", "store_ingest_rollouts_per_s",
                   "store_ingest_rows_per_s", "store_lineage_persistent_ms_p50", "store_lineage_ms_p95",
                   "store_lineage_ms_p50")
@@ -542,47 +538,6 @@ def lineage_latency(path: Path, heuristic_ids: list[str], n: int, seed: int, log
 # ------------------------------------------------------------------------------------ machine + doc
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = "unknown"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-                break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    return (f"{cores} cores ({cpu}), {mem} RAM, {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}, duckdb {duckdb.__version__}, pyarrow {pa.__version__}")
-
-
-def _load() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def update_doc(section: str, doc: Path = DOC) -> None:
-    """Replace the `## store.py` section of `doc` (or append it), leaving every other section alone."""
-    text = doc.read_text() if doc.exists() else DOC_HEADER
-    pattern = re.compile(r"^## store\.py[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    section = section.rstrip() + "\n\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip() + "\n\n" + section
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text.rstrip() + "\n")
-
-
 def doc_section(cmd: str, args, res: dict) -> str:
     bulk, pipe, held, br, lin, hd = (res["bulk"], res["pipeline"], res["held"], res["breakdown"], res["lineage"],
                                      res["headline"])
@@ -599,7 +554,7 @@ def doc_section(cmd: str, args, res: dict) -> str:
     lines = [
         "## store.py", "",
         "```bash", cmd, "```", "",
-        f"- Machine: {machine()}",
+        f"- Machine: {machine(f'duckdb {duckdb.__version__}', f'pyarrow {pa.__version__}')}",
         f"- Date: {res['date']}; load average (1/5/15 min) at start {res['load_start']}, at end {res['load_end']}"
         " — other jobs shared these 2 cores, so absolute timings are pessimistic; compare ratios",
         f"- Corpus: {c['rollouts']:,} rollouts, {c['prompts']:,} prompts, {c['pairs']:,} pairs, {c['analyses']:,} "
@@ -698,7 +653,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = lambda msg: print(msg, flush=True)
     cmd = ".venv/bin/python benchmarks/store.py" + "".join(
         " " + a for a in (argv if argv is not None else sys.argv[1:]))
-    load_start = _load()
+    load_start = load_average()
 
     with contextlib.ExitStack() as stack:
         tmp = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mel-store-bench-")))
@@ -739,12 +694,12 @@ def main(argv: list[str] | None = None) -> dict:
     }
     res = {"bulk": bulk, "pipeline": pipe, "held": held, "breakdown": breakdown, "lineage": lineage,
            "counts": counts, "total_rows": total_rows, "file_mb": file_mb, "wall_s": wall, "headline": headline,
-           "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "load_start": load_start, "load_end": _load(),
+           "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "load_start": load_start, "load_end": load_average(),
            "lineage_probe_id": lineage["probe_id"]}
     res["notes"] = notes(res)
     log(f"done in {wall:.0f} s; file {file_mb:.0f} MB; load average {res['load_start']} -> {res['load_end']}")
     if not args.no_doc:
-        update_doc(doc_section(cmd, args, res), args.doc)
+        update_doc("store.py", doc_section(cmd, args, res), args.doc)
         log(f"updated {args.doc}")
     for k in HEADLINE_ORDER:
         print(f"{k}: {headline[k]:.4g}")
@@ -753,7 +708,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def notes(res: dict) -> list[str]:
     """Plain-language reading of the numbers for the doc, filled in from the measurements."""
-    bulk, pipe, held, br, lin = res["bulk"], res["pipeline"], res["held"], res["breakdown"], res["lineage"]
+    pipe, held, br, lin = res["pipeline"], res["held"], res["breakdown"], res["lineage"]
     rows_per_step = pipe["rows"] / pipe["steps"]
     per_step_pipe = pipe["amortized_seconds"] / pipe["steps"]
     per_step_held = held["amortized_seconds"] / held["steps"]

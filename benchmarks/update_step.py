@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._doc import machine, write_section  # noqa: E402
+from benchmarks._doc import write_section  # noqa: E402
 from mel_core import config as C  # noqa: E402
 from mel_core import tiny  # noqa: E402
 from mel_core.policy import Policy, RLBatch  # noqa: E402

@@ -314,7 +314,7 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
         replay_rows.append({"replay_id": make_id("replay", r["analysis_id"], i), "analysis_id": r["analysis_id"],
                             "run_id": rt.run_id, "step": step, "replay_index": i, "prompt_text": p, "text": c.text,
                             "reward": v.reward, "verify_reason": v.reason})
-    status_rows, heuristic_rows = [], []
+    status_rows = []
     for r in rows:
         ok = experience.accept(rewards[r["analysis_id"]], cfg.accept_min_correct)
         status_rows.append({"analysis_id": r["analysis_id"], "status": "accepted" if ok else "rejected",

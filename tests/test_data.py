@@ -96,8 +96,7 @@ def _assert_consistent(lines):
     for line in lines[:-1]:
         m = re.fullmatch(r"(-?\d+)([+\-*])(\d+)=(-?\d+)", line)
         assert m, line
-        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-        results.append(c)
+        results.append(int(m[4]))
     assert lines[-1] == f"Answer: {results[-1]}"
 
 

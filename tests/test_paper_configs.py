@@ -2,7 +2,6 @@
 standing in for the Qwen3 weights (nothing can be downloaded here)."""
 
 import pytest
-import torch
 
 from mel_core import config as C
 from mel_core import losses, tiny
