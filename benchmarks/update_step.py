@@ -40,7 +40,9 @@ def make_batch(tok, B: int, P: int, T: int, seed: int = 0):
     vocab = len(tok) - 1
     prompt_lens = torch.randint(P // 2, P + 1, (B,), generator=g).tolist()
     comp_lens = torch.randint(T // 2, T + 1, (B,), generator=g).tolist()
-    prompts = [torch.randint(1, vocab, (p,), generator=g).tolist() for p in prompt_lens]
+    # Prompts travel as text in the pipeline: both sides get the ids that text encodes to.
+    texts = [tok.decode(torch.randint(1, vocab, (p,), generator=g).tolist()) for p in prompt_lens]
+    prompts = tok(texts, add_special_tokens=False)["input_ids"]
     comps = [torch.randint(1, vocab, (c,), generator=g).tolist() for c in comp_lens]
     adv = torch.randn(B, generator=g)
     return prompts, comps, adv
