@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# Each benchmark prints its numbers, ends with `name: value` and rewrites its section of docs/BENCHMARKS.md.
+# Run on a quiet machine: other load on the 2 cores skews every timing.
+BENCHES := update_step mel_overhead generation store demo
+bench: setup
+	for b in $(BENCHES); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf runs .prefect .pytest_cache

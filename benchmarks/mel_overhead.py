@@ -1,0 +1,117 @@
+"""MEL's cost over plain GRPO: one MEL step ÷ one GRPO-only step on the same batch.
+
+Both arms start every measured step from the same policy version (the cached tiny warm start), with the
+same run seed, so they sample the same prompts and the same rollouts; GRPO then updates on them, MEL
+first pairs, diagnoses, abstracts and replays. The stage functions are called directly (no Prefect:
+benchmarks/orchestration.py measures that), so the ratio is the model work plus the store bookkeeping.
+
+    .venv/bin/python benchmarks/mel_overhead.py [--prompts 16 128 --steps 3]
+
+The issue's goal is a ratio <= 1.25; it needs the analysis and replay generations batched (one engine
+call per stage), which they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._doc import write_section  # noqa: E402
+from mel_core import config as C  # noqa: E402
+from mel_core import stages  # noqa: E402
+from mel_core.runtime import Runtime  # noqa: E402
+
+GRPO_STAGES = ("sample", "verify", "update")
+
+
+def make_runtime(root: Path, prompts: int, mel: bool) -> Runtime:
+    arm = "mel" if mel else "grpo"
+    overrides = [f"run.name=overhead-{arm}-{prompts}", f"run.root_dir={root}", f"sampling.prompts_per_step={prompts}"]
+    if not mel:
+        overrides += ["experience.enabled=false", "loss.nll_coef=0"]
+    rt = Runtime(C.load("configs/tiny.yaml", overrides))
+    stages.register_run(rt, stages.base_checkpoint(rt))
+    return rt
+
+
+def timed_step(rt: Runtime, step: int) -> dict[str, float]:
+    """Seconds per stage of one step from the base policy (reloaded outside the timing)."""
+    base = stages.base_checkpoint(rt)
+    rt.ensure_version(base)
+    names = stages.STAGES if rt.cfg.experience.enabled else GRPO_STAGES
+    calls = {"sample": lambda: stages.sample(rt, step, base), "verify": lambda: stages.verify(rt, step),
+             "pair": lambda: stages.pair(rt, step), "diagnose": lambda: stages.diagnose(rt, step, base),
+             "abstract": lambda: stages.abstract(rt, step, base), "replay": lambda: stages.replay(rt, step, base),
+             "update": lambda: stages.update(rt, step, base)}
+    seconds = {}
+    for name in names:
+        t0 = time.perf_counter()
+        calls[name]()
+        seconds[name] = time.perf_counter() - t0
+    return seconds
+
+
+def measure(root: Path, prompts: int, steps: int, log) -> dict:
+    grpo, mel = make_runtime(root, prompts, mel=False), make_runtime(root, prompts, mel=True)
+    timed_step(grpo, 0)  # warm-up: first generate/backward in a process are several times slower
+    timed_step(mel, 0)
+    per_arm: dict[str, list[dict]] = {"grpo": [], "mel": []}
+    for step in range(1, steps + 1):  # interleaved, so load from other processes hits both arms alike
+        per_arm["grpo"].append(timed_step(grpo, step))
+        per_arm["mel"].append(timed_step(mel, step))
+        log(f"  B={prompts} step {step}: grpo {sum(per_arm['grpo'][-1].values()):.2f}s, "
+            f"mel {sum(per_arm['mel'][-1].values()):.2f}s")
+    same = grpo.store.query("SELECT list(text ORDER BY rollout_id) AS t FROM rollouts WHERE step = 1")[0]["t"] == \
+        mel.store.query("SELECT list(text ORDER BY rollout_id) AS t FROM rollouts WHERE step = 1")[0]["t"]
+    med = {arm: {s: statistics.median(r[s] for r in runs) for s in runs[0]} for arm, runs in per_arm.items()}
+    totals = {arm: statistics.median(sum(r.values()) for r in runs) for arm, runs in per_arm.items()}
+    counts = mel.store.query("SELECT avg(CASE WHEN name = 'analyses' THEN value END) AS analyses, "
+                             "avg(CASE WHEN name = 'accepted' THEN value END) AS accepted FROM metrics WHERE step > 0")[0]
+    return {"prompts": prompts, "group_size": mel.cfg.sampling.group_size, "stage_seconds": med, "totals": totals,
+            "ratio": totals["mel"] / totals["grpo"], "same_rollouts": same, **counts}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[16, 128],
+                    help="prompts per step (B); 16 is the demo, 128 the paper's batch")
+    ap.add_argument("--steps", type=int, default=3, help="measured steps per arm (median)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-doc", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    log = lambda m: print(m, flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mel-overhead-") as d:
+        for b in a.prompts:
+            results.append(measure(Path(d), b, a.steps, log))
+    lines = []
+    for r in results:
+        g, m = r["stage_seconds"]["grpo"], r["stage_seconds"]["mel"]
+        lines += [f"B={r['prompts']} G={r['group_size']} (same rollouts in both arms: {r['same_rollouts']}; "
+                  f"{r['analyses']:.1f} analyses and {r['accepted']:.1f} accepted per step on average)", "",
+                  "| stage | GRPO s | MEL s |", "|---|---|---|"]
+        lines += [f"| {s} | {g.get(s, 0):.2f} | {m.get(s, 0):.2f} |" for s in stages.STAGES]
+        lines += [f"| **step** | **{r['totals']['grpo']:.2f}** | **{r['totals']['mel']:.2f}** |", "",
+                  f"- **MEL step ÷ GRPO step: {r['ratio']:.2f}** (goal ≤ 1.25)", ""]
+        print(f"B={r['prompts']}: grpo {r['totals']['grpo']:.2f}s, mel {r['totals']['mel']:.2f}s, ratio {r['ratio']:.3f}")
+    headline = results[-1]
+    if not a.no_doc:
+        cmd = ".venv/bin/python benchmarks/mel_overhead.py" + "".join(" " + x for x in (argv or sys.argv[1:]))
+        write_section("mel_overhead.py", cmd, [
+            f"Tiny warm-started model (configs/tiny.yaml), stage functions called directly, {a.threads} threads; "
+            f"median of {a.steps} steps per arm, each from the same base policy. The headline is the largest B.", "",
+            *lines])
+    print(f"mel_overhead_ratio: {headline['ratio']:.3f}")
+    return {"results": results, "mel_overhead_ratio": headline["ratio"]}
+
+
+if __name__ == "__main__":
+    main()
