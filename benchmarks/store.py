@@ -59,7 +59,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._doc import DOC, load_average, machine, update_doc  # noqa: E402
-from mel_core.store import TABLES, Store, Writer, make_id  # noqa: E402
+from mel_core.store import TABLES, Store, Writer, make_id, release_connections  # noqa: E402
 
 G = 8  # rollouts per prompt (group size)
 B = 128  # prompts per step
@@ -432,6 +432,7 @@ def ingest_breakdown(tmp: Path, big_db: Path, corpus: Corpus, n_rollouts: int, l
     step = arrow.slice(0, min(B * G, n))
     opens, empties, cold, warm = [], [], [], []
     for _ in range(5):
+        release_connections()  # a raw read-only open cannot share the file with the store's read-write one
         t0 = time.perf_counter()
         duckdb.connect(str(big_db), read_only=True).close()
         opens.append(time.perf_counter() - t0)
@@ -488,6 +489,7 @@ def lineage_latency(path: Path, heuristic_ids: list[str], n: int, seed: int, log
         per_call.append(time.perf_counter() - t0)
         rows_seen.add(len(rows))
     out = {"lookups": n, "store_query_ms_p50": _ms(per_call), "store_query_ms_p95": 1e3 * _pct(per_call, 0.95)}
+    release_connections()
     for label, cfg in (("persistent", {}), ("persistent_1thread", {"threads": 1})):
         con = duckdb.connect(str(path), read_only=True, config=cfg)
         con.execute(LINEAGE_SQL, [ids[0]]).fetchall()  # warm: catalog and the indexes the plan uses

@@ -2,17 +2,19 @@
 
 Every record has a deterministic id derived from its content and position (see :func:`make_id`), and
 every write is ``INSERT OR IGNORE``, so writing the same record twice is a no-op and a re-run or a
-resumed stage never duplicates rows. The writer holds the file only while it writes (DuckDB lets one
-process hold a file at a time), so ``mel query`` can read between writes; both sides retry briefly
-when they meet the other's lock.
+resumed stage never duplicates rows. The writer holds the file only during bursts of reads and writes
+and lets go of it when idle (DuckDB lets one process hold a file at a time), so ``mel query`` can read
+while a campaign generates or trains; both sides retry briefly when they meet the other's lock.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import re
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -320,12 +322,84 @@ def _add_missing_columns(w: Writer, table: str, ddl: str) -> None:
             w.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
 
 
+class _SharedConnection:
+    """The process's read-write connection to one file: opened on demand, closed after `idle_s` unused.
+
+    Opening a DuckDB file costs ~30 ms here (a new database instance, even for an empty file), and a
+    stage's bookkeeping is a burst of reads and writes: sharing one connection across the burst makes
+    it one open instead of four or five. Closing it when idle gives the lock back between bursts, so
+    a reader in another process gets in while the campaign generates or trains.
+    """
+
+    def __init__(self, path: Path, idle_s: float):
+        self.path, self.idle_s = path, idle_s
+        self.lock = threading.RLock()  # DuckDB connections are not for concurrent use: one user at a time
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.uses = 0
+
+    @contextlib.contextmanager
+    def use(self, wait_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self.lock:
+            if self.con is None:
+                self.con = _connect(self.path, read_only=False, wait_s=wait_s)
+            self.uses += 1
+            try:
+                yield self.con
+            finally:
+                timer = threading.Timer(self.idle_s, self._close_if_unused_since, args=(self.uses,))
+                timer.daemon = True
+                timer.start()
+
+    def _close_if_unused_since(self, use: int) -> None:
+        with self.lock:
+            if self.uses == use and self.con is not None:
+                self.con.close()
+                self.con = None
+
+    def close(self) -> None:
+        with self.lock:
+            if self.con is not None:
+                self.con.close()
+                self.con = None
+
+
+_SHARED: dict[Path, _SharedConnection] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared(path: Path, idle_s: float) -> _SharedConnection:
+    key = path.resolve()
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = _SharedConnection(key, idle_s)
+        return _SHARED[key]
+
+
+def release_connections() -> None:
+    """Close this process's shared connections now (also at exit: the idle timer may not have fired)."""
+    with _SHARED_LOCK:
+        shared = list(_SHARED.values())
+    for s in shared:
+        s.close()
+
+
+atexit.register(release_connections)
+
+
 class Store:
-    """One DuckDB file. Cheap to construct; connections are opened per operation."""
+    """One DuckDB file. Cheap to construct.
+
+    A writer's handle (the default) reads and writes through the process's shared connection to the file
+    (see :class:`_SharedConnection`); a reader's handle (:meth:`open_existing`) opens a read-only
+    connection per operation, so readers in several processes do not block each other.
+    """
+
+    IDLE_RELEASE_S = 0.1
 
     def __init__(self, path: str | Path, lock_wait_s: float = 60.0, create: bool = True):
         self.path = Path(path)
         self.lock_wait_s = lock_wait_s
+        self.writer = create
         if not create:
             if not self.path.exists():
                 raise StoreError(f"no DuckDB file at {self.path}")
@@ -347,10 +421,23 @@ class Store:
         return cls(path, lock_wait_s=lock_wait_s, create=False)
 
     @contextlib.contextmanager
+    def _connection(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The shared connection of a writer (or of a reader in a process that also writes this file)."""
+        shared = _shared(self.path, self.IDLE_RELEASE_S)
+        if self.writer or not read_only or shared.con is not None:
+            with shared.use(self.lock_wait_s) as con:
+                yield con
+            return
+        con = _connect(self.path, read_only=True, wait_s=self.lock_wait_s)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[Writer]:
         """All writes inside commit together or not at all."""
-        con = _connect(self.path, read_only=False, wait_s=self.lock_wait_s)
-        try:
+        with self._connection(read_only=False) as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 yield Writer(con)
@@ -358,8 +445,6 @@ class Store:
                 con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
-        finally:
-            con.close()
 
     def insert(self, table: str, rows: Sequence[dict]) -> None:
         with self.transaction() as w:
@@ -379,25 +464,19 @@ class Store:
         return self.query("SELECT value FROM meta WHERE key = 'epoch'")[0]["value"]
 
     def query(self, sql: str, params: Sequence | None = None) -> list[dict]:
-        """Rows as dicts, from a connection opened for this query only."""
-        con = _connect(self.path, read_only=True, wait_s=self.lock_wait_s)
-        try:
+        """Rows as dicts."""
+        with self._connection(read_only=True) as con:
             cur = con.execute(sql, params or [])
             cols = [d[0] for d in cur.description] if cur.description else []
             return [dict(zip(cols, row)) for row in cur.fetchall()]
-        finally:
-            con.close()
 
     def query_readonly(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """A user's SQL: only SELECT-like statements, on a read-only connection."""
+        """A user's SQL: only SELECT-like statements (checked before it runs)."""
         check_read_only(sql)
-        con = _connect(self.path, read_only=True, wait_s=self.lock_wait_s)
-        try:
+        with self._connection(read_only=True) as con:
             cur = con.execute(sql)
             cols = [d[0] for d in cur.description] if cur.description else []
             return cols, cur.fetchall()
-        finally:
-            con.close()
 
     def counts(self) -> dict[str, int]:
         return {t: self.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}

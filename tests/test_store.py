@@ -91,3 +91,25 @@ def test_opening_an_older_file_adds_new_columns(tmp_path):
     cols = {r["column_name"] for r in s.query("SELECT column_name FROM duckdb_columns() WHERE table_name = 'analyses'")}
     assert {"abstract_text", "abstract_token_ids", "mode", "reject_reason"} <= cols
     assert s.query("SELECT status, abstract_text FROM analyses") == [{"status": "accepted", "abstract_text": None}]
+
+
+def test_writer_shares_one_connection_per_burst_and_lets_go_when_idle(tmp_path):
+    import subprocess
+    import sys
+
+    from mel_core.store import _shared
+
+    s = Store(tmp_path / "m.duckdb")
+    shared = _shared(s.path, Store.IDLE_RELEASE_S)
+    s.insert("metrics", [{"run_id": "r", "step": 1, "name": "a", "value": 1.0}])
+    con = shared.con
+    s.query("SELECT * FROM metrics")
+    assert con is not None and shared.con is con  # the burst reused the open connection
+    # idle: the lock goes back, so another process can read what was committed
+    reader = subprocess.run([sys.executable, "-c", (
+        "import sys; from mel_core.store import Store; "
+        "print(Store.open_existing(sys.argv[1], lock_wait_s=5).query('SELECT count(*) AS n FROM metrics')[0]['n'])"),
+        str(s.path)], capture_output=True, text=True, timeout=60)
+    assert reader.returncode == 0, reader.stderr
+    assert reader.stdout.strip() == "1"
+    assert shared.con is None
