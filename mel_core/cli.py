@@ -3,6 +3,7 @@
     mel run --config configs/tiny.yaml [key=value ...]
     mel query "SELECT ..." [--db runs/NAME/mel.duckdb]
     mel lineage HEURISTIC_ID [--db ...]
+    mel report RUN [--out DIR]                # markdown + PNG report of a run (name, id, dir or .duckdb)
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def cmd_run(args) -> int:
     print(f"  final:       {result['final_checkpoint']['path']}")
     print("Try:")
     print(f"  .venv/bin/mel query --db {db} \"SELECT * FROM step_summary ORDER BY step\"")
+    print(f"  .venv/bin/mel report {result['run_dir']}")
     if hid:
         print(f"  .venv/bin/mel lineage --db {db} {hid[0]['heuristic_id']}")
     else:
@@ -132,6 +134,20 @@ def cmd_lineage(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from mel_core import report
+
+    try:
+        path = report.write_report(report.resolve_run(args.run, args.root), args.out, args.top)
+    except report.ReportError as e:
+        print(f"mel: {e}", file=sys.stderr)
+        return 1
+    print(f"mel: report written to {path}")
+    for png in sorted(path.parent.glob("*.png")):
+        print(f"  {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -150,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("--checkpoint", help="list every heuristic this checkpoint internalized instead")
     lg.add_argument("--db")
     lg.set_defaults(fn=cmd_lineage)
+    rp = sub.add_parser("report", help="markdown report with plots of a run (curves, evals, stage times, heuristics)")
+    rp.add_argument("run", help="run name (under --root), run id, run directory or DuckDB file")
+    rp.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")
+    rp.add_argument("--out", default=None, help="output directory (default: <run dir>/report)")
+    rp.add_argument("--top", type=int, default=10, help="heuristic clusters listed (default: 10)")
+    rp.set_defaults(fn=cmd_report)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -188,6 +188,13 @@ class EvalConfig:
 
 
 @dataclass
+class LibraryConfig:
+    similarity_threshold: float = doc(0.7, "Cosine of text features (mel_core.library) at which a heuristic joins a cluster: "
+                                      "lexical paraphrases score 0.75-1.0, rules sharing only a condition 0.63-0.68. "
+                                      "Bookkeeping only: not part of the config hash; a change re-clusters the run.")
+
+
+@dataclass
 class StagePolicy:
     retries: int = doc(2, "Retries of a transiently failed stage (data/config errors and NaN losses fail at once).")
     retry_delay_s: float = doc(2.0, "Delay before the first retry.")
@@ -224,6 +231,7 @@ class MelConfig:
     verify: VerifyConfig = section(VerifyConfig, "Reward verification.")
     prompts: PromptsConfig = section(PromptsConfig, "Prompt templates.")
     eval: EvalConfig = section(EvalConfig, "Evaluation (never with meta-experience in context).")
+    library: LibraryConfig = section(LibraryConfig, "The heuristic library: near-duplicate clusters of heuristics.")
     orchestration: OrchestrationConfig = section(OrchestrationConfig, "Retries, timeouts, fault injection.")
 
 
@@ -293,8 +301,9 @@ def to_dict(cfg: MelConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = ("run.steps",)) -> str:
-    """Stable hash of everything that changes results. Extending a campaign (run.steps) keeps it."""
+def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = ("run.steps", "library")) -> str:
+    """Stable hash of everything that changes results. Extending a campaign (run.steps) keeps it, and so does
+    the heuristic library's clustering (bookkeeping over the results, rebuilt when it changes)."""
     d = to_dict(cfg)
     for dotted in exclude:
         *parents, leaf = dotted.split(".")
@@ -327,6 +336,7 @@ def validate(cfg: MelConfig) -> None:
         from mel_core.prompts import PromptSet, resolve_path
         need(PromptSet.load(cfg.prompts.dir).abstract is not None, "experience.analysis_mode",
              f"two_pass needs {resolve_path(cfg.prompts.dir) / 'abstract.txt'}")
+    need(0 < cfg.library.similarity_threshold <= 1, "library.similarity_threshold", "must be in (0, 1]")
     need(cfg.data.synthetic.min_ops <= cfg.data.synthetic.max_ops, "data.synthetic.min_ops", "must be <= max_ops")
     from mel_core.stages import ALL_STAGES
     for name in cfg.orchestration.stages:

@@ -96,7 +96,7 @@ class Runtime:
             from mel_core.stages import base_checkpoint
             self._policy = Policy(self.cfg, base_checkpoint(self).path if self.cfg.model.lora.enabled else ckpt.path)
             self._engine = HFEngine(self._policy.model, self._policy.tokenizer,
-                                    loader=self._policy.load_checkpoint)
+                                    loader=self._policy.load_checkpoint, progress=True)  # bars on a TTY only
             self._engine.version = ckpt.checkpoint_id
             if (Path(ckpt.path) / "optimizer.pt").exists() or self.cfg.model.lora.enabled:
                 self._policy.load_checkpoint(ckpt.path)

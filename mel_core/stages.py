@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from mel_core import experience, losses
+from mel_core import experience, library, losses
 from mel_core.engines.base import SamplingParams
 from mel_core.errors import InjectedFault, InjectedPermanentFault
 from mel_core.runtime import Checkpoint, Runtime, derive_seed
@@ -276,6 +276,8 @@ def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     with rt.store.transaction() as w:
         w.update("analyses", "analysis_id", status_rows)
         w.insert("heuristics", heuristic_rows)
+        # Near-duplicates join the run's heuristic library as soon as their text exists (mel_core.library).
+        library.assign_clusters(w, rt.run_id, rt.cfg.library.similarity_threshold)
         w.insert("metrics", _metrics(rt, step, {"candidates": candidates}))
     return {"step": step, "candidates": candidates, "heuristics": len(heuristic_rows)}
 

@@ -98,7 +98,18 @@ TABLES: dict[str, str] = {
         step INTEGER,
         position INTEGER,
         text VARCHAR,
-        accepted BOOLEAN""",
+        accepted BOOLEAN,
+        cluster_id VARCHAR,
+        cluster_similarity DOUBLE""",
+    # The heuristic library's clusters (mel_core.library): one per founding heuristic, with its feature
+    # vector (FLOAT[512] = library.FEATURE_DIM) and the method + threshold it was clustered with.
+    "library_clusters": """
+        cluster_id VARCHAR PRIMARY KEY,
+        run_id VARCHAR,
+        founder_heuristic_id VARCHAR,
+        step INTEGER,
+        method VARCHAR,
+        features FLOAT[512]""",
     "replays": """
         replay_id VARCHAR PRIMARY KEY,
         analysis_id VARCHAR,
@@ -155,7 +166,7 @@ TABLES: dict[str, str] = {
 VIEWS: dict[str, str] = {
     # One row per heuristic with everything it came from, and the update/checkpoint that learned it.
     "heuristic_lineage": """
-        SELECT h.heuristic_id, h.text AS heuristic, h.accepted, h.step,
+        SELECT h.heuristic_id, h.text AS heuristic, h.accepted, h.step, h.cluster_id,
                a.analysis_id, a.bifurcation_step, a.critique, a.status AS analysis_status,
                pa.pair_id, pa.correct_rollout_id, rc.text AS correct_text,
                pa.incorrect_rollout_id, ri.text AS incorrect_text,
@@ -179,6 +190,26 @@ VIEWS: dict[str, str] = {
         JOIN updates u ON u.checkpoint_out = c.checkpoint_id
         JOIN internalized i ON i.update_id = u.update_id
         JOIN heuristics h ON h.heuristic_id = i.heuristic_id""",
+    # The heuristic library: per cluster of near-duplicate heuristics (mel_core.library), how often the
+    # rule was produced (written by abstract), accepted (its replay verified) and internalized (trained
+    # on by an update), over how many steps, and a representative text (the text accepted most often,
+    # then produced most often, then the first in sort order).
+    "heuristic_clusters": """
+        WITH members AS (
+            SELECT h.run_id, h.cluster_id, h.heuristic_id, h.step, h.text, coalesce(h.accepted, false) AS accepted,
+                   i.heuristic_id IS NOT NULL AS internalized
+            FROM heuristics h LEFT JOIN (SELECT DISTINCT heuristic_id FROM internalized) i USING (heuristic_id)
+            WHERE h.cluster_id IS NOT NULL),
+        texts AS (
+            SELECT cluster_id, text, row_number() OVER (PARTITION BY cluster_id ORDER BY count(*) FILTER (WHERE accepted)
+                                                        DESC, count(*) DESC, text) AS rank
+            FROM members GROUP BY cluster_id, text)
+        SELECT c.run_id, c.cluster_id, t.text AS representative, count(*) AS produced,
+               count(*) FILTER (WHERE m.accepted) AS accepted, count(*) FILTER (WHERE m.internalized) AS internalized,
+               count(DISTINCT m.text) AS distinct_texts, count(DISTINCT m.step) AS steps, c.step AS first_step,
+               max(m.step) AS last_step, c.founder_heuristic_id, c.method
+        FROM library_clusters c JOIN members m USING (cluster_id) JOIN texts t ON t.cluster_id = c.cluster_id AND t.rank = 1
+        GROUP BY c.run_id, c.cluster_id, t.text, c.step, c.founder_heuristic_id, c.method""",
     "step_summary": """
         SELECT run_id, step,
                max(CASE WHEN name = 'reward_mean' THEN value END) AS reward_mean,

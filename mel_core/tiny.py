@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from mel_core import data
+from mel_core import data, progress
 from mel_core.config import MelConfig, SyntheticConfig, TinyModelConfig
 from mel_core.prompts import PromptSet
 
@@ -376,12 +376,15 @@ def _train(cfg: MelConfig, prompts: PromptSet, tokenizer, key: str, t0: float, l
     stream = example_stream(prompts, cfg.data.synthetic, ws.analysis_fraction, ws.validation_fraction,
                             random.Random(f"warm-start:{ws.seed}"))
     recent: list[float] = []
+    bar = progress.bar(total=ws.steps, desc="warm start")  # on a terminal only; the log lines stay
     for step in range(1, ws.steps + 1):
         recent.append(train_step(model, tokenizer, [next(stream) for _ in range(ws.batch_size)], optimizer, scheduler))
+        bar.update(1)
         if step % 50 == 0 or step == ws.steps:
-            log(f"warm start step {step}/{ws.steps}: loss {sum(recent) / len(recent):.4f} "
-                f"({time.perf_counter() - t0:.0f}s)")
+            progress.log_above(bar, log, f"warm start step {step}/{ws.steps}: loss {sum(recent) / len(recent):.4f} "
+                                         f"({time.perf_counter() - t0:.0f}s)")
             recent = []
+    bar.close()
     model.eval()
     return model, time.perf_counter() - t0
 

@@ -6,6 +6,7 @@ import re
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from mel_core import library
 from mel_core.runtime import Runtime
 from mel_core.summary import format_step
 
@@ -21,6 +22,13 @@ def publish_step(rt: Runtime, step: int, summary: dict) -> None:
         "ORDER BY heuristic_id", [rt.run_id, step])
     create_table_artifact(key=_key(rt, "accepted-heuristics"), table=heuristics or [{"heuristic_id": "", "text": "(none)"}],
                           description=f"Heuristics accepted at step {step} of run {rt.run_id}")
+    clusters = library.top_clusters(rt.store, rt.run_id, limit=10)
+    create_table_artifact(key=_key(rt, "heuristic-library"),
+                          table=[{k: c[k] for k in ("representative", "produced", "accepted", "internalized",
+                                                    "first_step", "last_step", "cluster_id")} for c in clusters]
+                          or [{"representative": "(no heuristic yet)"}],
+                          description=f"Top heuristic clusters of run {rt.run_id} after step {step} (produced, "
+                                      f"accepted and internalized over the campaign so far)")
     secs = summary.get("stage_seconds", {})
     lines = [f"## Step {step} of `{rt.cfg.run.name}`", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in summary.items() if isinstance(v, (int, float)) and k != "step"]

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from mel_core import progress
 from mel_core.engines.base import Completion, SamplingParams
 
 
@@ -42,8 +43,7 @@ class HFEngine:
         generator_seed = int(params.seed) % (2**63 - 1)
         chunks = range(0, len(expanded), self.max_batch_sequences)
         if self.progress and len(chunks) > 1:
-            from tqdm.auto import tqdm
-            chunks = tqdm(chunks, desc=desc or "generate", leave=False)
+            chunks = progress.bar(chunks, desc=desc or "generate")  # drawn on a terminal only
         try:
             for i, start in enumerate(chunks):
                 batch = expanded[start:start + self.max_batch_sequences]
