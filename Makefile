@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench serve clean
 
 setup: $(STAMP)
 
@@ -29,9 +29,14 @@ test: setup
 
 # Each benchmark prints its numbers, ends with `name: value` and rewrites its section of docs/BENCHMARKS.md.
 # Run on a quiet machine: other load on the 2 cores skews every timing.
-BENCHES := update_step mel_overhead generation store demo
+BENCHES := update_step mel_overhead generation store demo orchestration
 bench: setup
 	for b in $(BENCHES); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py || exit 1; done
+
+# A standalone Prefect server (UI on http://127.0.0.1:4200) and a process worker for pool mel-process, state in
+# ./.prefect; then `.venv/bin/mel deploy --run` deploys prefect.yaml's campaign and runs it. Ctrl-C stops both.
+serve: setup
+	$(BIN)/mel serve
 
 clean:
 	rm -rf runs .prefect .pytest_cache

@@ -30,6 +30,7 @@ def campaign(config: dict) -> dict:
     """`config` is a plain dict (mel_core.config.to_dict); it is validated before any work starts."""
     cfg = from_dict(config)
     rt = get_runtime(cfg)
+    rt.train_problems  # loaded first: a missing, malformed or empty dataset fails here, before any work
 
     checkpoint = configured(warm_start_task, "warm_start", config)(config)
     register_run(rt, Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"]))

@@ -1,9 +1,11 @@
-"""`mel` — run a campaign, query the corpus, trace a heuristic's lineage.
+"""`mel` — run a campaign, query the corpus, trace a heuristic's lineage, serve and deploy campaigns.
 
     mel run --config configs/tiny.yaml [key=value ...]
     mel query "SELECT ..." [--db runs/NAME/mel.duckdb]
     mel lineage HEURISTIC_ID [--db ...]
     mel report RUN [--out DIR]                # markdown + PNG report of a run (name, id, dir or .duckdb)
+    mel serve [--port 4200]                   # standalone Prefect server + process worker
+    mel deploy [--run] [key=value ...]        # prefect.yaml's campaign deployment, optionally run it
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from mel_core import serve
 
 
 def _prefect_env(verbose: bool) -> None:
@@ -43,11 +47,14 @@ def _find_db(arg: str | None) -> Path:
 
 def cmd_run(args) -> int:
     from mel_core import config as config_mod
+    from mel_core.data import load_problems
+    from mel_core.errors import PermanentError
 
     _prefect_env(args.verbose)
     try:
         cfg = config_mod.load(args.config, args.overrides)
-    except config_mod.ConfigError as e:
+        load_problems(cfg.data)  # a missing, malformed or empty dataset is reported before Prefect starts
+    except PermanentError as e:
         print(f"mel: {e}", file=sys.stderr)
         return 2
     from flows.campaign import campaign
@@ -55,7 +62,11 @@ def cmd_run(args) -> int:
     t0 = time.time()
     print(f"mel: campaign '{cfg.run.name}' — {cfg.run.steps} steps, model {cfg.model.name_or_path}, "
           f"B={cfg.sampling.prompts_per_step} G={cfg.sampling.group_size}", flush=True)
-    result = campaign(config_mod.to_dict(cfg))
+    try:
+        result = campaign(config_mod.to_dict(cfg))
+    except PermanentError as e:  # retrying cannot help (a refused non-finite step, a data error): say why
+        print(f"mel: campaign failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     db = result["db"]
     from mel_core.store import Store
     store = Store(db)
@@ -134,6 +145,45 @@ def cmd_lineage(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    _prefect_env(verbose=False)
+    try:
+        return serve.serve(args.host, args.port, args.limit, dict(os.environ))
+    except serve.ServeError as e:
+        print(f"mel: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_deploy(args) -> int:
+    from mel_core import config as config_mod
+
+    _prefect_env(verbose=False)
+    url = args.api_url or os.environ.get("PREFECT_API_URL") or serve.api_url("127.0.0.1", serve.DEFAULT_PORT)
+    if args.run:
+        try:  # the deployed flow validates too; this fails before anything reaches the server
+            config_mod.load(args.config, args.overrides)
+        except config_mod.ConfigError as e:
+            print(f"mel: {e}", file=sys.stderr)
+            return 2
+    if not serve.healthy(url):
+        print(f"mel: no Prefect server at {url}; start one with `mel serve` or pass --api-url", file=sys.stderr)
+        return 1
+    try:
+        serve.deploy(url, dict(os.environ))
+    except serve.ServeError as e:
+        print(f"mel: {e}", file=sys.stderr)
+        return 1
+    print(f"mel: deployed prefect.yaml's '{serve.DEPLOYMENT}' to {url} (work pool {serve.POOL})", flush=True)
+    if not args.run:
+        return 0
+    os.environ["PREFECT_API_URL"] = url  # read when prefect is imported below
+    from flows.deploy import trigger
+
+    run = trigger(args.config, args.overrides, args.timeout)
+    print(f"mel: flow run {run.name} ({run.id}): {run.state.type.value}", flush=True)
+    return 0 if run.state.is_completed() else 1
+
+
 def cmd_report(args) -> int:
     from mel_core import report
 
@@ -172,6 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--out", default=None, help="output directory (default: <run dir>/report)")
     rp.add_argument("--top", type=int, default=10, help="heuristic clusters listed (default: 10)")
     rp.set_defaults(fn=cmd_report)
+    sv = sub.add_parser("serve", help="a standalone Prefect server and a process worker (state under ./.prefect)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=serve.DEFAULT_PORT)
+    sv.add_argument("--limit", type=int, default=None,
+                    help=f"most concurrent flow runs on pool {serve.POOL} (e.g. 1 per GPU host); default: no cap")
+    sv.set_defaults(fn=cmd_serve)
+    dp = sub.add_parser("deploy", help="create prefect.yaml's campaign deployment on a server; --run starts a run")
+    dp.add_argument("--api-url", default=None,
+                    help=f"the server's API (default: $PREFECT_API_URL, else mel serve's "
+                         f"{serve.api_url('127.0.0.1', serve.DEFAULT_PORT)})")
+    dp.add_argument("--run", action="store_true", help="then run it and wait for the end")
+    dp.add_argument("--config", default="configs/tiny.yaml", help="the run's config (a path the worker can read)")
+    dp.add_argument("--timeout", type=float, default=None, help="seconds to wait for the run (default: until it ends)")
+    dp.add_argument("overrides", nargs="*", help="key=value overrides of the run")
+    dp.set_defaults(fn=cmd_deploy)
     args = ap.parse_args(argv)
     return args.fn(args)
 

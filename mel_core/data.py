@@ -27,6 +27,10 @@ class DataError(PermanentError, ValueError):
     """A problem source that cannot be read: the message names the file and, for a bad row, its line."""
 
 
+class MissingDataFile(DataError, FileNotFoundError):
+    """A problem file that is not there: permanent (a retry cannot make it appear), still a FileNotFoundError."""
+
+
 @dataclass(frozen=True)
 class Problem:
     problem_id: str
@@ -366,11 +370,12 @@ def load_jsonl(path: str | Path, question_field: str = "problem", answer_field: 
     """Problems from a JSONL file (one object per line; blank lines skipped).
 
     Ids are ``<source>:<row id or 1-based line number>``. A bad row raises DataError naming the file
-    and line; a missing file raises FileNotFoundError; an empty file raises DataError.
+    and line; a missing file raises MissingDataFile (a DataError and a FileNotFoundError); an empty
+    file raises DataError.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"problem file not found: {path}")
+        raise MissingDataFile(f"problem file not found: {path}")
     source = source or source_name(path)
     problems: list[Problem] = []
     seen_ids: set[str] = set()

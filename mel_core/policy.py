@@ -25,7 +25,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 
 class NonFiniteLoss(PermanentError, FloatingPointError):
-    """The step's loss is NaN/inf: the step is refused and no checkpoint is written."""
+    """The step's loss, gradient norm or updated weights are NaN/inf: the step is refused and no
+    checkpoint is written."""
 
 
 @dataclass
@@ -249,6 +250,7 @@ class Policy:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise NonFiniteLoss(f"gradient norm is {grad_norm.item()}: step refused")
                 self.optimizer.step()
+                self._refuse_non_finite_weights()
                 steps += 1
                 step_stats = {"loss": losses.total_loss(rl_total, nll_total, L.nll_coef), "rl_loss": rl_total, "nll_loss": nll_total,
                               "grad_norm": grad_norm.item(), **metrics}
@@ -258,6 +260,14 @@ class Policy:
         out = {k: v / steps for k, v in sums.items()}  # means over the optimizer steps of this update
         out.update(num_sequences=N, num_nll_sequences=len(nll.prompts) if use_nll else 0, optimizer_steps=steps)
         return out
+
+    def _refuse_non_finite_weights(self) -> None:
+        """A finite loss and gradient can still step to inf/NaN weights (e.g. an infinite learning rate);
+        saving them would hand every later step a NaN loss. One device sync for all parameters."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss("the optimizer step left non-finite weights: step refused, no checkpoint written")
 
     def _backward(self, loss: torch.Tensor, what: str) -> None:
         """Refuse the step before any parameter moves if a loss is NaN/inf."""

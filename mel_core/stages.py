@@ -365,9 +365,15 @@ def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     nll = NLLBatch(prompts=[p for p, _ in targets], target_ids=[t for _, t in targets])
 
     rt.ensure_version(ckpt)
-    stats = rt.policy.train_step(rl, nll)
     new = Checkpoint(make_id("ckpt", rt.run_id, step, ckpt.checkpoint_id), str(rt.checkpoint_dir / f"step-{step:05d}"))
-    rt.policy.save_checkpoint(new.path)
+    try:
+        stats = rt.policy.train_step(rl, nll)
+        rt.policy.save_checkpoint(new.path)
+    except BaseException:
+        # The weights may have moved before the failure (a refused step, a failed save): the next use of
+        # this process's policy, e.g. the retry, must reload `ckpt` instead of training on from them.
+        rt.engine.version = None
+        raise
     rt.engine.version = new.checkpoint_id  # the shared module already holds the new weights
     update_id = make_id("update", rt.run_id, step, ckpt.checkpoint_id)
     heuristic_ids = rt.store.query(

@@ -219,6 +219,18 @@ VIEWS: dict[str, str] = {
                max(CASE WHEN name = 'retention_ratio' THEN value END) AS retention_ratio,
                max(CASE WHEN name = 'nll_loss' THEN value END) AS nll_loss
         FROM metrics GROUP BY run_id, step""",
+    # Acceptance and retention per step, from the records themselves (live while the step runs): pairs,
+    # analyses, those whose text did not parse, candidates that reached replay, accepted ones.
+    "step_acceptance": """
+        SELECT pa.run_id, pa.step, count(*) AS pairs, count(a.analysis_id) AS analyses,
+               count(*) FILTER (WHERE a.status = 'rejected' AND a.reject_reason <> 'replay_failed') AS unparsed,
+               count(*) FILTER (WHERE a.status IN ('candidate', 'accepted')
+                                   OR a.reject_reason = 'replay_failed') AS candidates,
+               count(*) FILTER (WHERE a.status = 'accepted') AS accepted,
+               accepted / nullif(candidates, 0) AS retention_ratio,
+               accepted / nullif(analyses, 0) AS acceptance_rate
+        FROM pairs pa LEFT JOIN analyses a USING (pair_id)
+        GROUP BY pa.run_id, pa.step""",
     "stage_timings": """
         SELECT run_id, step, stage, count(*) AS executions, sum(seconds) AS seconds
         FROM stage_runs WHERE status = 'completed' GROUP BY run_id, step, stage""",

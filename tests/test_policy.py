@@ -92,6 +92,13 @@ def test_non_finite_loss_refuses_the_step(micro_path):
     assert all(torch.equal(before[k], v) for k, v in _params(p).items())
 
 
+def test_step_to_non_finite_weights_is_refused(micro_path):
+    p = Policy(_cfg("optim.lr=inf"), micro_path)  # finite loss and gradients, infinite step
+    rl, nll = _batches(p)
+    with pytest.raises(NonFiniteLoss, match="non-finite weights"):
+        p.train_step(rl, nll)
+
+
 def test_checkpoint_round_trip_restores_weights_and_optimizer(micro_path, tmp_path):
     p = Policy(_cfg(), micro_path)
     rl, nll = _batches(p)

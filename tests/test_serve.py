@@ -1,0 +1,67 @@
+"""`mel serve` + `mel deploy --run`: a standalone Prefect server and a process worker (Prefect state in a
+temporary PREFECT_HOME), prefect.yaml's campaign deployed to it, and a one-step campaign run by the
+worker to COMPLETED."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mel_core import serve
+from mel_core.store import Store
+
+pytestmark = pytest.mark.slow
+
+MEL = [sys.executable, "-m", "mel_core.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(path, text, proc, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text():
+        assert proc.poll() is None, f"mel serve exited with {proc.returncode}:\n{path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no '{text}' after {timeout_s}s:\n{path.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def test_serve_deploy_and_run_a_campaign(tmp_path):
+    port = _free_port()
+    url = serve.api_url("127.0.0.1", port)
+    # The worker looks for new flow runs every 2 s instead of 10.
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_WORKER_QUERY_SECONDS="2")
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "serve.log"
+    server = subprocess.Popen([*MEL, "serve", "--port", str(port), "--limit", "1"], env=env, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(log, "mel: ready", server, 240)
+        assert (tmp_path / "prefect" / "prefect.db").exists()  # state under PREFECT_HOME, not $HOME
+
+        # a misspelled override fails before anything reaches the server
+        typo = subprocess.run([*MEL, "deploy", "--api-url", url, "--run", "run.stepz=1"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert typo.returncode == 2 and "run.stepz" in typo.stderr
+
+        root = tmp_path / "runs"
+        done = subprocess.run([*MEL, "deploy", "--api-url", url, "--run", "--timeout", "600", "run.name=served",
+                               "run.steps=1", f"run.root_dir={root}", "sampling.prompts_per_step=8"],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr + log.read_text()[-3000:]
+        assert "COMPLETED" in done.stdout
+        s = Store(root / "served" / "mel.duckdb")
+        assert s.query("SELECT count(*) AS n FROM updates WHERE step = 1")[0]["n"] == 1
+
+        limit = subprocess.run([serve.prefect_cli(), "work-pool", "inspect", serve.POOL], capture_output=True,
+                               text=True, env=dict(env, PREFECT_API_URL=url))
+        assert "concurrency_limit=1," in limit.stdout  # --limit 1: one flow run at a time on this host
+    finally:
+        serve.stop(server)
+    assert server.returncode == 0 and not serve.healthy(url)  # stopped cleanly, server and worker gone
