@@ -1,4 +1,5 @@
-"""A MEL campaign: warm start (or load) the policy, run N iterations, summarise.
+"""A MEL campaign: warm start (or load) the policy, run N iterations, evaluate held-out accuracy at the
+base, every eval.every_n_steps steps and the last step (if eval.every_n_steps > 0), summarise.
 
 Every stage is cached by ids, so running the same campaign again — after a crash, or with more
 steps — reuses what finished and continues from the first unfinished stage.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.evaluate import evaluate_if_due
 from flows.iteration import iteration
 from mel_core.config import from_dict
 from mel_core.runtime import Checkpoint, get_runtime
@@ -35,12 +37,14 @@ def campaign(config: dict) -> dict:
     checkpoint = configured(warm_start_task, "warm_start", config)(config)
     register_run(rt, Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"]))
 
+    evals = evaluate_if_due(config, 0, checkpoint, announce)  # held-out accuracy of the starting policy
     summaries = []
     for step in range(1, cfg.run.steps + 1):
         checkpoint = iteration(config, step, checkpoint)
         summaries.append(step_summary(rt.store, rt.run_id, step))
         announce(format_step(summaries[-1]))
         publish_step(rt, step, summaries[-1])
+        evals += evaluate_if_due(config, step, checkpoint, announce)  # every eval.every_n_steps, and the last
 
     return {"run_id": rt.run_id, "run_dir": str(rt.run_dir), "db": str(rt.store.path),
-            "final_checkpoint": checkpoint, "steps": summaries}
+            "final_checkpoint": checkpoint, "steps": summaries, "evals": evals}

@@ -3,6 +3,8 @@
     mel run --config configs/tiny.yaml [key=value ...]
     mel query "SELECT ..." [--db runs/NAME/mel.duckdb]
     mel lineage HEURISTIC_ID [--db ...]
+    mel eval --checkpoint ID_OR_PATH [--datasets synthetic data/math500/test.jsonl ...] [key=value ...]
+    mel compare --config configs/tiny.yaml [--name ab] [--seeds 3] [key=value ...]   # GRPO vs MEL
     mel report RUN [--out DIR]                # markdown + PNG report of a run (name, id, dir or .duckdb)
     mel serve [--port 4200]                   # standalone Prefect server + process worker
     mel deploy [--run] [key=value ...]        # prefect.yaml's campaign deployment, optionally run it
@@ -198,6 +200,102 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _checkpoint_db(args, as_path: Path) -> Path | None:
+    """The DuckDB file that knows the checkpoint: --db, else the run directory holding a checkpoint path,
+    else (for an id) the latest run under ./runs."""
+    if args.db:
+        return _find_db(args.db)
+    if as_path.exists():
+        return next((d / "mel.duckdb" for d in as_path.resolve().parents if (d / "mel.duckdb").exists()), None)
+    return _find_db(None)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from mel_core import config as config_mod
+    from mel_core.errors import PermanentError
+    from mel_core.evaluate import dataset_name, load_dataset
+    from mel_core.runtime import DB_FILE, get_runtime
+    from mel_core.store import Store, format_table, make_id
+
+    _prefect_env(args.verbose)
+    # `--datasets a b key=value`: argparse hands the trailing overrides to --datasets; take them back.
+    args.overrides = [d for d in args.datasets or [] if "=" in d] + args.overrides
+    args.datasets = [d for d in args.datasets or [] if "=" not in d]
+    as_path = Path(args.checkpoint)
+    db = _checkpoint_db(args, as_path)
+    row = None
+    if db is not None:
+        found = Store.open_existing(db).query(
+            "SELECT c.checkpoint_id, c.path, c.step, c.run_id, r.config_json FROM checkpoints c LEFT JOIN runs r "
+            "USING (run_id) WHERE c.checkpoint_id = ? OR c.path = ? ORDER BY c.step LIMIT 1",
+            [args.checkpoint, str(as_path.resolve())])
+        row = found[0] if found else None
+    if row is None and not as_path.is_dir():
+        print(f"mel: {args.checkpoint} is neither a checkpoint directory nor a checkpoint id in {db}", file=sys.stderr)
+        return 1
+    try:
+        if args.config:
+            cfg = config_mod.load(args.config, args.overrides)
+        elif row and row["config_json"]:  # the run's own config: same model, prompts and data settings
+            cfg = config_mod.load(overrides=args.overrides, base=json.loads(row["config_json"]))
+        else:
+            cfg = config_mod.load("configs/tiny.yaml", args.overrides)
+        if db is not None:  # write next to the checkpoint's run: the runtime's store is <root_dir>/<name>/mel.duckdb
+            if db.name != DB_FILE:
+                raise config_mod.ConfigError(f"--db: expected a run directory or its {DB_FILE}, got {db}")
+            cfg = config_mod.load(overrides=[f"run.root_dir={db.parent.parent.resolve()}", f"run.name={db.parent.name}"],
+                                  base=config_mod.to_dict(cfg))
+        datasets = args.datasets or list(cfg.eval.datasets)
+        if not datasets:
+            raise config_mod.ConfigError("no datasets: pass --datasets or set eval.datasets")
+        for d in datasets:  # a missing or malformed file fails here, before Prefect starts
+            load_dataset(cfg, d)
+    except (PermanentError, FileNotFoundError) as e:
+        print(f"mel: {e}", file=sys.stderr)
+        return 2
+    checkpoint = ({"checkpoint_id": row["checkpoint_id"], "path": row["path"]} if row else
+                  {"checkpoint_id": make_id("ckpt", "path", str(as_path.resolve())), "path": str(as_path.resolve())})
+    from flows.evaluate import evaluate_checkpoint
+
+    print(f"mel: evaluating {checkpoint['checkpoint_id']} ({checkpoint['path']}) on {', '.join(datasets)}", flush=True)
+    evaluate_checkpoint(config_mod.to_dict(cfg), checkpoint, datasets, row["run_id"] if row else None,
+                        row["step"] if row else None)
+    rt = get_runtime(cfg)
+    run_id = row["run_id"] if row else rt.run_id
+    names = [dataset_name(d) for d in datasets]
+    rows = rt.store.query(
+        "SELECT dataset, metric, k, temperature, value, num_problems, seconds FROM evals WHERE run_id = ? AND "
+        "checkpoint_id = ? AND list_contains(?, dataset) ORDER BY dataset, temperature, metric",
+        [run_id, checkpoint["checkpoint_id"], names])
+    print(format_table(list(rows[0]) if rows else ["dataset"], [tuple(r.values()) for r in rows]))
+    print(f"Failures: .venv/bin/mel query --db {rt.store.path} \"SELECT problem_id, answer, verify_reason, text "
+          f"FROM eval_samples WHERE checkpoint_id = '{checkpoint['checkpoint_id']}' AND greedy AND reward = 0 LIMIT 10\"")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from mel_core import compare as compare_mod
+    from mel_core import config as config_mod
+
+    _prefect_env(args.verbose)
+    command = compare_mod.command_line(args.argv)
+    print(f"mel: {command}", flush=True)
+    try:
+        cfg = config_mod.load(args.config, args.overrides)
+        compare_mod.plan(cfg, args.name, args.seeds)  # every arm's config validates before any work
+    except config_mod.ConfigError as e:
+        print(f"mel: {e}", file=sys.stderr)
+        return 2
+    from flows.compare import compare
+
+    report = compare(config_mod.to_dict(cfg), args.name, args.seeds, command, args.out)
+    print("\n" + compare_mod.format_markdown(report))
+    print(f"mel: wrote {report['markdown_path']} and {report['json_path']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -237,7 +335,26 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--timeout", type=float, default=None, help="seconds to wait for the run (default: until it ends)")
     dp.add_argument("overrides", nargs="*", help="key=value overrides of the run")
     dp.set_defaults(fn=cmd_deploy)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: greedy Pass@1, Avg@k / Pass@k (no experience in context)")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint id (checkpoints table) or directory; rows go to the run that "
+                                                       "holds it, else to the config's run")
+    ev.add_argument("--datasets", nargs="+", help="'synthetic' and/or JSONL paths (default: eval.datasets)")
+    ev.add_argument("--db", help="the run's DuckDB file or directory (default: the run holding the checkpoint)")
+    ev.add_argument("--config", help="config to evaluate with (default: the checkpoint's run config, else tiny.yaml)")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.k=4 eval.max_problems=50")
+    ev.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
+    ev.set_defaults(fn=cmd_eval)
+    cp = sub.add_parser("compare", help="A/B: GRPO vs MEL campaigns on identical data and seeds, with a bootstrap CI")
+    cp.add_argument("--config", required=True, help="the shared config (both arms; see configs/)")
+    cp.add_argument("--name", default="ab", help="runs are named <name>-grpo-s<seed> and <name>-mel-s<seed>")
+    cp.add_argument("--seeds", type=int, default=3, help="seeds per arm (run.seed, run.seed+1, ...)")
+    cp.add_argument("--out", help="markdown report path; the numbers go to the same path with .json "
+                                  "(default: <run.root_dir>/<name>-compare.md)")
+    cp.add_argument("overrides", nargs="*", help="key=value overrides for both arms, e.g. run.steps=20")
+    cp.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
+    cp.set_defaults(fn=cmd_compare)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `mel compare` prints and records its command line
     return args.fn(args)
 
 

@@ -182,9 +182,10 @@ class EvalConfig:
     datasets: List[str] = doc([], "Datasets to evaluate on: 'synthetic' or JSONL paths (MATH-500, AIME24/25, AMC23, GSM8K).")
     greedy: bool = doc(True, "Greedy Pass@1.", PAPER)
     temperature: float = doc(0.6, "Sampling temperature of Avg@k / Pass@k.", PAPER)
-    k: int = doc(8, "Samples per problem for Avg@k / Pass@k (unbiased estimator, Chen et al. 2021).", PAPER)
-    every_n_steps: int = doc(0, "Evaluate the campaign every N steps; 0 = never during training.")
+    k: int = doc(8, "Samples per problem for Avg@k / Pass@k (unbiased estimator, Chen et al. 2021); 0 = greedy only.", PAPER)
+    every_n_steps: int = doc(0, "Evaluate the campaign every N steps (and the base and final checkpoints); 0 = never during training.")
     max_new_tokens: int = doc(4096, "Longest evaluation generation.")
+    max_problems: int = doc(0, "Evaluate the first N problems of each dataset (in file / split order); 0 = all of them.")
 
 
 @dataclass
@@ -265,9 +266,15 @@ def _read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[str, Any]]:
     return chain
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> MelConfig:
-    """Validated config: schema defaults <- YAML chain <- `key=value` overrides."""
+def load(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> MelConfig:
+    """Validated config: schema defaults <- `base` (a `to_dict` output, e.g. a run's stored config) <- YAML
+    chain <- `key=value` overrides."""
     cfg = OmegaConf.structured(MelConfig)
+    if base is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(base))
+        except OmegaConfBaseException as e:
+            raise _wrap(e, "base config") from e
     if path is not None:
         for origin, node in _read_yaml_chain(Path(path)):
             try:
@@ -338,6 +345,10 @@ def validate(cfg: MelConfig) -> None:
              f"two_pass needs {resolve_path(cfg.prompts.dir) / 'abstract.txt'}")
     need(0 < cfg.library.similarity_threshold <= 1, "library.similarity_threshold", "must be in (0, 1]")
     need(cfg.data.synthetic.min_ops <= cfg.data.synthetic.max_ops, "data.synthetic.min_ops", "must be <= max_ops")
+    need(cfg.eval.k >= 0 and cfg.eval.max_problems >= 0, "eval.k", "eval.k and eval.max_problems must be >= 0")
+    need(cfg.eval.greedy or cfg.eval.k > 0, "eval.greedy", "with eval.k = 0, greedy must be on (nothing to evaluate)")
+    need(cfg.eval.every_n_steps <= 0 or bool(cfg.eval.datasets), "eval.datasets",
+         "eval.every_n_steps > 0 needs at least one dataset ('synthetic' or a JSONL path)")
     from mel_core.stages import ALL_STAGES
     for name in cfg.orchestration.stages:
         need(name in ALL_STAGES, f"orchestration.stages.{name}", f"unknown stage; one of {list(ALL_STAGES)}")

@@ -150,6 +150,41 @@ TABLES: dict[str, str] = {
         name VARCHAR,
         value DOUBLE,
         PRIMARY KEY (run_id, step, name)""",
+    # One row per (checkpoint, dataset, metric): 'pass@1' is greedy (temperature 0, k 1); 'avg@K' and
+    # 'pass@K' come from K samples at eval.temperature (Pass@K: unbiased estimator, mel_core.metrics).
+    "evals": """
+        eval_id VARCHAR PRIMARY KEY,
+        run_id VARCHAR,
+        checkpoint_id VARCHAR,
+        step INTEGER,
+        dataset VARCHAR,
+        metric VARCHAR,
+        k INTEGER,
+        temperature DOUBLE,
+        value DOUBLE,
+        num_problems INTEGER,
+        seconds DOUBLE,
+        created_at TIMESTAMP""",
+    # Every evaluation generation with its verdict, to read failures in SQL (greedy: sample_index 0).
+    "eval_samples": """
+        sample_id VARCHAR PRIMARY KEY,
+        run_id VARCHAR,
+        checkpoint_id VARCHAR,
+        step INTEGER,
+        dataset VARCHAR,
+        problem_id VARCHAR,
+        question VARCHAR,
+        answer VARCHAR,
+        greedy BOOLEAN,
+        temperature DOUBLE,
+        sample_index INTEGER,
+        text VARCHAR,
+        num_tokens INTEGER,
+        finish_reason VARCHAR,
+        reward DOUBLE,
+        extracted_answer VARCHAR,
+        verify_reason VARCHAR,
+        created_at TIMESTAMP""",
     "stage_runs": """
         stage_run_id VARCHAR PRIMARY KEY,
         run_id VARCHAR,
@@ -231,6 +266,15 @@ VIEWS: dict[str, str] = {
                accepted / nullif(analyses, 0) AS acceptance_rate
         FROM pairs pa LEFT JOIN analyses a USING (pair_id)
         GROUP BY pa.run_id, pa.step""",
+    # Held-out accuracy per step: greedy Pass@1 and the sampled Avg@k / Pass@k side by side.
+    "heldout_accuracy": """
+        SELECT run_id, dataset, step, checkpoint_id,
+               max(CASE WHEN metric = 'pass@1' AND temperature = 0 THEN value END) AS pass_at_1,
+               max(CASE WHEN metric LIKE 'avg@%' THEN value END) AS avg_at_k,
+               max(CASE WHEN metric LIKE 'pass@%' AND temperature > 0 THEN value END) AS pass_at_k,
+               max(CASE WHEN temperature > 0 THEN k END) AS k,
+               max(num_problems) AS num_problems
+        FROM evals GROUP BY run_id, dataset, step, checkpoint_id""",
     "stage_timings": """
         SELECT run_id, step, stage, count(*) AS executions, sum(seconds) AS seconds
         FROM stage_runs WHERE status = 'completed' GROUP BY run_id, step, stage""",

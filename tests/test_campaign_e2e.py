@@ -20,7 +20,8 @@ def campaign_run(prefect_harness, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     cfg = config_mod.load("configs/tiny.yaml", [
-        "run.name=e2e", "run.steps=2", f"run.root_dir={root}", "sampling.prompts_per_step=16"])
+        "run.name=e2e", "run.steps=2", f"run.root_dir={root}", "sampling.prompts_per_step=16",
+        "eval.every_n_steps=1", "eval.max_problems=8", "eval.k=2"])
     clear_runtimes()
     result = campaign(config_mod.to_dict(cfg))
     return cfg, result
@@ -59,6 +60,17 @@ def test_stage_records_are_consistent(campaign_run):
     assert len(runs) == 14 and all(r["n"] == 1 and r["ok"] for r in runs)
     # an accepted analysis has at least one verified replay; a rejected one says why
     assert s.query("SELECT count(*) AS n FROM analyses WHERE status = 'rejected' AND reject_reason IS NULL")[0]["n"] == 0
+
+
+def test_the_campaign_evaluates_the_base_and_every_step(campaign_run):
+    _, result = campaign_run
+    s = Store(result["db"])
+    rows = s.query("SELECT e.step, e.checkpoint_id, c.step AS checkpoint_step, e.pass_at_1, e.num_problems "
+                   "FROM heldout_accuracy e JOIN checkpoints c USING (checkpoint_id) ORDER BY e.step")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(r["checkpoint_step"] == r["step"] and r["num_problems"] == 8 for r in rows)
+    assert [e["checkpoint_id"] for e in result["evals"]] == [r["checkpoint_id"] for r in rows]
+    assert rows[-1]["checkpoint_id"] == result["final_checkpoint"]["checkpoint_id"]
 
 
 def test_checkpoint_after_update_differs(campaign_run):

@@ -1,0 +1,193 @@
+"""Evaluation of one policy version on one dataset: greedy Pass@1, and Avg@k / Pass@k from k samples.
+
+The policy sees the plain solve prompt (through ``Runtime.model_input``, so chat templates apply) and
+never a meta-experience [P]: MEL's claim is that the experience is internalized in the weights. Each
+mode is one batched engine call (all problems greedy; all problems x k samples at eval.temperature),
+verified in one ``verify_batch`` call with the dataset's reward kind.
+
+A dataset is ``synthetic`` (the held-out split of the embedded task, disjoint from training) or the
+path of a JSONL file (MATH-500, GSM8K, AIME24/25, AMC23 ship under ``data/``).
+
+Records: one ``evals`` row per metric and one ``eval_samples`` row per generation. An evaluation of
+(run, checkpoint, dataset) replaces that triple's earlier rows in one transaction, so the store
+always holds one consistent evaluation of it (with the same config, the same values: greedy decoding
+is deterministic and sampling is seeded).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mel_core.config import MelConfig
+from mel_core.data import Problem, load_jsonl, source_name, synthetic_problems
+from mel_core.engines.base import SamplingParams
+from mel_core.metrics import avg_at_k, mean_pass_at_k
+from mel_core.runtime import Checkpoint, Runtime, derive_seed
+from mel_core.store import make_id
+
+SYNTHETIC = "synthetic"
+# Bump when the evaluation logic changes, so cached evaluations of the old logic are not reused.
+EVAL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    name: str  # what the store's `dataset` column holds: 'synthetic', or the file's source name ('math500')
+    problems: list[Problem]
+    reward_kind: str  # 'synthetic' (exact integer) or 'math' (math-verify)
+
+
+def _fingerprint(cfg: MelConfig, dataset: str) -> str:
+    """Changes when the dataset's problems would: the synthetic task's settings, or the file's bytes."""
+    from mel_core.prompts import resolve_path
+
+    if dataset_name(dataset) == SYNTHETIC:
+        return hashlib.sha256(json.dumps(asdict(cfg.data.synthetic), sort_keys=True).encode()).hexdigest()[:16]
+    path = resolve_path(dataset)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+
+
+def _jsonl_fields(path: Path, cfg: MelConfig) -> tuple[str, str, str]:
+    """(question, answer, id) fields of a benchmark file: data.* names when the file has them, else the
+    common ones ('problem' or 'question'; 'answer'); row ids are line numbers unless data.id_field is there."""
+    with path.open(encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "{}")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        row = {}  # load_jsonl reports the bad line
+    d = cfg.data
+    question = next((f for f in (d.question_field, "problem", "question") if f in row), d.question_field)
+    answer = next((f for f in (d.answer_field, "answer") if f in row), d.answer_field)
+    return question, answer, d.id_field if d.id_field and d.id_field in row else ""
+
+
+def dataset_name(dataset: str) -> str:
+    """The store's name of a configured dataset: 'synthetic', or the file's source name ('data/math500/test.jsonl'
+    -> 'math500', as its problem ids)."""
+    from mel_core.prompts import resolve_path
+
+    return SYNTHETIC if dataset.strip().lower() == SYNTHETIC else source_name(resolve_path(dataset))
+
+
+def load_dataset(cfg: MelConfig, dataset: str) -> EvalDataset:
+    """The problems of one configured dataset, capped at eval.max_problems (the first N, in order)."""
+    from mel_core.prompts import resolve_path
+
+    cap = cfg.eval.max_problems or None
+    if dataset_name(dataset) == SYNTHETIC:
+        problems = synthetic_problems(cfg.data.synthetic, "eval")[:cap]
+        return EvalDataset(SYNTHETIC, problems, "synthetic")
+    path = resolve_path(dataset)
+    if not path.is_file():
+        load_jsonl(path)  # raises its (permanent) missing-file error, naming the file
+    problems = load_jsonl(path, *_jsonl_fields(path, cfg))[:cap]
+    return EvalDataset(dataset_name(dataset), problems, "math")
+
+
+def eval_config_hash(cfg: MelConfig, dataset: str) -> str:
+    """Everything that shapes one dataset's evaluation of a given checkpoint (its cache key part)."""
+    from mel_core.prompts import PromptSet
+
+    e = cfg.eval
+    shaping = {"version": EVAL_VERSION, "dataset": _fingerprint(cfg, dataset),
+               "greedy": e.greedy, "temperature": e.temperature, "k": e.k, "max_new_tokens": e.max_new_tokens,
+               "max_problems": e.max_problems, "seed": cfg.run.seed, "prompts": asdict(cfg.prompts),
+               "solve": PromptSet.load(cfg.prompts.dir).solve, "verify": asdict(cfg.verify)}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_due(cfg: MelConfig, step: int) -> bool:
+    """Whether a campaign evaluates the checkpoint after `step` (0 = the base): every N steps and the last."""
+    n = cfg.eval.every_n_steps
+    return n > 0 and (step == 0 or step % n == 0 or step == cfg.run.steps)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _checkpoint_step(rt: Runtime, ckpt: Checkpoint) -> int | None:
+    rows = rt.store.query("SELECT step FROM checkpoints WHERE checkpoint_id = ? LIMIT 1", [ckpt.checkpoint_id])
+    return rows[0]["step"] if rows else None
+
+
+def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None = None,
+             step: int | None = None) -> dict:
+    """Evaluate policy version `ckpt` on `dataset`; write `evals` and `eval_samples`; return the metrics.
+
+    `run_id` is the run the checkpoint belongs to (default: the runtime's run); `step` defaults to the
+    checkpoint's step in the store (NULL for a checkpoint the store does not know).
+    """
+    from mel_core.verify import verify_batch
+
+    cfg, e = rt.cfg, rt.cfg.eval
+    run_id = run_id or rt.run_id
+    step = step if step is not None else _checkpoint_step(rt, ckpt)
+    ds = load_dataset(cfg, dataset)
+    if not ds.problems:
+        raise ValueError(f"dataset {dataset!r} has no problems to evaluate")
+    rt.ensure_version(ckpt)
+    prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in ds.problems]
+    golds = [p.answer for p in ds.problems]
+
+    # (greedy?, params) per mode; each mode is one engine call and one verify call.
+    modes = []
+    if e.greedy:
+        modes.append((True, SamplingParams(n=1, temperature=0.0, max_new_tokens=e.max_new_tokens)))
+    if e.k > 0:
+        modes.append((False, SamplingParams(n=e.k, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+                                            seed=derive_seed(cfg.run.seed, "eval", ckpt.checkpoint_id, ds.name))))
+    created, started = _now(), time.perf_counter()
+    metric_rows, sample_rows, metrics = [], [], {}
+    for greedy, params in modes:
+        t0 = time.perf_counter()
+        outs = rt.engine.generate(prompts, params, desc=f"eval {ds.name} {'greedy' if greedy else f'k={params.n}'}")
+        flat = [(p, i, c) for p, cs in zip(ds.problems, outs) for i, c in enumerate(cs)]
+        verdicts = verify_batch(ds.reward_kind, [c.text for *_, c in flat], [p.answer for p, *_ in flat],
+                                cfg.verify.timeout_s)
+        seconds = time.perf_counter() - t0
+        rewards = [[v.reward for v in verdicts[j * params.n:(j + 1) * params.n]] for j in range(len(golds))]
+        if greedy:
+            values = {"pass@1": (1, avg_at_k(rewards))}
+        else:
+            values = {f"avg@{e.k}": (e.k, avg_at_k(rewards))}
+            if e.k > 1:  # with k = 1 the sampled Pass@1 is Avg@1; 'pass@1' stays the greedy metric's name
+                values[f"pass@{e.k}"] = (e.k, mean_pass_at_k(rewards, e.k))
+        for metric, (k, value) in values.items():
+            metrics[metric] = value
+            metric_rows.append({
+                "eval_id": make_id("eval", run_id, ckpt.checkpoint_id, ds.name, metric, k, params.temperature),
+                "run_id": run_id, "checkpoint_id": ckpt.checkpoint_id, "step": step, "dataset": ds.name,
+                "metric": metric, "k": k, "temperature": params.temperature, "value": value,
+                "num_problems": len(ds.problems), "seconds": seconds, "created_at": created})
+        for (p, i, c), v in zip(flat, verdicts):
+            sample_rows.append({
+                "sample_id": make_id("eval_sample", run_id, ckpt.checkpoint_id, ds.name, p.problem_id, greedy,
+                                     params.temperature, i),
+                "run_id": run_id, "checkpoint_id": ckpt.checkpoint_id, "step": step, "dataset": ds.name,
+                "problem_id": p.problem_id, "question": p.question, "answer": p.answer, "greedy": greedy,
+                "temperature": params.temperature, "sample_index": i, "text": c.text,
+                "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason, "reward": v.reward,
+                "extracted_answer": v.extracted, "verify_reason": v.reason, "created_at": created})
+    with rt.store.transaction() as w:
+        for table in ("evals", "eval_samples"):  # this evaluation replaces the triple's earlier one
+            w.execute(f"DELETE FROM {table} WHERE run_id = ? AND checkpoint_id = ? AND dataset = ?",
+                      [run_id, ckpt.checkpoint_id, ds.name])
+        w.insert("evals", metric_rows)
+        w.insert("eval_samples", sample_rows)
+    return {"run_id": run_id, "checkpoint_id": ckpt.checkpoint_id, "step": step, "dataset": ds.name,
+            "num_problems": len(ds.problems), "metrics": metrics, "seconds": time.perf_counter() - started}
+
+
+def format_eval(result: dict) -> str:
+    """One line per evaluated dataset, for the campaign's terminal output."""
+    m = " ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items())
+    step = "-" if result["step"] is None else result["step"]
+    return (f"eval step {step:>3} | {result['dataset']}: {m} | {result['num_problems']} problems "
+            f"| {result['seconds']:.1f}s")

@@ -1,0 +1,110 @@
+"""The A/B harness: the paired bootstrap on data with a known difference, and a tiny end-to-end `mel compare`."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mel_core import compare as cmp
+from mel_core import config as C
+from mel_core.store import Store
+
+
+def _paired(rng, seeds: int, problems: int, delta: float) -> np.ndarray:
+    """Binary outcomes, per-problem difficulty shared by both arms and all seeds; MEL solves with p + delta."""
+    p = rng.uniform(0.1, 0.8, size=problems)
+    grpo = rng.random((seeds, problems)) < p
+    mel = rng.random((seeds, problems)) < p + delta
+    return mel.astype(float) - grpo.astype(float)
+
+
+def test_bootstrap_covers_the_true_difference():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for t in range(20):
+        ci = cmp.paired_bootstrap(_paired(rng, 3, 200, 0.1), n_resamples=2000, seed=t)
+        assert ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
+        covered += ci["ci_low"] <= 0.1 <= ci["ci_high"]
+    assert covered >= 18  # nominal 95% (the crossed bootstrap is conservative)
+    null = cmp.paired_bootstrap(np.zeros((3, 50)), n_resamples=500)
+    assert null["ci_low"] == null["ci_high"] == null["mean"] == 0.0
+
+
+def test_bootstrap_width_shrinks_with_more_problems_and_seeds():
+    rng = np.random.default_rng(1)
+    width = lambda s, p: np.mean([(lambda c: c["ci_high"] - c["ci_low"])(
+        cmp.paired_bootstrap(_paired(rng, s, p, 0.1), n_resamples=2000, seed=i)) for i in range(5)])
+    w50, w800 = width(3, 50), width(3, 800)
+    assert w800 < w50 / 2.5  # ~ 1/sqrt(P): a factor 4 at 16x the problems
+    assert width(12, 100) < width(2, 100)
+
+
+def test_bootstrap_keeps_the_pairing():
+    # Problem difficulty varies wildly but MEL is exactly one problem-in-ten better on every seed: the paired
+    # difference has little spread, so the CI is narrow although each arm's own accuracy is uncertain.
+    d = np.zeros((3, 100))
+    d[:, ::10] = 1.0
+    ci = cmp.paired_bootstrap(d, n_resamples=2000)
+    assert ci["mean"] == pytest.approx(0.1)
+    assert 0.03 < ci["ci_low"] < 0.1 < ci["ci_high"] < 0.17
+    with pytest.raises(ValueError):
+        cmp.paired_bootstrap(np.zeros(5))
+
+
+def test_arm_configs_differ_only_in_what_mel_adds():
+    cfg = C.load("configs/tiny.yaml", ["run.steps=4"])
+    arms = cmp.plan(cfg, "ab", 2)
+    assert [(a.arm, a.seed) for a in arms] == [("grpo", 0), ("mel", 0), ("mel", 1), ("grpo", 1)]
+    by = {(a.arm, a.seed): C.to_dict(a.config) for a in arms}
+    g, m = by[("grpo", 1)], by[("mel", 1)]
+    assert (g["experience"]["enabled"], g["loss"]["nll_coef"]) == (False, 0.0)
+    assert (m["experience"]["enabled"], m["loss"]["nll_coef"]) == (True, 1.0)
+    assert (g["run"]["name"], m["run"]["name"], g["run"]["seed"]) == ("ab-grpo-s1", "ab-mel-s1", 1)
+    assert g["eval"]["every_n_steps"] == 4  # eval.every_n_steps 0: base and last step only
+    for d in (g, m):
+        d.pop("experience"), d.pop("loss"), d["run"].pop("name")
+    assert g == m
+    with pytest.raises(C.ConfigError, match="nll_coef"):
+        cmp.plan(C.load("configs/tiny.yaml", ["loss.nll_coef=0"]), "ab", 1)
+
+
+@pytest.mark.slow
+def test_compare_end_to_end(prefect_harness, tmp_path, capsys):
+    from mel_core.cli import main
+
+    out = tmp_path / "report.md"
+    argv = ["compare", "--config", "configs/tiny.yaml", "--name", "t", "--seeds", "1", "--out", str(out),
+            "run.steps=1", f"run.root_dir={tmp_path}", "sampling.prompts_per_step=8", "eval.max_problems=8",
+            "eval.k=2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert cmp.command_line(argv) in printed.splitlines()[0]  # the exact command line, first
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert out.read_text() in printed
+
+    for key in ("command", "seeds", "identical_problems", "runs", "curves", "heldout", "final", "wall_time"):
+        assert key in report, key
+    assert report["seeds"] == [0] and report["identical_problems"] is True
+    fin = report["final"]
+    assert fin["dataset"] == "synthetic" and fin["bootstrap"]["n_problems"] == 8
+    assert fin["difference"] == pytest.approx(fin["mel_pass_at_1"] - fin["grpo_pass_at_1"])
+    assert fin["ci_low"] <= fin["difference"] <= fin["ci_high"]
+    assert [c["step"] for c in report["curves"]["grpo"]] == [1]
+    g1, m1 = report["curves"]["grpo"][0], report["curves"]["mel"][0]
+    assert g1["mixed_groups"] is not None and (g1["reward_mean"], g1["mixed_groups"]) == (m1["reward_mean"], m1["mixed_groups"])
+    assert [h["step"] for h in report["heldout"]["synthetic"]["mel"]] == [0, 1]
+    assert report["wall_time"]["grpo"]["seconds_per_step"] > 0 and report["wall_time"]["mel_over_grpo"] > 0
+    assert "MEL - GRPO" in printed and "95% CI" in printed
+
+    runs = {r["arm"]: r for r in report["runs"]}
+    grpo, mel = Store(runs["grpo"]["db"]), Store(runs["mel"]["db"])
+    assert runs["grpo"]["db"] != runs["mel"]["db"]
+    problems = "SELECT step, position, problem_id FROM prompts ORDER BY step, position"
+    assert grpo.query(problems) == mel.query(problems) and len(grpo.query(problems)) == 8
+    # same starting policy, same seed: the first step's rollouts are the same samples in both arms
+    rollouts = "SELECT p.position, r.sample_index, r.text FROM rollouts r JOIN prompts p USING (prompt_id) ORDER BY 1, 2"
+    assert grpo.query(rollouts) == mel.query(rollouts)
+    stages = "SELECT DISTINCT stage FROM stage_runs ORDER BY stage"
+    assert {r["stage"] for r in grpo.query(stages)} == {"warm_start", "sample", "verify", "update"}
+    assert {"pair", "diagnose", "replay"} <= {r["stage"] for r in mel.query(stages)}
+    assert grpo.query("SELECT nll_loss FROM updates")[0]["nll_loss"] in (0.0, None)
