@@ -8,6 +8,7 @@ steps — reuses what finished and continues from the first unfinished stage.
 from __future__ import annotations
 
 from prefect import flow
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.evaluate import evaluate_if_due
 from flows.iteration import iteration
@@ -18,6 +19,14 @@ from mel_core.summary import format_step, step_summary
 from tasks import warm_start_task
 from tasks.artifacts import publish_step
 from tasks.common import configured
+
+
+def without_flow_heartbeat():
+    """Flow runs started inside this context send no Prefect flow-run heartbeat. The campaign's own
+    heartbeat already marks the run alive; a step's would only delay it: at its end a flow run joins
+    its heartbeat thread, which sleeps in 1 s slices (Prefect 3.8.8), ~0.5 s per step on average
+    (docs/BENCHMARKS.md, orchestration.py)."""
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def announce(line: str) -> None:
@@ -39,12 +48,13 @@ def campaign(config: dict) -> dict:
 
     evals = evaluate_if_due(config, 0, checkpoint, announce)  # held-out accuracy of the starting policy
     summaries = []
-    for step in range(1, cfg.run.steps + 1):
-        checkpoint = iteration(config, step, checkpoint)
-        summaries.append(step_summary(rt.store, rt.run_id, step))
-        announce(format_step(summaries[-1]))
-        publish_step(rt, step, summaries[-1])
-        evals += evaluate_if_due(config, step, checkpoint, announce)  # every eval.every_n_steps, and the last
+    with without_flow_heartbeat():
+        for step in range(1, cfg.run.steps + 1):
+            checkpoint = iteration(config, step, checkpoint)
+            summaries.append(step_summary(rt.store, rt.run_id, step))
+            announce(format_step(summaries[-1]))
+            publish_step(rt, step, summaries[-1])
+            evals += evaluate_if_due(config, step, checkpoint, announce)  # every eval.every_n_steps, and the last
 
     return {"run_id": rt.run_id, "run_dir": str(rt.run_dir), "db": str(rt.store.path),
             "final_checkpoint": checkpoint, "steps": summaries, "evals": evals}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from mel_core.config import from_dict
+from mel_core.runtime import get_runtime
 from tasks import (abstract_task, diagnose_task, pair_task, replay_task, sample_task, update_task,
                    verify_task)
 from tasks.common import configured
@@ -18,7 +18,7 @@ from tasks.common import configured
 @flow(name="mel-iteration", flow_run_name="step-{step}", log_prints=True)
 def iteration(config: dict, step: int, checkpoint: dict) -> dict:
     """One step from policy version `checkpoint`; returns the next checkpoint's manifest."""
-    cfg = from_dict(config)
+    cfg = get_runtime(config).cfg  # the process's runtime: validated once, not per step
     sample, verify, pair, diagnose, abstract, replay, update = (
         configured(t, name, config) for t, name in
         ((sample_task, "sample"), (verify_task, "verify"), (pair_task, "pair"), (diagnose_task, "diagnose"),

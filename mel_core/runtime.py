@@ -7,6 +7,7 @@ built once per process and moved between versions by :meth:`Runtime.ensure_versi
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -116,12 +117,20 @@ class Runtime:
 
 
 _RUNTIMES: dict[str, Runtime] = {}
+# Flows and tasks receive the config as a dict and ask for its runtime several times per stage (cache
+# key, result storage, retry policy, body); rebuilding a validated config from the dict costs ~0.1 s
+# each time, so a dict is looked up by its JSON text first.
+_RUNTIMES_BY_DICT: dict[tuple[str, str], Runtime] = {}
 
 
 def get_runtime(cfg: MelConfig | dict) -> Runtime:
     """The process's runtime for this config (built once)."""
     if isinstance(cfg, dict):
-        cfg = config_mod.from_dict(cfg)
+        text_key = (json.dumps(cfg, sort_keys=True, default=str), str(Path(cfg["run"]["root_dir"]).resolve()))
+        rt = _RUNTIMES_BY_DICT.get(text_key)
+        if rt is None:
+            rt = _RUNTIMES_BY_DICT[text_key] = get_runtime(config_mod.from_dict(cfg))
+        return rt
     key = config_mod.config_hash(cfg, exclude=()) + str(Path(cfg.run.root_dir).resolve())
     rt = _RUNTIMES.get(key)
     if rt is None:
@@ -131,3 +140,4 @@ def get_runtime(cfg: MelConfig | dict) -> Runtime:
 
 def clear_runtimes() -> None:
     _RUNTIMES.clear()
+    _RUNTIMES_BY_DICT.clear()
