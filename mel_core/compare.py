@@ -145,16 +145,10 @@ def _run_records(run: ArmRun) -> dict:
     store = Store.open_existing(run.db)
     steps = [s["step"] for s in store.query("SELECT DISTINCT step FROM metrics WHERE run_id = ? ORDER BY step",
                                             [run.run_id])]
-    # Mixed groups from the rollouts themselves: a GRPO campaign runs no pair stage, which is what logs them.
-    mixed = {r["step"]: r for r in store.query(
-        "SELECT step, count(*) AS groups, count(*) FILTER (WHERE mixed) AS mixed_groups FROM (SELECT step, prompt_id, "
-        "bool_or(reward > 0) AND bool_or(reward <= 0) AS mixed FROM rollouts WHERE run_id = ? GROUP BY step, prompt_id) "
-        "GROUP BY step", [run.run_id])}
     per_step = []
     for step in steps:
         s = step_summary(store, run.run_id, step)
         secs = s.pop("stage_seconds")
-        s.update({k: mixed[step][k] for k in ("groups", "mixed_groups")} if step in mixed else {})
         per_step.append({**s, "seconds": sum(secs.get(st, 0.0) for st in STAGES),
                          "stage_seconds": {st: secs[st] for st in STAGES if st in secs}})
     heldout = store.query("SELECT dataset, step, pass_at_1, avg_at_k, pass_at_k, k, num_problems "

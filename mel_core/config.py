@@ -308,9 +308,16 @@ def to_dict(cfg: MelConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = ("run.steps", "library")) -> str:
-    """Stable hash of everything that changes results. Extending a campaign (run.steps) keeps it, and so does
-    the heuristic library's clustering (bookkeeping over the results, rebuilt when it changes)."""
+# What does not change a campaign's results, and so stays out of its identity (run id, cache keys):
+# its length (extending a campaign keeps it), where it lives on disk, threads, the heuristic library's
+# clustering (bookkeeping over the results, rebuilt when it changes), evaluation (keyed on its own, see
+# mel_core.evaluate.eval_config_hash) and orchestration (retries, timeouts, injected faults).
+RESULT_NEUTRAL_KEYS = ("run.steps", "run.root_dir", "run.cache_dir", "run.torch_threads", "library", "eval",
+                       "orchestration")
+
+
+def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) -> str:
+    """Stable hash of everything that changes results (all but RESULT_NEUTRAL_KEYS)."""
     d = to_dict(cfg)
     for dotted in exclude:
         *parents, leaf = dotted.split(".")

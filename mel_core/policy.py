@@ -8,6 +8,7 @@ checkpoint or none.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ from mel_core.config import MelConfig
 from mel_core.errors import PermanentError
 
 OPTIMIZER_FILE = "optimizer.pt"
+UPDATE_STATS_FILE = "update_stats.json"
 
 
 class NonFiniteLoss(PermanentError, FloatingPointError):
@@ -123,8 +125,8 @@ class Policy:
                 for name in getattr(module, "lora_A", {}):
                     module.reset_lora_parameters(name, True)
 
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Write model + tokenizer + optimizer to `path` atomically (temp dir, then rename)."""
+    def save_checkpoint(self, path: str | Path, update_stats: dict | None = None) -> Path:
+        """Write model + tokenizer + optimizer (+ the update's stats) to `path` atomically (temp dir, then rename)."""
         path = Path(path)
         if path.exists():
             return path
@@ -134,8 +136,16 @@ class Policy:
         self.model.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
         torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if update_stats is not None:
+            (tmp / UPDATE_STATS_FILE).write_text(json.dumps(update_stats, sort_keys=True))
         os.replace(tmp, path)
         return path
+
+    @staticmethod
+    def saved_update_stats(path: str | Path) -> dict | None:
+        """The stats of the update that wrote the checkpoint at `path`, if it is complete and has them."""
+        f = Path(path) / UPDATE_STATS_FILE
+        return json.loads(f.read_text()) if f.exists() else None
 
     # ------------------------------------------------------------------------------- the update
 

@@ -75,21 +75,13 @@ def _pick_run(store: Store, ref: RunRef) -> dict:
 
 
 def _steps(store: Store, run_id: str) -> list[dict]:
-    """One row per step: the metrics the stages wrote, and mixed groups counted from the rollouts (so a
-    GRPO-only run, which has no pair stage, has them too)."""
+    """One row per step: the metrics the stages wrote (verify logs the mixed groups, also for GRPO-only runs)."""
     rows: dict[int, dict] = {}
     for r in store.query("SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY step", [run_id]):
         rows.setdefault(r["step"], {"step": r["step"]})[r["name"]] = r["value"]
-    for r in store.query(
-            "SELECT step, count(*) AS groups, count(*) FILTER (WHERE mixed) AS mixed FROM ("
-            "  SELECT step, prompt_id, max(reward) > 0 AND min(reward) <= 0 AS mixed FROM rollouts"
-            "  WHERE run_id = ? AND reward IS NOT NULL GROUP BY step, prompt_id) GROUP BY step", [run_id]):
-        row = rows.setdefault(r["step"], {"step": r["step"]})
-        row["mixed_fraction"] = r["mixed"] / r["groups"]
-        row["groups_verified"], row["mixed_counted"] = r["groups"], r["mixed"]
     for row in rows.values():
-        if not row.get("num_nll_sequences"):  # no accepted M: the NLL term did not exist, 0 is not a value
-            row.pop("nll_loss", None)
+        if row.get("groups"):
+            row["mixed_fraction"] = row["mixed_groups"] / row["groups"]
     return [rows[s] for s in sorted(rows)]
 
 
@@ -232,7 +224,7 @@ def render(data: dict, plots: dict[str, str]) -> str:
         out += _table(["step", "reward mean", "mixed groups", "mixed fraction", "analyses", "candidates", "accepted",
                        "retention ratio", "NLL", "seconds"],
                       [[str(s["step"]), fmt(s.get("reward_mean")),
-                        f"{s['mixed_counted']}/{s['groups_verified']}" if "mixed_counted" in s else "-",
+                        f"{s['mixed_groups']:.0f}/{s['groups']:.0f}" if s.get("groups") else "-",
                         fmt(s.get("mixed_fraction")), fmt(s.get("analyses")), fmt(s.get("candidates")),
                         fmt(s.get("accepted")), fmt(s.get("retention_ratio")), fmt(s.get("nll_loss")),
                         fmt(stage_total.get(s["step"]), 1)] for s in steps])

@@ -25,7 +25,7 @@ STAGES = ("sample", "verify", "pair", "diagnose", "abstract", "replay", "update"
 ALL_STAGES = ("warm_start",) + STAGES
 
 # Bump a stage's version when its logic changes, so cached results of the old logic are not reused.
-STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 1, "pair": 1, "diagnose": 1, "abstract": 2,
+STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 2, "pair": 2, "diagnose": 1, "abstract": 2,
                   "replay": 1, "update": 1}
 
 
@@ -92,7 +92,9 @@ def base_checkpoint(rt: Runtime) -> Checkpoint:
 
 
 def register_run(rt: Runtime, base: Checkpoint) -> None:
-    """The run row and its version-0 checkpoint (the base or warm-started model)."""
+    """At the start of a campaign process: the run row and its version-0 checkpoint (the base or
+    warm-started model), and earlier executions left 'running' by a process that died marked 'interrupted'
+    (one campaign process writes a run at a time: the deployment's concurrency limit is 1)."""
     import json
     from mel_core.config import to_dict
 
@@ -101,6 +103,8 @@ def register_run(rt: Runtime, base: Checkpoint) -> None:
                            "config_json": json.dumps(to_dict(rt.cfg), sort_keys=True), "created_at": _now()}])
         w.insert("checkpoints", [{"checkpoint_id": base.checkpoint_id, "run_id": rt.run_id, "step": 0,
                                   "path": base.path, "parent_checkpoint_id": None, "created_at": _now()}])
+        w.execute("UPDATE stage_runs SET status = 'interrupted', error = 'its process ended before the stage did' "
+                  "WHERE run_id = ? AND status = 'running'", [rt.run_id])
 
 
 # ---------------------------------------------------------------------------------- 1. sample
@@ -145,17 +149,23 @@ def verify(rt: Runtime, step: int) -> dict:
     from mel_core.verify import verify_batch
 
     rows = rt.store.query(
-        "SELECT r.rollout_id, r.text, p.answer FROM rollouts r JOIN prompts p USING (prompt_id) "
+        "SELECT r.rollout_id, r.prompt_id, r.text, p.answer FROM rollouts r JOIN prompts p USING (prompt_id) "
         "WHERE r.run_id = ? AND r.step = ? ORDER BY r.rollout_id", [rt.run_id, step])
     verdicts = verify_batch(rt.reward_kind, [r["text"] for r in rows], [r["answer"] for r in rows],
                             rt.cfg.verify.timeout_s)
     updates = [{"rollout_id": r["rollout_id"], "reward": v.reward, "extracted_answer": v.extracted,
                 "verify_reason": v.reason} for r, v in zip(rows, verdicts)]
     reward_mean = sum(v.reward for v in verdicts) / max(len(verdicts), 1)
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r, v in zip(rows, verdicts):
+        groups[r["prompt_id"]].append(v.reward)
+    # Logged here, not in pair, so a GRPO-only run (no pair stage) reports them too: only mixed groups
+    # carry a learning signal under group-normalised advantages.
+    mixed = sum(experience.is_mixed(g) for g in groups.values())
     with rt.store.transaction() as w:
         w.update("rollouts", "rollout_id", updates)
-        w.insert("metrics", _metrics(rt, step, {"reward_mean": reward_mean}))
-    return {"step": step, "verified": len(rows), "reward_mean": reward_mean}
+        w.insert("metrics", _metrics(rt, step, {"reward_mean": reward_mean, "mixed_groups": mixed, "groups": len(groups)}))
+    return {"step": step, "verified": len(rows), "reward_mean": reward_mean, "mixed_groups": mixed}
 
 
 # ------------------------------------------------------------------------------------ 3. pair
@@ -175,7 +185,6 @@ def _groups(rt: Runtime, step: int) -> dict[str, list[tuple[str, float]]]:
 def pair(rt: Runtime, step: int) -> dict:
     """Contrastive pairs from mixed groups only."""
     groups = _groups(rt, step)
-    mixed = sum(1 for g in groups.values() if experience.is_mixed([r for _, r in g]))
     pairs = experience.make_pairs(groups, rt.cfg.experience.pairs_per_group, derive_seed(rt.cfg.run.seed, step, "pair"),
                                   strategy=rt.cfg.experience.pairing)
     rows = [{"pair_id": make_id("pair", p.prompt_id, p.correct_rollout_id, p.incorrect_rollout_id), "run_id": rt.run_id,
@@ -183,8 +192,8 @@ def pair(rt: Runtime, step: int) -> dict:
              "incorrect_rollout_id": p.incorrect_rollout_id} for p in pairs]
     with rt.store.transaction() as w:
         w.insert("pairs", rows)
-        w.insert("metrics", _metrics(rt, step, {"mixed_groups": mixed, "groups": len(groups), "pairs": len(rows)}))
-    return {"step": step, "pairs": len(rows), "mixed_groups": mixed}
+        w.insert("metrics", _metrics(rt, step, {"pairs": len(rows)}))
+    return {"step": step, "pairs": len(rows)}
 
 
 # -------------------------------------------------------------------------------- 4. diagnose
@@ -299,8 +308,8 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     rows = [r for r in rows if r["heuristics"]]
     if not rows:
         with rt.store.transaction() as w:
-            w.insert("metrics", _metrics(rt, step, {"accepted": 0, "retention_ratio": 0.0}))
-        return {"step": step, "candidates": 0, "accepted": 0, "retention_ratio": 0.0}
+            w.insert("metrics", _metrics(rt, step, {"accepted": 0}))  # retention of 0/0 is undefined: not logged
+        return {"step": step, "candidates": 0, "accepted": 0, "retention_ratio": None}
     rt.ensure_version(ckpt)
     prompts = [rt.model_input(rt.prompts.render_validation(r["question"], experience.render_experience(r["heuristics"])))
                for r in rows]
@@ -339,7 +348,7 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
 def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     """One optimizer step on L_RL + lambda * L_NLL; the checkpoint, the update row and the
     "internalized" links commit together after the checkpoint directory is in place."""
-    from mel_core.policy import NLLBatch, RLBatch
+    from mel_core.policy import NLLBatch, Policy, RLBatch
 
     cfg = rt.cfg
     rollouts = rt.store.query(
@@ -364,21 +373,30 @@ def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     targets += [(a["abstract_prompt_text"], a["abstract_token_ids"]) for a in accepted if a["abstract_token_ids"]]
     nll = NLLBatch(prompts=[p for p, _ in targets], target_ids=[t for _, t in targets])
 
-    rt.ensure_version(ckpt)
     new = Checkpoint(make_id("ckpt", rt.run_id, step, ckpt.checkpoint_id), str(rt.checkpoint_dir / f"step-{step:05d}"))
-    try:
-        stats = rt.policy.train_step(rl, nll)
-        rt.policy.save_checkpoint(new.path)
-    except BaseException:
-        # The weights may have moved before the failure (a refused step, a failed save): the next use of
-        # this process's policy, e.g. the retry, must reload `ckpt` instead of training on from them.
-        rt.engine.version = None
-        raise
-    rt.engine.version = new.checkpoint_id  # the shared module already holds the new weights
+    stats = Policy.saved_update_stats(new.path)
+    if stats is not None:
+        # A process died after the checkpoint's rename and before the commit below. The checkpoint is
+        # whole (renamed into place): serve it and record its stats, rather than train again and trust
+        # the step to reproduce the same weights (non-deterministic GPU kernels would not).
+        rt.ensure_version(new)
+    else:
+        rt.ensure_version(ckpt)
+        try:
+            stats = rt.policy.train_step(rl, nll)
+            rt.policy.save_checkpoint(new.path, update_stats=stats)
+        except BaseException:
+            # The weights may have moved before the failure (a refused step, a failed save): the next use of
+            # this process's policy, e.g. the retry, must reload `ckpt` instead of training on from them.
+            rt.engine.version = None
+            raise
+        rt.engine.version = new.checkpoint_id  # the shared module already holds the new weights
     update_id = make_id("update", rt.run_id, step, ckpt.checkpoint_id)
     heuristic_ids = rt.store.query(
         "SELECT h.heuristic_id, h.analysis_id FROM heuristics h JOIN analyses a USING (analysis_id) "
         "WHERE a.run_id = ? AND a.step = ? AND a.status = 'accepted'", [rt.run_id, step]) if accepted else []
+    if not stats["num_nll_sequences"]:
+        stats["nll_loss"] = None  # the NLL of no sequences is undefined, not zero: NULL, and no metric
     with rt.store.transaction() as w:
         w.insert("checkpoints", [{"checkpoint_id": new.checkpoint_id, "run_id": rt.run_id, "step": step,
                                   "path": new.path, "parent_checkpoint_id": ckpt.checkpoint_id, "created_at": _now()}])

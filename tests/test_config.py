@@ -60,3 +60,7 @@ def test_round_trip_and_hash_stability():
     assert C.config_hash(longer) == C.config_hash(cfg)  # extending a campaign keeps its identity
     other = C.load("configs/tiny.yaml", ["optim.lr=0.5"])
     assert C.config_hash(other) != C.config_hash(cfg)
+    # where a run lives, how it is evaluated or retried does not change what it trains
+    for neutral in ("run.root_dir=/elsewhere", "eval.k=4", "orchestration.default.retries=5", "run.torch_threads=1"):
+        assert C.config_hash(C.load("configs/tiny.yaml", [neutral])) == C.config_hash(cfg), neutral
+    assert C.config_hash(C.load("configs/tiny.yaml", ["experience.analysis_mode=two_pass"])) != C.config_hash(cfg)

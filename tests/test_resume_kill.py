@@ -64,9 +64,10 @@ def test_sigkill_during_update_then_resume(tmp_path):
     runs = s.query("SELECT step, stage, count(*) AS n FROM stage_runs WHERE status = 'completed' GROUP BY ALL")
     assert all(r["n"] == 1 for r in runs), runs
     assert {(r["stage"], r["step"]) for r in before} <= {(r["stage"], r["step"]) for r in runs}
-    # the killed update is the only stage that executed again (its first try stays 'running')
-    again = s.query("SELECT stage, step FROM stage_runs WHERE status = 'running'")
+    # the killed update is the only stage that executed again; the resumed campaign marked its first try
+    again = s.query("SELECT stage, step FROM stage_runs WHERE status != 'completed'")
     assert again == [{"stage": "update", "step": killed_at}]
+    assert s.query("SELECT status FROM stage_runs WHERE status != 'completed'") == [{"status": "interrupted"}]
     # no duplicate or orphan rows
     assert s.query("SELECT count(*) AS n FROM updates")[0]["n"] == STEPS
     assert s.query("SELECT count(*) AS n FROM checkpoints")[0]["n"] == STEPS + 1

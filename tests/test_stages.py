@@ -89,3 +89,34 @@ def test_chat_template_wraps_what_is_generated_stored_and_trained(tmp_path):
     rt2.ensure_version(stages.base_checkpoint(rt2))
     with pytest.raises(C.ConfigError, match="prompts.chat_template"):
         rt2.model_input("Q: 1+1\n")
+
+
+def test_update_killed_after_its_checkpoint_resumes_from_it(tmp_path, monkeypatch):
+    """A process dies between the checkpoint's rename and the commit: the next update records that
+    checkpoint and its stats instead of training again."""
+    from safetensors.torch import load_file
+
+    from mel_core.policy import Policy
+
+    cfg = C.load("configs/tiny.yaml", ["run.name=resume-ckpt", f"run.root_dir={tmp_path}", "sampling.prompts_per_step=4",
+                                       "experience.enabled=false", "loss.nll_coef=0"])
+    rt = Runtime(cfg)
+    base = stages.base_checkpoint(rt)
+    stages.register_run(rt, base)
+    stages.sample(rt, 1, base)
+    stages.verify(rt, 1)
+    out = stages.update(rt, 1, base)
+    saved = Policy.saved_update_stats(out["path"])
+    assert saved and saved["num_sequences"] == 4 * cfg.sampling.group_size
+    # the crash: the checkpoint is on disk, its rows are not; a new process starts from the base policy
+    rt.store.execute("DELETE FROM updates")
+    rt.store.execute("DELETE FROM checkpoints WHERE step = 1")
+    rt.ensure_version(base)
+    monkeypatch.setattr(Policy, "train_step", lambda *a, **k: pytest.fail("the update trained again"))
+    again = stages.update(rt, 1, base)
+    assert again["checkpoint_id"] == out["checkpoint_id"]
+    row = rt.store.query("SELECT loss, num_sequences FROM updates")[0]
+    assert row == {"loss": saved["loss"], "num_sequences": saved["num_sequences"]}
+    weights = load_file(f"{out['path']}/model.safetensors")
+    served = dict(rt.policy.model.named_parameters())
+    assert all(torch.equal(served[k], v) for k, v in weights.items() if k in served)
