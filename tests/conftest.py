@@ -22,3 +22,31 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def build_micro_model(path: Path, num_layers: int = 1, chat_template: str | None = None, corpus_size: int = 200) -> Path:
+    """A freshly initialised micro Qwen2 model + tokenizer saved at `path` (no warm start): for tests of
+    the update step, the engine and the wiring, where what the model says does not matter."""
+    import torch
+
+    from mel_core import config as C
+    from mel_core import tiny
+    from mel_core.prompts import PromptSet
+
+    cfg = C.load("configs/tiny.yaml", ["model.tiny.hidden_size=32", f"model.tiny.num_layers={num_layers}",
+                                       "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300"])
+    prompts = PromptSet.load(cfg.prompts.dir)
+    tok = tiny.build_tokenizer(cfg.model.tiny, tiny.tokenizer_corpus(prompts, cfg.data.synthetic, corpus_size, 0))
+    tok.chat_template = chat_template
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tiny.build_model(cfg.model.tiny, tok)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_model(tmp_path_factory) -> Path:
+    """One micro model for the whole session (read-only: tests load it, never write into it)."""
+    return build_micro_model(tmp_path_factory.mktemp("micro-model"))

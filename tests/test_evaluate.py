@@ -5,8 +5,7 @@ import pytest
 
 from mel_core import config as C
 from mel_core import evaluate as ev
-from mel_core import stages, tiny
-from mel_core.prompts import PromptSet
+from mel_core import stages
 from mel_core.runtime import Runtime, clear_runtimes
 
 
@@ -103,18 +102,6 @@ def test_eval_config_hash_tracks_what_shapes_an_evaluation():
     for ov in ("eval.k=4", "eval.max_problems=10", "eval.temperature=1.0", "eval.max_new_tokens=32"):
         assert ev.eval_config_hash(C.load("configs/tiny.yaml", [ov]), "synthetic") != h, ov
     assert ev.eval_config_hash(cfg, "data/amc23/test.jsonl") != ev.eval_config_hash(cfg, "data/aime24/test.jsonl")
-
-
-@pytest.fixture(scope="module")
-def micro_model(tmp_path_factory):
-    micro = C.load("configs/tiny.yaml", ["model.tiny.hidden_size=32", "model.tiny.num_layers=1",
-                                         "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300"])
-    prompts = PromptSet.load(micro.prompts.dir)
-    tok = tiny.build_tokenizer(micro.model.tiny, tiny.tokenizer_corpus(prompts, micro.data.synthetic, 200, 0))
-    path = tmp_path_factory.mktemp("micro")
-    tiny.build_model(micro.model.tiny, tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_math_sets_with_a_micro_model(micro_model, tmp_path):

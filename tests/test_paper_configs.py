@@ -4,27 +4,14 @@ standing in for the Qwen3 weights (nothing can be downloaded here)."""
 import pytest
 
 from mel_core import config as C
-from mel_core import losses, tiny
+from mel_core import losses
 from mel_core.engines.base import SamplingParams
 from mel_core.engines.hf import HFEngine
 from mel_core.policy import Policy
-from mel_core.prompts import PromptSet
 from mel_core.runtime import Runtime
 from mel_core.verify import reward_kind_for_source
 
 CONFIGS = ["configs/qwen3-4b-base.yaml", "configs/qwen3-8b-base.yaml", "configs/qwen3-14b-base.yaml"]
-
-
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    cfg = C.load("configs/tiny.yaml", ["model.tiny.hidden_size=32", "model.tiny.num_layers=1",
-                                       "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300"])
-    prompts = PromptSet.load(cfg.prompts.dir)
-    tok = tiny.build_tokenizer(cfg.model.tiny, tiny.tokenizer_corpus(prompts, cfg.data.synthetic, 200, 0))
-    path = tmp_path_factory.mktemp("standin")
-    tiny.build_model(cfg.model.tiny, tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -39,15 +26,15 @@ def test_paper_settings(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS)
-def test_every_component_builds(path, stand_in, tmp_path):
-    cfg = C.load(path, [f"model.name_or_path={stand_in}", "data.source=data/math500/test.jsonl",
+def test_every_component_builds(path, micro_model, tmp_path):
+    cfg = C.load(path, [f"model.name_or_path={micro_model}", "data.source=data/math500/test.jsonl",
                         "data.question_field=problem", "data.answer_field=answer", "data.id_field=unique_id",
                         f"run.root_dir={tmp_path}", "model.dtype=float32", "model.max_seq_len=256",
                         "sampling.max_new_tokens=8"])
     rt = Runtime(cfg)
     assert len(rt.train_problems) == 500 and rt.reward_kind == "math"
     assert rt.prompts.render_solve("x").count("\\boxed{}") == 1
-    policy = Policy(cfg, stand_in)
+    policy = Policy(cfg, micro_model)
     engine = HFEngine(policy.model, policy.tokenizer)
     problems = rt.step_problems(1)[:2]
     outs = engine.generate([rt.prompts.render_solve(p.question) for p in problems],

@@ -4,27 +4,17 @@ import copy
 
 import pytest
 import torch
+from conftest import build_micro_model
 
 from mel_core import config as C
 from mel_core.engines.base import SamplingParams
 from mel_core.engines.hf import HFEngine
 from mel_core.policy import NLLBatch, NonFiniteLoss, Policy, RLBatch
-from mel_core.prompts import PromptSet
-from mel_core import tiny
 
 
 @pytest.fixture(scope="module")
 def micro_path(tmp_path_factory):
-    cfg = C.load("configs/tiny.yaml", ["model.tiny.hidden_size=32", "model.tiny.num_layers=2",
-                                       "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300"])
-    prompts = PromptSet.load(cfg.prompts.dir)
-    tok = tiny.build_tokenizer(cfg.model.tiny, tiny.tokenizer_corpus(prompts, cfg.data.synthetic, 300, 0))
-    torch.manual_seed(0)
-    model = tiny.build_model(cfg.model.tiny, tok)
-    path = tmp_path_factory.mktemp("micro")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return build_micro_model(tmp_path_factory.mktemp("micro"), num_layers=2, corpus_size=300)
 
 
 def _cfg(*overrides):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import build_micro_model
 
 from mel_core import config as C
-from mel_core import experience, stages, tiny
-from mel_core.prompts import PromptSet
+from mel_core import experience, stages
 from mel_core.runtime import Checkpoint, Runtime
 
 pytestmark = pytest.mark.slow
@@ -55,15 +55,8 @@ def test_two_pass_generates_heuristics_from_the_diagnosis(tmp_path):
 
 def test_chat_template_wraps_what_is_generated_stored_and_trained(tmp_path):
     """With prompts.chat_template, every prompt the engine sees and the store keeps is the templated turn."""
-    micro = C.load("configs/tiny.yaml", ["model.tiny.hidden_size=32", "model.tiny.num_layers=1",
-                                         "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300"])
-    prompts = PromptSet.load(micro.prompts.dir)
-    tok = tiny.build_tokenizer(micro.model.tiny, tiny.tokenizer_corpus(prompts, micro.data.synthetic, 200, 0))
-    tok.chat_template = "{% for m in messages %}<user>{{ m.content }}</user>{% endfor %}<assistant>"
-    torch.manual_seed(0)
-    model_dir = tmp_path / "chat-model"
-    tiny.build_model(micro.model.tiny, tok).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = build_micro_model(tmp_path / "chat-model",
+                                  chat_template="{% for m in messages %}<user>{{ m.content }}</user>{% endfor %}<assistant>")
 
     cfg = C.load("configs/tiny.yaml", ["run.name=chat", f"run.root_dir={tmp_path / 'runs'}", f"model.name_or_path={model_dir}",
                                        "sampling.prompts_per_step=2", "sampling.group_size=2", "sampling.max_new_tokens=8",
@@ -72,18 +65,14 @@ def test_chat_template_wraps_what_is_generated_stored_and_trained(tmp_path):
     base = stages.base_checkpoint(rt)
     stages.register_run(rt, base)
     _step(rt, 1, base, experience_stages=False)
-    texts = [r["prompt_text"] for r in rt.store.query("SELECT prompt_text FROM prompts")]
-    questions = [r["question"] for r in rt.store.query("SELECT question FROM prompts")]
-    assert len(texts) == 2
-    for text, q in zip(texts, questions):
-        assert text == f"<user>{rt.prompts.render_solve(q)}</user><assistant>"
+    rows = rt.store.query("SELECT question, prompt_text FROM prompts")
+    assert len(rows) == 2
+    for r in rows:
+        assert r["prompt_text"] == f"<user>{rt.prompts.render_solve(r['question'])}</user><assistant>"
     assert rt.store.query("SELECT num_sequences FROM updates")[0]["num_sequences"] == 4
 
     # a tokenizer without a template is a config error, not a silently raw prompt
-    tok.chat_template = None
-    plain_dir = tmp_path / "plain-model"
-    tiny.build_model(micro.model.tiny, tok).save_pretrained(plain_dir)
-    tok.save_pretrained(plain_dir)
+    plain_dir = build_micro_model(tmp_path / "plain-model")
     rt2 = Runtime(C.load("configs/tiny.yaml", ["run.name=plain", f"run.root_dir={tmp_path / 'runs'}",
                                                f"model.name_or_path={plain_dir}", "prompts.chat_template=true"]))
     rt2.ensure_version(stages.base_checkpoint(rt2))
