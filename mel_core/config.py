@@ -160,7 +160,7 @@ class OptimConfig:
     max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables it.")
     mini_batch_size: int = doc(0, "Sequences per optimizer step; 0 = the whole batch (paper: mini-batch 128 = batch 128, one step).", PAPER)
     epochs_per_step: int = doc(1, "PPO-style passes over the step's batch (ratios against pi_old log-probs); paper: 1.")
-    micro_batch_size: int = doc(0, "Sequences per forward/backward (gradient accumulation, aggregation kept exact); 0 = whole mini-batch.")
+    micro_batch_size: int = doc(0, "Sequences per forward/backward (gradient accumulation, aggregation kept exact; sequences are grouped by length, so each computes less padding); 0 = whole mini-batch.")
 
 
 @dataclass

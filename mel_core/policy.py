@@ -150,7 +150,13 @@ class Policy:
     # ------------------------------------------------------------------------------- the update
 
     def encode(self, prompts: Sequence[str], completions: Sequence[Sequence[int]]):
-        """Right-padded [prompt | completion] sequences and the mask of completion positions.
+        """[left-padded prompt | right-padded completion] ids and attention mask [B, P+T], and the
+        completion mask [B, T].
+
+        Completions share the last T columns, so log-probs are taken for those columns only
+        (losses.per_token_logps with logits_to_keep=T, as TRL lays batches out): the logits over the
+        prompts — for a real model most of each sequence, and of the [B, L, V] logits memory — are never
+        formed. Left padding moves a row's positions by a constant, which RoPE attention does not see.
 
         Retrospective contexts hold two full solutions and can exceed the window: the prompt is
         left-truncated (its end — the correct solution and the analysis cue — is kept); a completion
@@ -158,29 +164,30 @@ class Policy:
         """
         max_len = self.cfg.model.max_seq_len
         pad = self.tokenizer.pad_token_id
-        rows, masks = [], []
-        for p, c in zip(prompts, completions):
-            p_ids = self.tokenizer(p, add_special_tokens=False)["input_ids"]
+        pairs = []
+        prompt_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+        for p_ids, c in zip(prompt_ids, completions):
             c_ids = list(c)[: max_len - 1]
-            p_ids = p_ids[-(max_len - len(c_ids)):] if len(p_ids) + len(c_ids) > max_len else p_ids
-            rows.append(p_ids + c_ids)
-            masks.append([0] * len(p_ids) + [1] * len(c_ids))
-        L = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), L), pad, dtype=torch.long)  # [B, L]
-        attention = torch.zeros((len(rows), L), dtype=torch.long)
-        target = torch.zeros((len(rows), L), dtype=torch.float32)
-        for i, (r, m) in enumerate(zip(rows, masks)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            attention[i, : len(r)] = 1
-            target[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
-        return input_ids, attention, target[:, 1:]  # mask aligned with next-token predictions [B, L-1]
+            pairs.append((p_ids[max(0, len(p_ids) + len(c_ids) - max_len):], c_ids))
+        P = max(len(p) for p, _ in pairs)
+        T = max(1, max(len(c) for _, c in pairs))
+        input_ids = torch.full((len(pairs), P + T), pad, dtype=torch.long)  # [B, P+T]
+        attention = torch.zeros((len(pairs), P + T), dtype=torch.long)  # [B, P+T]
+        completion_mask = torch.zeros((len(pairs), T), dtype=torch.float32)  # [B, T]
+        for i, (p, c) in enumerate(pairs):
+            input_ids[i, P - len(p):P + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            attention[i, P - len(p):P + len(c)] = 1
+            completion_mask[i, :len(c)] = 1
+        return input_ids, attention, completion_mask
 
-    def token_logps(self, model, input_ids, attention_mask, temperature: float) -> torch.Tensor:
-        """log pi(token_t | tokens_<t) for t = 1..L-1, logits divided by the sampling temperature."""
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, L-1, V]
-        if temperature and temperature != 1.0:
-            logits = logits / temperature
-        return losses.selective_log_softmax(logits, input_ids[:, 1:])  # [B, L-1]
+    @staticmethod
+    def _rows(ids, attn, mask, part):
+        """Rows `part` of an encoded batch without the columns that are padding in every one of them."""
+        P = ids.size(1) - mask.size(1)
+        prompt_width = int(attn[part, :P].sum(1).max())
+        completion_width = max(1, int(mask[part].sum(1).max()))
+        cols = slice(P - prompt_width, P + completion_width)
+        return ids[part, cols], attn[part, cols], mask[part, :completion_width]
 
     def _reference(self):
         if self.lora:  # the reference is the base model: the same weights with adapters switched off
@@ -191,11 +198,11 @@ class Policy:
             self._ref_model.requires_grad_(False)
         return self._ref_model
 
-    def _chunked_logps(self, model, ids, attn, temperature: float, size: int) -> torch.Tensor:
-        """Log-probs of a whole batch without grad, `size` sequences at a time: pi_old or pi_ref."""
+    @staticmethod
+    def _frozen_logps(model, ids, attn, mask, temperature: float, size: int) -> torch.Tensor:
+        """Completion log-probs of a whole batch without grad, `size` sequences at a time: pi_old or pi_ref."""
         with torch.no_grad():
-            return torch.cat([self.token_logps(model, ids[i:i + size], attn[i:i + size], temperature)
-                              for i in range(0, ids.size(0), size)])
+            return losses.per_token_logps(model, ids, attn, mask.size(1), temperature, batch_size=size)  # [N, T]
 
     def train_step(self, rl: RLBatch, nll: NLLBatch | None) -> dict:
         """L = L_RL + lambda * L_NLL (paper Eq. 10 + the NLL term), over mini-batches and epochs.
@@ -210,17 +217,18 @@ class Policy:
         L, O = self.cfg.loss, self.cfg.optim
         T = self.cfg.sampling.temperature
         self.model.train()
-        ids, attn, mask = self.encode(rl.prompts, rl.completion_ids)  # [N, L], [N, L], [N, L-1]
+        ids, attn, mask = self.encode(rl.prompts, rl.completion_ids)  # [N, P+T], [N, P+T], [N, T]
         N = ids.size(0)
         mini = O.mini_batch_size or N
         micro = O.micro_batch_size or mini
         old = None
         if O.epochs_per_step > 1 or mini < N:
-            old = self._chunked_logps(self.model, ids, attn, T, micro)  # [N, L-1]
-        ref = self._chunked_logps(self._reference(), ids, attn, T, micro) if L.beta > 0 else None
+            old = self._frozen_logps(self.model, ids, attn, mask, T, micro)  # [N, T]
+        ref = self._frozen_logps(self._reference(), ids, attn, mask, T, micro) if L.beta > 0 else None
         use_nll = nll is not None and len(nll.prompts) > 0 and L.nll_coef > 0
         if use_nll:
             n_ids, n_attn, n_mask = self.encode(nll.prompts, nll.target_ids)
+        lengths = attn.sum(1)  # [N]
         mini_batches = [torch.arange(i, min(i + mini, N)) for i in range(0, N, mini)]
         nll_parts = (torch.tensor_split(torch.arange(n_ids.size(0)), len(mini_batches)) if use_nll
                      else [torch.arange(0)] * len(mini_batches))
@@ -232,14 +240,16 @@ class Policy:
             for mb, nll_mb in zip(mini_batches, nll_parts):
                 self.optimizer.zero_grad(set_to_none=True)
                 rl_total, nll_total, metrics = 0.0, 0.0, {}
-                for part in torch.split(mb, micro):
-                    width = int(attn[part].sum(1).max())  # trim the batch's padding to this micro-batch
-                    logps = self.token_logps(self.model, ids[part, :width], attn[part, :width], T)  # [m, w-1]
-                    m_mask = mask[part, : width - 1]
+                # Micro-batches of similar lengths: each is cut to its longest row, so less padding is computed.
+                by_length = mb[torch.argsort(lengths[mb], stable=True)]
+                for part in torch.split(by_length, micro):
+                    p_ids, p_attn, m_mask = self._rows(ids, attn, mask, part)  # [m, p+t], [m, p+t], [m, t]
+                    t = m_mask.size(1)
+                    logps = losses.per_token_logps(self.model, p_ids, p_attn, t, T)  # [m, t]
                     loss_part, met = losses.policy_loss(
-                        L.policy_loss, logps, old[part, : width - 1] if old is not None else logps.detach(),
+                        L.policy_loss, logps, old[part, :t] if old is not None else logps.detach(),
                         rl.advantages[part].to(logps.dtype), m_mask,
-                        ref_per_token_logps=ref[part, : width - 1] if ref is not None else None, beta=L.beta,
+                        ref_per_token_logps=ref[part, :t] if ref is not None else None, beta=L.beta,
                         epsilon=L.epsilon, epsilon_high=L.epsilon_high,
                         max_completion_length=self.cfg.sampling.max_new_tokens)
                     w = losses.micro_batch_weight(L.policy_loss, m_mask, mask[mb])
@@ -248,9 +258,9 @@ class Policy:
                     for k, v in met.items():
                         metrics[k] = metrics.get(k, 0.0) + w * float(v)
                 for part in torch.split(nll_mb, micro) if len(nll_mb) else []:
-                    width = int(n_attn[part].sum(1).max())
-                    n_logps = self.token_logps(self.model, n_ids[part, :width], n_attn[part, :width], 1.0)
-                    nl, _ = losses.nll_loss(n_logps, n_mask[part, : width - 1])
+                    p_ids, p_attn, p_mask = self._rows(n_ids, n_attn, n_mask, part)
+                    n_logps = losses.per_token_logps(self.model, p_ids, p_attn, p_mask.size(1), 1.0)  # [m, t]
+                    nl, _ = losses.nll_loss(n_logps, p_mask)
                     w = len(part) / len(nll_mb)
                     self._backward(L.nll_coef * w * nl, "nll")
                     nll_total += w * nl.item()

@@ -106,7 +106,20 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(micro_path, tmp_pa
 def test_long_retrospective_context_is_left_truncated(micro_path):
     p = Policy(_cfg("model.max_seq_len=16"), micro_path)
     ids, attn, mask = p.encode(["Q: " + "1+2*3-4 " * 20], [[5, 6, 7]])
-    assert ids.shape[1] == 16 and ids[0, -3:].tolist() == [5, 6, 7] and mask[0].sum() == 3
+    prompt = p.tokenizer("Q: " + "1+2*3-4 " * 20, add_special_tokens=False)["input_ids"]
+    assert ids.shape[1] == 16 and ids[0].tolist() == prompt[-13:] + [5, 6, 7]  # the prompt's end is kept
+    assert mask.tolist() == [[1, 1, 1]] and attn.sum() == 16
+
+
+def test_completions_share_the_last_columns_and_padding_is_trimmed_per_micro_batch(micro_path):
+    p = Policy(_cfg(), micro_path)
+    ids, attn, mask = p.encode(["Q: 1+2\n", "Q: 12*3-4+5\n"], [[7, 8, 9, 10], [11]])  # [2, P+4], [2, 4]
+    P = ids.size(1) - mask.size(1)
+    assert ids[0, P:].tolist() == [7, 8, 9, 10] and ids[1, P:P + 1].tolist() == [11]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert attn[0, :P].sum() < attn[1, :P].sum()  # the shorter prompt is left-padded
+    short_ids, short_attn, short_mask = p._rows(ids, attn, mask, torch.tensor([1]))
+    assert short_mask.tolist() == [[1]] and short_attn.all() and short_ids[0, -1].item() == 11
 
 
 def test_engine_samples_n_per_prompt_reproducibly(micro_path):
