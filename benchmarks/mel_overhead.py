@@ -68,8 +68,9 @@ def measure(root: Path, prompts: int, steps: int, log) -> dict:
         per_arm["mel"].append(timed_step(mel, step))
         log(f"  B={prompts} step {step}: grpo {sum(per_arm['grpo'][-1].values()):.2f}s, "
             f"mel {sum(per_arm['mel'][-1].values()):.2f}s")
-    same = grpo.store.query("SELECT list(text ORDER BY rollout_id) AS t FROM rollouts WHERE step = 1")[0]["t"] == \
-        mel.store.query("SELECT list(text ORDER BY rollout_id) AS t FROM rollouts WHERE step = 1")[0]["t"]
+    texts = "SELECT list(r.text ORDER BY p.position, r.sample_index) AS t FROM rollouts r JOIN prompts p USING (prompt_id) " \
+            "WHERE r.step = 1"  # ids differ between the arms (their run ids do), positions do not
+    same = grpo.store.query(texts)[0]["t"] == mel.store.query(texts)[0]["t"]
     med = {arm: {s: statistics.median(r[s] for r in runs) for s in runs[0]} for arm, runs in per_arm.items()}
     totals = {arm: statistics.median(sum(r.values()) for r in runs) for arm, runs in per_arm.items()}
     counts = mel.store.query("SELECT avg(CASE WHEN name = 'analyses' THEN value END) AS analyses, "

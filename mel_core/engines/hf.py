@@ -57,15 +57,12 @@ class HFEngine:
                 else:
                     kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
                 seqs = self.model.generate(**enc, **kwargs)  # [b, L_prompt + L_new]
-                new = seqs[:, enc["input_ids"].shape[1]:].tolist()
-                for ids in new:
-                    if tok.eos_token_id in ids:
-                        ids = ids[: ids.index(tok.eos_token_id) + 1]  # keep eos: the update learns to stop
-                        reason = "stop"
-                    else:
-                        reason = "length"
-                    out.append(Completion(text=tok.decode(ids, skip_special_tokens=True), token_ids=ids,
-                                          finish_reason=reason))
+                new = [ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids  # keep eos: the
+                       for ids in seqs[:, enc["input_ids"].shape[1]:].tolist()]                 # update learns to stop
+                texts = tok.batch_decode(new, skip_special_tokens=True)  # one call per chunk, not per completion
+                out += [Completion(text=text, token_ids=ids,
+                                   finish_reason="stop" if ids[-1:] == [tok.eos_token_id] else "length")
+                        for ids, text in zip(new, texts)]
         finally:
             self.model.train(was_training)
         return [out[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
