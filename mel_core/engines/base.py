@@ -36,3 +36,24 @@ class Engine(Protocol):
 
     def load_version(self, version: str, path: str) -> None:
         """Serve the policy saved at `path` from now on (no-op if already serving `version`)."""
+
+
+@dataclass
+class Chunk:
+    """One unit of generation: a slice of the expanded prompt list ([P*n], each prompt n times in a row),
+    sampled with seed ``params.seed + index``. Engines that cut a call into the same chunks and seed them
+    the same way produce the same completions, wherever each chunk runs (see engines/sharded.py)."""
+    index: int
+    prompts: list[str]
+
+
+def chunked(prompts: Sequence[str], n: int, max_sequences: int) -> list[Chunk]:
+    expanded = [p for p in prompts for _ in range(n)]  # [P*n]
+    return [Chunk(i, expanded[start:start + max_sequences])
+            for i, start in enumerate(range(0, len(expanded), max_sequences))]
+
+
+def regroup(completions: Sequence[Completion], num_prompts: int, n: int) -> list[list[Completion]]:
+    """[P*n] completions in prompt order -> P groups of n."""
+    return [list(completions[i * n:(i + 1) * n]) for i in range(num_prompts)]
+

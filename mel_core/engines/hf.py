@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from mel_core import progress
-from mel_core.engines.base import Completion, SamplingParams
+from mel_core.engines.base import Chunk, Completion, SamplingParams, chunked, regroup
 
 
 class HFEngine:
@@ -33,36 +33,34 @@ class HFEngine:
         self._loader(path)
         self.version = version
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], params: SamplingParams, desc: str = "") -> list[list[Completion]]:
-        tok = self.tokenizer
-        expanded = [p for p in prompts for _ in range(params.n)]  # [P*n]
-        out: list[Completion] = []
-        was_training = self.model.training
-        self.model.eval()
-        generator_seed = int(params.seed) % (2**63 - 1)
-        chunks = range(0, len(expanded), self.max_batch_sequences)
+        chunks = chunked(prompts, params.n, self.max_batch_sequences)
         if self.progress and len(chunks) > 1:
             chunks = progress.bar(chunks, desc=desc or "generate")  # drawn on a terminal only
+        out = [c for chunk in chunks for c in self.generate_chunk(chunk, params)]
+        return regroup(out, len(prompts), params.n)
+
+    @torch.no_grad()
+    def generate_chunk(self, chunk: Chunk, params: SamplingParams) -> list[Completion]:
+        """One chunk's completions, sampled with seed params.seed + chunk.index."""
+        tok = self.tokenizer
+        was_training = self.model.training
+        self.model.eval()
         try:
-            for i, start in enumerate(chunks):
-                batch = expanded[start:start + self.max_batch_sequences]
-                enc = tok(batch, return_tensors="pt", padding=True, padding_side="left")
-                enc = {k: v.to(self.model.device) for k, v in enc.items()}
-                torch.manual_seed(generator_seed + i)
-                kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
-                if params.temperature > 0:
-                    kwargs.update(do_sample=True, temperature=params.temperature, top_k=0, top_p=params.top_p)
-                else:
-                    kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-                seqs = self.model.generate(**enc, **kwargs)  # [b, L_prompt + L_new]
-                new = [ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids  # keep eos: the
-                       for ids in seqs[:, enc["input_ids"].shape[1]:].tolist()]                 # update learns to stop
-                texts = tok.batch_decode(new, skip_special_tokens=True)  # one call per chunk, not per completion
-                out += [Completion(text=text, token_ids=ids,
-                                   finish_reason="stop" if ids[-1:] == [tok.eos_token_id] else "length")
-                        for ids, text in zip(new, texts)]
+            enc = tok(chunk.prompts, return_tensors="pt", padding=True, padding_side="left")
+            enc = {k: v.to(self.model.device) for k, v in enc.items()}
+            torch.manual_seed((int(params.seed) + chunk.index) % (2**63 - 1))
+            kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)
+            if params.temperature > 0:
+                kwargs.update(do_sample=True, temperature=params.temperature, top_k=0, top_p=params.top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+            seqs = self.model.generate(**enc, **kwargs)  # [b, L_prompt + L_new]
         finally:
             self.model.train(was_training)
-        return [out[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+        new = [ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids  # keep eos: the
+               for ids in seqs[:, enc["input_ids"].shape[1]:].tolist()]                 # update learns to stop
+        texts = tok.batch_decode(new, skip_special_tokens=True)  # one call per chunk, not per completion
+        return [Completion(text=text, token_ids=ids, finish_reason="stop" if ids[-1:] == [tok.eos_token_id] else "length")
+                for ids, text in zip(new, texts)]
