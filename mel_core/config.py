@@ -76,9 +76,20 @@ class LoraSettings:
 
 
 @dataclass
+class VLLMSettings:
+    kv_cache_gib: float = doc(0.0, "KV cache of the vLLM engine in GiB; 0 = vLLM's default (GPU: 0.9 of the device's "
+                              "memory, too much beside a colocated trainer; CPU: VLLM_CPU_KVCACHE_SPACE or what is free).")
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = doc("tiny", "'tiny' builds the embedded model by warm start; otherwise an HF path or hub name (GPU configs).")
+    engine: str = doc("hf", "Generation engine: hf (transformers generate on the training module itself) | vllm (a vLLM "
+                      "engine beside it, refreshed from each update's checkpoint; optional dependency, see README 'Scaling').")
+    vllm: VLLMSettings = section(VLLMSettings, "Settings of the vLLM engine (model.engine: vllm).")
     dtype: str = doc("float32", "Parameter dtype: float32 | bfloat16.")
+    device: str = doc("auto", "Where the policy trains and the HF engine generates: auto (cuda when torch sees a GPU, "
+                      "else cpu) | cpu | cuda | cuda:N.")
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward (GPU memory for long contexts).")
     max_seq_len: int = doc(512, "Longest prompt+completion the update sees; longer retrospective contexts are left-truncated in the prompt part.")
     lora: LoraSettings = section(LoraSettings, "LoRA instead of full fine-tuning.")
@@ -124,6 +135,10 @@ class SamplingConfig:
     temperature: float = doc(1.0, "Rollout sampling temperature.", PAPER)
     top_p: float = doc(1.0, "Nucleus sampling; 1.0 disables it (top_k is always 0).")
     max_new_tokens: int = doc(1024, "Longest rollout.")
+    chunk_sequences: int = doc(256, "Sequences per generation chunk: every generation (rollouts, analyses, replays) is cut "
+                               "into chunks of this many sequences, each one batched generate call seeded with the call's "
+                               "seed + chunk index, and the unit `orchestration.runner: ray` sends to a worker. HF engine "
+                               "only (vLLM batches on its own). Our choice.")
 
 
 @dataclass
@@ -213,7 +228,24 @@ class FaultConfig:
 
 
 @dataclass
+class RaySettings:
+    address: str = doc("", "Ray cluster to join: '' starts a local one for the campaign's process (local_workers CPUs); "
+                       "'auto' joins the cluster of this machine (`ray start --head`); 'ray://HOST:10001' a remote "
+                       "head through Ray Client. Checkpoints must then be on storage every node reads.")
+    local_workers: int = doc(2, "CPUs (= concurrent chunk tasks) of the local cluster started when address is ''.")
+    cpus_per_chunk: float = doc(1.0, "Ray resources one generation chunk task asks for: CPUs.")
+    gpus_per_chunk: float = doc(0.0, "Ray resources one generation chunk task asks for: GPUs (1 on a GPU cluster: "
+                                "each worker keeps one policy copy on its GPU).")
+    threads_per_worker: int = doc(0, "torch.set_num_threads in each Ray worker; 0 = run.torch_threads.")
+
+
+@dataclass
 class OrchestrationConfig:
+    runner: str = doc("local", "Where generation runs: local (the flow's process, its own engine) | ray (sample, "
+                      "diagnose/abstract, replay and evaluation fan their chunks out as Prefect tasks on "
+                      "prefect-ray's task runner; workers keep their own HF engine; only the flow process writes "
+                      "DuckDB). Needs the `scale` extra (pip install -e '.[scale]').")
+    ray: RaySettings = section(RaySettings, "The Ray cluster of orchestration.runner: ray.")
     default: StagePolicy = section(StagePolicy, "Retry/timeout policy of every stage.")
     stages: Dict[str, StagePolicy] = doc({}, "Per-stage overrides of the default policy, keyed by stage name.")
     faults: List[FaultConfig] = doc([], "Fault injection for tests and drills: fail a stage at a step.")
@@ -311,9 +343,11 @@ def to_dict(cfg: MelConfig) -> dict:
 # What does not change a campaign's results, and so stays out of its identity (run id, cache keys):
 # its length (extending a campaign keeps it), where it lives on disk, threads, the heuristic library's
 # clustering (bookkeeping over the results, rebuilt when it changes), evaluation (keyed on its own, see
-# mel_core.evaluate.eval_config_hash) and orchestration (retries, timeouts, injected faults).
+# mel_core.evaluate.eval_config_hash), orchestration (retries, timeouts, injected faults) and the generation
+# engine: HF and vLLM sample the same distributions with other random streams and kernels, as other threads
+# reduce in another order, so a campaign can be resumed on the other engine.
 RESULT_NEUTRAL_KEYS = ("run.steps", "run.root_dir", "run.cache_dir", "run.torch_threads", "library", "eval",
-                       "orchestration")
+                       "orchestration", "model.engine", "model.vllm", "model.device")
 
 
 def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) -> str:
@@ -338,11 +372,20 @@ def validate(cfg: MelConfig) -> None:
 
     need(cfg.sampling.group_size >= 2, "sampling.group_size", "GRPO needs at least 2 rollouts per prompt")
     need(cfg.sampling.prompts_per_step >= 1, "sampling.prompts_per_step", "must be >= 1")
+    need(cfg.sampling.chunk_sequences >= 1, "sampling.chunk_sequences", "must be >= 1")
+    need(cfg.orchestration.runner in ("local", "ray"), "orchestration.runner", "local or ray")
+    need(cfg.orchestration.runner == "local" or cfg.model.engine == "hf", "orchestration.runner",
+         "ray workers run the HF engine: use model.engine: hf with it (vLLM workers are not built yet)")
+    need(cfg.orchestration.ray.local_workers >= 1, "orchestration.ray.local_workers", "must be >= 1")
     need(cfg.loss.advantage in losses.ADVANTAGES, "loss.advantage", f"unknown estimator; one of {sorted(losses.ADVANTAGES)}")
     need(cfg.loss.policy_loss in losses.POLICY_LOSSES, "loss.policy_loss", f"unknown loss; one of {sorted(losses.POLICY_LOSSES)}")
     need(1 <= cfg.experience.accept_min_correct <= cfg.experience.replays_per_experience,
          "experience.accept_min_correct", "must be between 1 and experience.replays_per_experience")
     need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
+    need(cfg.model.engine in ("hf", "vllm"), "model.engine", "hf or vllm")
+    need(cfg.model.device in ("auto", "cpu", "cuda") or cfg.model.device.startswith("cuda:"), "model.device",
+         "auto, cpu, cuda or cuda:N")
+    need(cfg.model.vllm.kv_cache_gib >= 0, "model.vllm.kv_cache_gib", "must be >= 0")
     need(cfg.experience.pairing in ("random", "all", "disjoint"), "experience.pairing", "random, all or disjoint")
     need(cfg.experience.analysis_mode in ("single_pass", "two_pass"), "experience.analysis_mode",
          "single_pass or two_pass")

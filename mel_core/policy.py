@@ -62,6 +62,13 @@ class _AdaptersOff(torch.nn.Module):
             return self.peft_model(**kw)
 
 
+def resolve_device(name: str) -> torch.device:
+    """`model.device` as a torch device: auto is the first GPU when torch sees one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 class Policy:
     def __init__(self, cfg: MelConfig, path: str | Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,6 +88,8 @@ class Policy:
             self.model = get_peft_model(self.model, LoraConfig(
                 r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                 task_type="CAUSAL_LM"))
+        self.device = resolve_device(cfg.model.device)
+        self.model.to(self.device)
         self.model.train()
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -94,6 +103,15 @@ class Policy:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Move the (shared) model and the optimizer to the state saved at `path`, in place."""
+        self.load_weights(path)
+        opt = Path(path) / OPTIMIZER_FILE
+        if opt.exists():
+            self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
+        else:  # a base model: fresh optimizer state
+            self.optimizer.state.clear()
+
+    def load_weights(self, path: str | Path) -> None:
+        """Move the model (not the optimizer: a generation worker never steps) to the weights saved at `path`."""
         from transformers import AutoModelForCausalLM
 
         path = Path(path)
@@ -113,11 +131,6 @@ class Policy:
             state = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(self.cfg.model.dtype)).state_dict()
         if not self.lora:
             self.model.load_state_dict(state)
-        opt = path / OPTIMIZER_FILE
-        if opt.exists():
-            self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
-        else:  # a base model: fresh optimizer state
-            self.optimizer.state.clear()
 
     def _reset_adapters(self) -> None:
         for module in self.model.modules():
@@ -194,7 +207,8 @@ class Policy:
             return _AdaptersOff(self.model)
         if self._ref_model is None:
             from transformers import AutoModelForCausalLM
-            self._ref_model = AutoModelForCausalLM.from_pretrained(self._base_path, dtype=_dtype(self.cfg.model.dtype)).eval()
+            self._ref_model = AutoModelForCausalLM.from_pretrained(
+                self._base_path, dtype=_dtype(self.cfg.model.dtype)).to(self.device).eval()
             self._ref_model.requires_grad_(False)
         return self._ref_model
 
@@ -217,7 +231,8 @@ class Policy:
         L, O = self.cfg.loss, self.cfg.optim
         T = self.cfg.sampling.temperature
         self.model.train()
-        ids, attn, mask = self.encode(rl.prompts, rl.completion_ids)  # [N, P+T], [N, P+T], [N, T]
+        ids, attn, mask = (t.to(self.device) for t in self.encode(rl.prompts, rl.completion_ids))  # [N, P+T], [N, P+T], [N, T]
+        advantages = rl.advantages.to(self.device)  # [N]
         N = ids.size(0)
         mini = O.mini_batch_size or N
         micro = O.micro_batch_size or mini
@@ -227,8 +242,8 @@ class Policy:
         ref = self._frozen_logps(self._reference(), ids, attn, mask, T, micro) if L.beta > 0 else None
         use_nll = nll is not None and len(nll.prompts) > 0 and L.nll_coef > 0
         if use_nll:
-            n_ids, n_attn, n_mask = self.encode(nll.prompts, nll.target_ids)
-        lengths = attn.sum(1)  # [N]
+            n_ids, n_attn, n_mask = (t.to(self.device) for t in self.encode(nll.prompts, nll.target_ids))
+        lengths = attn.sum(1).cpu()  # [N]; indices stay on the CPU, whatever the device
         mini_batches = [torch.arange(i, min(i + mini, N)) for i in range(0, N, mini)]
         nll_parts = (torch.tensor_split(torch.arange(n_ids.size(0)), len(mini_batches)) if use_nll
                      else [torch.arange(0)] * len(mini_batches))
@@ -248,7 +263,7 @@ class Policy:
                     logps = losses.per_token_logps(self.model, p_ids, p_attn, t, T)  # [m, t]
                     loss_part, met = losses.policy_loss(
                         L.policy_loss, logps, old[part, :t] if old is not None else logps.detach(),
-                        rl.advantages[part].to(logps.dtype), m_mask,
+                        advantages[part].to(logps.dtype), m_mask,
                         ref_per_token_logps=ref[part, :t] if ref is not None else None, beta=L.beta,
                         epsilon=L.epsilon, epsilon_high=L.epsilon_high,
                         max_completion_length=self.cfg.sampling.max_new_tokens)

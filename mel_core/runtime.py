@@ -47,6 +47,7 @@ class Runtime:
         self.store = Store(self.run_dir / DB_FILE)
         self.prompts = PromptSet.load(cfg.prompts.dir)
         self._policy = None
+        self._policy_version: str | None = None  # the checkpoint the policy's weights equal; None = none
         self._engine = None
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
@@ -88,20 +89,71 @@ class Runtime:
     # --------------------------------------------------------------------- the loaded policy
 
     def ensure_version(self, ckpt: Checkpoint) -> None:
-        """Load the policy on first use; afterwards move it to `ckpt` in place if it is elsewhere."""
-        from mel_core.engines.hf import HFEngine
+        """Load the policy and the engine on first use; afterwards move both to `ckpt` if they are elsewhere."""
         from mel_core.policy import Policy
 
         if self._policy is None:
             # A LoRA checkpoint holds adapters only: build on the base model, then load them.
             from mel_core.stages import base_checkpoint
             self._policy = Policy(self.cfg, base_checkpoint(self).path if self.cfg.model.lora.enabled else ckpt.path)
-            self._engine = HFEngine(self._policy.model, self._policy.tokenizer,
-                                    loader=self._policy.load_checkpoint, progress=True)  # bars on a TTY only
-            self._engine.version = ckpt.checkpoint_id
             if (Path(ckpt.path) / "optimizer.pt").exists() or self.cfg.model.lora.enabled:
                 self._policy.load_checkpoint(ckpt.path)
-        self._engine.load_version(ckpt.checkpoint_id, ckpt.path)
+            self._policy_version = ckpt.checkpoint_id
+            self._engine = self._build_engine(ckpt)
+        elif self._policy_version != ckpt.checkpoint_id:
+            self._policy.load_checkpoint(ckpt.path)
+            self._policy_version = ckpt.checkpoint_id
+        self._serve(ckpt)
+
+    @property
+    def _engine_shares_policy(self) -> bool:
+        """The HF engine in this process generates with the policy's own module: no reload on a new version."""
+        return self.cfg.model.engine == "hf" and self.cfg.orchestration.runner == "local"
+
+    def _build_engine(self, ckpt: Checkpoint):
+        from mel_core.stages import base_checkpoint
+
+        if self.cfg.orchestration.runner != "local":
+            from mel_core.engines.sharded import DISPATCHERS, ShardedEngine
+            runner = self.cfg.orchestration.runner
+            if runner not in DISPATCHERS:
+                raise config_mod.ConfigError(
+                    f"config key 'orchestration.runner': no dispatcher for '{runner}' in this process (the "
+                    f"Prefect tasks register it: import tasks; it needs pip install -e '.[scale]')")
+            return ShardedEngine(DISPATCHERS[runner](self.cfg), max_batch_sequences=self.cfg.sampling.chunk_sequences,
+                                 base_path=base_checkpoint(self).path if self.cfg.model.lora.enabled else None)
+        if self.cfg.model.engine == "vllm":
+            from mel_core.engines.vllm import VLLMEngine
+            m = self.cfg.model
+            # With LoRA, vLLM serves the base model and each version is an adapter on it.
+            return VLLMEngine(base_checkpoint(self).path if m.lora.enabled else ckpt.path,
+                              self._policy.tokenizer, dtype=m.dtype, seed=self.cfg.run.seed,
+                              lora_rank=m.lora.r if m.lora.enabled else None, kv_cache_gib=m.vllm.kv_cache_gib,
+                              progress=True)
+        from mel_core.engines.hf import HFEngine
+        return HFEngine(self._policy.model, self._policy.tokenizer, loader=self._policy.load_checkpoint,
+                        max_batch_sequences=self.cfg.sampling.chunk_sequences, progress=True)  # bars on a TTY only
+
+    def _serve(self, ckpt: Checkpoint) -> None:
+        """Point the engine at the policy's version `ckpt`. The HF engine generates with the policy's own
+        module, which holds it already; the vLLM engine loads the checkpoint's weights or adapter; workers
+        load it when a job names it."""
+        if self._engine_shares_policy:
+            self._engine.version = ckpt.checkpoint_id
+        else:
+            self._engine.load_version(ckpt.checkpoint_id, ckpt.path)
+
+    def trained_to(self, ckpt: Checkpoint) -> None:
+        """The update trained the policy in place and saved it as `ckpt`: generate from it from now on."""
+        self._policy_version = ckpt.checkpoint_id
+        self._serve(ckpt)
+
+    def forget_version(self) -> None:
+        """The policy's weights may have left every saved version (a failed update): the next
+        :meth:`ensure_version` reloads them. A vLLM engine or workers still hold the version they served."""
+        self._policy_version = None
+        if self._engine_shares_policy:
+            self._engine.version = None
 
     @property
     def policy(self):

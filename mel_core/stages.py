@@ -388,9 +388,9 @@ def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
         except BaseException:
             # The weights may have moved before the failure (a refused step, a failed save): the next use of
             # this process's policy, e.g. the retry, must reload `ckpt` instead of training on from them.
-            rt.engine.version = None
+            rt.forget_version()
             raise
-        rt.engine.version = new.checkpoint_id  # the shared module already holds the new weights
+        rt.trained_to(new)  # the HF engine's module holds the new weights already; vLLM reloads them
     update_id = make_id("update", rt.run_id, step, ckpt.checkpoint_id)
     heuristic_ids = rt.store.query(
         "SELECT h.heuristic_id, h.analysis_id FROM heuristics h JOIN analyses a USING (analysis_id) "

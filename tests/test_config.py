@@ -42,6 +42,14 @@ def test_cross_field_validation():
         C.load("configs/tiny.yaml", ["sampling.group_size=1"])
     with pytest.raises(C.ConfigError, match="loss.advantage"):
         C.load("configs/tiny.yaml", ["loss.advantage=nope"])
+    with pytest.raises(C.ConfigError, match="model.engine"):
+        C.load("configs/tiny.yaml", ["model.engine=sglang"])
+    with pytest.raises(C.ConfigError, match="model.device"):
+        C.load("configs/tiny.yaml", ["model.device=tpu"])
+    with pytest.raises(C.ConfigError, match="orchestration.runner"):
+        C.load("configs/tiny.yaml", ["orchestration.runner=dask"])
+    with pytest.raises(C.ConfigError, match="orchestration.runner"):  # Ray workers run the HF engine only
+        C.load("configs/tiny.yaml", ["orchestration.runner=ray", "model.engine=vllm"])
 
 
 def test_every_field_documented_with_source():
@@ -61,6 +69,8 @@ def test_round_trip_and_hash_stability():
     other = C.load("configs/tiny.yaml", ["optim.lr=0.5"])
     assert C.config_hash(other) != C.config_hash(cfg)
     # where a run lives, how it is evaluated or retried does not change what it trains
-    for neutral in ("run.root_dir=/elsewhere", "eval.k=4", "orchestration.default.retries=5", "run.torch_threads=1"):
+    for neutral in ("run.root_dir=/elsewhere", "eval.k=4", "orchestration.default.retries=5", "run.torch_threads=1",
+                    "model.engine=vllm", "model.vllm.kv_cache_gib=2", "model.device=cpu",
+                    "orchestration.runner=ray", "orchestration.ray.address=auto"):
         assert C.config_hash(C.load("configs/tiny.yaml", [neutral])) == C.config_hash(cfg), neutral
     assert C.config_hash(C.load("configs/tiny.yaml", ["experience.analysis_mode=two_pass"])) != C.config_hash(cfg)

