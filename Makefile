@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-vllm test-scale bench serve clean
+.PHONY: setup demo test test-vllm test-scale bench bench-scale bench-vllm serve clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,13 @@ test-vllm: $(VLLM_STAMP)
 BENCHES := update_step mel_overhead generation store demo orchestration
 bench: setup
 	for b in $(BENCHES); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py || exit 1; done
+
+# The optional paths' benchmarks, each in the environment its test target builds.
+bench-scale: $(SCALE_STAMP)
+	$(BIN)/python benchmarks/ray_fanout.py
+
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python benchmarks/vllm_engine.py
 
 # A standalone Prefect server (UI on http://127.0.0.1:4200) and a process worker for pool mel-process, state in
 # ./.prefect; then `.venv/bin/mel deploy --run` deploys prefect.yaml's campaign and runs it. Ctrl-C stops both.

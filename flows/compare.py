@@ -38,6 +38,7 @@ def compare(config: dict, name: str, seeds: int = 3, command: str = "", out: str
     report = compare_mod.build_report(runs, name=name, command=command, config=cfg, datasets=datasets)
     md_path = Path(out) if out else Path(cfg.run.root_dir) / f"{name}-compare.md"
     md_path.parent.mkdir(parents=True, exist_ok=True)
+    report["plots"] = compare_mod.write_plots(report, md_path.parent, md_path.stem)
     report["markdown_path"], report["json_path"] = str(md_path), str(md_path.with_suffix(".json"))
     md_path.write_text(compare_mod.format_markdown(report))
     md_path.with_suffix(".json").write_text(json.dumps(report, indent=2, sort_keys=True))

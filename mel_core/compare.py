@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -253,6 +254,32 @@ def _f(x, fmt="{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def write_plots(report: dict, out_dir: str | Path, stem: str) -> dict[str, str]:
+    """PNG curves of the A/B beside its markdown: training reward, held-out greedy Pass@1 per dataset, and
+    MEL's accepted meta-experiences and retention. Returns {what: file name} for the plots drawn."""
+    from mel_core.report import line_plot
+
+    out_dir = Path(out_dir)
+    curves, plots = report["curves"], {}
+
+    def series(rows, key):
+        return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+
+    def draw(what, title, ylabel, lines, ylim=None):
+        path = out_dir / f"{stem}-{what}.png"
+        if line_plot(path, title, ylabel, lines, ylim):
+            plots[what] = path.name
+
+    draw("reward", "Training reward at T=1 (mean over seeds)", "reward",
+         {arm.upper(): series(curves[arm], "reward_mean") for arm in ARMS}, (0, 1))
+    for ds, arms in report["heldout"].items():
+        draw(f"heldout-{ds}", f"Held-out greedy Pass@1: {ds} (mean over seeds)", "Pass@1",
+             {arm.upper(): series(arms[arm], "pass_at_1") for arm in ARMS})
+    draw("mel-acceptance", "MEL: accepted meta-experiences and retention (mean over seeds)", "per step",
+         {"accepted": series(curves["mel"], "accepted"), "retention ratio": series(curves["mel"], "retention_ratio")})
+    return plots
+
+
 def format_markdown(report: dict) -> str:
     r, fin = report, report["final"]
     pct = f"{round(fin['bootstrap']['level'] * 100)}%"
@@ -272,6 +299,8 @@ def format_markdown(report: dict) -> str:
                   f"**MEL - GRPO = {f['difference']:+.3f}**, {pct} CI [{f['ci_low']:+.3f}, {f['ci_high']:+.3f}] "
                   f"({f['bootstrap']['n_seeds']} seeds x {f['bootstrap']['n_problems']} problems, "
                   f"{f['bootstrap']['n_resamples']} resamples; {f['bootstrap']['resampling']}).", ""]
+    if report.get("plots"):
+        lines += ["## Plots", ""] + [f"![{what}]({name})" for what, name in report["plots"].items()] + [""]
     lines += ["## Per-step training curves (mean over seeds)", "",
               "| step | GRPO reward | MEL reward | GRPO mixed groups | MEL mixed groups | MEL accepted | MEL retention |",
               "|---|---|---|---|---|---|---|"]

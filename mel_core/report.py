@@ -134,7 +134,7 @@ def _figure(title: str, ylabel: str):
     return fig, ax
 
 
-def _line_plot(path: Path, title: str, ylabel: str, series: dict[str, list[tuple[int, float]]],
+def line_plot(path: Path, title: str, ylabel: str, series: dict[str, list[tuple[int, float]]],
                ylim: tuple[float, float] | None = None) -> bool:
     """One line per series of (step, value); False (no file) when there is no point to draw."""
     series = {k: v for k, v in series.items() if v}
@@ -312,20 +312,20 @@ def write_report(ref: RunRef, out_dir: str | Path | None = None, top: int = 10) 
 
     steps = data["steps"]
     pts = lambda k: [(s["step"], s[k]) for s in steps if s.get(k) is not None]
-    plot("reward_mean", _line_plot(out / "reward_mean.png", "Reward mean (training rollouts)", "reward",
+    plot("reward_mean", line_plot(out / "reward_mean.png", "Reward mean (training rollouts)", "reward",
                                    {"reward mean": pts("reward_mean")}, (0, 1)))
-    plot("mixed_fraction", _line_plot(out / "mixed_fraction.png", "Fraction of mixed groups", "fraction",
+    plot("mixed_fraction", line_plot(out / "mixed_fraction.png", "Fraction of mixed groups", "fraction",
                                       {"mixed fraction": pts("mixed_fraction")}, (0, 1)))
-    plot("retention_ratio", _line_plot(out / "retention_ratio.png", "Retention ratio (accepted / candidates)",
+    plot("retention_ratio", line_plot(out / "retention_ratio.png", "Retention ratio (accepted / candidates)",
                                        "ratio", {"retention ratio": pts("retention_ratio")}, (0, 1)))
-    plot("nll_loss", _line_plot(out / "nll_loss.png", "NLL of accepted meta-experience", "nats per token",
+    plot("nll_loss", line_plot(out / "nll_loss.png", "NLL of accepted meta-experience", "nats per token",
                                 {"NLL": pts("nll_loss")}))
     series: dict[str, list] = {}
     for e in data["evals"]:
         if e["step"] is not None:
             label = f"{e['dataset']} {e['metric']}" + (f" (T={e['temperature']:g})" if e["temperature"] else "")
             series.setdefault(label, []).append((e["step"], e["value"]))
-    plot("heldout_accuracy", _line_plot(out / "heldout_accuracy.png", "Held-out accuracy", "accuracy", series, (0, 1)))
+    plot("heldout_accuracy", line_plot(out / "heldout_accuracy.png", "Held-out accuracy", "accuracy", series, (0, 1)))
     stage_rows = [r for r in data["stage_seconds"] if r["step"] > 0]
     plot("stage_times", _stage_plot(out / "stage_times.png", stage_rows, _stage_order(stage_rows)))
 

@@ -95,6 +95,9 @@ def test_compare_end_to_end(prefect_harness, tmp_path, capsys):
     assert [h["step"] for h in report["heldout"]["synthetic"]["mel"]] == [0, 1]
     assert report["wall_time"]["grpo"]["seconds_per_step"] > 0 and report["wall_time"]["mel_over_grpo"] > 0
     assert "MEL - GRPO" in printed and "95% CI" in printed
+    assert {"reward", "heldout-synthetic", "mel-acceptance"} <= set(report["plots"])
+    for name in report["plots"].values():
+        assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in out.read_text()
 
     runs = {r["arm"]: r for r in report["runs"]}
     grpo, mel = Store(runs["grpo"]["db"]), Store(runs["mel"]["db"])

@@ -96,6 +96,7 @@ def test_greedy_matches_the_hf_engine(engine, prompts, base_greedy, base_policy)
     groups = engine.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=MAX_NEW_TOKENS))
     assert [len(g) for g in groups] == [2] * len(prompts)
     assert all(g[0].token_ids == g[1].token_ids for g in groups)  # greedy n > 1: n equal sequences
+    assert groups[0][0].logprobs is None  # only when asked for (SamplingParams.logprobs)
     _assert_same_greedy([g[0].token_ids for g in groups], base_greedy)
     tok = base_policy.tokenizer
     for g in groups:
@@ -110,7 +111,7 @@ def test_greedy_matches_the_hf_engine(engine, prompts, base_greedy, base_policy)
 def test_seeded_samples_are_reproducible_shaped_and_keep_eos(engine, prompts, base_policy):
     eos = base_policy.tokenizer.eos_token_id
     batch = prompts[:6] + [prompts[0]]  # a repeated prompt gets its own random streams
-    params = SamplingParams(n=4, temperature=1.5, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=123)
+    params = SamplingParams(n=4, temperature=1.5, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=123, logprobs=True)
     a = engine.generate(batch, params)
     b = engine.generate(batch, params)
     ids = lambda groups: [[c.token_ids for c in g] for g in groups]  # noqa: E731
@@ -137,7 +138,8 @@ def test_logprobs_are_those_of_the_sampling_distribution(engine, prompts, base_p
     """The returned log-probs equal the policy's own per-token log-probs at the sampling temperature (what
     the update's ratio is taken against)."""
     T = 0.7
-    groups = engine.generate(prompts[:8], SamplingParams(n=2, temperature=T, max_new_tokens=MAX_NEW_TOKENS, seed=5))
+    groups = engine.generate(prompts[:8], SamplingParams(n=2, temperature=T, max_new_tokens=MAX_NEW_TOKENS, seed=5,
+                                                         logprobs=True))
     flat = [(p, c) for p, g in zip(prompts[:8], groups) for c in g]
     ids, attn, mask = base_policy.encode([p for p, _ in flat], [c.token_ids for _, c in flat])
     base_policy.model.eval()

@@ -18,6 +18,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+    logprobs: bool = False  # also return each token's log-prob under the sampling distribution (vLLM engine)
 
 
 @dataclass
