@@ -274,7 +274,7 @@ def write_plots(report: dict, out_dir: str | Path, stem: str) -> dict[str, str]:
          {arm.upper(): series(curves[arm], "reward_mean") for arm in ARMS}, (0, 1))
     for ds, arms in report["heldout"].items():
         draw(f"heldout-{ds}", f"Held-out greedy Pass@1: {ds} (mean over seeds)", "Pass@1",
-             {arm.upper(): series(arms[arm], "pass_at_1") for arm in ARMS})
+             {arm.upper(): series(arms[arm], "pass_at_1") for arm in ARMS}, (0, 1))  # full scale: no zoomed gaps
     draw("mel-acceptance", "MEL: accepted meta-experiences and retention (mean over seeds)", "per step",
          {"accepted": series(curves["mel"], "accepted"), "retention ratio": series(curves["mel"], "retention_ratio")})
     return plots
