@@ -175,6 +175,9 @@ class OptimConfig:
     max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables it.")
     mini_batch_size: int = doc(0, "Sequences per optimizer step; 0 = the whole batch (paper: mini-batch 128 = batch 128, one step).", PAPER)
     epochs_per_step: int = doc(1, "PPO-style passes over the step's batch (ratios against pi_old log-probs); paper: 1.")
+    fsdp_processes: int = doc(1, "Processes the update stage trains in (one per GPU), its model sharded with FSDP2 "
+                              "(fully_shard) and launched by torchrun (mel_core/distributed.py); 1 = in the flow's "
+                              "process. The step is the same either way, to float reduction order.")
     micro_batch_size: int = doc(0, "Sequences per forward/backward (gradient accumulation, aggregation kept exact; sequences are grouped by length, so each computes less padding); 0 = whole mini-batch.")
 
 
@@ -347,7 +350,8 @@ def to_dict(cfg: MelConfig) -> dict:
 # engine: HF and vLLM sample the same distributions with other random streams and kernels, as other threads
 # reduce in another order, so a campaign can be resumed on the other engine.
 RESULT_NEUTRAL_KEYS = ("run.steps", "run.root_dir", "run.cache_dir", "run.torch_threads", "library", "eval",
-                       "orchestration", "model.engine", "model.vllm", "model.device")
+                       "orchestration", "model.engine", "model.vllm", "model.device",
+                       "optim.fsdp_processes")
 
 
 def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) -> str:
@@ -372,6 +376,9 @@ def validate(cfg: MelConfig) -> None:
 
     need(cfg.sampling.group_size >= 2, "sampling.group_size", "GRPO needs at least 2 rollouts per prompt")
     need(cfg.sampling.prompts_per_step >= 1, "sampling.prompts_per_step", "must be >= 1")
+    need(cfg.optim.fsdp_processes >= 1, "optim.fsdp_processes", "must be >= 1")
+    need(cfg.optim.fsdp_processes == 1 or not cfg.model.lora.enabled, "optim.fsdp_processes",
+         "LoRA updates train in one process (only the adapters train): set it to 1")
     need(cfg.sampling.chunk_sequences >= 1, "sampling.chunk_sequences", "must be >= 1")
     need(cfg.orchestration.runner in ("local", "ray"), "orchestration.runner", "local or ray")
     need(cfg.orchestration.runner == "local" or cfg.model.engine == "hf", "orchestration.runner",

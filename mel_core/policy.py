@@ -69,6 +69,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def write_atomically(path: str | Path, write) -> Path:
+    """`write(tmp)` fills a temp directory beside `path`, which is then renamed to `path`: a checkpoint is
+    whole or absent. An existing `path` is kept as it is."""
+    path = Path(path)
+    if path.exists():
+        return path
+    for stale in path.parent.glob(path.name + ".tmp-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 class Policy:
     def __init__(self, cfg: MelConfig, path: str | Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,6 +122,8 @@ class Policy:
                                            weight_decay=o.weight_decay)
         self._ref_model = None
         self._base_path = str(path)
+        # (rank, world size) when this process trains one shard of a data-parallel update (mel_core/distributed.py)
+        self.data_parallel: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ versions and checkpoints
 
@@ -140,19 +166,13 @@ class Policy:
 
     def save_checkpoint(self, path: str | Path, update_stats: dict | None = None) -> Path:
         """Write model + tokenizer + optimizer (+ the update's stats) to `path` atomically (temp dir, then rename)."""
-        path = Path(path)
-        if path.exists():
-            return path
-        for stale in path.parent.glob(path.name + ".tmp-*"):  # left by a process killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        self.model.save_pretrained(str(tmp))
-        self.tokenizer.save_pretrained(str(tmp))
-        torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        if update_stats is not None:
-            (tmp / UPDATE_STATS_FILE).write_text(json.dumps(update_stats, sort_keys=True))
-        os.replace(tmp, path)
-        return path
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            if update_stats is not None:
+                (tmp / UPDATE_STATS_FILE).write_text(json.dumps(update_stats, sort_keys=True))
+        return write_atomically(path, write)
 
     @staticmethod
     def saved_update_stats(path: str | Path) -> dict | None:
@@ -257,7 +277,7 @@ class Policy:
                 rl_total, nll_total, metrics = 0.0, 0.0, {}
                 # Micro-batches of similar lengths: each is cut to its longest row, so less padding is computed.
                 by_length = mb[torch.argsort(lengths[mb], stable=True)]
-                for part in torch.split(by_length, micro):
+                for part, keep in self._my_parts(torch.split(by_length, micro)):
                     p_ids, p_attn, m_mask = self._rows(ids, attn, mask, part)  # [m, p+t], [m, p+t], [m, t]
                     t = m_mask.size(1)
                     logps = losses.per_token_logps(self.model, p_ids, p_attn, t, T)  # [m, t]
@@ -267,20 +287,24 @@ class Policy:
                         ref_per_token_logps=ref[part, :t] if ref is not None else None, beta=L.beta,
                         epsilon=L.epsilon, epsilon_high=L.epsilon_high,
                         max_completion_length=self.cfg.sampling.max_new_tokens)
-                    w = losses.micro_batch_weight(L.policy_loss, m_mask, mask[mb])
-                    self._backward(w * loss_part, "rl")
+                    w = losses.micro_batch_weight(L.policy_loss, m_mask, mask[mb]) * keep
+                    self._backward(w * loss_part * self._grad_scale, "rl")
                     rl_total += w * loss_part.item()
                     for k, v in met.items():
                         metrics[k] = metrics.get(k, 0.0) + w * float(v)
-                for part in torch.split(nll_mb, micro) if len(nll_mb) else []:
+                for part, keep in self._my_parts(torch.split(nll_mb, micro) if len(nll_mb) else []):
                     p_ids, p_attn, p_mask = self._rows(n_ids, n_attn, n_mask, part)
                     n_logps = losses.per_token_logps(self.model, p_ids, p_attn, p_mask.size(1), 1.0)  # [m, t]
                     nl, _ = losses.nll_loss(n_logps, p_mask)
-                    w = len(part) / len(nll_mb)
-                    self._backward(L.nll_coef * w * nl, "nll")
+                    w = len(part) / len(nll_mb) * keep
+                    self._backward(L.nll_coef * w * nl * self._grad_scale, "nll")
                     nll_total += w * nl.item()
+                if self.data_parallel is not None:  # each rank summed its share of the micro-batches
+                    rl_total, nll_total, *values = _all_reduce_sum([rl_total, nll_total, *metrics.values()])
+                    metrics = dict(zip(metrics, values))
                 clip = O.max_grad_norm
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded
                 if not torch.isfinite(grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
                     raise NonFiniteLoss(f"gradient norm is {grad_norm.item()}: step refused")
@@ -296,11 +320,31 @@ class Policy:
         out.update(num_sequences=N, num_nll_sequences=len(nll.prompts) if use_nll else 0, optimizer_steps=steps)
         return out
 
+    @property
+    def _grad_scale(self) -> float:
+        """A sharded model's gradients are averaged over ranks; each rank's losses are shares of the one
+        batch loss, whose gradient is their sum: scale by the world size."""
+        return float(self.data_parallel[1]) if self.data_parallel else 1.0
+
+    def _my_parts(self, parts) -> list[tuple[torch.Tensor, float]]:
+        """(micro-batch, 1.0) for each micro-batch this process computes. Data-parallel: every rank-th one,
+        and as many on every rank — each forward and backward of a sharded model is a collective — so a
+        rank short of one recomputes its first with weight 0."""
+        parts = list(parts)
+        if self.data_parallel is None:
+            return [(p, 1.0) for p in parts]
+        rank, world = self.data_parallel
+        mine = [(p, 1.0) for p in parts[rank::world]]
+        return mine + [(parts[0], 0.0)] * (-(-len(parts) // world) - len(mine))
+
     def _refuse_non_finite_weights(self) -> None:
         """A finite loss and gradient can still step to inf/NaN weights (e.g. an infinite learning rate);
         saving them would hand every later step a NaN loss. One device sync for all parameters."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+        finite = torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in params]).all()
+        if self.data_parallel is not None:  # every rank must refuse, or the others wait for it forever
+            finite = torch.tensor(_all_reduce_sum([0.0 if finite else 1.0])[0] == 0)
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss("the optimizer step left non-finite weights: step refused, no checkpoint written")
 

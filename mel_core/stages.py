@@ -12,9 +12,11 @@ import datetime as dt
 import time
 import uuid
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
+from mel_core import config as config_mod
 from mel_core import experience, library, losses
 from mel_core.engines.base import SamplingParams
 from mel_core.errors import InjectedFault, InjectedPermanentFault
@@ -345,6 +347,23 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
 # ---------------------------------------------------------------------------------- 7. update
 
 
+def _distributed_update(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll) -> dict:
+    """The step on optim.fsdp_processes torchrun processes (mel_core/distributed.py); the flow's own policy
+    then loads the checkpoint they wrote, to generate from it."""
+    from mel_core import distributed
+    from mel_core.policy import write_atomically
+
+    stats = {}
+
+    def train(tmp: Path) -> None:
+        stats.update(distributed.launch(config_mod.to_dict(rt.cfg), ckpt.path, rl, nll, tmp,
+                                        rt.cfg.optim.fsdp_processes))
+
+    write_atomically(new.path, train)
+    rt.ensure_version(new)
+    return stats
+
+
 def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     """One optimizer step on L_RL + lambda * L_NLL; the checkpoint, the update row and the
     "internalized" links commit together after the checkpoint directory is in place."""
@@ -382,15 +401,18 @@ def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
         rt.ensure_version(new)
     else:
         rt.ensure_version(ckpt)
-        try:
-            stats = rt.policy.train_step(rl, nll)
-            rt.policy.save_checkpoint(new.path, update_stats=stats)
-        except BaseException:
-            # The weights may have moved before the failure (a refused step, a failed save): the next use of
-            # this process's policy, e.g. the retry, must reload `ckpt` instead of training on from them.
-            rt.forget_version()
-            raise
-        rt.trained_to(new)  # the HF engine's module holds the new weights already; vLLM reloads them
+        if cfg.optim.fsdp_processes > 1:
+            stats = _distributed_update(rt, ckpt, new, rl, nll)
+        else:
+            try:
+                stats = rt.policy.train_step(rl, nll)
+                rt.policy.save_checkpoint(new.path, update_stats=stats)
+            except BaseException:
+                # The weights may have moved before the failure (a refused step, a failed save): the next use of
+                # this process's policy, e.g. the retry, must reload `ckpt` instead of training on from them.
+                rt.forget_version()
+                raise
+            rt.trained_to(new)  # the HF engine's module holds the new weights already; vLLM reloads them
     update_id = make_id("update", rt.run_id, step, ckpt.checkpoint_id)
     heuristic_ids = rt.store.query(
         "SELECT h.heuristic_id, h.analysis_id FROM heuristics h JOIN analyses a USING (analysis_id) "

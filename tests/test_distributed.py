@@ -1,0 +1,90 @@
+"""The update stage on 2 processes with FSDP2 (torchrun, gloo on CPU) takes the step one process takes:
+same weights, same stats, and the optimizer state it saves continues the next step the same way."""
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mel_core import config as C
+from mel_core import distributed
+from mel_core.policy import NLLBatch, Policy, RLBatch
+from tests.conftest import build_micro_model
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _batch(tok, seed: int):
+    rng = random.Random(seed)
+    ids = [i for i in range(tok.vocab_size) if i not in tok.all_special_ids]
+    prompts = [f"Q: {rng.randint(1, 20)}+{rng.randint(1, 20)}*{rng.randint(1, 9)} =" for _ in range(10)]
+    completions = [[rng.choice(ids) for _ in range(rng.randint(2, 12))] for _ in prompts]  # ragged
+    advantages = torch.tensor([rng.uniform(-1, 1) for _ in prompts])
+    nll = NLLBatch(prompts=prompts[:3], target_ids=[[rng.choice(ids) for _ in range(rng.randint(3, 9))] for _ in range(3)])
+    return RLBatch(prompts=prompts, completion_ids=completions, advantages=advantages), nll
+
+
+def _weights(path):
+    return load_file(f"{path}/model.safetensors")
+
+
+def test_fsdp_update_equals_the_single_process_update(tmp_path):
+    model = build_micro_model(tmp_path / "micro", num_layers=2)
+    # 10 sequences in micro-batches of 4: 3 parts, so one rank also runs a zero-weight part
+    cfg = C.load("configs/tiny.yaml", ["optim.lr=1e-3", "optim.micro_batch_size=4", "run.torch_threads=1",
+                                       "optim.fsdp_processes=2"])
+    single = Policy(cfg, model)
+    steps = [_batch(single.tokenizer, seed) for seed in (0, 1)]
+
+    start = model
+    for k, (rl, nll) in enumerate(steps, start=1):
+        expected = single.train_step(rl, nll)
+        reference = single.save_checkpoint(tmp_path / f"single-{k}")
+        out = tmp_path / f"fsdp-{k}"
+        got = distributed.launch(C.to_dict(cfg), str(start), rl, nll, out, 2)
+        for key in ("loss", "rl_loss", "nll_loss", "grad_norm"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+        assert got["num_sequences"] == 10 and got["num_nll_sequences"] == 3
+        a, b = _weights(reference), _weights(out)
+        assert a.keys() == b.keys()
+        moved = [n for n in a if not torch.equal(a[n], _weights(start)[n])]
+        assert moved, "the step changed no weight"
+        worst = max((a[n] - b[n]).abs().max().item() for n in a)
+        print(f"step {k}: loss {got['loss']:.6f} vs {expected['loss']:.6f}, max |weight difference| {worst:.2e}")
+        assert worst < 1e-5, f"step {k}: weights differ by {worst}"
+        # the saved optimizer state has the single-process layout: a one-process policy loads it
+        Policy(cfg, out).load_checkpoint(out)
+        start = out  # the next step starts from the distributed checkpoint (its optimizer state included)
+
+
+def test_config_refuses_fsdp_with_lora():
+    with pytest.raises(C.ConfigError, match="optim.fsdp_processes"):
+        C.load("configs/tiny.yaml", ["optim.fsdp_processes=2", "model.lora.enabled=true"])
+
+
+def test_a_mel_step_with_an_fsdp_update_records_what_a_single_process_step_records(tmp_path):
+    """The stages with optim.fsdp_processes=2: same checkpoint id and weights, the flow's policy serves the
+    new weights, and update rows and links as in one process."""
+    from mel_core import stages
+    from mel_core.runtime import Runtime
+    from tests.test_stages import _step
+
+    results = {}
+    for n in (1, 2):
+        cfg = C.load("configs/tiny.yaml", ["run.name=fsdp", f"run.root_dir={tmp_path / str(n)}", "run.torch_threads=1",
+                                           "sampling.prompts_per_step=8", f"optim.fsdp_processes={n}"])
+        rt = Runtime(cfg)
+        base = stages.base_checkpoint(rt)
+        stages.register_run(rt, base)
+        out = _step(rt, 1, base)
+        served = {k: v.detach().clone() for k, v in rt.policy.model.state_dict().items()}
+        results[n] = (out, rt.store.query("SELECT update_id, num_sequences, num_nll_sequences FROM updates"),
+                      rt.store.query("SELECT * FROM internalized ORDER BY heuristic_id"), served)
+    (one, one_rows, one_links, one_served), (two, two_rows, two_links, two_served) = results[1], results[2]
+    assert two["checkpoint_id"] == one["checkpoint_id"] and two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert one_rows == two_rows and one_links == two_links and one_links, "no internalized heuristic to compare"
+    a, b = _weights(one["path"]), _weights(two["path"])
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
+    # the flow's policy moved to the checkpoint the torchrun group wrote
+    assert all(torch.equal(two_served[n], b[n]) for n in b)
