@@ -146,15 +146,21 @@ def _iteration_seconds(since: float) -> list[float]:
     return [(r.end_time - r.start_time).total_seconds() for r in runs if r.state and r.state.is_completed()]
 
 
+def _run_to_end(root: Path, name: str, prompts: int, env: dict, log_name: str, what: str) -> float:
+    """A `mel run` to its end; its wall seconds (a failure raises with its log's tail)."""
+    t0 = time.time()
+    run = _mel_run(root, name, prompts, env, root / log_name)
+    run.wait()
+    if run.returncode:
+        raise RuntimeError(f"{what} run failed: {(root / log_name).read_text()[-2000:]}")
+    return time.time() - t0
+
+
 def resume(root: Path, prompts: int, env: dict, log) -> dict:
     """A full one-step `mel run`, then one killed in `update` and restarted (cold processes, same server)."""
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    full = _mel_run(root, "resume-full", prompts, env, root / "full.log")
-    full.wait()
-    full_wall = time.time() - t0
-    if full.returncode:
-        raise RuntimeError(f"uninterrupted run failed: {(root / 'full.log').read_text()[-2000:]}")
+    full_wall = _run_to_end(root, "resume-full", prompts, env, "full.log", "uninterrupted")
     (full_step,) = _iteration_seconds(t0)
     full_stage_s = Store(root / "resume-full" / "mel.duckdb").query(
         "SELECT sum(seconds) AS s FROM stage_runs WHERE stage != 'warm_start'")[0]["s"]
@@ -170,11 +176,7 @@ def resume(root: Path, prompts: int, env: dict, log) -> dict:
     log("  killed while update ran; restarting")
 
     restart = time.time()
-    again = _mel_run(root, "resume-kill", prompts, env, root / "resumed.log")
-    again.wait()
-    resumed_wall = time.time() - restart
-    if again.returncode:
-        raise RuntimeError(f"resumed run failed: {(root / 'resumed.log').read_text()[-2000:]}")
+    resumed_wall = _run_to_end(root, "resume-kill", prompts, env, "resumed.log", "resumed")
     (resumed_step,) = _iteration_seconds(restart)
     after = dt.datetime.fromtimestamp(restart, dt.timezone.utc).replace(tzinfo=None)
     executed = Store(db).query("SELECT stage, status, seconds FROM stage_runs WHERE started_at >= ? AND step = 1 "

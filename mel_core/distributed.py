@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,6 @@ def launch(config: dict, checkpoint: str, rl, nll, out: Path, nproc: int, *, tim
     stats = Policy.saved_update_stats(out)
     if stats is None:
         raise DistributedUpdateError(f"the distributed update wrote no stats into {out}")
-    import shutil
     shutil.rmtree(work, ignore_errors=True)
     return stats
 

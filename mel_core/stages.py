@@ -12,7 +12,6 @@ import datetime as dt
 import time
 import uuid
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
@@ -351,17 +350,12 @@ def _distributed_update(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll)
     """The step on optim.fsdp_processes torchrun processes (mel_core/distributed.py); the flow's own policy
     then loads the checkpoint they wrote, to generate from it."""
     from mel_core import distributed
-    from mel_core.policy import write_atomically
+    from mel_core.policy import Policy, write_atomically
 
-    stats = {}
-
-    def train(tmp: Path) -> None:
-        stats.update(distributed.launch(config_mod.to_dict(rt.cfg), ckpt.path, rl, nll, tmp,
-                                        rt.cfg.optim.fsdp_processes))
-
-    write_atomically(new.path, train)
+    write_atomically(new.path, lambda tmp: distributed.launch(config_mod.to_dict(rt.cfg), ckpt.path, rl, nll, tmp,
+                                                              rt.cfg.optim.fsdp_processes))
     rt.ensure_version(new)
-    return stats
+    return Policy.saved_update_stats(new.path)  # written beside the weights by rank 0
 
 
 def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
