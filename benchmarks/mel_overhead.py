@@ -27,6 +27,7 @@ from benchmarks._doc import write_section  # noqa: E402
 from mel_core import config as C  # noqa: E402
 from mel_core import stages  # noqa: E402
 from mel_core.runtime import Runtime  # noqa: E402
+from mel_core.stage_names import STAGES
 
 GRPO_STAGES = ("sample", "verify", "update")
 
@@ -45,7 +46,7 @@ def timed_step(rt: Runtime, step: int) -> dict[str, float]:
     """Seconds per stage of one step from the base policy (reloaded outside the timing)."""
     base = stages.base_checkpoint(rt)
     rt.ensure_version(base)
-    names = stages.STAGES if rt.cfg.experience.enabled else GRPO_STAGES
+    names = STAGES if rt.cfg.experience.enabled else GRPO_STAGES
     calls = {"sample": lambda: stages.sample(rt, step, base), "verify": lambda: stages.verify(rt, step),
              "pair": lambda: stages.pair(rt, step), "diagnose": lambda: stages.diagnose(rt, step, base),
              "abstract": lambda: stages.abstract(rt, step, base), "replay": lambda: stages.replay(rt, step, base),
@@ -99,7 +100,7 @@ def main(argv=None) -> dict:
         lines += [f"B={r['prompts']} G={r['group_size']} (same rollouts in both arms: {r['same_rollouts']}; "
                   f"{r['analyses']:.1f} analyses and {r['accepted']:.1f} accepted per step on average)", "",
                   "| stage | GRPO s | MEL s |", "|---|---|---|"]
-        lines += [f"| {s} | {g.get(s, 0):.2f} | {m.get(s, 0):.2f} |" for s in stages.STAGES]
+        lines += [f"| {s} | {g.get(s, 0):.2f} | {m.get(s, 0):.2f} |" for s in STAGES]
         lines += [f"| **step** | **{r['totals']['grpo']:.2f}** | **{r['totals']['mel']:.2f}** |", "",
                   f"- **MEL step ÷ GRPO step: {r['ratio']:.2f}** (goal ≤ 1.25)", ""]
         print(f"B={r['prompts']}: grpo {r['totals']['grpo']:.2f}s, mel {r['totals']['mel']:.2f}s, ratio {r['ratio']:.3f}")

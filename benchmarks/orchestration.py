@@ -37,6 +37,7 @@ from benchmarks._doc import write_section  # noqa: E402
 from mel_core import config as C  # noqa: E402
 from mel_core import serve, stages  # noqa: E402
 from mel_core.runtime import get_runtime  # noqa: E402
+from mel_core.stage_names import STAGES
 from mel_core.store import Store  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +52,7 @@ def free_port() -> int:
 def stage_calls(step: int, ckpt) -> dict:
     """Each stage with the arguments its Prefect task passes (the checkpoint where the task takes one)."""
     needs_ckpt = {"sample", "diagnose", "abstract", "replay", "update"}
-    return {name: (getattr(stages, name), (step, ckpt) if name in needs_ckpt else (step,)) for name in stages.STAGES}
+    return {name: (getattr(stages, name), (step, ckpt) if name in needs_ckpt else (step,)) for name in STAGES}
 
 
 def run_bare(rt, step, ckpt):
@@ -137,7 +138,12 @@ def _running_update(db: Path) -> bool:
 def _iteration_seconds(since: float) -> list[float]:
     """Wall seconds of the completed `mel-iteration` flow runs that started after `since` (epoch s)."""
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterStartTime
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+    )
 
     after = dt.datetime.fromtimestamp(since, dt.timezone.utc)
     with get_client(sync_client=True) as client:

@@ -13,7 +13,8 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from flows.evaluate import evaluate_if_due
 from flows.iteration import iteration
 from mel_core.config import from_dict
-from mel_core.runtime import Checkpoint, get_runtime
+from mel_core.runlock import run_lock
+from mel_core.runtime import Checkpoint, get_runtime, run_dir_of
 from mel_core.stages import register_run
 from mel_core.summary import format_step, step_summary
 from tasks import warm_start_task
@@ -40,6 +41,11 @@ def announce(line: str) -> None:
 def campaign(config: dict) -> dict:
     """`config` is a plain dict (mel_core.config.to_dict); it is validated before any work starts."""
     cfg = from_dict(config)
+    with run_lock(run_dir_of(cfg), log=announce):  # one campaign per run directory, before its first record
+        return _campaign(config, cfg)
+
+
+def _campaign(config: dict, cfg) -> dict:
     rt = get_runtime(cfg)
     rt.train_problems  # loaded first: a missing, malformed or empty dataset fails here, before any work
 

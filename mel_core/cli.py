@@ -22,58 +22,62 @@ from mel_core import serve
 
 
 def _prefect_env(verbose: bool) -> None:
-    """Prefect state under the working directory (never $HOME), telemetry off, quiet by default."""
+    """Prefect state under the working directory (never $HOME), telemetry off, silent unless -v: mel prints
+    its own one-line progress and failure lines (a failed stage logs one line through logger 'mel')."""
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The temporary API server needs more than Prefect's default on a loaded 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # its SQLite file cannot create the dir
 
 
 def _find_db(arg: str | None) -> Path:
+    """The store a reader command names (a file or a run directory), else the newest under ./runs."""
+    from mel_core.store import MissingStore
+
     if arg:
         p = Path(arg)
         p = p / "mel.duckdb" if p.is_dir() else p
-        if not p.exists():
-            sys.exit(f"mel: no DuckDB file at {p}")
+        if not p.is_file():
+            raise MissingStore(f"no store at {p}")
         return p
     found = sorted(Path("runs").glob("*/mel.duckdb"), key=lambda p: p.stat().st_mtime)
     if not found:
-        sys.exit("mel: no run found under ./runs; pass --db PATH")
+        raise MissingStore("no run found under ./runs; pass --db PATH")
     return found[-1]
 
 
 def cmd_run(args) -> int:
     from mel_core import config as config_mod
+    from mel_core import runlock
     from mel_core.data import load_problems
-    from mel_core.errors import PermanentError
+    from mel_core.runtime import run_dir_of
 
+    # Everything that can be refused is refused here, before Prefect starts or any file is created.
+    cfg = config_mod.load(args.config, args.overrides)
+    load_problems(cfg.data)  # a missing, malformed or empty dataset is reported before Prefect starts
+    run_dir = run_dir_of(cfg)
+    held = runlock.holder(run_dir)
+    if held:
+        raise runlock.RunLocked(f"run directory {run_dir} is in use by another campaign: pid {held.get('pid')} on "
+                                f"{held.get('host')}, started {held.get('started_at')}; wait for it to end, "
+                                f"or stop it, then run again (it resumes)")
+    runlock.ensure_writable(run_dir)
     _prefect_env(args.verbose)
-    try:
-        cfg = config_mod.load(args.config, args.overrides)
-        load_problems(cfg.data)  # a missing, malformed or empty dataset is reported before Prefect starts
-    except PermanentError as e:
-        print(f"mel: {e}", file=sys.stderr)
-        return 2
     from flows.campaign import campaign
 
     t0 = time.time()
     print(f"mel: campaign '{cfg.run.name}' — {cfg.run.steps} steps, model {cfg.model.name_or_path}, "
           f"B={cfg.sampling.prompts_per_step} G={cfg.sampling.group_size}", flush=True)
-    try:
-        result = campaign(config_mod.to_dict(cfg))
-    except PermanentError as e:  # retrying cannot help (a refused non-finite step, a data error): say why
-        print(f"mel: campaign failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    result = campaign(config_mod.to_dict(cfg))
     db = result["db"]
-    from mel_core.store import Store
-    store = Store(db)
-    hid = store.query("SELECT heuristic_id FROM heuristics WHERE run_id = ? AND accepted ORDER BY step DESC, "
-                      "heuristic_id LIMIT 1", [result["run_id"]])
+    from mel_core.store import StoreReader
+    with StoreReader(db) as store:
+        hid = store.query("SELECT heuristic_id FROM heuristics WHERE run_id = ? AND accepted ORDER BY step DESC, "
+                          "heuristic_id LIMIT 1", [result["run_id"]])
     print(f"\nmel: done in {time.time() - t0:.0f}s")
     print(f"  DuckDB:      {db}")
     print(f"  checkpoints: {Path(result['final_checkpoint']['path']).parent}")
@@ -89,27 +93,35 @@ def cmd_run(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from mel_core.store import ReadOnlyViolation, Store, check_read_only, format_table
+    from mel_core.store import StoreReader, check_read_only, format_table
 
-    try:
-        check_read_only(args.sql)
-    except ReadOnlyViolation as e:
-        print(f"mel: {e}", file=sys.stderr)
-        return 2
-    store = Store.open_existing(_find_db(args.db))
-    try:
-        cols, rows = store.query_readonly(args.sql)
-    except Exception as e:  # SQL errors are the user's to fix: say what DuckDB said
-        print(f"mel: query failed: {e}", file=sys.stderr)
-        return 2
+    check_read_only(args.sql)  # refused before any file is opened
+    with StoreReader(_find_db(args.db)) as store:
+        try:
+            cols, rows = store.query_user(args.sql)
+        except duckdb_error() as e:  # SQL errors and refused operations are the user's to fix: say what DuckDB said
+            raise UserSQLError(f"query failed: {str(e).splitlines()[0]}") from e
     print(format_table(cols, rows, max_width=args.width))
     return 0
 
 
-def cmd_lineage(args) -> int:
-    from mel_core.store import Store
+class UserSQLError(RuntimeError):
+    """The user's SQL failed or asked for something a reader may not do."""
 
-    store = Store.open_existing(_find_db(args.db))
+
+def duckdb_error():
+    import duckdb
+    return duckdb.Error
+
+
+def cmd_lineage(args) -> int:
+    from mel_core.store import StoreReader
+
+    with StoreReader(_find_db(args.db)) as store:
+        return _lineage(args, store)
+
+
+def _lineage(args, store) -> int:
     if args.checkpoint:
         rows = store.query("SELECT * FROM checkpoint_heuristics WHERE checkpoint_id = ? ORDER BY heuristic_step, "
                            "heuristic_id", [args.checkpoint])
@@ -159,14 +171,10 @@ def cmd_serve(args) -> int:
 def cmd_deploy(args) -> int:
     from mel_core import config as config_mod
 
+    if args.run:  # the deployed flow validates too; this fails before anything reaches the server
+        config_mod.load(args.config, args.overrides)
     _prefect_env(verbose=False)
     url = args.api_url or os.environ.get("PREFECT_API_URL") or serve.api_url("127.0.0.1", serve.DEFAULT_PORT)
-    if args.run:
-        try:  # the deployed flow validates too; this fails before anything reaches the server
-            config_mod.load(args.config, args.overrides)
-        except config_mod.ConfigError as e:
-            print(f"mel: {e}", file=sys.stderr)
-            return 2
     if not serve.healthy(url):
         print(f"mel: no Prefect server at {url}; start one with `mel serve` or pass --api-url", file=sys.stderr)
         return 1
@@ -189,11 +197,7 @@ def cmd_deploy(args) -> int:
 def cmd_report(args) -> int:
     from mel_core import report
 
-    try:
-        path = report.write_report(report.resolve_run(args.run, args.root), args.out, args.top)
-    except report.ReportError as e:
-        print(f"mel: {e}", file=sys.stderr)
-        return 1
+    path = report.write_report(report.resolve_run(args.run, args.root), args.out, args.top)
     print(f"mel: report written to {path}")
     for png in sorted(path.parent.glob("*.png")):
         print(f"  {png}")
@@ -214,12 +218,11 @@ def cmd_eval(args) -> int:
     import json
 
     from mel_core import config as config_mod
-    from mel_core.errors import PermanentError
+    from mel_core.checkpoint_files import checkpoint_problem
     from mel_core.evaluate import dataset_name, load_dataset
     from mel_core.runtime import DB_FILE, get_runtime
-    from mel_core.store import Store, format_table, make_id
+    from mel_core.store import StoreReader, format_table, make_id
 
-    _prefect_env(args.verbose)
     # `--datasets a b key=value`: argparse hands the trailing overrides to --datasets; take them back.
     args.overrides = [d for d in args.datasets or [] if "=" in d] + args.overrides
     args.datasets = [d for d in args.datasets or [] if "=" not in d]
@@ -227,34 +230,36 @@ def cmd_eval(args) -> int:
     db = _checkpoint_db(args, as_path)
     row = None
     if db is not None:
-        found = Store.open_existing(db).query(
-            "SELECT c.checkpoint_id, c.path, c.step, c.run_id, r.config_json FROM checkpoints c LEFT JOIN runs r "
-            "USING (run_id) WHERE c.checkpoint_id = ? OR c.path = ? ORDER BY c.step LIMIT 1",
-            [args.checkpoint, str(as_path.resolve())])
+        with StoreReader(db) as reader:
+            found = reader.query(
+                "SELECT c.checkpoint_id, c.path, c.step, c.run_id, r.config_json FROM checkpoints c LEFT JOIN runs r "
+                "USING (run_id) WHERE c.checkpoint_id = ? OR c.path = ? ORDER BY c.step LIMIT 1",
+                [args.checkpoint, str(as_path.resolve())])
         row = found[0] if found else None
     if row is None and not as_path.is_dir():
         print(f"mel: {args.checkpoint} is neither a checkpoint directory nor a checkpoint id in {db}", file=sys.stderr)
         return 1
-    try:
-        if args.config:
-            cfg = config_mod.load(args.config, args.overrides)
-        elif row and row["config_json"]:  # the run's own config: same model, prompts and data settings
-            cfg = config_mod.load(overrides=args.overrides, base=json.loads(row["config_json"]))
-        else:
-            cfg = config_mod.load("configs/tiny.yaml", args.overrides)
-        if db is not None:  # write next to the checkpoint's run: the runtime's store is <root_dir>/<name>/mel.duckdb
-            if db.name != DB_FILE:
-                raise config_mod.ConfigError(f"--db: expected a run directory or its {DB_FILE}, got {db}")
-            cfg = config_mod.load(overrides=[f"run.root_dir={db.parent.parent.resolve()}", f"run.name={db.parent.name}"],
-                                  base=config_mod.to_dict(cfg))
-        datasets = args.datasets or list(cfg.eval.datasets)
-        if not datasets:
-            raise config_mod.ConfigError("no datasets: pass --datasets or set eval.datasets")
-        for d in datasets:  # a missing or malformed file fails here, before Prefect starts
-            load_dataset(cfg, d)
-    except (PermanentError, FileNotFoundError) as e:
-        print(f"mel: {e}", file=sys.stderr)
+    problem = checkpoint_problem(Path(row["path"]) if row else as_path)
+    if problem:
+        print(f"mel: {row['path'] if row else as_path} is not a checkpoint: {problem}", file=sys.stderr)
         return 2
+    if args.config:
+        cfg = config_mod.load(args.config, args.overrides)
+    elif row and row["config_json"]:  # the run's own config: same model, prompts and data settings
+        cfg = config_mod.load(overrides=args.overrides, base=json.loads(row["config_json"]))
+    else:
+        cfg = config_mod.load("configs/tiny.yaml", args.overrides)
+    if db is not None:  # write next to the checkpoint's run: the runtime's store is <root_dir>/<name>/mel.duckdb
+        if db.name != DB_FILE:
+            raise config_mod.ConfigError(f"--db: expected a run directory or its {DB_FILE}, got {db}")
+        cfg = config_mod.load(overrides=[f"run.root_dir={db.parent.parent.resolve()}", f"run.name={db.parent.name}"],
+                              base=config_mod.to_dict(cfg))
+    datasets = args.datasets or list(cfg.eval.datasets)
+    if not datasets:
+        raise config_mod.ConfigError("no datasets: pass --datasets or set eval.datasets")
+    for d in datasets:  # a missing or malformed file fails here, before Prefect starts
+        load_dataset(cfg, d)
+    _prefect_env(args.verbose)
     checkpoint = ({"checkpoint_id": row["checkpoint_id"], "path": row["path"]} if row else
                   {"checkpoint_id": make_id("ckpt", "path", str(as_path.resolve())), "path": str(as_path.resolve())})
     from flows.evaluate import evaluate_checkpoint
@@ -279,15 +284,11 @@ def cmd_compare(args) -> int:
     from mel_core import compare as compare_mod
     from mel_core import config as config_mod
 
-    _prefect_env(args.verbose)
     command = compare_mod.command_line(args.argv)
     print(f"mel: {command}", flush=True)
-    try:
-        cfg = config_mod.load(args.config, args.overrides)
-        compare_mod.plan(cfg, args.name, args.seeds)  # every arm's config validates before any work
-    except config_mod.ConfigError as e:
-        print(f"mel: {e}", file=sys.stderr)
-        return 2
+    cfg = config_mod.load(args.config, args.overrides)
+    compare_mod.plan(cfg, args.name, args.seeds)  # every arm's config validates before any work
+    _prefect_env(args.verbose)
     from flows.compare import compare
 
     report = compare(config_mod.to_dict(cfg), args.name, args.seeds, command, args.out)
@@ -296,8 +297,32 @@ def cmd_compare(args) -> int:
     return 0
 
 
+DEBUG_ENV = "MEL_DEBUG"
+
+
+def _exit_code(e: BaseException) -> int:
+    """2: the input is wrong (config, data, a refused query, a store that is not mel's); 1: the work failed."""
+    from mel_core.config import ConfigError
+    from mel_core.data import DataError
+    from mel_core.runlock import RunDirError, RunLocked
+    from mel_core.store import StoreError
+
+    return 2 if isinstance(e, (ConfigError, DataError, StoreError, RunLocked, RunDirError, UserSQLError)) else 1
+
+
+def _one_line(e: BaseException) -> str:
+    from mel_core.errors import PermanentError
+
+    first = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, (PermanentError, UserSQLError)):
+        return first
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every failure is one line on stderr (and an exit code); the traceback only with --debug or MEL_DEBUG=1."""
     ap = argparse.ArgumentParser(prog="mel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_ENV}=1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a MEL campaign")
     r.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -355,7 +380,33 @@ def main(argv: list[str] | None = None) -> int:
     cp.set_defaults(fn=cmd_compare)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `mel compare` prints and records its command line
-    return args.fn(args)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    _log_stage_failures()
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mel: interrupted (a campaign resumes where it stopped when run again)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"mel: {_one_line(e)}  (--debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return _exit_code(e)
+
+
+def _log_stage_failures() -> None:
+    """Lines of logger 'mel' (a stage that failed and will be retried or not) to stderr, one each."""
+    import logging
+
+    log = logging.getLogger("mel")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mel: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 if __name__ == "__main__":

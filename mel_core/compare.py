@@ -34,8 +34,8 @@ import numpy as np
 
 from mel_core import config as config_mod
 from mel_core.config import ConfigError, MelConfig
-from mel_core.stages import STAGES
-from mel_core.store import Store
+from mel_core.stage_names import STAGES
+from mel_core.store import StoreReader
 from mel_core.summary import step_summary
 
 ARMS = ("grpo", "mel")
@@ -135,7 +135,7 @@ def paired_bootstrap(diff, n_resamples: int = BOOTSTRAP_RESAMPLES, level: float 
 # -------------------------------------------------------------------------------- reading the runs
 
 
-def _final_greedy(store: Store, run: ArmRun, dataset: str) -> dict[str, float]:
+def _final_greedy(store: StoreReader, run: ArmRun, dataset: str) -> dict[str, float]:
     rows = store.query("SELECT problem_id, reward FROM eval_samples WHERE run_id = ? AND checkpoint_id = ? "
                        "AND dataset = ? AND greedy", [run.run_id, run.final_checkpoint_id, dataset])
     return {r["problem_id"]: r["reward"] for r in rows}
@@ -143,21 +143,21 @@ def _final_greedy(store: Store, run: ArmRun, dataset: str) -> dict[str, float]:
 
 def _run_records(run: ArmRun) -> dict:
     """Per-step metrics and seconds, held-out metrics at eval points, final greedy rewards per problem."""
-    store = Store.open_existing(run.db)
-    steps = [s["step"] for s in store.query("SELECT DISTINCT step FROM metrics WHERE run_id = ? ORDER BY step",
-                                            [run.run_id])]
-    per_step = []
-    for step in steps:
-        s = step_summary(store, run.run_id, step)
-        secs = s.pop("stage_seconds")
-        per_step.append({**s, "seconds": sum(secs.get(st, 0.0) for st in STAGES),
-                         "stage_seconds": {st: secs[st] for st in STAGES if st in secs}})
-    heldout = store.query("SELECT dataset, step, pass_at_1, avg_at_k, pass_at_k, k, num_problems "
-                          "FROM heldout_accuracy WHERE run_id = ? ORDER BY dataset, step", [run.run_id])
-    datasets = sorted({h["dataset"] for h in heldout})
-    final = {ds: _final_greedy(store, run, ds) for ds in datasets}
-    prompts = store.query("SELECT step, position, problem_id FROM prompts WHERE run_id = ? ORDER BY step, position",
-                          [run.run_id])
+    with StoreReader(run.db) as store:
+        steps = [s["step"] for s in store.query("SELECT DISTINCT step FROM metrics WHERE run_id = ? ORDER BY step",
+                                                [run.run_id])]
+        per_step = []
+        for step in steps:
+            s = step_summary(store, run.run_id, step)
+            secs = s.pop("stage_seconds")
+            per_step.append({**s, "seconds": sum(secs.get(st, 0.0) for st in STAGES),
+                             "stage_seconds": {st: secs[st] for st in STAGES if st in secs}})
+        heldout = store.query("SELECT dataset, step, pass_at_1, avg_at_k, pass_at_k, k, num_problems "
+                              "FROM heldout_accuracy WHERE run_id = ? ORDER BY dataset, step", [run.run_id])
+        datasets = sorted({h["dataset"] for h in heldout})
+        final = {ds: _final_greedy(store, run, ds) for ds in datasets}
+        prompts = store.query("SELECT step, position, problem_id FROM prompts WHERE run_id = ? ORDER BY step, "
+                              "position", [run.run_id])
     return {"steps": per_step, "heldout": heldout, "final_greedy": final,
             "prompts": [(p["step"], p["position"], p["problem_id"]) for p in prompts]}
 

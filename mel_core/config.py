@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mel_core.errors import PermanentError
@@ -26,11 +26,16 @@ PAPER = "paper"
 CHOICE = "choice"
 
 
-def doc(default: Any, help: str, source: str = CHOICE, **kw) -> Any:
-    """A dataclass field with a one-line doc and where its value comes from (paper or our choice)."""
+def doc(default: Any, help: str, source: str = CHOICE, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None, one_of: tuple | None = None) -> Any:
+    """A dataclass field with a one-line doc, where its value comes from (paper or our choice), and its valid
+    range (ge/gt/le/lt bounds, or one_of a set of values), checked by :func:`validate` when a config loads."""
+    meta = {"help": help, "source": source,
+            "range": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None},
+            "one_of": one_of}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "source": source}, **kw)
-    return field(default=default, metadata={"help": help, "source": source}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def section(cls: type, help: str) -> Any:
@@ -47,30 +52,30 @@ class ConfigError(PermanentError, ValueError):
 @dataclass
 class RunConfig:
     name: str = doc("mel", "Run name; with the config hash it determines the run id.")
-    seed: int = doc(0, "Master seed: sampling, pairing and replay seeds derive from it and the step.")
-    steps: int = doc(4, "Number of MEL training steps in the campaign.")
+    seed: int = doc(0, "Master seed: sampling, pairing and replay seeds derive from it and the step.", ge=0)
+    steps: int = doc(4, "Number of MEL training steps in the campaign.", ge=1)
     root_dir: str = doc("runs", "Directory holding one sub-directory per run (DuckDB file, checkpoints).")
     cache_dir: str = doc(".cache/mel", "Where built artefacts shared across runs live (the tiny warm start).")
-    torch_threads: int = doc(0, "torch.set_num_threads for the process; 0 leaves torch's default.")
+    torch_threads: int = doc(0, "torch.set_num_threads for the process; 0 leaves torch's default.", ge=0)
 
 
 @dataclass
 class TinyModelConfig:
-    hidden_size: int = doc(128, "Embedded model width (Qwen2 architecture).")
-    num_layers: int = doc(4, "Transformer blocks.")
-    num_heads: int = doc(4, "Attention heads.")
-    num_kv_heads: int = doc(2, "Key/value heads (grouped-query attention, as Qwen2/3).")
-    intermediate_size: int = doc(512, "MLP width.")
-    vocab_size: int = doc(512, "Byte-level BPE vocabulary size trained on the synthetic corpus.")
-    max_position_embeddings: int = doc(512, "Context window of the tiny model, in tokens.")
+    hidden_size: int = doc(128, "Embedded model width (Qwen2 architecture).", ge=1)
+    num_layers: int = doc(4, "Transformer blocks.", ge=1)
+    num_heads: int = doc(4, "Attention heads.", ge=1)
+    num_kv_heads: int = doc(2, "Key/value heads (grouped-query attention, as Qwen2/3).", ge=1)
+    intermediate_size: int = doc(512, "MLP width.", ge=1)
+    vocab_size: int = doc(512, "Byte-level BPE vocabulary size trained on the synthetic corpus.", ge=260)
+    max_position_embeddings: int = doc(512, "Context window of the tiny model, in tokens.", ge=16)
 
 
 @dataclass
 class LoraSettings:
     enabled: bool = doc(False, "Train LoRA adapters (peft) instead of the full model; checkpoints are adapters.")
-    r: int = doc(16, "LoRA rank.")
-    alpha: int = doc(32, "LoRA alpha (scaling = alpha / r).")
-    dropout: float = doc(0.0, "LoRA dropout.")
+    r: int = doc(16, "LoRA rank.", ge=1)
+    alpha: int = doc(32, "LoRA alpha (scaling = alpha / r).", gt=0)
+    dropout: float = doc(0.0, "LoRA dropout.", ge=0, lt=1)
     target_modules: List[str] = doc(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                     "Modules that get adapters (all attention and MLP projections of Qwen2/3).")
 
@@ -78,45 +83,45 @@ class LoraSettings:
 @dataclass
 class VLLMSettings:
     kv_cache_gib: float = doc(0.0, "KV cache of the vLLM engine in GiB; 0 = vLLM's default (GPU: 0.9 of the device's "
-                              "memory, too much beside a colocated trainer; CPU: VLLM_CPU_KVCACHE_SPACE or what is free).")
+                              "memory, too much beside a colocated trainer; CPU: VLLM_CPU_KVCACHE_SPACE or what is free).", ge=0)
 
 
 @dataclass
 class ModelConfig:
     name_or_path: str = doc("tiny", "'tiny' builds the embedded model by warm start; otherwise an HF path or hub name (GPU configs).")
     engine: str = doc("hf", "Generation engine: hf (transformers generate on the training module itself) | vllm (a vLLM "
-                      "engine beside it, refreshed from each update's checkpoint; optional dependency, see README 'Scaling').")
+                      "engine beside it, refreshed from each update's checkpoint; optional dependency, see README 'Scaling').", one_of=("hf", "vllm"))
     vllm: VLLMSettings = section(VLLMSettings, "Settings of the vLLM engine (model.engine: vllm).")
-    dtype: str = doc("float32", "Parameter dtype: float32 | bfloat16.")
+    dtype: str = doc("float32", "Parameter dtype: float32 | bfloat16.", one_of=("float32", "bfloat16"))
     device: str = doc("auto", "Where the policy trains and the HF engine generates: auto (cuda when torch sees a GPU, "
                       "else cpu) | cpu | cuda | cuda:N.")
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward (GPU memory for long contexts).")
-    max_seq_len: int = doc(512, "Longest prompt+completion the update sees; longer retrospective contexts are left-truncated in the prompt part.")
+    max_seq_len: int = doc(512, "Longest prompt+completion the update sees; longer retrospective contexts are left-truncated in the prompt part.", ge=16)
     lora: LoraSettings = section(LoraSettings, "LoRA instead of full fine-tuning.")
     tiny: TinyModelConfig = section(TinyModelConfig, "Shape of the embedded tiny model.")
 
 
 @dataclass
 class WarmStartConfig:
-    steps: int = doc(700, "Optimizer steps of warm-start training of the tiny model (about 3.5 min on 2 cores).")
-    batch_size: int = doc(64, "Sequences per warm-start step.")
-    lr: float = doc(2e-3, "Peak learning rate (cosine decay to a tenth, linear warmup); 3e-3 and above learn arithmetic slower.")
-    warmup_steps: int = doc(30, "Linear warmup steps.")
-    analysis_fraction: float = doc(0.08, "Fraction of warm-start examples that teach the analysis format (parse rate ~1.0 already at 0.08).")
-    validation_fraction: float = doc(0.07, "Fraction that teach solving with a heuristic in context (the validation prompt).")
-    eval_problems: int = doc(200, "Held-out problems for the greedy accuracy printed after warm start.")
-    seed: int = doc(0, "Seed of warm-start data and initialisation.")
+    steps: int = doc(700, "Optimizer steps of warm-start training of the tiny model (about 3.5 min on 2 cores).", ge=1)
+    batch_size: int = doc(64, "Sequences per warm-start step.", ge=1)
+    lr: float = doc(2e-3, "Peak learning rate (cosine decay to a tenth, linear warmup); 3e-3 and above learn arithmetic slower.", gt=0)
+    warmup_steps: int = doc(30, "Linear warmup steps.", ge=0)
+    analysis_fraction: float = doc(0.08, "Fraction of warm-start examples that teach the analysis format (parse rate ~1.0 already at 0.08).", ge=0, le=1)
+    validation_fraction: float = doc(0.07, "Fraction that teach solving with a heuristic in context (the validation prompt).", ge=0, le=1)
+    eval_problems: int = doc(200, "Held-out problems for the greedy accuracy printed after warm start.", ge=1)
+    seed: int = doc(0, "Seed of warm-start data and initialisation.", ge=0)
 
 
 @dataclass
 class SyntheticConfig:
-    min_ops: int = doc(1, "Fewest operators per synthetic problem.")
-    max_ops: int = doc(2, "Most operators per synthetic problem.")
-    max_number: int = doc(20, "Operands are drawn from 1..max_number (20: the tiny warm start reaches ~30-70% greedy accuracy).")
+    min_ops: int = doc(1, "Fewest operators per synthetic problem.", ge=1)
+    max_ops: int = doc(2, "Most operators per synthetic problem.", ge=1)
+    max_number: int = doc(20, "Operands are drawn from 1..max_number (20: the tiny warm start reaches ~30-70% greedy accuracy).", ge=1)
     operators: str = doc("+-*", "Operators used; '*' binds tighter than '+'/'-'.")
-    train_size: int = doc(4096, "Problems in the training split.")
-    eval_size: int = doc(200, "Problems in the held-out split.")
-    seed: int = doc(1234, "Seed of problem generation (training and held-out splits do not overlap).")
+    train_size: int = doc(4096, "Problems in the training split.", ge=1)
+    eval_size: int = doc(200, "Problems in the held-out split.", ge=1)
+    seed: int = doc(1234, "Seed of problem generation (training and held-out splits do not overlap).", ge=0)
 
 
 @dataclass
@@ -125,65 +130,70 @@ class DataConfig:
     question_field: str = doc("problem", "JSONL field holding the question.")
     answer_field: str = doc("answer", "JSONL field holding the gold answer.")
     id_field: str = doc("", "JSONL field holding a row id; empty means the line number.")
+    too_long: str = doc("error", "A training problem whose solve prompt plus sampling.max_new_tokens does not fit the "
+                        "context (model.max_seq_len, and the model's own window): error (refuse the campaign before "
+                        "step 1, naming the problem) | skip (leave such problems out, counted in the log). Our "
+                        "choice: silently training on a cut prompt would teach the policy a different problem.",
+                        one_of=("error", "skip"))
     synthetic: SyntheticConfig = section(SyntheticConfig, "The embedded synthetic arithmetic task.")
 
 
 @dataclass
 class SamplingConfig:
-    prompts_per_step: int = doc(128, "Prompts per training step (B).", PAPER)
-    group_size: int = doc(8, "Rollouts per prompt (G).", PAPER)
-    temperature: float = doc(1.0, "Rollout sampling temperature.", PAPER)
-    top_p: float = doc(1.0, "Nucleus sampling; 1.0 disables it (top_k is always 0).")
-    max_new_tokens: int = doc(1024, "Longest rollout.")
+    prompts_per_step: int = doc(128, "Prompts per training step (B).", PAPER, ge=1)
+    group_size: int = doc(8, "Rollouts per prompt (G).", PAPER, ge=2)
+    temperature: float = doc(1.0, "Rollout sampling temperature.", PAPER, gt=0)
+    top_p: float = doc(1.0, "Nucleus sampling; 1.0 disables it (top_k is always 0).", gt=0, le=1)
+    max_new_tokens: int = doc(1024, "Longest rollout.", ge=1)
     chunk_sequences: int = doc(256, "Sequences per generation chunk: every generation (rollouts, analyses, replays) is cut "
                                "into chunks of this many sequences, each one batched generate call seeded with the call's "
                                "seed + chunk index, and the unit `orchestration.runner: ray` sends to a worker. HF engine "
-                               "only (vLLM batches on its own). Our choice.")
+                               "only (vLLM batches on its own). Our choice.", ge=1)
 
 
 @dataclass
 class ExperienceConfig:
     enabled: bool = doc(True, "Run the MEL stages (pair, diagnose, abstract, replay) and the NLL term; False is plain GRPO.")
-    pairing: str = doc("random", "How pairs are drawn from a mixed group: random (k per group, seeded) | all | disjoint (no rollout reused).")
-    pairs_per_group: int = doc(1, "k: contrastive (correct, incorrect) pairs drawn per mixed group (random/disjoint), with the step seed.")
-    analysis_temperature: float = doc(1.0, "Sampling temperature of the analysis (diagnose/abstract) generation.")
-    analysis_max_new_tokens: int = doc(1024, "Longest analysis generation.")
-    replays_per_experience: int = doc(1, "Replays of the question with the meta-experience in context.")
-    accept_min_correct: int = doc(1, "Replays that must verify for a meta-experience to be accepted (paper: the one replay must).", PAPER)
-    replay_temperature: float = doc(1.0, "Sampling temperature of replays.")
-    max_heuristics: int = doc(3, "Most heuristics kept from one analysis.")
+    pairing: str = doc("random", "How pairs are drawn from a mixed group: random (k per group, seeded) | all | disjoint (no rollout reused).", one_of=("random", "all", "disjoint"))
+    pairs_per_group: int = doc(1, "k: contrastive (correct, incorrect) pairs drawn per mixed group (random/disjoint), with the step seed.", ge=0)
+    analysis_temperature: float = doc(1.0, "Sampling temperature of the analysis (diagnose/abstract) generation.", ge=0)
+    analysis_max_new_tokens: int = doc(1024, "Longest analysis generation.", ge=1)
+    replays_per_experience: int = doc(1, "Replays of the question with the meta-experience in context.", ge=1)
+    accept_min_correct: int = doc(1, "Replays that must verify for a meta-experience to be accepted (paper: the one replay must).", PAPER, ge=1)
+    replay_temperature: float = doc(1.0, "Sampling temperature of replays.", ge=0)
+    max_heuristics: int = doc(3, "Most heuristics kept from one analysis.", ge=1)
     analysis_mode: str = doc("single_pass", "single_pass: s*, C and H in one generation (the paper's appendix "
                              "prompt); two_pass: H in a second batched call conditioned on s* and C (Eqs. 2-4; "
-                             "needs abstract.txt in the prompt set). Our choice between the paper's two descriptions.")
+                             "needs abstract.txt in the prompt set). Our choice between the paper's two descriptions.", one_of=("single_pass", "two_pass"))
 
 
 @dataclass
 class LossConfig:
     advantage: str = doc("grpo", "Advantage estimator by name (mel_core.losses.ADVANTAGES).", PAPER)
     policy_loss: str = doc("grpo", "Policy loss / aggregation by name (mel_core.losses.POLICY_LOSSES); grpo = per-sequence token mean, then mean (Eq. 10).", PAPER)
-    epsilon: float = doc(0.2, "PPO ratio clip range (the paper does not state it).")
-    epsilon_high: Optional[float] = doc(None, "Upper clip for DAPO clip-higher; None uses epsilon.")
-    beta: float = doc(0.0, "KL coefficient to the reference policy (k3); 0 as in the paper.", PAPER)
-    nll_coef: float = doc(1.0, "lambda in L = L_RL + lambda * L_NLL.", PAPER)
+    epsilon: float = doc(0.2, "PPO ratio clip range (the paper does not state it).", gt=0)
+    epsilon_high: Optional[float] = doc(None, "Upper clip for DAPO clip-higher; None uses epsilon.", gt=0)
+    beta: float = doc(0.0, "KL coefficient to the reference policy (k3); 0 as in the paper.", PAPER, ge=0)
+    nll_coef: float = doc(1.0, "lambda in L = L_RL + lambda * L_NLL.", PAPER, ge=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = doc(1e-6, "AdamW learning rate.", PAPER)
-    weight_decay: float = doc(0.0, "AdamW weight decay.")
+    lr: float = doc(1e-6, "AdamW learning rate.", PAPER, gt=0)
+    weight_decay: float = doc(0.0, "AdamW weight decay.", ge=0)
     betas: list = doc([0.9, 0.999], "AdamW betas.")
-    max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables it.")
-    mini_batch_size: int = doc(0, "Sequences per optimizer step; 0 = the whole batch (paper: mini-batch 128 = batch 128, one step).", PAPER)
-    epochs_per_step: int = doc(1, "PPO-style passes over the step's batch (ratios against pi_old log-probs); paper: 1.")
+    max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables it.", ge=0)
+    mini_batch_size: int = doc(0, "Sequences per optimizer step; 0 = the whole batch (paper: mini-batch 128 = batch 128, one step).", PAPER, ge=0)
+    epochs_per_step: int = doc(1, "PPO-style passes over the step's batch (ratios against pi_old log-probs); paper: 1.", ge=1)
     fsdp_processes: int = doc(1, "Processes the update stage trains in (one per GPU), its model sharded with FSDP2 "
                               "(fully_shard) and launched by torchrun (mel_core/distributed.py); 1 = in the flow's "
-                              "process. The step is the same either way, to float reduction order.")
-    micro_batch_size: int = doc(0, "Sequences per forward/backward (gradient accumulation, aggregation kept exact; sequences are grouped by length, so each computes less padding); 0 = whole mini-batch.")
+                              "process. The step is the same either way, to float reduction order.", ge=1)
+    micro_batch_size: int = doc(0, "Sequences per forward/backward (gradient accumulation, aggregation kept exact; sequences are grouped by length, so each computes less padding); 0 = whole mini-batch.", ge=0)
 
 
 @dataclass
 class VerifyConfig:
-    timeout_s: float = doc(5.0, "Time limit per verified item (math-verify runs in a worker process).")
+    timeout_s: float = doc(5.0, "Time limit per verified item (math-verify runs in a worker process).", gt=0)
 
 
 @dataclass
@@ -199,35 +209,35 @@ class PromptsConfig:
 class EvalConfig:
     datasets: List[str] = doc([], "Datasets to evaluate on: 'synthetic' or JSONL paths (MATH-500, AIME24/25, AMC23, GSM8K).")
     greedy: bool = doc(True, "Greedy Pass@1.", PAPER)
-    temperature: float = doc(0.6, "Sampling temperature of Avg@k / Pass@k.", PAPER)
-    k: int = doc(8, "Samples per problem for Avg@k / Pass@k (unbiased estimator, Chen et al. 2021); 0 = greedy only.", PAPER)
-    every_n_steps: int = doc(0, "Evaluate the campaign every N steps (and the base and final checkpoints); 0 = never during training.")
-    max_new_tokens: int = doc(4096, "Longest evaluation generation.")
-    max_problems: int = doc(0, "Evaluate the first N problems of each dataset (in file / split order); 0 = all of them.")
+    temperature: float = doc(0.6, "Sampling temperature of Avg@k / Pass@k.", PAPER, ge=0)
+    k: int = doc(8, "Samples per problem for Avg@k / Pass@k (unbiased estimator, Chen et al. 2021); 0 = greedy only.", PAPER, ge=0)
+    every_n_steps: int = doc(0, "Evaluate the campaign every N steps (and the base and final checkpoints); 0 = never during training.", ge=0)
+    max_new_tokens: int = doc(4096, "Longest evaluation generation.", ge=1)
+    max_problems: int = doc(0, "Evaluate the first N problems of each dataset (in file / split order); 0 = all of them.", ge=0)
 
 
 @dataclass
 class LibraryConfig:
     similarity_threshold: float = doc(0.7, "Cosine of text features (mel_core.library) at which a heuristic joins a cluster: "
                                       "lexical paraphrases score 0.75-1.0, rules sharing only a condition 0.63-0.68. "
-                                      "Bookkeeping only: not part of the config hash; a change re-clusters the run.")
+                                      "Bookkeeping only: not part of the config hash; a change re-clusters the run.", gt=0, le=1)
 
 
 @dataclass
 class StagePolicy:
-    retries: int = doc(2, "Retries of a transiently failed stage (data/config errors and NaN losses fail at once).")
-    retry_delay_s: float = doc(2.0, "Delay before the first retry.")
-    retry_backoff: float = doc(2.0, "Each further retry waits this factor longer.")
-    timeout_s: Optional[float] = doc(None, "Stage time limit (Prefect timeout_seconds); None = no limit.")
+    retries: int = doc(2, "Retries of a transiently failed stage (data/config errors and NaN losses fail at once).", ge=0)
+    retry_delay_s: float = doc(2.0, "Delay before the first retry.", ge=0)
+    retry_backoff: float = doc(2.0, "Each further retry waits this factor longer.", ge=1)
+    timeout_s: Optional[float] = doc(None, "Stage time limit (Prefect timeout_seconds); None = no limit.", gt=0)
 
 
 @dataclass
 class FaultConfig:
     stage: str = doc("update", "Stage to fail (one of the seven, or warm_start).")
-    step: int = doc(1, "Step at which it fails.")
-    times: int = doc(1, "How many executions of that stage fail before it succeeds.")
-    when: str = doc("after", "'before' the stage body runs, or 'after' it has written its records.")
-    kind: str = doc("transient", "'transient' (retried) or 'permanent' (fails the run at once).")
+    step: int = doc(1, "Step at which it fails.", ge=0)
+    times: int = doc(1, "How many executions of that stage fail before it succeeds.", ge=1)
+    when: str = doc("after", "'before' the stage body runs, or 'after' it has written its records.", one_of=("before", "after"))
+    kind: str = doc("transient", "'transient' (retried) or 'permanent' (fails the run at once).", one_of=("transient", "permanent"))
 
 
 @dataclass
@@ -235,11 +245,11 @@ class RaySettings:
     address: str = doc("", "Ray cluster to join: '' starts a local one for the campaign's process (local_workers CPUs); "
                        "'auto' joins the cluster of this machine (`ray start --head`); 'ray://HOST:10001' a remote "
                        "head through Ray Client. Checkpoints must then be on storage every node reads.")
-    local_workers: int = doc(2, "CPUs (= concurrent chunk tasks) of the local cluster started when address is ''.")
-    cpus_per_chunk: float = doc(1.0, "Ray resources one generation chunk task asks for: CPUs.")
+    local_workers: int = doc(2, "CPUs (= concurrent chunk tasks) of the local cluster started when address is ''.", ge=1)
+    cpus_per_chunk: float = doc(1.0, "Ray resources one generation chunk task asks for: CPUs.", ge=0)
     gpus_per_chunk: float = doc(0.0, "Ray resources one generation chunk task asks for: GPUs (1 on a GPU cluster: "
-                                "each worker keeps one policy copy on its GPU).")
-    threads_per_worker: int = doc(0, "torch.set_num_threads in each Ray worker; 0 = run.torch_threads.")
+                                "each worker keeps one policy copy on its GPU).", ge=0)
+    threads_per_worker: int = doc(0, "torch.set_num_threads in each Ray worker; 0 = run.torch_threads.", ge=0)
 
 
 @dataclass
@@ -247,7 +257,7 @@ class OrchestrationConfig:
     runner: str = doc("local", "Where generation runs: local (the flow's process, its own engine) | ray (sample, "
                       "diagnose/abstract, replay and evaluation fan their chunks out as Prefect tasks on "
                       "prefect-ray's task runner; workers keep their own HF engine; only the flow process writes "
-                      "DuckDB). Needs the `scale` extra (pip install -e '.[scale]').")
+                      "DuckDB). Needs the `scale` extra (pip install -e '.[scale]').", one_of=("local", "ray"))
     ray: RaySettings = section(RaySettings, "The Ray cluster of orchestration.runner: ray.")
     default: StagePolicy = section(StagePolicy, "Retry/timeout policy of every stage.")
     stages: Dict[str, StagePolicy] = doc({}, "Per-stage overrides of the default policy, keyed by stage name.")
@@ -285,26 +295,40 @@ def _read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[str, Any]]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         node = OmegaConf.load(path)
-    except Exception as e:  # yaml syntax errors
-        raise ConfigError(f"{path}: cannot parse YAML: {e}") from e
+    except Exception as e:  # YAML syntax errors, binary files
+        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from e
     if node is None:
         node = OmegaConf.create({})
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, data:, ...), "
+                          f"got a {type(node).__name__.removesuffix('Config').lower()}")
     chain: list[tuple[str, Any]] = []
-    parent = node.pop("extends", None) if hasattr(node, "pop") else None
+    parent = node.pop("extends", None)
     if parent is not None:
         chain += _read_yaml_chain((path.parent / str(parent)), seen + (path,))
     chain.append((str(path), node))
     return chain
 
 
+def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every leaf a YAML node or dotlist sets (a list counts as one leaf: it is replaced whole)."""
+    if isinstance(node, DictConfig):
+        out = []
+        for k in node.keys():
+            out += _leaf_keys(node._get_node(k), f"{prefix}{k}.")
+        return out
+    return [prefix.rstrip(".")]
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> MelConfig:
     """Validated config: schema defaults <- `base` (a `to_dict` output, e.g. a run's stored config) <- YAML
-    chain <- `key=value` overrides."""
+    chain <- `key=value` overrides. A bad value names its key and where it was set (file or override)."""
     cfg = OmegaConf.structured(MelConfig)
+    origins: dict[str, str] = {}
     if base is not None:
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(base))
@@ -316,15 +340,18 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = (), base
                 cfg = OmegaConf.merge(cfg, node)
             except OmegaConfBaseException as e:
                 raise _wrap(e, origin) from e
+            origins.update(dict.fromkeys(_leaf_keys(node), origin))
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}': expected key=value")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+            node = OmegaConf.from_dotlist([ov])
+            cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
             raise _wrap(e, f"override '{ov}'") from e
+        origins.update(dict.fromkeys(_leaf_keys(node), f"override '{ov}'"))
     obj = OmegaConf.to_object(cfg)
-    validate(obj)
+    validate(obj, origins)
     return obj
 
 
@@ -335,7 +362,7 @@ def from_dict(d: dict) -> MelConfig:
     except OmegaConfBaseException as e:
         raise _wrap(e, "flow parameter 'config'") from e
     obj = OmegaConf.to_object(cfg)
-    validate(obj)
+    validate(obj, default_origin="flow parameter 'config'")
     return obj
 
 
@@ -366,53 +393,97 @@ def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) 
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def validate(cfg: MelConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
+def _range_problem(value: Any, meta: dict) -> str | None:
+    """Why `value` is outside a field's documented range, or None."""
+    if meta.get("one_of") is not None and value not in meta["one_of"]:
+        return f"must be one of {', '.join(map(str, meta['one_of']))}, got {value!r}"
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    for op, bound in meta.get("range", {}).items():
+        ok = {"ge": value >= bound, "gt": value > bound, "le": value <= bound, "lt": value < bound}[op]
+        if not ok:
+            return f"must be {({'ge': '>=', 'gt': '>', 'le': '<=', 'lt': '<'})[op]} {bound}, got {value!r}"
+    return None
+
+
+def _leaves(obj: Any, prefix: str = ""):
+    """(dotted key, value, field metadata) for every field of a config, into nested sections, lists and dicts."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, key + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                yield from _leaves(item, f"{key}[{i}].")
+        elif isinstance(value, dict) and value and dataclasses.is_dataclass(next(iter(value.values()))):
+            for name, item in value.items():
+                yield from _leaves(item, f"{key}.{name}.")
+        else:
+            yield key, value, f.metadata
+
+
+def _origin(key: str, origins: dict[str, str], default: str) -> str:
+    """Where `key` was set: its own origin, else the nearest parent's (a list or section set whole)."""
+    parts = key.replace("[", ".[").split(".")
+    for n in range(len(parts), 0, -1):
+        k = ".".join(parts[:n]).replace(".[", "[")
+        if k in origins:
+            return origins[k]
+    return default
+
+
+def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_origin: str = "defaults") -> None:
+    """Every field's documented range, then the cross-field rules types and ranges cannot express. The
+    first problem raises ConfigError naming the key and where its value came from (file or override)."""
     from mel_core import losses  # local: losses imports torch
+    from mel_core.stage_names import ALL_STAGES
+
+    origins = origins or {}
 
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
-            raise ConfigError(f"config key '{key}': {msg}")
+            raise ConfigError(f"{_origin(key, origins, default_origin)}: config key '{key}': {msg}")
 
-    need(cfg.sampling.group_size >= 2, "sampling.group_size", "GRPO needs at least 2 rollouts per prompt")
-    need(cfg.sampling.prompts_per_step >= 1, "sampling.prompts_per_step", "must be >= 1")
-    need(cfg.optim.fsdp_processes >= 1, "optim.fsdp_processes", "must be >= 1")
+    for key, value, meta in _leaves(cfg):
+        problem = _range_problem(value, meta)
+        need(problem is None, key, problem or "")
+    need(cfg.run.name.strip() != "" and "/" not in cfg.run.name and cfg.run.name not in (".", ".."), "run.name",
+         f"must be a directory name (no '/'), got {cfg.run.name!r}")
     need(cfg.optim.fsdp_processes == 1 or not cfg.model.lora.enabled, "optim.fsdp_processes",
          "LoRA updates train in one process (only the adapters train): set it to 1")
-    need(cfg.sampling.chunk_sequences >= 1, "sampling.chunk_sequences", "must be >= 1")
-    need(cfg.orchestration.runner in ("local", "ray"), "orchestration.runner", "local or ray")
     need(cfg.orchestration.runner == "local" or cfg.model.engine == "hf", "orchestration.runner",
          "ray workers run the HF engine: use model.engine: hf with it (vLLM workers are not built yet)")
-    need(cfg.orchestration.ray.local_workers >= 1, "orchestration.ray.local_workers", "must be >= 1")
     need(cfg.loss.advantage in losses.ADVANTAGES, "loss.advantage", f"unknown estimator; one of {sorted(losses.ADVANTAGES)}")
     need(cfg.loss.policy_loss in losses.POLICY_LOSSES, "loss.policy_loss", f"unknown loss; one of {sorted(losses.POLICY_LOSSES)}")
-    need(1 <= cfg.experience.accept_min_correct <= cfg.experience.replays_per_experience,
+    need(cfg.loss.epsilon_high is None or cfg.loss.epsilon_high >= cfg.loss.epsilon, "loss.epsilon_high",
+         "must be >= loss.epsilon (clip-higher widens the upper clip)")
+    need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
+         f"must be two numbers in [0, 1), got {cfg.optim.betas}")
+    need(cfg.experience.accept_min_correct <= cfg.experience.replays_per_experience,
          "experience.accept_min_correct", "must be between 1 and experience.replays_per_experience")
-    need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
-    need(cfg.model.engine in ("hf", "vllm"), "model.engine", "hf or vllm")
+    need(cfg.experience.pairs_per_group >= 1 or cfg.experience.pairing == "disjoint", "experience.pairs_per_group",
+         "must be >= 1 (0 means 'as many as possible' for pairing: disjoint only)")
     need(cfg.model.device in ("auto", "cpu", "cuda") or cfg.model.device.startswith("cuda:"), "model.device",
          "auto, cpu, cuda or cuda:N")
-    need(cfg.model.vllm.kv_cache_gib >= 0, "model.vllm.kv_cache_gib", "must be >= 0")
-    need(cfg.experience.pairing in ("random", "all", "disjoint"), "experience.pairing", "random, all or disjoint")
-    need(cfg.experience.analysis_mode in ("single_pass", "two_pass"), "experience.analysis_mode",
-         "single_pass or two_pass")
+    tiny = cfg.model.tiny
+    need(tiny.hidden_size % tiny.num_heads == 0, "model.tiny.hidden_size", "must be divisible by model.tiny.num_heads")
+    need(tiny.num_heads % tiny.num_kv_heads == 0, "model.tiny.num_kv_heads", "must divide model.tiny.num_heads")
+    ws = cfg.warm_start
+    need(ws.analysis_fraction + ws.validation_fraction < 1, "warm_start.analysis_fraction",
+         "analysis_fraction + validation_fraction must leave room for solve examples (sum < 1)")
     if cfg.experience.enabled and cfg.experience.analysis_mode == "two_pass":
         from mel_core.prompts import PromptSet, resolve_path
         need(PromptSet.load(cfg.prompts.dir).abstract is not None, "experience.analysis_mode",
              f"two_pass needs {resolve_path(cfg.prompts.dir) / 'abstract.txt'}")
-    need(0 < cfg.library.similarity_threshold <= 1, "library.similarity_threshold", "must be in (0, 1]")
     need(cfg.data.synthetic.min_ops <= cfg.data.synthetic.max_ops, "data.synthetic.min_ops", "must be <= max_ops")
-    need(cfg.eval.k >= 0 and cfg.eval.max_problems >= 0, "eval.k", "eval.k and eval.max_problems must be >= 0")
     need(cfg.eval.greedy or cfg.eval.k > 0, "eval.greedy", "with eval.k = 0, greedy must be on (nothing to evaluate)")
+    need(cfg.eval.k == 0 or cfg.eval.temperature > 0, "eval.temperature", "must be > 0 when eval.k > 0 (sampled)")
     need(cfg.eval.every_n_steps <= 0 or bool(cfg.eval.datasets), "eval.datasets",
          "eval.every_n_steps > 0 needs at least one dataset ('synthetic' or a JSONL path)")
-    from mel_core.stages import ALL_STAGES
     for name in cfg.orchestration.stages:
         need(name in ALL_STAGES, f"orchestration.stages.{name}", f"unknown stage; one of {list(ALL_STAGES)}")
     for i, f in enumerate(cfg.orchestration.faults):
         need(f.stage in ALL_STAGES, f"orchestration.faults[{i}].stage", f"unknown stage; one of {list(ALL_STAGES)}")
-        need(f.when in ("before", "after"), f"orchestration.faults[{i}].when", "'before' or 'after'")
-        need(f.kind in ("transient", "permanent"), f"orchestration.faults[{i}].kind", "'transient' or 'permanent'")
 
 
 def describe(cls: type = MelConfig, prefix: str = "") -> list[tuple[str, str, str]]:

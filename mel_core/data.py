@@ -379,11 +379,16 @@ def load_jsonl(path: str | Path, question_field: str = "problem", answer_field: 
     source = source or source_name(path)
     problems: list[Problem] = []
     seen_ids: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw_bytes in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line); is this a JSONL "
+                                f"file?") from None
             if not raw.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(raw)
             except json.JSONDecodeError as e:

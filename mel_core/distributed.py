@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from mel_core.checkpoint_files import saved_update_stats
 from mel_core.errors import PermanentError
 
 BATCH_FILE = "batch.pt"
@@ -43,7 +44,7 @@ def launch(config: dict, checkpoint: str, rl, nll, out: Path, nproc: int, *, tim
     """Train one step from `checkpoint` on `nproc` processes and write the new checkpoint into `out` (a temp
     directory the caller renames). Returns the update's stats."""
     out = Path(out)
-    work = out.with_name(out.name + ".work")
+    work = out.with_name(out.name + ".work")  # `out` is already this process's temp (files.temp_name): so is this
     work.mkdir(parents=True, exist_ok=True)
     torch.save({"rl": {"prompts": rl.prompts, "completion_ids": rl.completion_ids, "advantages": rl.advantages},
                 "nll": {"prompts": nll.prompts, "target_ids": nll.target_ids} if nll is not None else None},
@@ -59,8 +60,7 @@ def launch(config: dict, checkpoint: str, rl, nll, out: Path, nproc: int, *, tim
             from mel_core.policy import NonFiniteLoss
             raise NonFiniteLoss(f"distributed update refused the step:\n{tail}")
         raise DistributedUpdateError(f"torchrun exited with {done.returncode}:\n{tail}")
-    from mel_core.policy import Policy
-    stats = Policy.saved_update_stats(out)
+    stats = saved_update_stats(out)
     if stats is None:
         raise DistributedUpdateError(f"the distributed update wrote no stats into {out}")
     shutil.rmtree(work, ignore_errors=True)
@@ -96,11 +96,16 @@ def _shard(model) -> None:
 
 def rank_main(argv=None) -> None:
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     from mel_core import config as config_mod
-    from mel_core.policy import OPTIMIZER_FILE, UPDATE_STATS_FILE, NLLBatch, Policy, RLBatch
+    from mel_core.checkpoint_files import OPTIMIZER_FILE, write_update_stats
+    from mel_core.policy import NLLBatch, Policy, RLBatch
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
@@ -147,7 +152,7 @@ def rank_main(argv=None) -> None:
             policy.model.save_pretrained(str(out), state_dict=weights)
             policy.tokenizer.save_pretrained(str(out))
             torch.save(optimizer, out / OPTIMIZER_FILE)
-            (out / UPDATE_STATS_FILE).write_text(json.dumps(stats, sort_keys=True))
+            write_update_stats(out, stats)
         dist.barrier()
     except PermanentError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -181,6 +181,7 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
                       [run_id, ckpt.checkpoint_id, ds.name])
         w.insert("evals", metric_rows)
         w.insert("eval_samples", sample_rows)
+    rt.store.publish()
     return {"run_id": run_id, "checkpoint_id": ckpt.checkpoint_id, "step": step, "dataset": ds.name,
             "num_problems": len(ds.problems), "metrics": metrics, "seconds": time.perf_counter() - started}
 

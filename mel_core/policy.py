@@ -8,10 +8,7 @@ checkpoint or none.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,11 +16,11 @@ from typing import Sequence
 import torch
 
 from mel_core import losses
+from mel_core.checkpoint_files import OPTIMIZER_FILE, write_update_stats
 from mel_core.config import MelConfig
 from mel_core.errors import PermanentError
-
-OPTIMIZER_FILE = "optimizer.pt"
-UPDATE_STATS_FILE = "update_stats.json"
+from mel_core.files import write_dir_atomically
+from mel_core.tokens import encode_prompts
 
 
 class NonFiniteLoss(PermanentError, FloatingPointError):
@@ -67,21 +64,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def write_atomically(path: str | Path, write) -> Path:
-    """`write(tmp)` fills a temp directory beside `path`, which is then renamed to `path`: a checkpoint is
-    whole or absent. An existing `path` is kept as it is."""
-    path = Path(path)
-    if path.exists():
-        return path
-    for stale in path.parent.glob(path.name + ".tmp-*"):  # left by a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
@@ -171,16 +153,14 @@ class Policy:
             self.tokenizer.save_pretrained(str(tmp))
             torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             if update_stats is not None:
-                (tmp / UPDATE_STATS_FILE).write_text(json.dumps(update_stats, sort_keys=True))
-        return write_atomically(path, write)
-
-    @staticmethod
-    def saved_update_stats(path: str | Path) -> dict | None:
-        """The stats of the update that wrote the checkpoint at `path`, if it is complete and has them."""
-        f = Path(path) / UPDATE_STATS_FILE
-        return json.loads(f.read_text()) if f.exists() else None
+                write_update_stats(tmp, update_stats)
+        return write_dir_atomically(path, write)
 
     # ------------------------------------------------------------------------------- the update
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Prompt ids exactly as the engines encode them (mel_core.tokens: one path for sampler and trainer)."""
+        return encode_prompts(self.tokenizer, prompts)
 
     def encode(self, prompts: Sequence[str], completions: Sequence[Sequence[int]]):
         """[left-padded prompt | right-padded completion] ids and attention mask [B, P+T], and the
@@ -198,7 +178,7 @@ class Policy:
         max_len = self.cfg.model.max_seq_len
         pad = self.tokenizer.pad_token_id
         pairs = []
-        prompt_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+        prompt_ids = self.encode_prompts(prompts)
         for p_ids, c in zip(prompt_ids, completions):
             c_ids = list(c)[: max_len - 1]
             pairs.append((p_ids[max(0, len(p_ids) + len(c_ids) - max_len):], c_ids))
@@ -331,7 +311,7 @@ class Policy:
         and as many on every rank — each forward and backward of a sharded model is a collective — so a
         rank short of one recomputes its first with weight 0."""
         parts = list(parts)
-        if self.data_parallel is None:
+        if self.data_parallel is None or not parts:  # no parts on any rank (e.g. no accepted M): nothing to pad
             return [(p, 1.0) for p in parts]
         rank, world = self.data_parallel
         mine = [(p, 1.0) for p in parts[rank::world]]

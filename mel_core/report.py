@@ -6,8 +6,8 @@ completed executions in ``stage_runs``), and the top clusters of the heuristic l
 (mel_core.library). Every number comes from one query over the store; nothing is recomputed from
 logs. Output: ``<run_dir>/report/report.md`` and its PNGs (matplotlib's Agg canvas, no display needed).
 
-The report opens the file as a writer: a file from before the heuristic library gets its new columns
-and its clusters here (mel_core.library.assign_clusters, a no-op when every heuristic has one).
+The report only reads (mel_core.store.StoreReader): a store from before the heuristic library shows no
+clusters, and a file that is not a mel store is named and left as it was.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from mel_core import library
 from mel_core.config import LibraryConfig
 from mel_core.runtime import DB_FILE
-from mel_core.stages import ALL_STAGES
-from mel_core.store import Store, StoreError
+from mel_core.stage_names import ALL_STAGES
+from mel_core.store import StoreReader
 
 REPORT_DIR = "report"
 PLOTS = {"reward_mean", "mixed_fraction", "retention_ratio", "nll_loss", "heldout_accuracy", "stage_times"}
@@ -51,8 +51,9 @@ def resolve_run(run: str, runs_root: str | Path = "runs") -> RunRef:
         return RunRef(root / run / DB_FILE, name=run)
     for db in sorted(root.glob(f"*/{DB_FILE}")):
         try:
-            hit = Store.open_existing(db, lock_wait_s=5).query("SELECT run_id FROM runs WHERE run_id = ?", [run])
-        except Exception:  # a file held by a writer for too long, or not a mel store: look further
+            with StoreReader(db, lock_wait_s=5) as reader:
+                hit = reader.query("SELECT run_id FROM runs WHERE run_id = ?", [run])
+        except Exception:  # not a mel store, or unreadable: look further
             continue
         if hit:
             return RunRef(db, run_id=run)
@@ -60,7 +61,7 @@ def resolve_run(run: str, runs_root: str | Path = "runs") -> RunRef:
                       f"and no {root}/*/{DB_FILE} holds a run with that id")
 
 
-def _pick_run(store: Store, ref: RunRef) -> dict:
+def _pick_run(store: StoreReader, ref: RunRef) -> dict:
     runs = store.query("SELECT run_id, name, config_hash, config_json, created_at FROM runs ORDER BY created_at")
     if ref.run_id:
         runs = [r for r in runs if r["run_id"] == ref.run_id]
@@ -74,7 +75,7 @@ def _pick_run(store: Store, ref: RunRef) -> dict:
 # ------------------------------------------------------------------------------------ the data
 
 
-def _steps(store: Store, run_id: str) -> list[dict]:
+def _steps(store: StoreReader, run_id: str) -> list[dict]:
     """One row per step: the metrics the stages wrote (verify logs the mixed groups, also for GRPO-only runs)."""
     rows: dict[int, dict] = {}
     for r in store.query("SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY step", [run_id]):
@@ -85,13 +86,13 @@ def _steps(store: Store, run_id: str) -> list[dict]:
     return [rows[s] for s in sorted(rows)]
 
 
-def _stage_seconds(store: Store, run_id: str) -> list[dict]:
+def _stage_seconds(store: StoreReader, run_id: str) -> list[dict]:
     """Seconds per (step, stage), summed over completed executions (the stage_timings view)."""
     return store.query("SELECT step, stage, seconds, executions FROM stage_timings WHERE run_id = ? "
                        "ORDER BY step, stage", [run_id])
 
 
-def _evals(store: Store, run_id: str) -> list[dict]:
+def _evals(store: StoreReader, run_id: str) -> list[dict]:
     """Held-out results of the run's checkpoints; [] when the table is missing or holds none."""
     has = store.query("SELECT count(*) AS n FROM duckdb_tables() WHERE table_name = 'evals' "
                       "AND database_name = current_database()")[0]["n"]
@@ -104,7 +105,7 @@ def _evals(store: Store, run_id: str) -> list[dict]:
         "GROUP BY ALL ORDER BY dataset, metric, temperature, k, step", [run_id, run_id])
 
 
-def collect(store: Store, run: dict, top: int, threshold: float) -> dict:
+def collect(store: StoreReader, run: dict, top: int, threshold: float) -> dict:
     run_id = run["run_id"]
     return {
         "run": run,
@@ -123,7 +124,9 @@ def collect(store: Store, run: dict, top: int, threshold: float) -> dict:
 
 
 def _figure(title: str, ylabel: str):
-    from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global state or a display
+    from matplotlib.figure import (
+        Figure,  # the Agg canvas, without pyplot's global state or a display
+    )
 
     fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
     ax = fig.subplots()
@@ -291,16 +294,11 @@ def _dig(d: dict, keys: tuple):
 
 
 def write_report(ref: RunRef, out_dir: str | Path | None = None, top: int = 10) -> Path:
-    """Write report.md and its PNGs; returns the path of report.md."""
-    try:
-        store = Store(ref.db)  # a writer: migrates an older file (new columns, views) before reading it
-    except StoreError as e:
-        raise ReportError(str(e)) from e
-    run = _pick_run(store, ref)
-    threshold = library.run_threshold(run.get("config_json"), LibraryConfig().similarity_threshold)
-    with store.transaction() as w:
-        library.assign_clusters(w, run["run_id"], threshold)
-    data = collect(store, run, top, threshold)
+    """Write report.md and its PNGs; returns the path of report.md. Reads the store, never writes it."""
+    with StoreReader(ref.db) as store:
+        run = _pick_run(store, ref)
+        threshold = library.run_threshold(run.get("config_json"), LibraryConfig().similarity_threshold)
+        data = collect(store, run, top, threshold)
 
     out = Path(out_dir) if out_dir else ref.db.parent / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)

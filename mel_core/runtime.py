@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,11 +16,13 @@ from pathlib import Path
 import torch
 
 from mel_core import config as config_mod
+from mel_core.checkpoint_files import has_optimizer_state
 from mel_core.config import MelConfig
 from mel_core.prompts import PromptSet
 from mel_core.store import Store, make_id
 
 DB_FILE = "mel.duckdb"
+_log = logging.getLogger("mel")
 
 
 @dataclass(frozen=True)
@@ -37,18 +40,24 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:6], "big")
 
 
+def run_dir_of(cfg: MelConfig) -> Path:
+    """The directory of a run: its store, checkpoints, lock and task results."""
+    return Path(cfg.run.root_dir).resolve() / cfg.run.name
+
+
 class Runtime:
     def __init__(self, cfg: MelConfig):
         self.cfg = cfg
         self.config_hash = config_mod.config_hash(cfg)
         self.run_id = make_id("run", cfg.run.name, self.config_hash)
-        self.run_dir = Path(cfg.run.root_dir).resolve() / cfg.run.name
+        self.run_dir = run_dir_of(cfg)
         self.checkpoint_dir = self.run_dir / "checkpoints" / self.config_hash
         self.store = Store(self.run_dir / DB_FILE)
         self.prompts = PromptSet.load(cfg.prompts.dir)
         self._policy = None
         self._policy_version: str | None = None  # the checkpoint the policy's weights equal; None = none
         self._engine = None
+        self._given_engine = False  # an engine handed in by use_engine, kept instead of the configured one
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
 
@@ -66,9 +75,41 @@ class Runtime:
         from mel_core.verify import reward_kind_for_source
         return reward_kind_for_source(self.cfg.data.source)
 
-    def step_problems(self, step: int):
-        """The B problems of a step: a seeded permutation of the training split, cycled."""
+    @property
+    def context_limit(self) -> int:
+        """Longest prompt + completion the policy takes: model.max_seq_len, within the model's own window."""
+        window = getattr(self.policy.model.config, "max_position_embeddings", None) or self.cfg.model.max_seq_len
+        return min(self.cfg.model.max_seq_len, int(window))
+
+    @cached_property
+    def usable_problems(self):
+        """The training problems whose solve prompt and a whole rollout fit the context (data.too_long decides
+        what happens to the others). Needs the policy (its tokenizer): the campaign asks before step 1."""
+        from mel_core.data import DataError
+
         problems = self.train_problems
+        texts = [self.model_input(self.prompts.render_solve(p.question)) for p in problems]
+        lengths = [len(ids) for ids in self.policy.encode_prompts(texts)]
+        budget = self.context_limit - self.cfg.sampling.max_new_tokens
+        too_long = [(p, n) for p, n in zip(problems, lengths) if n > budget]
+        if not too_long:
+            return problems
+        p, n = too_long[0]
+        where = f"{self.cfg.data.source}:{p.meta['line']}" if "line" in p.meta else p.problem_id
+        if self.cfg.data.too_long == "error" or len(too_long) == len(problems):
+            raise DataError(f"{where}: the solve prompt is {n} tokens; with sampling.max_new_tokens="
+                            f"{self.cfg.sampling.max_new_tokens} it does not fit the context of {self.context_limit} "
+                            f"tokens ({len(too_long)} of {len(problems)} problems do not): raise model.max_seq_len, "
+                            f"shorten sampling.max_new_tokens, or set data.too_long=skip")
+        _log.warning("data.too_long=skip: %d of %d training problems do not fit the context of %d tokens with "
+                     "sampling.max_new_tokens=%d and are left out (first: %s)", len(too_long), len(problems),
+                     self.context_limit, self.cfg.sampling.max_new_tokens, where)
+        skipped = {id(q) for q, _ in too_long}
+        return [q for q in problems if id(q) not in skipped]
+
+    def step_problems(self, step: int):
+        """The B problems of a step: a seeded permutation of the (usable) training problems, cycled."""
+        problems = self.usable_problems
         order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "order")))
         B = self.cfg.sampling.prompts_per_step
         return [problems[int(order[(step * B + i) % len(problems)])] for i in range(B)]
@@ -96,19 +137,27 @@ class Runtime:
             # A LoRA checkpoint holds adapters only: build on the base model, then load them.
             from mel_core.stages import base_checkpoint
             self._policy = Policy(self.cfg, base_checkpoint(self).path if self.cfg.model.lora.enabled else ckpt.path)
-            if (Path(ckpt.path) / "optimizer.pt").exists() or self.cfg.model.lora.enabled:
+            if has_optimizer_state(ckpt.path) or self.cfg.model.lora.enabled:
                 self._policy.load_checkpoint(ckpt.path)
             self._policy_version = ckpt.checkpoint_id
-            self._engine = self._build_engine(ckpt)
+            if not self._given_engine:
+                self._engine = self._build_engine(ckpt)
         elif self._policy_version != ckpt.checkpoint_id:
             self._policy.load_checkpoint(ckpt.path)
             self._policy_version = ckpt.checkpoint_id
         self._serve(ckpt)
 
+    def use_engine(self, engine) -> None:
+        """Generate with `engine` (any :class:`mel_core.engines.base.Engine`) instead of the configured one: a
+        backend of the user's own, or a test that decides what the model says to construct a situation. The
+        policy still trains for real; the engine is told each version it must serve."""
+        self._engine, self._given_engine = engine, True
+
     @property
     def _engine_shares_policy(self) -> bool:
         """The HF engine in this process generates with the policy's own module: no reload on a new version."""
-        return self.cfg.model.engine == "hf" and self.cfg.orchestration.runner == "local"
+        return (not self._given_engine and self.cfg.model.engine == "hf"
+                and self.cfg.orchestration.runner == "local")
 
     def _build_engine(self, ckpt: Checkpoint):
         from mel_core.stages import base_checkpoint

@@ -9,6 +9,7 @@ directly runs the same step without an orchestrator (the benchmarks compare both
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 import uuid
 from collections import defaultdict
@@ -17,17 +18,15 @@ import torch
 
 from mel_core import config as config_mod
 from mel_core import experience, library, losses
+from mel_core.checkpoint_files import saved_update_stats
 from mel_core.engines.base import SamplingParams
-from mel_core.errors import InjectedFault, InjectedPermanentFault
+from mel_core.errors import InjectedFault, InjectedPermanentFault, is_transient
 from mel_core.runtime import Checkpoint, Runtime, derive_seed
+from mel_core.stage_names import STAGE_VERSIONS
 from mel_core.store import make_id
+from mel_core.tokens import encode_completions
 
-STAGES = ("sample", "verify", "pair", "diagnose", "abstract", "replay", "update")
-ALL_STAGES = ("warm_start",) + STAGES
-
-# Bump a stage's version when its logic changes, so cached results of the old logic are not reused.
-STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 2, "pair": 2, "diagnose": 1, "abstract": 2,
-                  "replay": 1, "update": 1}
+_log = logging.getLogger("mel")
 
 
 def _now() -> dt.datetime:
@@ -46,12 +45,17 @@ def execute(rt: Runtime, stage: str, step: int, fn, *args, cache_key: str | None
         out = fn(rt, *args, **kwargs)
         _inject_fault(rt, stage, step, "after")
     except BaseException as e:
+        retry = "a transient failure: retried if the stage's retries allow" if is_transient(e) else "not retried"
+        _log.warning("step %s %s failed (%s: %s); %s", step, stage, type(e).__name__,
+                     (str(e).splitlines() or [""])[0][:300], retry)
         rt.store.update("stage_runs", "stage_run_id", [{
             "stage_run_id": row_id, "finished_at": _now(), "seconds": time.perf_counter() - t0,
             "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}])
+        rt.store.publish()
         raise
     rt.store.update("stage_runs", "stage_run_id", [{
         "stage_run_id": row_id, "finished_at": _now(), "seconds": time.perf_counter() - t0, "status": "completed"}])
+    rt.store.publish()  # readers see the state as of the last committed stage
     return out
 
 
@@ -97,6 +101,7 @@ def register_run(rt: Runtime, base: Checkpoint) -> None:
     warm-started model), and earlier executions left 'running' by a process that died marked 'interrupted'
     (one campaign process writes a run at a time: the deployment's concurrency limit is 1)."""
     import json
+
     from mel_core.config import to_dict
 
     with rt.store.transaction() as w:
@@ -106,6 +111,7 @@ def register_run(rt: Runtime, base: Checkpoint) -> None:
                                   "path": base.path, "parent_checkpoint_id": None, "created_at": _now()}])
         w.execute("UPDATE stage_runs SET status = 'interrupted', error = 'its process ended before the stage did' "
                   "WHERE run_id = ? AND status = 'running'", [rt.run_id])
+    rt.store.publish()
 
 
 # ---------------------------------------------------------------------------------- 1. sample
@@ -238,7 +244,7 @@ def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
         if two_pass:
             kept = experience.diagnosis_part(c.text)
             if kept != c.text.strip():  # heuristics written unasked are cut: re-encode what is kept
-                token_ids = rt.policy.tokenizer(kept, add_special_tokens=False)["input_ids"]
+                token_ids = encode_completions(rt.policy.tokenizer, [kept])[0]
         analysis_rows.append({
             "analysis_id": make_id("analysis", r["pair_id"], ckpt.checkpoint_id), "pair_id": r["pair_id"],
             "run_id": rt.run_id, "step": step, "policy_version_id": ckpt.checkpoint_id, "prompt_text": prompt,
@@ -350,18 +356,18 @@ def _distributed_update(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll)
     """The step on optim.fsdp_processes torchrun processes (mel_core/distributed.py); the flow's own policy
     then loads the checkpoint they wrote, to generate from it."""
     from mel_core import distributed
-    from mel_core.policy import Policy, write_atomically
+    from mel_core.files import write_dir_atomically
 
-    write_atomically(new.path, lambda tmp: distributed.launch(config_mod.to_dict(rt.cfg), ckpt.path, rl, nll, tmp,
+    write_dir_atomically(new.path, lambda tmp: distributed.launch(config_mod.to_dict(rt.cfg), ckpt.path, rl, nll, tmp,
                                                               rt.cfg.optim.fsdp_processes))
     rt.ensure_version(new)
-    return Policy.saved_update_stats(new.path)  # written beside the weights by rank 0
+    return saved_update_stats(new.path)  # written beside the weights by rank 0
 
 
 def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     """One optimizer step on L_RL + lambda * L_NLL; the checkpoint, the update row and the
     "internalized" links commit together after the checkpoint directory is in place."""
-    from mel_core.policy import NLLBatch, Policy, RLBatch
+    from mel_core.policy import NLLBatch, RLBatch
 
     cfg = rt.cfg
     rollouts = rt.store.query(
@@ -387,7 +393,7 @@ def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     nll = NLLBatch(prompts=[p for p, _ in targets], target_ids=[t for _, t in targets])
 
     new = Checkpoint(make_id("ckpt", rt.run_id, step, ckpt.checkpoint_id), str(rt.checkpoint_dir / f"step-{step:05d}"))
-    stats = Policy.saved_update_stats(new.path)
+    stats = saved_update_stats(new.path)
     if stats is not None:
         # A process died after the checkpoint's rename and before the commit below. The checkpoint is
         # whole (renamed into place): serve it and record its stats, rather than train again and trust

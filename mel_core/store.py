@@ -1,10 +1,26 @@
-"""The DuckDB system of record: schema, idempotent writes, lineage views, read-only queries.
+"""The DuckDB system of record: schema, idempotent writes, lineage views, and readers that cannot harm it.
 
 Every record has a deterministic id derived from its content and position (see :func:`make_id`), and
 every write is ``INSERT OR IGNORE``, so writing the same record twice is a no-op and a re-run or a
-resumed stage never duplicates rows. The writer holds the file only during bursts of reads and writes
-and lets go of it when idle (DuckDB lets one process hold a file at a time), so ``mel query`` can read
-while a campaign generates or trains; both sides retry briefly when they meet the other's lock.
+resumed stage never duplicates rows.
+
+Concurrency (docs/DESIGN.md, "The store"): DuckDB lets one process hold a file for writing and blocks every
+other process, readers included, while it does. So readers never open the campaign's file. After every
+committed stage the writer *publishes* a snapshot: ``CHECKPOINT``, a copy of the file beside it
+(``mel.snapshot.duckdb``) renamed into place. A reader (:class:`StoreReader`, what ``mel query``, ``mel
+lineage``, ``mel report``, ``mel eval`` and the Python read API use) opens the snapshot, so it sees the state as
+of the last committed stage and holds no lock the writer needs, however long its query runs; a newer snapshot
+replaces the file's name, not the file a reader has open.
+
+Readers are read-only by construction, not by a statement classifier: their connection is opened read-only
+with DuckDB's own locks on everything outside the file — no external file access (no ``COPY … TO``, ``EXPORT``,
+``ATTACH`` of files, ``read_csv``), no extension install or autoload, no persistent secrets, no spilling to a
+temp directory, and the configuration locked after setup (no ``SET``/``RESET``/``PRAGMA`` that changes it).
+:func:`check_read_only` refuses anything but one SELECT-like statement before it reaches DuckDB, as a second
+layer with a clearer message.
+
+A writer refuses a file that is not a mel store (:class:`ForeignStore`) or that cannot be read whole
+(:class:`CorruptStore`) before writing anything to it; both are permanent errors (never retried).
 """
 
 from __future__ import annotations
@@ -24,7 +40,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mel_core.errors import PermanentError
+from mel_core.files import copy_file_atomically
+
 SCHEMA_VERSION = 1
+STORE_FORMAT = "mel-store"  # meta.format of every store this code creates (older stores have schema_version only)
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -311,22 +331,102 @@ class StoreError(RuntimeError):
     pass
 
 
-class ReadOnlyViolation(StoreError):
-    pass
+class ReadOnlyViolation(StoreError, PermanentError):
+    """A statement a reader may not run."""
 
 
-def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
-    """Open, retrying while another process holds the file's lock (a writer mid-write or a reader)."""
+class ForeignStore(StoreError, PermanentError):
+    """A file that is not a mel store (not DuckDB, or a DuckDB file of someone else's): never written to."""
+
+
+class CorruptStore(StoreError, PermanentError):
+    """A mel store that cannot be read whole (truncated, damaged): never written to."""
+
+
+class MissingStore(StoreError, PermanentError):
+    """No store at the given path."""
+
+
+# What a reader's connection may not do, whatever SQL it is given (DuckDB 2.0 settings; see the module doc).
+READER_SETTINGS = {
+    "enable_external_access": False,       # no COPY TO / EXPORT / ATTACH of files / read_csv / glob / INSTALL
+    "autoinstall_known_extensions": False,  # a table function of an extension must not download it
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "allow_persistent_secrets": False,      # CREATE PERSISTENT SECRET would write under ~/.duckdb
+    "python_enable_replacements": False,    # the Python API must not scan the caller's variables
+    "temp_directory": "",                   # no spill files: a huge query fails instead of writing to disk
+    "lock_configuration": True,             # after the settings above: no SET / RESET / PRAGMA can undo them
+}
+
+
+def snapshot_path(path: str | Path) -> Path:
+    """Where the readers' snapshot of a store lives: ``mel.duckdb`` -> ``mel.snapshot.duckdb``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.snapshot{path.suffix}")
+
+
+def _connect_with_retry(path: Path, wait_s: float, read_only: bool, config: dict | None = None):
+    """Open, retrying while another process holds the file's lock (another writer mid-write)."""
     deadline = time.monotonic() + wait_s
     delay = 0.02
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return duckdb.connect(str(path), read_only=read_only, config=dict(config or {}))
         except duckdb.IOException as e:
             if "lock" not in str(e).lower() or time.monotonic() > deadline:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    return _connect_with_retry(path, wait_s, read_only)
+
+
+def _connect_reader(path: Path, wait_s: float) -> duckdb.DuckDBPyConnection:
+    """A read-only connection with READER_SETTINGS; a file DuckDB cannot open is named as what it is."""
+    try:
+        return _connect_with_retry(path, wait_s, read_only=True, config=READER_SETTINGS)
+    except duckdb.IOException as e:
+        raise _open_error(path, e) from e
+
+
+def _open_error(path: Path, e: Exception) -> StoreError:
+    msg = str(e).splitlines()[0]
+    if "not a valid DuckDB database file" in msg:
+        return ForeignStore(f"{path} is not a DuckDB file, so not a mel store; nothing was written to it")
+    if "lock" in msg.lower():
+        return StoreError(f"{path} is held by another process ({msg})")
+    return CorruptStore(f"{path} cannot be read ({msg}); nothing was written to it")
+
+
+def _check_mel_store(con: duckdb.DuckDBPyConnection, path: Path, scan: bool) -> None:
+    """ForeignStore unless the file holds mel's meta table with a schema version this code reads; with
+    `scan`, CorruptStore unless every table reads whole (a truncated file can open and fail only on the
+    blocks it lost: a writer must find out before it appends to it)."""
+    try:
+        has_meta = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'meta' AND "
+                               "database_name = current_database()").fetchall()[0][0]
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall()) if has_meta else {}
+    except duckdb.Error as e:
+        raise _open_error(path, e) from e
+    if "schema_version" not in meta:
+        raise ForeignStore(f"{path} is a DuckDB file but not a mel store (no mel meta table); nothing was "
+                           f"written to it")
+    if not str(meta["schema_version"]).isdigit() or int(meta["schema_version"]) > SCHEMA_VERSION:
+        raise ForeignStore(f"{path} is a mel store of a newer schema ({meta['schema_version']}) than this "
+                           f"mel reads ({SCHEMA_VERSION}); nothing was written to it")
+    if not scan:
+        return
+    tables = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE "
+                                        "database_name = current_database()").fetchall()]
+    try:
+        for t in tables:
+            con.execute(f'SELECT count(*), max(hash("{t}")) FROM "{t}"').fetchall()  # reads every column
+    except duckdb.Error as e:
+        raise CorruptStore(f"{path} is damaged: {str(e).splitlines()[0]}; nothing was written to it (the "
+                           f"last published snapshot, if any, is {snapshot_path(path)})") from e
 
 
 def _unregister(con: duckdb.DuckDBPyConnection) -> None:
@@ -473,58 +573,68 @@ def release_connections() -> None:
 atexit.register(release_connections)
 
 
-class Store:
-    """One DuckDB file. Cheap to construct.
+_VERIFIED: set[Path] = set()  # files this process checked (mel store, readable whole) before writing to them
+_VERIFIED_LOCK = threading.Lock()
 
-    A writer's handle (the default) reads and writes through the process's shared connection to the file
-    (see :class:`_SharedConnection`); a reader's handle (:meth:`open_existing`) opens a read-only
-    connection per operation, so readers in several processes do not block each other.
+
+class Store:
+    """The writer's handle on one DuckDB file (cheap to construct after the first time per process).
+
+    Reads and writes go through the process's shared connection to the file (:class:`_SharedConnection`),
+    held during bursts and released when idle, so another writer process (``mel eval`` adding evaluations)
+    can get in between. An existing file is first checked to be a mel store that reads whole; a new one is
+    created with the schema, and older ones gain the columns and views added since. Other processes read
+    the published snapshot (:meth:`publish`, :class:`StoreReader`).
     """
 
     IDLE_RELEASE_S = 0.1
 
-    def __init__(self, path: str | Path, lock_wait_s: float = 60.0, create: bool = True):
+    def __init__(self, path: str | Path, lock_wait_s: float = 60.0):
         self.path = Path(path)
         self.lock_wait_s = lock_wait_s
-        self.writer = create
-        if not create:
-            if not self.path.exists():
-                raise StoreError(f"no DuckDB file at {self.path}")
-            return
-        if not self.path.exists():
+        if self.path.exists():
+            self._verify_existing()
+        else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.transaction() as w:
-            for name, cols in TABLES.items():
-                w.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
-                _add_missing_columns(w, name, cols)
-            for name, sql in VIEWS.items():
-                w.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
-            w.insert("meta", [{"key": "schema_version", "value": str(SCHEMA_VERSION)},
-                              {"key": "epoch", "value": uuid.uuid4().hex}])
+        try:
+            with self.transaction() as w:
+                for name, cols in TABLES.items():
+                    w.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+                    _add_missing_columns(w, name, cols)
+                for name, sql in VIEWS.items():
+                    w.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+                w.insert("meta", [{"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                                  {"key": "format", "value": STORE_FORMAT},
+                                  {"key": "epoch", "value": uuid.uuid4().hex}])
+        except duckdb.IOException as e:
+            raise _open_error(self.path, e) from e
+        if not snapshot_path(self.path).exists():
+            self.publish()
 
-    @classmethod
-    def open_existing(cls, path: str | Path, lock_wait_s: float = 60.0) -> "Store":
-        """A reader's handle: never creates or migrates anything."""
-        return cls(path, lock_wait_s=lock_wait_s, create=False)
+    def _verify_existing(self) -> None:
+        """ForeignStore / CorruptStore before anything is written (once per process and file): checked on a
+        read-only connection, since opening a file for writing is already a way of changing it."""
+        key = self.path.resolve()
+        with _VERIFIED_LOCK:
+            if key in _VERIFIED:
+                return
+            if _shared(self.path, self.IDLE_RELEASE_S).con is None:
+                con = _connect_reader(self.path, self.lock_wait_s)
+                try:
+                    _check_mel_store(con, self.path, scan=True)
+                finally:
+                    con.close()
+            _VERIFIED.add(key)
 
     @contextlib.contextmanager
-    def _connection(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """The shared connection of a writer (or of a reader in a process that also writes this file)."""
-        shared = _shared(self.path, self.IDLE_RELEASE_S)
-        if self.writer or not read_only or shared.con is not None:
-            with shared.use(self.lock_wait_s) as con:
-                yield con
-            return
-        con = _connect(self.path, read_only=True, wait_s=self.lock_wait_s)
-        try:
+    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with _shared(self.path, self.IDLE_RELEASE_S).use(self.lock_wait_s) as con:
             yield con
-        finally:
-            con.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Writer]:
         """All writes inside commit together or not at all."""
-        with self._connection(read_only=False) as con:
+        with self._connection() as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 yield Writer(con)
@@ -532,6 +642,16 @@ class Store:
                 con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
+
+    def publish(self) -> Path:
+        """Publish the committed state for readers: CHECKPOINT, copy the file, rename the copy over the
+        snapshot. Holding the connection keeps every other writer out while the bytes are copied; a reader
+        that has the previous snapshot open keeps reading it (a rename replaces the name, not the file)."""
+        snap = snapshot_path(self.path)
+        with self._connection() as con:
+            con.execute("CHECKPOINT")
+            copy_file_atomically(self.path, snap)
+        return snap
 
     def insert(self, table: str, rows: Sequence[dict]) -> None:
         with self.transaction() as w:
@@ -551,39 +671,92 @@ class Store:
         return self.query("SELECT value FROM meta WHERE key = 'epoch'")[0]["value"]
 
     def query(self, sql: str, params: Sequence | None = None) -> list[dict]:
-        """Rows as dicts."""
-        with self._connection(read_only=True) as con:
-            cur = con.execute(sql, params or [])
-            cols = [d[0] for d in cur.description] if cur.description else []
-            return [dict(zip(cols, row)) for row in cur.fetchall()]
-
-    def query_readonly(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """A user's SQL: only SELECT-like statements (checked before it runs)."""
-        check_read_only(sql)
-        with self._connection(read_only=True) as con:
-            cur = con.execute(sql)
-            cols = [d[0] for d in cur.description] if cur.description else []
-            return cols, cur.fetchall()
+        """Rows as dicts (the writer's own reads: the live file, not the snapshot)."""
+        with self._connection() as con:
+            return _rows(con.execute(sql, params or []))
 
     def counts(self) -> dict[str, int]:
         return {t: self.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}
 
 
-_READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
+def _rows(cur) -> list[dict]:
+    cols = [d[0] for d in cur.description] if cur.description else []
+    return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+
+class StoreReader:
+    """A reader's handle: the store's published snapshot (or, for a file that has none, the file itself),
+    opened read-only with READER_SETTINGS. It never creates, migrates or locks anything a writer needs.
+
+    `path` is the store (``RUN/mel.duckdb``) or its run directory. Use as a context manager, or close().
+    """
+
+    def __init__(self, path: str | Path, lock_wait_s: float = 10.0):
+        p = Path(path)
+        self.path = p / "mel.duckdb" if p.is_dir() else p
+        if not self.path.is_file():
+            raise MissingStore(f"no store at {self.path}")
+        snap = snapshot_path(self.path)
+        self.source = snap if snap.is_file() else self.path  # stores written before snapshots existed
+        self.con = _connect_reader(self.source, lock_wait_s)
+        try:
+            _check_mel_store(self.con, self.path if self.source == self.path else self.source, scan=False)
+        except BaseException:
+            self.con.close()
+            raise
+
+    def __enter__(self) -> "StoreReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def query(self, sql: str, params: Sequence | None = None) -> list[dict]:
+        """Rows as dicts. The connection refuses writes and file access whatever `sql` is."""
+        return _rows(self.con.execute(sql, params or []))
+
+    def query_user(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """A user's SQL: one SELECT-like statement (:func:`check_read_only`), then the locked connection."""
+        check_read_only(sql)
+        cur = self.con.execute(sql)
+        cols = [d[0] for d in cur.description] if cur.description else []
+        return cols, cur.fetchall()
+
+    def counts(self) -> dict[str, int]:
+        return {t: self.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}
+
+
+def open_reader(path: str | Path, lock_wait_s: float = 10.0) -> StoreReader:
+    """The Python read API: ``with open_reader("runs/tiny-demo") as r: r.query("SELECT ...")``."""
+    return StoreReader(path, lock_wait_s)
+
+
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(?:ANALY[SZ]E\s+)?", re.IGNORECASE)
+_READ_ONLY_HELP = "a reader runs one SELECT (or DESCRIBE, SHOW, SUMMARIZE, or EXPLAIN of one)"
 
 
 def check_read_only(sql: str) -> None:
+    """The second layer of a reader's guarantee: exactly one statement, and a SELECT-like one (EXPLAIN
+    [ANALYZE] only of a SELECT: EXPLAIN ANALYZE runs what it explains). The first layer is the connection."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise ReadOnlyViolation(f"cannot parse query: {e}") from e
+        raise ReadOnlyViolation(f"cannot parse the query: {str(e).splitlines()[0]}") from e
     if not statements:
-        raise ReadOnlyViolation("empty query")
-    for st in statements:
-        kind = str(st.type).split(".")[-1]
-        if kind not in _READ_ONLY_TYPES:
-            raise ReadOnlyViolation(
-                f"mel query is read-only: {kind} statements are refused (only SELECT/EXPLAIN, incl. DESCRIBE/SHOW)")
+        raise ReadOnlyViolation(f"empty query: {_READ_ONLY_HELP}")
+    if len(statements) > 1:
+        raise ReadOnlyViolation(f"{len(statements)} statements refused: {_READ_ONLY_HELP}")
+    kind = str(statements[0].type).split(".")[-1]
+    if kind == "EXPLAIN":
+        inner = duckdb.extract_statements(_EXPLAIN.sub("", statements[0].query, count=1))
+        inner_kind = str(inner[0].type).split(".")[-1] if len(inner) == 1 else "MULTI"
+        if inner_kind != "SELECT":
+            raise ReadOnlyViolation(f"EXPLAIN of {inner_kind} refused: {_READ_ONLY_HELP}")
+    elif kind != "SELECT":
+        raise ReadOnlyViolation(f"{kind} statement refused: {_READ_ONLY_HELP}")
 
 
 def format_table(cols: list[str], rows: list[tuple], max_width: int = 60) -> str:

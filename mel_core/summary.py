@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mel_core.stages import STAGES
+from mel_core.stage_names import STAGES
 from mel_core.store import Store
 
 

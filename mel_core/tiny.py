@@ -19,12 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +31,9 @@ import torch
 
 from mel_core import data, progress
 from mel_core.config import MelConfig, SyntheticConfig, TinyModelConfig
+from mel_core.files import write_dir_atomically
 from mel_core.prompts import PromptSet
+from mel_core.tokens import encode_completions, encode_prompts
 
 # Bump when the warm-start code changes what it builds, so cached models of the old code are not reused.
 WARM_START_VERSION = 1
@@ -114,7 +114,15 @@ def build_tokenizer(tiny_cfg: TinyModelConfig, corpus: list[str]):
     Every byte is in the alphabet, so any (NFC) text round-trips exactly, also after a reload through
     AutoTokenizer from a folder holding a qwen2 config (STACK.md: the tokenizer trap).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
@@ -175,8 +183,8 @@ def tokenize_examples(tokenizer, examples: list[Example]) -> list[tuple[list[int
     then the model's own continuation.
     """
     eos = tokenizer.eos_token_id
-    prompt_ids = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer([ex.target for ex in examples], add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompts(tokenizer, [ex.prompt for ex in examples])
+    target_ids = encode_completions(tokenizer, [ex.target for ex in examples])
     return [(p, t + [eos]) for p, t in zip(prompt_ids, target_ids)]
 
 
@@ -390,24 +398,15 @@ def _train(cfg: MelConfig, prompts: PromptSet, tokenizer, key: str, t0: float, l
 
 
 def _save_atomically(model, tokenizer, summary: dict, out_dir: Path) -> None:
-    """Write into a temp dir beside `out_dir`, then rename: a reader never sees half a checkpoint."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    """Model, tokenizer and summary renamed into place together: a reader never sees half a warm start."""
+    if out_dir.exists() and not (out_dir / SUMMARY_FILE).exists():
+        shutil.rmtree(out_dir)  # left by an interrupted build of older code: incomplete, never read
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
-        if out_dir.exists() and not (out_dir / SUMMARY_FILE).exists():
-            shutil.rmtree(out_dir)  # left by an interrupted older build: incomplete, never read
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not (out_dir / SUMMARY_FILE).exists():
-                raise
-            # Another process finished the same warm start first; its result is equivalent.
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    write_dir_atomically(out_dir, write)  # if another process finished first, its equivalent result is kept
 
 
 def warm_start_dir(cfg: MelConfig) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mel_core import stages
+from mel_core.stage_names import STAGE_VERSIONS
 from mel_core.errors import is_transient
 from mel_core.runtime import Checkpoint, get_runtime
 
@@ -18,7 +19,7 @@ def stage_cache_key(stage: str):
     def key(context, parameters: dict) -> str:
         rt = get_runtime(parameters["config"])
         ckpt = parameters.get("checkpoint") or {}
-        parts = [stage, f"v{stages.STAGE_VERSIONS[stage]}", rt.run_id, rt.config_hash, rt.epoch,
+        parts = [stage, f"v{STAGE_VERSIONS[stage]}", rt.run_id, rt.config_hash, rt.epoch,
                  str(parameters.get("step", "")), ckpt.get("checkpoint_id", "")]
         return "-".join(parts)
     return key

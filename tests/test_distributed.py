@@ -65,25 +65,24 @@ def test_config_refuses_fsdp_with_lora():
 
 def test_a_mel_step_with_an_fsdp_update_records_what_a_single_process_step_records(tmp_path):
     """The stages with optim.fsdp_processes=2: same checkpoint id and weights, the flow's policy serves the
-    new weights, and update rows and links as in one process."""
-    from mel_core import stages
-    from mel_core.runtime import Runtime
-    from tests.test_stages import _step
+    new weights, and update rows and links as in one process. The step is constructed (tests/scripted.py):
+    mixed groups whose analyses parse and whose replays solve, so there is meta-experience to internalize."""
+    from tests.scripted import Script, run_step, scripted_runtime
 
+    model = build_micro_model(tmp_path / "micro", num_layers=2)
     results = {}
     for n in (1, 2):
         cfg = C.load("configs/tiny.yaml", ["run.name=fsdp", f"run.root_dir={tmp_path / str(n)}", "run.torch_threads=1",
-                                           "sampling.prompts_per_step=8", f"optim.fsdp_processes={n}"])
-        rt = Runtime(cfg)
-        base = stages.base_checkpoint(rt)
-        stages.register_run(rt, base)
-        out = _step(rt, 1, base)
+                                           f"model.name_or_path={model}", "sampling.prompts_per_step=4",
+                                           "sampling.group_size=4", "optim.lr=1e-3", f"optim.fsdp_processes={n}"])
+        rt, base = scripted_runtime(cfg, Script())
+        out = run_step(rt, 1, base)
         served = {k: v.detach().clone() for k, v in rt.policy.model.state_dict().items()}
         results[n] = (out, rt.store.query("SELECT update_id, num_sequences, num_nll_sequences FROM updates"),
                       rt.store.query("SELECT * FROM internalized ORDER BY heuristic_id"), served)
-    (one, one_rows, one_links, one_served), (two, two_rows, two_links, two_served) = results[1], results[2]
+    (one, one_rows, one_links, _), (two, two_rows, two_links, two_served) = results[1], results[2]
     assert two["checkpoint_id"] == one["checkpoint_id"] and two["loss"] == pytest.approx(one["loss"], rel=1e-5)
-    assert one_rows == two_rows and one_links == two_links and one_links, "no internalized heuristic to compare"
+    assert one_rows == two_rows and one_links == two_links and len(one_links) == 4  # one accepted M per prompt
     a, b = _weights(one["path"]), _weights(two["path"])
     assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
     # the flow's policy moved to the checkpoint the torchrun group wrote

@@ -9,7 +9,7 @@ import pytest
 
 from mel_core import config as config_mod
 from mel_core.errors import InjectedPermanentFault
-from mel_core.stages import STAGES
+from mel_core.stage_names import STAGES
 from mel_core.store import Store
 
 pytestmark = pytest.mark.slow

@@ -6,30 +6,19 @@ from conftest import build_micro_model
 
 from mel_core import config as C
 from mel_core import experience, stages
-from mel_core.runtime import Checkpoint, Runtime
+from mel_core.runtime import Runtime
+from tests.scripted import Script, run_step, scripted_runtime
 
 pytestmark = pytest.mark.slow
 
 
-def _step(rt: Runtime, step: int, ckpt: Checkpoint, experience_stages: bool = True) -> dict:
-    stages.sample(rt, step, ckpt)
-    stages.verify(rt, step)
-    if experience_stages:
-        stages.pair(rt, step)
-        stages.diagnose(rt, step, ckpt)
-        stages.abstract(rt, step, ckpt)
-        stages.replay(rt, step, ckpt)
-    return stages.update(rt, step, ckpt)
-
-
-def test_two_pass_generates_heuristics_from_the_diagnosis(tmp_path):
-    """The warm-started tiny model (cached) writes s*, C in one call and H in a second one that sees them."""
-    cfg = C.load("configs/tiny.yaml", ["run.name=two-pass", f"run.root_dir={tmp_path}", "sampling.prompts_per_step=16",
-                                       "experience.analysis_mode=two_pass"])
-    rt = Runtime(cfg)
-    base = stages.base_checkpoint(rt)
-    stages.register_run(rt, base)
-    out = _step(rt, 1, base)
+def test_two_pass_generates_heuristics_from_the_diagnosis(tmp_path, micro_model):
+    """s*, C in one call and H in a second one that sees them. The first call also writes a heuristic unasked
+    (as a model may): it is neither shown to the second call nor trained on."""
+    cfg = C.load("configs/tiny.yaml", ["run.name=two-pass", f"run.root_dir={tmp_path}", "sampling.prompts_per_step=4",
+                                       f"model.name_or_path={micro_model}", "experience.analysis_mode=two_pass"])
+    rt, base = scripted_runtime(cfg, Script())
+    out = run_step(rt, 1, base)
 
     rows = rt.store.query("SELECT * FROM analyses WHERE status != 'rejected' OR reject_reason = 'replay_failed'")
     assert rows, "no analysis reached the abstract stage"
@@ -64,7 +53,7 @@ def test_chat_template_wraps_what_is_generated_stored_and_trained(tmp_path):
     rt = Runtime(cfg)
     base = stages.base_checkpoint(rt)
     stages.register_run(rt, base)
-    _step(rt, 1, base, experience_stages=False)
+    run_step(rt, 1, base, experience_stages=False)
     rows = rt.store.query("SELECT question, prompt_text FROM prompts")
     assert len(rows) == 2
     for r in rows:
@@ -85,6 +74,7 @@ def test_update_killed_after_its_checkpoint_resumes_from_it(tmp_path, monkeypatc
     checkpoint and its stats instead of training again."""
     from safetensors.torch import load_file
 
+    from mel_core.checkpoint_files import saved_update_stats
     from mel_core.policy import Policy
 
     cfg = C.load("configs/tiny.yaml", ["run.name=resume-ckpt", f"run.root_dir={tmp_path}", "sampling.prompts_per_step=4",
@@ -95,7 +85,7 @@ def test_update_killed_after_its_checkpoint_resumes_from_it(tmp_path, monkeypatc
     stages.sample(rt, 1, base)
     stages.verify(rt, 1)
     out = stages.update(rt, 1, base)
-    saved = Policy.saved_update_stats(out["path"])
+    saved = saved_update_stats(out["path"])
     assert saved and saved["num_sequences"] == 4 * cfg.sampling.group_size
     # the crash: the checkpoint is on disk, its rows are not; a new process starts from the base policy
     rt.store.execute("DELETE FROM updates")

@@ -1,6 +1,7 @@
 import pytest
 
-from mel_core.store import ReadOnlyViolation, Store, check_read_only, format_table, make_id
+from mel_core.store import (ReadOnlyViolation, Store, StoreReader, check_read_only, format_table, make_id,
+                             release_connections)
 
 
 def test_ids_are_deterministic():
@@ -39,9 +40,10 @@ def test_read_only_queries_refuse_writes(tmp_path):
                 "SELECT 1; DELETE FROM runs", "ATTACH 'x.db'", "COPY runs TO 'x.csv'"]:
         with pytest.raises(ReadOnlyViolation):
             check_read_only(sql)
-    cols, rows = s.query_readonly("SELECT key FROM meta ORDER BY key")
-    assert cols == ["key"] and [r[0] for r in rows] == ["epoch", "schema_version"]
-    assert "(2 rows)" in format_table(cols, rows)
+    with StoreReader(s.path) as reader:
+        cols, rows = reader.query_user("SELECT key FROM meta ORDER BY key")
+    assert cols == ["key"] and [r[0] for r in rows] == ["epoch", "format", "schema_version"]
+    assert "(3 rows)" in format_table(cols, rows)
 
 
 def test_reader_waits_for_writer_in_another_process(tmp_path):
@@ -50,6 +52,7 @@ def test_reader_waits_for_writer_in_another_process(tmp_path):
     import time
 
     s = Store(tmp_path / "m.duckdb")
+    release_connections()  # this process's own idle connection would otherwise keep the other one out
     holder = subprocess.Popen([sys.executable, "-c", (
         "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); "
         "time.sleep(1.0); c.close()"), str(s.path)], stdout=subprocess.PIPE, text=True)
@@ -84,6 +87,8 @@ def test_opening_an_older_file_adds_new_columns(tmp_path):
 
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")  # a store of an older mel
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     con.execute("CREATE TABLE analyses (analysis_id VARCHAR PRIMARY KEY, pair_id VARCHAR, status VARCHAR)")
     con.execute("INSERT INTO analyses VALUES ('a1', 'p1', 'accepted')")
     con.close()
@@ -105,10 +110,10 @@ def test_writer_shares_one_connection_per_burst_and_lets_go_when_idle(tmp_path):
     con = shared.con
     s.query("SELECT * FROM metrics")
     assert con is not None and shared.con is con  # the burst reused the open connection
-    # idle: the lock goes back, so another process can read what was committed
+    # idle: the lock goes back, so another writer process (mel eval adding evaluations) gets in
     reader = subprocess.run([sys.executable, "-c", (
         "import sys; from mel_core.store import Store; "
-        "print(Store.open_existing(sys.argv[1], lock_wait_s=5).query('SELECT count(*) AS n FROM metrics')[0]['n'])"),
+        "print(Store(sys.argv[1], lock_wait_s=5).query('SELECT count(*) AS n FROM metrics')[0]['n'])"),
         str(s.path)], capture_output=True, text=True, timeout=60)
     assert reader.returncode == 0, reader.stderr
     assert reader.stdout.strip() == "1"

@@ -13,6 +13,7 @@ import torch
 
 from mel_core import progress
 from mel_core.engines.base import Chunk, Completion, SamplingParams, chunked, regroup
+from mel_core.tokens import encode_prompts, left_pad
 
 
 class HFEngine:
@@ -47,8 +48,8 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            enc = tok(chunk.prompts, return_tensors="pt", padding=True, padding_side="left")
-            enc = {k: v.to(self.model.device) for k, v in enc.items()}
+            input_ids, attention = left_pad(encode_prompts(tok, chunk.prompts), tok.pad_token_id)  # [b, L_prompt]
+            enc = {"input_ids": input_ids.to(self.model.device), "attention_mask": attention.to(self.model.device)}
             torch.manual_seed((int(params.seed) + chunk.index) % (2**63 - 1))
             kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
                           eos_token_id=tok.eos_token_id)

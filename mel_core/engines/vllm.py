@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mel_core.engines.base import Completion, SamplingParams
+from mel_core.tokens import encode_prompts
 
 # vLLM's INFO lines (one per stage of engine start, per request batch) would bury the campaign's
 # per-step output; a user who wants them sets VLLM_LOGGING_LEVEL themselves.
@@ -141,7 +142,7 @@ class VLLMEngine:
         tok = self.tokenizer
         eos = tok.eos_token_id
         n = params.n
-        prompt_ids = tok(list(prompts))["input_ids"]  # as the HF engine tokenizes them
+        prompt_ids = encode_prompts(tok, prompts)  # as the HF engine and the trainer encode them (mel_core.tokens)
         greedy = params.temperature <= 0
         base_seed = int(params.seed) % _SEED_MODULUS
         # vLLM refuses n > 1 for greedy requests: one sequence, repeated n times (what sampling it n times gives).

@@ -1,0 +1,42 @@
+"""What a checkpoint directory holds, in one place: every writer and reader of checkpoints uses this layout.
+
+A checkpoint is an HF model folder (``config.json`` + ``model.safetensors``, or a peft adapter folder with
+``adapter_config.json`` + ``adapter_model.safetensors`` for LoRA), the tokenizer, the optimizer state
+(:data:`OPTIMIZER_FILE`) and the stats of the update that wrote it (:data:`UPDATE_STATS_FILE`). It is written
+into a temp directory and renamed into place (:func:`mel_core.files.write_dir_atomically`), whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OPTIMIZER_FILE = "optimizer.pt"
+UPDATE_STATS_FILE = "update_stats.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
+
+
+def saved_update_stats(path: str | Path) -> dict | None:
+    """The stats of the update that wrote the checkpoint at `path`, if it is complete and has them."""
+    f = Path(path) / UPDATE_STATS_FILE
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def write_update_stats(directory: str | Path, stats: dict) -> None:
+    (Path(directory) / UPDATE_STATS_FILE).write_text(json.dumps(stats, sort_keys=True))
+
+
+def has_optimizer_state(path: str | Path) -> bool:
+    return (Path(path) / OPTIMIZER_FILE).exists()
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why `path` is not a loadable checkpoint (or model folder), in a few words; None if it looks like one."""
+    p = Path(path)
+    if not p.is_dir():
+        return "no such directory"
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        return "no config.json (not a model folder saved with save_pretrained)"
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        return f"no weights ({', '.join(WEIGHT_FILES)})"
+    return None

@@ -1,0 +1,117 @@
+"""Constructed situations: an engine whose words the test chooses, for the synthetic task's tiny prompt set.
+
+A test about what the pipeline does *with* a situation (no mixed group, nothing parsed, nothing accepted,
+a truncated analysis, ...) must not hope that the warm-started tiny model happens to produce it: its warm
+start differs slightly across machines. :class:`ScriptedEngine` implements the engine interface
+(``mel_core.engines.base.Engine``) and answers each prompt with the text a :class:`Script` chooses, encoded by
+the policy's real tokenizer (with eos when it fits, cut at ``max_new_tokens`` as a real engine would). The
+policy still loads, trains and saves for real; only what it "says" is decided by the test.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from mel_core import data
+from mel_core.engines.base import Completion, SamplingParams
+
+RIGHT_RULE = "If a step uses an earlier result, then copy that result exactly."
+
+
+def solution(question: str, correct: bool = True) -> str:
+    """The synthetic task's step-by-step solution; a wrong one ends with an answer off by one."""
+    lines = data.solution_lines(question)
+    if not correct:
+        value = int(lines[-1].removeprefix(data.ANSWER_PREFIX))
+        lines[-1] = f"{data.ANSWER_PREFIX}{value + 1}"
+    return data.format_solution(lines)
+
+
+def compact_analysis(question: str) -> str:
+    """A well-formed analysis in the tiny prompt set's compact layout (it parses)."""
+    right = data.solution_lines(question)
+    wrong = solution(question, correct=False).splitlines()
+    k = data.first_difference(wrong, right)
+    return f"Bifurcation: step {k}\nCritique: {wrong[k - 1]} should be {right[k - 1]}.\nHeuristic: {RIGHT_RULE}"
+
+
+@dataclass
+class Script:
+    """What the "model" writes, by the kind of prompt (tiny prompt set: solve ``Q: …``, analysis ``…Analysis:``,
+    validation ``Hint: …``).
+
+    solved(question, sample_index): whether that rollout is right. analysis(question) -> the analysis text.
+    replay_solves(question): whether a replay with the meta-experience in context is right.
+    abstract(question): what the second call of analysis_mode two_pass writes (the heuristics).
+    """
+    solved: Callable[[str, int], bool] = lambda q, i: i % 2 == 0
+    analysis: Callable[[str], str] = compact_analysis
+    replay_solves: Callable[[str], bool] = lambda q: True
+    abstract: Callable[[str], str] = lambda q: f"Heuristic: {RIGHT_RULE}"
+    seen: list[str] = field(default_factory=list)  # every prompt generated for, in order
+
+    def write(self, prompt: str, index: int) -> str:
+        self.seen.append(prompt)
+        question = re.search(r"^Q: (.*)$", prompt, re.MULTILINE).group(1).strip()
+        if prompt.rstrip().endswith("Analysis:"):
+            return self.analysis(question)
+        if "\nWrong:\n" in prompt:  # two_pass's second call: the diagnosis is in the prompt, H is asked for
+            return self.abstract(question)
+        if prompt.startswith("Hint:"):
+            return solution(question, self.replay_solves(question))
+        return solution(question, self.solved(question, index))
+
+
+class ScriptedEngine:
+    """An engine that writes what `script` says, tokenized by the policy's tokenizer."""
+
+    def __init__(self, tokenizer, script: Script):
+        self.tokenizer, self.script = tokenizer, script
+        self.version: str | None = None
+        self.calls: list[tuple[int, SamplingParams]] = []  # (prompts, params) of each generate call
+
+    def load_version(self, version: str, path: str) -> None:
+        self.version = version
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, desc: str = "") -> list[list[Completion]]:
+        self.calls.append((len(prompts), params))
+        return [[self._completion(self.script.write(p, i), params.max_new_tokens) for i in range(params.n)]
+                for p in prompts]
+
+    def _completion(self, text: str, max_new_tokens: int) -> Completion:
+        tok = self.tokenizer
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if len(ids) > max_new_tokens:  # the length limit cuts it, as a real engine would
+            ids = ids[:max_new_tokens]
+            return Completion(tok.decode(ids, skip_special_tokens=True), ids, "length")
+        return Completion(text, ids, "stop")
+
+
+def scripted_runtime(cfg, script: Script):
+    """A runtime for `cfg` whose generations follow `script`, registered with its base checkpoint."""
+    from mel_core import stages
+    from mel_core.runtime import Runtime
+
+    rt = Runtime(cfg)
+    base = stages.base_checkpoint(rt)
+    rt.ensure_version(base)
+    rt.use_engine(ScriptedEngine(rt.policy.tokenizer, script))
+    rt.ensure_version(base)
+    stages.register_run(rt, base)
+    return rt, base
+
+
+def run_step(rt, step: int, ckpt, experience_stages: bool = True) -> dict:
+    """One step through the stage functions (no orchestrator); returns update's manifest."""
+    from mel_core import stages
+
+    stages.sample(rt, step, ckpt)
+    stages.verify(rt, step)
+    if experience_stages:
+        stages.pair(rt, step)
+        stages.diagnose(rt, step, ckpt)
+        stages.abstract(rt, step, ckpt)
+        stages.replay(rt, step, ckpt)
+    return stages.update(rt, step, ckpt)
