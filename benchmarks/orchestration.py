@@ -37,8 +37,8 @@ from benchmarks._doc import write_section  # noqa: E402
 from mel_core import config as C  # noqa: E402
 from mel_core import serve, stages  # noqa: E402
 from mel_core.runtime import get_runtime  # noqa: E402
-from mel_core.stage_names import STAGES
-from mel_core.store import Store  # noqa: E402
+from mel_core.stage_names import STAGES  # noqa: E402
+from mel_core.store import Store, StoreReader  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,8 +129,8 @@ def _mel_run(root: Path, name: str, prompts: int, env: dict, log_path: Path) -> 
 
 def _running_update(db: Path) -> bool:
     try:
-        return bool(Store.open_existing(db, lock_wait_s=0.5).query(
-            "SELECT 1 FROM stage_runs WHERE stage = 'update' AND status = 'running'"))
+        with StoreReader(db, lock_wait_s=0.5) as reader:  # the published snapshot: the stage's start is in it
+            return bool(reader.query("SELECT 1 FROM stage_runs WHERE stage = 'update' AND status = 'running'"))
     except Exception:  # not created yet, or the campaign holds the lock this instant
         return False
 

@@ -59,7 +59,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._doc import DOC, load_average, machine, update_doc  # noqa: E402
-from mel_core.store import TABLES, Store, Writer, make_id, release_connections  # noqa: E402
+from mel_core.store import TABLES, Store, StoreReader, Writer, make_id, release_connections  # noqa: E402
 
 G = 8  # rollouts per prompt (group size)
 B = 128  # prompts per step
@@ -428,7 +428,7 @@ def ingest_breakdown(tmp: Path, big_db: Path, corpus: Corpus, n_rollouts: int, l
 
     # Fixed costs on the full corpus file: opening it, an empty write transaction, and the PRIMARY KEY index
     # pages a step's insert touches (loaded from disk by every new connection).
-    store = Store.open_existing(big_db)
+    store = Store(big_db)
     step = arrow.slice(0, min(B * G, n))
     opens, empties, cold, warm = [], [], [], []
     for _ in range(5):
@@ -480,16 +480,20 @@ def lineage_latency(path: Path, heuristic_ids: list[str], n: int, seed: int, log
     """Phase 5."""
     rng = random.Random(seed)
     ids = [rng.choice(heuristic_ids) for _ in range(n)]
+    t0 = time.perf_counter()
+    Store(path).publish()  # what the writer does after every stage: readers read this snapshot
+    publish_ms = 1e3 * (time.perf_counter() - t0)
     release_connections()  # this process wrote the file: hand its connection back, to read as another process does
-    store = Store.open_existing(path)
     rows_seen = set()
     per_call = []
-    for hid in ids:  # a fresh Store.query per lookup, as `mel lineage` does (opens the file read-only)
+    for hid in ids:  # a fresh reader per lookup, as `mel lineage` does (opens the snapshot read-only, locked down)
         t0 = time.perf_counter()
-        rows = store.query(LINEAGE_SQL, [hid])
+        with StoreReader(path) as reader:
+            rows = reader.query(LINEAGE_SQL, [hid])
         per_call.append(time.perf_counter() - t0)
         rows_seen.add(len(rows))
-    out = {"lookups": n, "store_query_ms_p50": _ms(per_call), "store_query_ms_p95": 1e3 * _pct(per_call, 0.95)}
+    out = {"lookups": n, "store_query_ms_p50": _ms(per_call), "store_query_ms_p95": 1e3 * _pct(per_call, 0.95),
+           "publish_ms": publish_ms, "publish_file_mb": path.stat().st_size / 2**20}
     release_connections()
     for label, cfg in (("persistent", {}), ("persistent_1thread", {"threads": 1})):
         con = duckdb.connect(str(path), read_only=True, config=cfg)

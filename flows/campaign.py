@@ -50,7 +50,10 @@ def _campaign(config: dict, cfg) -> dict:
     rt.train_problems  # loaded first: a missing, malformed or empty dataset fails here, before any work
 
     checkpoint = configured(warm_start_task, "warm_start", config)(config)
-    register_run(rt, Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"]))
+    base = Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"])
+    register_run(rt, base)
+    rt.ensure_version(base)
+    rt.usable_problems  # problems that do not fit the context are refused (or skipped) here, before step 1
 
     evals = evaluate_if_due(config, 0, checkpoint, announce)  # held-out accuracy of the starting policy
     summaries = []

@@ -237,7 +237,9 @@ class FaultConfig:
     step: int = doc(1, "Step at which it fails.", ge=0)
     times: int = doc(1, "How many executions of that stage fail before it succeeds.", ge=1)
     when: str = doc("after", "'before' the stage body runs, or 'after' it has written its records.", one_of=("before", "after"))
-    kind: str = doc("transient", "'transient' (retried) or 'permanent' (fails the run at once).", one_of=("transient", "permanent"))
+    kind: str = doc("transient", "'transient' (retried), 'permanent' (fails the run at once) or 'kill' (SIGKILL the "
+                    "campaign's process group mid-stage, as a pre-empted machine; run again without it to resume).",
+                    one_of=("transient", "permanent", "kill"))
 
 
 @dataclass

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import signal
 import time
 import uuid
 from collections import defaultdict
@@ -40,6 +42,7 @@ def execute(rt: Runtime, stage: str, step: int, fn, *args, cache_key: str | None
     t0 = time.perf_counter()
     rt.store.insert("stage_runs", [{"stage_run_id": row_id, "run_id": rt.run_id, "step": step, "stage": stage,
                                     "cache_key": cache_key, "started_at": started, "status": "running"}])
+    rt.store.publish()  # readers (mel runs, monitoring) see which stage is live
     try:
         _inject_fault(rt, stage, step, "before")
         out = fn(rt, *args, **kwargs)
@@ -66,6 +69,8 @@ def _inject_fault(rt: Runtime, stage: str, step: int, when: str) -> None:
             continue
         failed = rt.store.query("SELECT count(*) AS n FROM stage_runs WHERE run_id = ? AND step = ? AND stage = ? "
                                 "AND error LIKE 'Injected%'", [rt.run_id, step, stage])[0]["n"]
+        if f.kind == "kill":  # no exception, no bookkeeping: the process (group) is gone, as on a pre-emption
+            os.killpg(os.getpgid(0), signal.SIGKILL)
         if failed < f.times:
             cls = InjectedFault if f.kind == "transient" else InjectedPermanentFault
             raise cls(f"injected {f.kind} fault in {stage} at step {step} ({when} its body), #{failed + 1}")

@@ -744,7 +744,7 @@ def check_read_only(sql: str) -> None:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise ReadOnlyViolation(f"cannot parse the query: {str(e).splitlines()[0]}") from e
+        raise ReadOnlyViolation(f"query refused: DuckDB cannot parse it ({str(e).splitlines()[0]})") from e
     if not statements:
         raise ReadOnlyViolation(f"empty query: {_READ_ONLY_HELP}")
     if len(statements) > 1:

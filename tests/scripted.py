@@ -10,6 +10,7 @@ policy still loads, trains and saves for real; only what it "says" is decided by
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -65,12 +66,18 @@ class Script:
 
 
 class ScriptedEngine:
-    """An engine that writes what `script` says, tokenized by the policy's tokenizer."""
+    """An engine that writes what `script` says, tokenized by the policy's tokenizer (or `tokenizer()`, a
+    callable, when the engine is made before the policy is loaded)."""
 
     def __init__(self, tokenizer, script: Script):
-        self.tokenizer, self.script = tokenizer, script
+        self._tokenizer, self.script = tokenizer, script
         self.version: str | None = None
         self.calls: list[tuple[int, SamplingParams]] = []  # (prompts, params) of each generate call
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer() if callable(self._tokenizer) and not hasattr(self._tokenizer, "encode") \
+            else self._tokenizer
 
     def load_version(self, version: str, path: str) -> None:
         self.version = version
@@ -115,3 +122,24 @@ def run_step(rt, step: int, ckpt, experience_stages: bool = True) -> dict:
         stages.abstract(rt, step, ckpt)
         stages.replay(rt, step, ckpt)
     return stages.update(rt, step, ckpt)
+
+
+@contextlib.contextmanager
+def scripted_runtimes(script: Script | None = None):
+    """Every runtime built inside the block (by flows, tasks, `mel` in this process) generates per `script`."""
+    from mel_core import runtime as runtime_mod
+
+    original = runtime_mod.Runtime.__init__
+    script = script or Script()
+
+    def init(self, cfg):
+        original(self, cfg)
+        self.use_engine(ScriptedEngine(lambda: self.policy.tokenizer, script))
+
+    runtime_mod.clear_runtimes()
+    runtime_mod.Runtime.__init__ = init
+    try:
+        yield script
+    finally:
+        runtime_mod.Runtime.__init__ = original
+        runtime_mod.clear_runtimes()

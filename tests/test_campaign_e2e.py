@@ -1,6 +1,8 @@
-"""A real 2-step MEL campaign on the embedded tiny model, under prefect_test_harness.
+"""A real 2-step MEL campaign under prefect_test_harness: every stage, record and evaluation.
 
-The warm start is shared with `make demo` (cached under .cache/mel, trained once per machine).
+What the policy says is constructed (tests/scripted.py: mixed groups, parseable analyses, replays that
+solve), so every table fills on every machine; the micro model trains for real and the stores, flows,
+caches and checkpoints are the real ones.
 """
 
 import pytest
@@ -10,20 +12,22 @@ from safetensors.torch import load_file
 from mel_core import config as config_mod
 from mel_core.runtime import clear_runtimes
 from mel_core.store import TABLES, Store
+from tests.scripted import scripted_runtimes
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def campaign_run(prefect_harness, tmp_path_factory):
+def campaign_run(prefect_harness, tmp_path_factory, micro_model):
     from flows.campaign import campaign
 
     root = tmp_path_factory.mktemp("runs")
     cfg = config_mod.load("configs/tiny.yaml", [
-        "run.name=e2e", "run.steps=2", f"run.root_dir={root}", "sampling.prompts_per_step=16",
-        "eval.every_n_steps=1", "eval.max_problems=8", "eval.k=2"])
-    clear_runtimes()
-    result = campaign(config_mod.to_dict(cfg))
+        "run.name=e2e", "run.steps=2", f"run.root_dir={root}", f"model.name_or_path={micro_model}",
+        "sampling.prompts_per_step=8", "sampling.group_size=4", "eval.every_n_steps=1", "eval.max_problems=8",
+        "eval.k=2"])
+    with scripted_runtimes():
+        result = campaign(config_mod.to_dict(cfg))
     return cfg, result
 
 

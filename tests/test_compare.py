@@ -8,6 +8,7 @@ import pytest
 from mel_core import compare as cmp
 from mel_core import config as C
 from mel_core.store import Store
+from tests.scripted import scripted_runtimes
 
 
 def _paired(rng, seeds: int, problems: int, delta: float) -> np.ndarray:
@@ -69,14 +70,15 @@ def test_arm_configs_differ_only_in_what_mel_adds():
 
 
 @pytest.mark.slow
-def test_compare_end_to_end(prefect_harness, tmp_path, capsys):
+def test_compare_end_to_end(prefect_harness, tmp_path, capsys, micro_model):
     from mel_core.cli import main
 
     out = tmp_path / "report.md"
     argv = ["compare", "--config", "configs/tiny.yaml", "--name", "t", "--seeds", "1", "--out", str(out),
-            "run.steps=1", f"run.root_dir={tmp_path}", "sampling.prompts_per_step=8", "eval.max_problems=8",
-            "eval.k=2"]
-    assert main(argv) == 0
+            "run.steps=1", f"run.root_dir={tmp_path}", f"model.name_or_path={micro_model}",
+            "sampling.prompts_per_step=8", "sampling.group_size=4", "eval.max_problems=8", "eval.k=2"]
+    with scripted_runtimes():  # both arms see mixed groups; the MEL arm has meta-experience to learn
+        assert main(argv) == 0
     printed = capsys.readouterr().out
     assert cmp.command_line(argv) in printed.splitlines()[0]  # the exact command line, first
     report = json.loads(out.with_suffix(".json").read_text())

@@ -7,7 +7,6 @@ import pytest
 from mel_core import data as D
 from mel_core.config import DataConfig, SyntheticConfig
 
-
 # ------------------------------------------------------------------------------------ solving
 
 

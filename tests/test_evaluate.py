@@ -1,5 +1,5 @@
-"""Evaluation of a checkpoint: the cached tiny warm start on the synthetic held-out split, and a micro model on
-shipped math sets (scores ~0, but every sample and its verify reason is recorded)."""
+"""Evaluation of a checkpoint: a micro model on the synthetic held-out split and on shipped math sets (it
+scores ~0, but every sample and its verify reason is recorded, and the metrics are the samples')."""
 
 import pytest
 
@@ -23,17 +23,17 @@ def _spy_prompts(rt: Runtime) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_rt(tmp_path_factory):
+def tiny_rt(tmp_path_factory, micro_model):
     cfg = C.load("configs/tiny.yaml", ["run.name=eval", f"run.root_dir={tmp_path_factory.mktemp('runs')}",
-                                       "eval.max_problems=12", "eval.k=3"])
+                                       f"model.name_or_path={micro_model}", "eval.max_problems=12", "eval.k=3"])
     rt = Runtime(cfg)
-    base = stages.base_checkpoint(rt)  # the cached warm start
+    base = stages.base_checkpoint(rt)
     stages.register_run(rt, base)
     rt.ensure_version(base)
     return rt, base
 
 
-def test_synthetic_eval_of_the_warm_start(tiny_rt):
+def test_synthetic_eval_of_a_checkpoint(tiny_rt):
     rt, base = tiny_rt
     prompts = _spy_prompts(rt)
     out = ev.evaluate(rt, base, "synthetic")

@@ -11,16 +11,18 @@ from mel_core import config as config_mod
 from mel_core.errors import InjectedPermanentFault
 from mel_core.stage_names import STAGES
 from mel_core.store import Store
+from tests.scripted import scripted_runtimes
 
 pytestmark = pytest.mark.slow
 
-B, G = 8, 8
+B, G = 4, 4
 
 
-def _config(root, name, *overrides):
+def _config(root, name, model, *overrides):
     return config_mod.load("configs/tiny.yaml", [
-        f"run.name={name}", "run.steps=1", f"run.root_dir={root}", f"sampling.prompts_per_step={B}",
-        "orchestration.default.retry_delay_s=0", *overrides])
+        f"run.name={name}", "run.steps=1", f"run.root_dir={root}", f"model.name_or_path={model}",
+        f"sampling.prompts_per_step={B}", f"sampling.group_size={G}", "orchestration.default.retry_delay_s=0",
+        *overrides])
 
 
 def _faults(kind, when, stages):
@@ -28,11 +30,12 @@ def _faults(kind, when, stages):
         f"{{stage: {s}, step: 1, when: {when}, kind: {kind}}}" for s in stages) + "]"
 
 
-def test_one_transient_fault_in_every_stage_is_retried_without_duplicates(prefect_harness, tmp_path):
+def test_one_transient_fault_in_every_stage_is_retried_without_duplicates(prefect_harness, tmp_path, micro_model):
     from flows.campaign import campaign
 
-    cfg = _config(tmp_path, "faults", _faults("transient", "after", STAGES))
-    result = campaign(config_mod.to_dict(cfg))
+    cfg = _config(tmp_path, "faults", micro_model, _faults("transient", "after", STAGES))
+    with scripted_runtimes():  # mixed groups and accepted M: every stage has records to duplicate
+        result = campaign(config_mod.to_dict(cfg))
     s = Store(result["db"])
 
     runs = s.query("SELECT stage, list(status ORDER BY started_at) AS statuses, "
@@ -69,11 +72,11 @@ def test_one_transient_fault_in_every_stage_is_retried_without_duplicates(prefec
     assert view["retention_ratio"] == pytest.approx(summary["retention_ratio"])
 
 
-def test_a_permanent_fault_fails_at_once_without_retry(prefect_harness, tmp_path):
+def test_a_permanent_fault_fails_at_once_without_retry(prefect_harness, tmp_path, micro_model):
     from flows.campaign import campaign
 
-    cfg = _config(tmp_path, "permanent", _faults("permanent", "before", ["verify"]))
-    with pytest.raises(InjectedPermanentFault, match="permanent fault in verify"):
+    cfg = _config(tmp_path, "permanent", micro_model, _faults("permanent", "before", ["verify"]))
+    with scripted_runtimes(), pytest.raises(InjectedPermanentFault, match="permanent fault in verify"):
         campaign(config_mod.to_dict(cfg))
     s = Store(tmp_path / "permanent" / "mel.duckdb")
     runs = s.query("SELECT stage, status FROM stage_runs WHERE step = 1 ORDER BY started_at")

@@ -13,6 +13,7 @@ from mel_core.data import MissingDataFile
 from mel_core.policy import NonFiniteLoss
 from mel_core.runtime import Checkpoint, get_runtime
 from mel_core.store import Store
+from tests.scripted import scripted_runtimes
 
 B = 8
 
@@ -83,12 +84,13 @@ def test_missing_dataset_fails_the_flow_before_the_warm_start(prefect_harness, t
 
 
 @pytest.mark.slow
-def test_non_finite_update_is_refused_without_checkpoint_or_update_row(prefect_harness, tmp_path):
+def test_non_finite_update_is_refused_without_checkpoint_or_update_row(prefect_harness, tmp_path, micro_model):
     from flows.campaign import campaign
 
     # A finite loss stepped with an infinite learning rate gives non-finite weights.
-    cfg = config_mod.load("configs/tiny.yaml", _overrides(tmp_path, "nan", "optim.lr=inf"))
-    with pytest.raises(NonFiniteLoss):
+    cfg = config_mod.load("configs/tiny.yaml", _overrides(tmp_path, "nan", "optim.lr=inf",
+                                                          f"model.name_or_path={micro_model}"))
+    with scripted_runtimes(), pytest.raises(NonFiniteLoss):
         campaign(config_mod.to_dict(cfg))
     s = Store(tmp_path / "nan" / "mel.duckdb")
     updates = s.query("SELECT status, error FROM stage_runs WHERE stage = 'update'")
@@ -105,13 +107,15 @@ def test_non_finite_update_is_refused_without_checkpoint_or_update_row(prefect_h
 
 
 @pytest.mark.slow
-def test_unparsable_analysis_is_rejected_with_its_reason_and_the_step_goes_on(prefect_harness, tmp_path):
+def test_unparsable_analysis_is_rejected_with_its_reason_and_the_step_goes_on(prefect_harness, tmp_path,
+                                                                             micro_model):
     from flows.campaign import campaign
 
     # Three tokens cannot hold a bifurcation point and a critique: every analysis is cut short.
-    cfg = config_mod.load("configs/tiny.yaml", _overrides(tmp_path, "unparsable",
+    cfg = config_mod.load("configs/tiny.yaml", _overrides(tmp_path, "unparsable", f"model.name_or_path={micro_model}",
                                                           "experience.analysis_max_new_tokens=3"))
-    result = campaign(config_mod.to_dict(cfg))
+    with scripted_runtimes():  # mixed groups, so there are analyses to cut short
+        result = campaign(config_mod.to_dict(cfg))
     s = Store(result["db"])
     analyses = s.query("SELECT status, parsed, reject_reason FROM analyses")
     assert analyses, "no mixed group at this step: nothing was analysed"

@@ -4,10 +4,9 @@ standing in for the Qwen3 weights (nothing can be downloaded here)."""
 import pytest
 
 from mel_core import config as C
-from mel_core import losses
+from mel_core import losses, stages
 from mel_core.engines.base import SamplingParams
 from mel_core.engines.hf import HFEngine
-from mel_core.policy import Policy
 from mel_core.runtime import Runtime
 from mel_core.verify import reward_kind_for_source
 
@@ -30,12 +29,13 @@ def test_every_component_builds(path, micro_model, tmp_path):
     cfg = C.load(path, [f"model.name_or_path={micro_model}", "data.source=data/math500/test.jsonl",
                         "data.question_field=problem", "data.answer_field=answer", "data.id_field=unique_id",
                         f"run.root_dir={tmp_path}", "model.dtype=float32", "model.max_seq_len=256",
-                        "sampling.max_new_tokens=8"])
+                        "sampling.max_new_tokens=8", "data.too_long=skip"])
     rt = Runtime(cfg)
     assert len(rt.train_problems) == 500 and rt.reward_kind == "math"
     assert rt.prompts.render_solve("x").count("\\boxed{}") == 1
-    policy = Policy(cfg, micro_model)
-    engine = HFEngine(policy.model, policy.tokenizer)
+    rt.ensure_version(stages.base_checkpoint(rt))
+    assert 0 < len(rt.usable_problems) < 500  # the micro tokenizer spells long problems out past 256 tokens
+    engine = HFEngine(rt.policy.model, rt.policy.tokenizer)
     problems = rt.step_problems(1)[:2]
     outs = engine.generate([rt.prompts.render_solve(p.question) for p in problems],
                            SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=0))

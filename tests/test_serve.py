@@ -32,7 +32,7 @@ def _wait_for(path, text, proc, timeout_s):
         time.sleep(0.5)
 
 
-def test_serve_deploy_and_run_a_campaign(tmp_path):
+def test_serve_deploy_and_run_a_campaign(tmp_path, micro_model):
     port = _free_port()
     url = serve.api_url("127.0.0.1", port)
     # The worker looks for new flow runs every 2 s instead of 10.
@@ -52,7 +52,8 @@ def test_serve_deploy_and_run_a_campaign(tmp_path):
 
         root = tmp_path / "runs"
         done = subprocess.run([*MEL, "deploy", "--api-url", url, "--run", "--timeout", "600", "run.name=served",
-                               "run.steps=1", f"run.root_dir={root}", "sampling.prompts_per_step=8"],
+                               "run.steps=1", f"run.root_dir={root}", f"model.name_or_path={micro_model}",
+                               "sampling.prompts_per_step=4", "sampling.group_size=4"],
                               env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout + done.stderr + log.read_text()[-3000:]
         assert "COMPLETED" in done.stdout

@@ -69,7 +69,7 @@ def test_chat_template_wraps_what_is_generated_stored_and_trained(tmp_path):
         rt2.model_input("Q: 1+1\n")
 
 
-def test_update_killed_after_its_checkpoint_resumes_from_it(tmp_path, monkeypatch):
+def test_update_killed_after_its_checkpoint_resumes_from_it(tmp_path, monkeypatch, micro_model):
     """A process dies between the checkpoint's rename and the commit: the next update records that
     checkpoint and its stats instead of training again."""
     from safetensors.torch import load_file
@@ -78,10 +78,8 @@ def test_update_killed_after_its_checkpoint_resumes_from_it(tmp_path, monkeypatc
     from mel_core.policy import Policy
 
     cfg = C.load("configs/tiny.yaml", ["run.name=resume-ckpt", f"run.root_dir={tmp_path}", "sampling.prompts_per_step=4",
-                                       "experience.enabled=false", "loss.nll_coef=0"])
-    rt = Runtime(cfg)
-    base = stages.base_checkpoint(rt)
-    stages.register_run(rt, base)
+                                       f"model.name_or_path={micro_model}", "experience.enabled=false", "loss.nll_coef=0"])
+    rt, base = scripted_runtime(cfg, Script())  # mixed groups: the step has a gradient
     stages.sample(rt, 1, base)
     stages.verify(rt, 1)
     out = stages.update(rt, 1, base)

@@ -1,7 +1,14 @@
 import pytest
 
-from mel_core.store import (ReadOnlyViolation, Store, StoreReader, check_read_only, format_table, make_id,
-                             release_connections)
+from mel_core.store import (
+    ReadOnlyViolation,
+    Store,
+    StoreReader,
+    check_read_only,
+    format_table,
+    make_id,
+    release_connections,
+)
 
 
 def test_ids_are_deterministic():

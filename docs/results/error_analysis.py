@@ -11,7 +11,7 @@ import re
 import sys
 
 from mel_core import data
-from mel_core.store import Store
+from mel_core.store import StoreReader
 
 
 def lines(text: str) -> list[str]:
@@ -33,7 +33,7 @@ def main(run_dirs: list[str]) -> None:
     examples = []
     pairs = 0
     for d in run_dirs:
-        s = Store.open_existing(f"{d}/mel.duckdb")
+        s = StoreReader(f"{d}/mel.duckdb")
         rows = s.query(
             "SELECT a.analysis_id, a.bifurcation_step, a.status, a.reject_reason, c.text AS correct, i.text AS incorrect "
             "FROM analyses a JOIN pairs p USING (pair_id) JOIN rollouts c ON c.rollout_id = p.correct_rollout_id "
