@@ -3,8 +3,7 @@
 Two campaigns of the same config (the embedded tiny model, `mel run` in a subprocess each): arm `alone`,
 and arm `with_reader`, during which another process opens the run's store as `mel query` does
 (mel_core.store.StoreReader: the published snapshot, read-only) and keeps an analytic query running over
-it for `--query-s` seconds (one connection held the whole time, re-running a scan-and-join of the rollouts
-that takes seconds per query).
+it for `--query-s` seconds: one analytic scan-and-join of the rollouts, sized on the store to last that long.
 The campaign is pinned to core 0 and the reader to core 1 (each one thread), so the ratio measures what
 the reader does to the writer through the store, not the two sharing a core.
 
@@ -36,13 +35,16 @@ READER = r"""
 import sys, time
 from mel_core.store import StoreReader
 db, seconds = sys.argv[1], float(sys.argv[2])
+SQL = ("SELECT count(*) AS n, sum(length(a.text) * length(b.text)) AS s FROM rollouts a "
+       "JOIN rollouts b ON a.prompt_id = b.prompt_id CROSS JOIN range({k}) k WHERE (k.range + a.num_tokens) % 3 = 0")
 t0 = time.monotonic(); done = 0
 with StoreReader(db) as r:
+    t = time.monotonic(); r.query(SQL.format(k=2000)); unit = time.monotonic() - t
+    k = int(2000 * seconds / max(unit, 1e-3))  # one query sized to last the whole window, on this store
     while time.monotonic() - t0 < seconds:
-        r.query("SELECT count(*) AS n, sum(length(a.text) * length(b.text)) AS s FROM rollouts a "
-                "JOIN rollouts b ON a.prompt_id = b.prompt_id CROSS JOIN range(20000) k WHERE (k.range + a.num_tokens) % 3 = 0")
+        r.query(SQL.format(k=k))
         done += 1
-print(f"held {time.monotonic() - t0:.1f} queries {done}", flush=True)
+print(f"held {time.monotonic() - t0:.1f} s, {done} query(ies) of ~{seconds:.0f} s", flush=True)
 """
 
 
