@@ -4,6 +4,7 @@
     mel query "SELECT ..." [--db runs/NAME/mel.duckdb]
     mel lineage HEURISTIC_ID [--db ...]
     mel eval --checkpoint ID_OR_PATH [--datasets synthetic data/math500/test.jsonl ...] [key=value ...]
+    mel eval --checkpoint ID_OR_PATH --suite paper [key=value ...]   # the paper's Table 1 benchmarks and layout
     mel compare --config configs/tiny.yaml [--name ab] [--seeds 3] [key=value ...]   # GRPO vs MEL
     mel report RUN [--out DIR]                # markdown + PNG report of a run (name, id, dir or .duckdb)
     mel serve [--port 4200]                   # standalone Prefect server + process worker
@@ -219,7 +220,8 @@ def cmd_eval(args) -> int:
 
     from mel_core import config as config_mod
     from mel_core.checkpoint_files import checkpoint_problem
-    from mel_core.evaluate import dataset_name, load_dataset
+    from mel_core.evaluate import (SUITES, dataset_name, format_suite_table, load_dataset, metrics_by_dataset,
+                                   suite_datasets)
     from mel_core.runtime import DB_FILE, get_runtime
     from mel_core.store import StoreReader, format_table, make_id
 
@@ -254,7 +256,9 @@ def cmd_eval(args) -> int:
             raise config_mod.ConfigError(f"--db: expected a run directory or its {DB_FILE}, got {db}")
         cfg = config_mod.load(overrides=[f"run.root_dir={db.parent.parent.resolve()}", f"run.name={db.parent.name}"],
                               base=config_mod.to_dict(cfg))
-    datasets = args.datasets or list(cfg.eval.datasets)
+    # --suite adds its benchmarks before any --datasets (both are evaluated; the table shows the suite's)
+    datasets = (suite_datasets(args.suite, args.datasets or []) if args.suite else
+                args.datasets or list(cfg.eval.datasets))
     if not datasets:
         raise config_mod.ConfigError("no datasets: pass --datasets or set eval.datasets")
     for d in datasets:  # a missing or malformed file fails here, before Prefect starts
@@ -277,6 +281,9 @@ def cmd_eval(args) -> int:
     print(format_table(list(rows[0]) if rows else ["dataset"], [tuple(r.values()) for r in rows]))
     print(f"Failures: .venv/bin/mel query --db {rt.store.path} \"SELECT problem_id, answer, verify_reason, text "
           f"FROM eval_samples WHERE checkpoint_id = '{checkpoint['checkpoint_id']}' AND greedy AND reward = 0 LIMIT 10\"")
+    if args.suite:  # one line, named after the checkpoint's directory
+        table = {Path(checkpoint["path"]).name: metrics_by_dataset(rows)}
+        print("\n" + format_suite_table(table, cfg.eval.k, cfg.eval.temperature, SUITES[args.suite]))
     return 0
 
 
@@ -364,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--checkpoint", required=True, help="a checkpoint id (checkpoints table) or directory; rows go to the run that "
                                                        "holds it, else to the config's run")
     ev.add_argument("--datasets", nargs="+", help="'synthetic' and/or JSONL paths (default: eval.datasets)")
+    ev.add_argument("--suite", help="a fixed benchmark list, then its table: 'paper' = AIME24, AIME25, AMC23, "
+                                    "MATH-500, OlympiadBench in the paper's Table 1 layout; --datasets adds more "
+                                    "(evaluated, not in the table)")
     ev.add_argument("--db", help="the run's DuckDB file or directory (default: the run holding the checkpoint)")
     ev.add_argument("--config", help="config to evaluate with (default: the checkpoint's run config, else tiny.yaml)")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.k=4 eval.max_problems=50")

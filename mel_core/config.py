@@ -207,7 +207,7 @@ class PromptsConfig:
 
 @dataclass
 class EvalConfig:
-    datasets: List[str] = doc([], "Datasets to evaluate on: 'synthetic' or JSONL paths (MATH-500, AIME24/25, AMC23, GSM8K).")
+    datasets: List[str] = doc([], "Datasets to evaluate on: 'synthetic' or JSONL paths (MATH-500, AIME24/25, AMC23, OlympiadBench, GSM8K).")
     greedy: bool = doc(True, "Greedy Pass@1.", PAPER)
     temperature: float = doc(0.6, "Sampling temperature of Avg@k / Pass@k.", PAPER, ge=0)
     k: int = doc(8, "Samples per problem for Avg@k / Pass@k (unbiased estimator, Chen et al. 2021); 0 = greedy only.", PAPER, ge=0)

@@ -352,8 +352,35 @@ def analysis_target(incorrect_lines: list[str], correct_lines: list[str], error_
 # ------------------------------------------------------------------------------------------- JSONL
 
 
+# An unescaped ``$`` opens or closes math mode; ``\$`` is a dollar sign (MATH-500's ``\$18.90``) and stays.
+_MATH_DELIMITER = re.compile(r"(?<!\\)\$")
+# A sentence's full stop written after the closing delimiter (OlympiadBench: ``$(-\infty, 0) \cup\{1\}$.``).
+_FULL_STOP_AFTER_MATH = re.compile(r"(?<!\\)\$\s*\.$")
+
+
+def strip_math_mode(answer: str) -> str:
+    """An answer written in LaTeX math mode, without its ``$`` delimiters: ``"$69$,$84$"`` -> ``"69,84"``.
+
+    Only answers that *start* in math mode are touched (OlympiadBench writes ``$...$``; GSM8K rationales hold
+    ``$`` as a currency sign mid-text and MATH-500 escapes it as ``\\$``). Every unescaped ``$`` goes, stray ones
+    inside too (``"$221,$8$"`` -> ``"221,8"``), so the gold is one plain LaTeX expression: what the verifier wraps
+    in ``$...$`` itself, what ``eval_samples.answer`` shows, what a reference ``\\boxed{}`` can hold (with a ``$``
+    inside the box, the model side no longer parses). Several answers stay comma-separated (``"69,84"``):
+    math-verify parses a top-level comma list as a set on both sides, so ``\\boxed{84, 69}`` matches, in any order.
+    """
+    s = answer.strip()
+    if not _MATH_DELIMITER.match(s):
+        return s
+    s = _FULL_STOP_AFTER_MATH.sub("$", s)
+    return _MATH_DELIMITER.sub("", s).strip()
+
+
 def _normalise_answer(value: Any) -> str:
-    """Gold answers as strings; integral floats as integers (AMC's ``27.0`` -> ``"27"``)."""
+    """Gold answers as strings; integral floats as integers (AMC's ``27.0`` -> ``"27"``); a list holding one
+    answer as that answer (OlympiadBench's ``final_answer: ["$...$"]``); math-mode ``$`` delimiters removed
+    (:func:`strip_math_mode`)."""
+    if isinstance(value, list) and len(value) == 1:
+        return _normalise_answer(value[0])
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
@@ -361,7 +388,7 @@ def _normalise_answer(value: Any) -> str:
     if isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, str):
-        return value.strip()
+        return strip_math_mode(value)
     return json.dumps(value, ensure_ascii=False)
 
 

@@ -6,7 +6,9 @@ mode is one batched engine call (all problems greedy; all problems x k samples a
 verified in one ``verify_batch`` call with the dataset's reward kind.
 
 A dataset is ``synthetic`` (the held-out split of the embedded task, disjoint from training) or the
-path of a JSONL file (MATH-500, GSM8K, AIME24/25, AMC23 ship under ``data/``).
+path of a JSONL file (MATH-500, GSM8K, AIME24/25, AMC23, OlympiadBench ship under ``data/``). A *suite*
+names a fixed list of them: ``paper`` is the MEL paper's Table 1 (:data:`PAPER_SUITE`), printed in that
+table's layout by :func:`format_suite_table`.
 
 Records: one ``evals`` row per metric and one ``eval_samples`` row per generation. An evaluation of
 (run, checkpoint, dataset) replaces that triple's earlier rows in one transaction, so the store
@@ -20,10 +22,11 @@ import datetime as dt
 import hashlib
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mel_core.config import MelConfig
+from mel_core.config import ConfigError, MelConfig
 from mel_core.data import Problem, load_jsonl, source_name, synthetic_problems
 from mel_core.engines.base import SamplingParams
 from mel_core.metrics import avg_at_k, mean_pass_at_k
@@ -54,7 +57,8 @@ def _fingerprint(cfg: MelConfig, dataset: str) -> str:
 
 def _jsonl_fields(path: Path, cfg: MelConfig) -> tuple[str, str, str]:
     """(question, answer, id) fields of a benchmark file: data.* names when the file has them, else the
-    common ones ('problem' or 'question'; 'answer'); row ids are line numbers unless data.id_field is there."""
+    common ones ('problem' or 'question'; 'answer', else OlympiadBench's 'final_answer'); row ids are line
+    numbers unless data.id_field is there."""
     with path.open(encoding="utf-8") as f:
         first = next((line for line in f if line.strip()), "{}")
     try:
@@ -63,7 +67,7 @@ def _jsonl_fields(path: Path, cfg: MelConfig) -> tuple[str, str, str]:
         row = {}  # load_jsonl reports the bad line
     d = cfg.data
     question = next((f for f in (d.question_field, "problem", "question") if f in row), d.question_field)
-    answer = next((f for f in (d.answer_field, "answer") if f in row), d.answer_field)
+    answer = next((f for f in (d.answer_field, "answer", "final_answer") if f in row), d.answer_field)
     return question, answer, d.id_field if d.id_field and d.id_field in row else ""
 
 
@@ -192,3 +196,105 @@ def format_eval(result: dict) -> str:
     step = "-" if result["step"] is None else result["step"]
     return (f"eval step {step:>3} | {result['dataset']}: {m} | {result['num_problems']} problems "
             f"| {result['seconds']:.1f}s")
+
+
+# ------------------------------------------------------------------------------------------- suites
+
+# The MEL paper's Table 1 (arXiv 2602.10224): its five benchmarks, in its column order, under its headings.
+PAPER_SUITE: tuple[tuple[str, str], ...] = (
+    ("AIME 2024", "data/aime24/test.jsonl"),
+    ("AIME 2025", "data/aime25/test.jsonl"),
+    ("AMC 2023", "data/amc23/test.jsonl"),
+    ("MATH 500", "data/math500/test.jsonl"),
+    ("OlympiadBench", "data/olympiadbench/test.jsonl"),
+)
+SUITES: dict[str, tuple[tuple[str, str], ...]] = {"paper": PAPER_SUITE}
+AVERAGE = "Average"
+MISSING = "-"
+
+
+def suite_datasets(suite: str, extra: Sequence[str] = ()) -> list[str]:
+    """The suite's dataset paths, then those of `extra` that are not already among them (by store name:
+    ``data/math500/test.jsonl`` and ``./data/math500/test.jsonl`` are one dataset)."""
+    if suite not in SUITES:
+        raise ConfigError(f"--suite: unknown suite {suite!r} (known: {', '.join(sorted(SUITES))})")
+    out = [path for _, path in SUITES[suite]]
+    seen = {dataset_name(d) for d in out}
+    for d in extra:
+        if dataset_name(d) not in seen:
+            seen.add(dataset_name(d))
+            out.append(d)
+    return out
+
+
+def metrics_by_dataset(rows: Sequence[Mapping]) -> dict[str, dict[str, float]]:
+    """`evals` rows (dataset, metric, value) -> dataset -> metric -> value, what :func:`format_suite_table` reads."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        out.setdefault(r["dataset"], {})[r["metric"]] = r["value"]
+    return out
+
+
+def table_metrics(k: int) -> list[tuple[str, str | None]]:
+    """(heading, metric key) of each benchmark's three columns: greedy Pass@1, then Avg@k and Pass@k of the
+    sampled mode. No key where evaluate() writes none: Pass@k with k = 1 (the name 'pass@1' is the greedy
+    metric's) and both sampled columns with k = 0 (no sampling)."""
+    return [("Pass@1", "pass@1"), (f"Avg@{k}" if k > 0 else "Avg@k", f"avg@{k}" if k > 0 else None),
+            (f"Pass@{k}" if k > 1 else "Pass@k", f"pass@{k}" if k > 1 else None)]
+
+
+def suite_average(by_dataset: Mapping[str, Mapping[str, float]], metric: str | None,
+                  suite: Sequence[tuple[str, str]] = PAPER_SUITE) -> float | None:
+    """The unweighted mean of `metric` over the suite's benchmarks, as the paper averages (AIME's 30 problems
+    weigh as much as MATH-500's 500); None when any benchmark lacks it (a partial mean is not comparable)."""
+    if metric is None:
+        return None
+    values = [by_dataset.get(dataset_name(path), {}).get(metric) for _, path in suite]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def _percent(value: float | None) -> str:
+    return MISSING if value is None else f"{100 * value:.2f}"
+
+
+def suite_cells(rows: Mapping[str, Mapping[str, Mapping[str, float]]], k: int,
+                suite: Sequence[tuple[str, str]] = PAPER_SUITE) -> list[tuple[str, dict[str, list[str]]]]:
+    """(column group heading, label -> its cells) for each benchmark of the suite, then the Average: the
+    table's content before layout. `rows`: label -> dataset store name -> metric -> value in [0, 1]."""
+    metrics = [key for _, key in table_metrics(k)]
+    groups = [(heading, {label: [_percent(by_ds.get(dataset_name(path), {}).get(key) if key else None)
+                                 for key in metrics] for label, by_ds in rows.items()})
+              for heading, path in suite]
+    groups.append((AVERAGE, {label: [_percent(suite_average(by_ds, key, suite)) for key in metrics]
+                             for label, by_ds in rows.items()}))
+    return groups
+
+
+def format_suite_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], k: int, temperature: float,
+                       suite: Sequence[tuple[str, str]] = PAPER_SUITE, groups_per_block: int = 3) -> str:
+    """The paper's Table 1 layout: one line per method (`rows`: label -> dataset store name -> metric ->
+    value in [0, 1]), accuracy in percent with two decimals; per benchmark Pass@1 / Avg@k / Pass@k, then
+    their Average over the benchmarks. As in the paper (whose page is too narrow for all 18 columns) the
+    six column groups come in blocks of three (AIME 2024 / AIME 2025 / AMC 2023, then MATH 500 /
+    OlympiadBench / Average), each under a two-line header. A metric that was not computed shows as '-',
+    and so does its Average."""
+    headings = [h for h, _ in table_metrics(k)]
+    groups = suite_cells(rows, k, suite)
+    label_w = max([len("Method")] + [len(label) for label in rows])
+    cell_w = max(7, *(len(h) for h in headings))
+    group_w = max(len(headings) * (cell_w + 1) - 1, *(len(h) for h, _ in groups))
+
+    def group_text(cells: list[str]) -> str:
+        return " ".join(c.rjust(cell_w) for c in cells).rjust(group_w)
+
+    sampled = (f"Avg@{k} / Pass@{k} from {k} sample{'s' if k > 1 else ''} at T={temperature:g}" if k > 0
+               else "no sampled metrics (eval.k=0)")
+    lines = [f"Table 1 layout (MEL paper): accuracy (%); Pass@1 greedy, {sampled}"]
+    for start in range(0, len(groups), groups_per_block):
+        block = groups[start:start + groups_per_block]
+        top = [" " * label_w] + [heading.center(group_w) for heading, _ in block]
+        sub = ["Method".ljust(label_w)] + [group_text(headings) for _ in block]
+        lines += ["", " | ".join(top).rstrip(), " | ".join(sub), "-+-".join("-" * len(c) for c in sub)]
+        lines += [" | ".join([label.ljust(label_w)] + [group_text(cells[label]) for _, cells in block])
+                  for label in rows]
+    return "\n".join(lines)

@@ -145,7 +145,7 @@ def test_normalize_gold_on_shipped_datasets():
 def test_shipped_data_matches_sources_md():
     table = re.findall(r"\| (\w+) \| `([^`]+)` \| ([\d,]+) \| [\d,]+ \| `([0-9a-f]{64})` \|",
                        (DATA / "SOURCES.md").read_text(encoding="utf-8"))
-    assert len(table) == 6
+    assert len(table) == 7
     for _name, rel, rows, sha in table:
         raw = (DATA / rel).read_bytes()
         assert hashlib.sha256(raw).hexdigest() == sha, rel
