@@ -184,6 +184,16 @@ class OptimConfig:
 @dataclass
 class VerifyConfig:
     timeout_s: float = doc(5.0, "Time limit per verified item (math-verify runs in a worker process).")
+    extraction: str = doc("boxed_last", "Where a math answer is read: boxed_last (the content of the LAST \\boxed{} / "
+                          "\\fbox{}, parsed by math-verify; no box = no_answer) | math_verify (math-verify's own "
+                          "chain, which falls back to the last number: a text cut off at '40+2=42 and then' scores "
+                          "42, and two nearby boxes become a set that matches neither). Our choice: the solve prompt asks "
+                          "for the final answer in \\boxed{}, so the last box is the answer the model gave.")
+    truncated_reward: str = doc("zero", "Reward of a rollout cut at the length limit (finish_reason 'length'): zero "
+                                "(0, reason 'truncated', not verified) | verify (verified like any other). Our choice: "
+                                "a cut-off text did not finish its solution, so a box in it is not its final answer, "
+                                "and crediting it would reward runaway generations (DAPO's overlong reward shaping "
+                                "makes the same call); applies to evaluation alike.")
 
 
 @dataclass
@@ -400,6 +410,11 @@ def validate(cfg: MelConfig) -> None:
         from mel_core.prompts import PromptSet, resolve_path
         need(PromptSet.load(cfg.prompts.dir).abstract is not None, "experience.analysis_mode",
              f"two_pass needs {resolve_path(cfg.prompts.dir) / 'abstract.txt'}")
+    from mel_core.verify import EXTRACTIONS, TRUNCATED_REWARDS  # standard library only at import time
+    need(cfg.verify.extraction in EXTRACTIONS, "verify.extraction", f"one of {list(EXTRACTIONS)}")
+    need(cfg.verify.truncated_reward in TRUNCATED_REWARDS, "verify.truncated_reward",
+         f"one of {list(TRUNCATED_REWARDS)}")
+    need(cfg.verify.timeout_s > 0, "verify.timeout_s", "must be > 0")
     need(0 < cfg.library.similarity_threshold <= 1, "library.similarity_threshold", "must be in (0, 1]")
     need(cfg.data.synthetic.min_ops <= cfg.data.synthetic.max_ops, "data.synthetic.min_ops", "must be <= max_ops")
     need(cfg.eval.k >= 0 and cfg.eval.max_problems >= 0, "eval.k", "eval.k and eval.max_problems must be >= 0")

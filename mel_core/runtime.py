@@ -66,6 +66,12 @@ class Runtime:
         from mel_core.verify import reward_kind_for_source
         return reward_kind_for_source(self.cfg.data.source)
 
+    @cached_property
+    def verifier(self):
+        """The training data's :class:`mel_core.verify.Verifier` (its reward kind with ``cfg.verify``)."""
+        from mel_core.verify import Verifier
+        return Verifier.from_config(self.cfg.verify, self.reward_kind)
+
     def step_problems(self, step: int):
         """The B problems of a step: a seeded permutation of the training split, cycled."""
         problems = self.train_problems

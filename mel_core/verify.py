@@ -2,13 +2,25 @@
 
 Public API
 ----------
+- :class:`Verifier` ``(kind, extraction, truncated_reward, timeout_s)``: what the pipeline calls.
+  ``Verifier.from_config(cfg.verify, reward_kind)``; ``.verify(texts, golds, finish_reasons=None)`` gives one
+  :class:`Verdict` per text; ``.identity`` (a JSON-able dict: logic version, kind, settings, math-verify's and its
+  parser's installed versions) and ``.identity_hash`` (16 hex digits) say what produced the verdicts.
 - :class:`Verdict` ``(reward, extracted, reason)``; ``reason`` is one of ``"correct"``, ``"wrong_answer"``,
-  ``"no_answer"``, ``"timeout"`` or ``"error: <ExceptionType>"``.
+  ``"no_answer"``, ``"truncated"``, ``"timeout"`` or ``"error: <ExceptionType>"``.
+- Extraction of math answers (``extraction``): ``"boxed_last"`` (default) reads only the content of the LAST
+  ``\\boxed{...}`` / ``\\fbox{...}`` (:func:`last_boxed_answer`, in this process) and has math-verify parse that
+  box alone; a text without one is ``no_answer`` and never reaches a worker. ``"math_verify"`` hands the whole text
+  to math-verify's default extraction chain (which falls back to the last number in the text, and merges nearby
+  boxes into a set).
+- Truncated completions (``truncated_reward``, with ``finish_reasons``): ``"zero"`` (default) scores a completion
+  cut at the length limit (``finish_reason == "length"``) 0 with reason ``"truncated"`` without verifying it;
+  ``"verify"`` verifies it like any other.
 - :func:`extract_synthetic_answer`, :func:`verify_synthetic`: the last ``Answer: N`` line, exact integer match.
 - :func:`verify_math`, :func:`verify_math_batch`: math-verify 0.9.0, gold parsed as ``"$" + gold + "$"``, the model
-  text with math-verify's default extraction configs, ``verify(gold, pred)``.
-- :func:`verify_batch` ``(kind, texts, golds, timeout_s)``: what the pipeline calls, ``kind`` in
-  ``{"synthetic", "math"}``; :func:`reward_kind_for_source` picks the kind from ``data.source``.
+  answer with math-verify's default extraction configs, ``verify(gold, pred)``.
+- :func:`verify_batch` ``(kind, texts, golds, timeout_s, ...)``: a one-call :meth:`Verifier.verify`;
+  :func:`reward_kind_for_source` picks the kind from ``data.source``.
 - :func:`normalize_gold`: dataset answers (int / float / LaTeX str / GSM8K ``#### n`` text) to a string.
 - :func:`compare`, :func:`compare_batch`: Math-Verify's own test helper (``compare_strings``) through the same
   worker machinery; used to reproduce Math-Verify's test labels.
@@ -40,6 +52,8 @@ workers. It must stay importable as a standalone file (the workers load it by pa
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import math
 import numbers
 import os
@@ -57,6 +71,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = [
     "Verdict",
+    "Verifier",
+    "last_boxed_answer",
     "extract_synthetic_answer",
     "verify_synthetic",
     "verify_math",
@@ -68,16 +84,31 @@ __all__ = [
     "compare_batch",
     "shutdown_pool",
     "REWARD_KINDS",
+    "EXTRACTIONS",
+    "TRUNCATED_REWARDS",
     "DEFAULT_TIMEOUT_S",
+    "DEFAULT_EXTRACTION",
+    "DEFAULT_TRUNCATED_REWARD",
+    "VERIFIER_VERSION",
 ]
 
 REWARD_KINDS = ("synthetic", "math")
+# How the answer is found in a math text: the last \boxed{} only, or math-verify's own extraction chain.
+EXTRACTIONS = ("boxed_last", "math_verify")
+# What a rollout cut at the length limit (finish_reason "length") scores: 0, or whatever verification says.
+TRUNCATED_REWARDS = ("zero", "verify")
 DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_EXTRACTION = "boxed_last"
+DEFAULT_TRUNCATED_REWARD = "zero"
+# Bump when the verification logic changes in a way that can change a verdict: it is part of Verifier.identity.
+VERIFIER_VERSION = 1
 
 CORRECT = "correct"
 WRONG = "wrong_answer"
 NO_ANSWER = "no_answer"
 TIMEOUT = "timeout"
+TRUNCATED = "truncated"
+LENGTH = "length"  # the finish_reason of a completion cut at the length limit (mel_core.engines.base.Completion)
 
 
 @dataclass(frozen=True)
@@ -186,6 +217,70 @@ def verify_synthetic(text: str | None, gold: Any) -> Verdict:
     if extracted is None:
         return Verdict(0.0, None, NO_ANSWER)
     return Verdict(1.0, extracted, CORRECT) if int(extracted) == g else Verdict(0.0, extracted, WRONG)
+
+
+# ------------------------------------------------------------------------------------------- boxed answers
+# Runs in the parent: plain string scanning, so texts without a boxed answer never reach a worker.
+
+# \boxed or \fbox as a whole command name (not the start of a longer one such as \boxedtext).
+_BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+# The argument of a brace-less \boxed 5: one run of characters up to whitespace, a math delimiter or a brace.
+_BARE_ARGUMENT = re.compile(r"[^\s${}]+")
+
+
+def _braced_group(text: str, open_pos: int) -> str | None:
+    r"""The text inside the brace group opening at ``text[open_pos] == "{"``, or None if it never closes.
+
+    Escaped characters (``\{``, ``\}``, ``\\``) are skipped as LaTeX does, so ``\{1,2\}`` nests nothing.
+    """
+    depth = 0
+    i, n = open_pos, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_pos + 1:i]
+        i += 1
+    return None
+
+
+def last_boxed_answer(text: str | None) -> str | None:
+    r"""The content of the LAST ``\boxed{...}`` (or ``\fbox{...}``) in ``text``, stripped; None if there is none.
+
+    Nested braces are balanced (``\boxed{\frac{1}{2}}`` -> ``\frac{1}{2}``); a brace-less ``\boxed 5`` gives the
+    run of characters after it (``5``, trailing ``.,;:`` dropped). Only the last box counts, as in the MATH
+    reference code (``last_boxed_only_string``): when it is unusable (never closed, as in a text cut off inside it,
+    or empty) the text has no answer, even when an earlier box was complete.
+    """
+    if not isinstance(text, str):
+        return None
+    last = None
+    for last in _BOX_COMMAND.finditer(text):
+        pass
+    if last is None:
+        return None
+    i = last.end()
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i < len(text) and text[i] == "{":
+        content = _braced_group(text, i)
+    else:
+        m = _BARE_ARGUMENT.match(text, i)
+        content = m.group(0).rstrip(".,;:") if m else None
+    if content is None or not content.strip():
+        return None
+    return content.strip()
+
+
+def _as_boxed_text(content: str) -> str:
+    """What math-verify parses for a ``boxed_last`` answer: the one box alone, so its boxed rule extracts it."""
+    return "\\boxed{" + content + "}"
 
 
 # ------------------------------------------------------------------------------------------- worker side
@@ -581,15 +676,34 @@ def _as_text(text: Any) -> str:
     return text if isinstance(text, str) else str(text)
 
 
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r} (expected one of {allowed})")
+    return value
+
+
+def _math_pred_text(text: Any, extraction: str) -> str | None:
+    """What the worker parses as the model's answer: the whole text (``math_verify``) or its last box alone
+    (``boxed_last``); None when ``boxed_last`` finds no box (the item is ``no_answer`` without a worker)."""
+    if extraction == "math_verify":
+        return _as_text(text)
+    content = last_boxed_answer(_as_text(text))
+    return None if content is None else _as_boxed_text(content)
+
+
 def verify_math_batch(texts: Sequence[str], golds: Sequence[Any], timeout_s: float | None = DEFAULT_TIMEOUT_S, *,
+                      extraction: str = DEFAULT_EXTRACTION,
                       _test_delay_s: Sequence[float] | None = None) -> list[Verdict]:
     """Verify many model texts at once (all items submitted to the worker pool together); never raises on model
-    output. ``timeout_s`` is per item, from the moment a worker starts it. ``_test_delay_s`` is a test-only hook
-    (per-item sleep inside the worker, see :func:`_math_item`)."""
+    output. ``extraction`` is ``"boxed_last"`` (the last ``\\boxed{}`` only; no box: ``no_answer``) or
+    ``"math_verify"`` (math-verify's default chain on the whole text). ``timeout_s`` is per item, from the moment a
+    worker starts it. ``_test_delay_s`` is a test-only hook (per-item sleep inside the worker, see
+    :func:`_math_item`)."""
     texts, golds = list(texts), list(golds)
     if len(texts) != len(golds):
         raise ValueError(f"{len(texts)} texts but {len(golds)} golds")
     timeout_s = _check_timeout(timeout_s)
+    _check_choice("extraction", extraction, EXTRACTIONS)
     delays = list(_test_delay_s) if _test_delay_s is not None else [0.0] * len(texts)
     if len(delays) != len(texts):
         raise ValueError("_test_delay_s must have one entry per text")
@@ -601,7 +715,11 @@ def verify_math_batch(texts: Sequence[str], golds: Sequence[Any], timeout_s: flo
         except Exception as e:
             verdicts[i] = _error_verdict(e)
             continue
-        args = (_as_text(text), g) + ((float(delays[i]),) if delays[i] else ())
+        pred = _math_pred_text(text, extraction)
+        if pred is None:
+            verdicts[i] = Verdict(0.0, None, NO_ANSWER)
+            continue
+        args = (pred, g) + ((float(delays[i]),) if delays[i] else ())
         tasks.append(("math", args))
         where.append(i)
     for i, (status, payload) in zip(where, _pool().run(tasks, timeout_s)):
@@ -615,27 +733,114 @@ def verify_math_batch(texts: Sequence[str], golds: Sequence[Any], timeout_s: flo
     return verdicts  # type: ignore[return-value]
 
 
-def verify_math(text: str, gold: Any, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Verdict:
+def verify_math(text: str, gold: Any, timeout_s: float | None = DEFAULT_TIMEOUT_S, *,
+                extraction: str = DEFAULT_EXTRACTION) -> Verdict:
     """One math item (see :func:`verify_math_batch`)."""
-    return verify_math_batch([text], [gold], timeout_s)[0]
-
-
-def verify_batch(kind: str, texts: Sequence[str], golds: Sequence[Any],
-                 timeout_s: float | None = DEFAULT_TIMEOUT_S) -> list[Verdict]:
-    """The pipeline's entry point: ``kind`` "synthetic" (inline, no pool) or "math" (worker pool)."""
-    if kind == "synthetic":
-        texts, golds = list(texts), list(golds)
-        if len(texts) != len(golds):
-            raise ValueError(f"{len(texts)} texts but {len(golds)} golds")
-        return [verify_synthetic(t, g) for t, g in zip(texts, golds)]
-    if kind == "math":
-        return verify_math_batch(texts, golds, timeout_s)
-    raise ValueError(f"unknown reward kind {kind!r} (expected one of {REWARD_KINDS})")
+    return verify_math_batch([text], [gold], timeout_s, extraction=extraction)[0]
 
 
 def reward_kind_for_source(source: str) -> str:
     """``"synthetic"`` for the embedded task (``data.source: synthetic``), ``"math"`` for any dataset file."""
     return "synthetic" if str(source).strip().lower() == "synthetic" else "math"
+
+
+# ------------------------------------------------------------------------------------------- the pipeline's verifier
+
+def _installed_version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# The packages whose behaviour decides a math verdict (math-verify's parser/grader and the sympy it runs on).
+_MATH_PACKAGES = ("math-verify", "latex2sympy2_extended", "sympy")
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """What the pipeline calls to score completions: one reward kind with its settings.
+
+    ``kind`` is ``"synthetic"`` (last ``Answer:`` line, exact integer, inline) or ``"math"`` (math-verify in the
+    worker pool, with ``extraction`` and ``timeout_s``); ``truncated_reward`` applies to both. Build it with
+    :meth:`from_config`; :attr:`identity` / :attr:`identity_hash` say what produced a verdict (provenance).
+    """
+
+    kind: str
+    extraction: str = DEFAULT_EXTRACTION
+    truncated_reward: str = DEFAULT_TRUNCATED_REWARD
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        _check_choice("reward kind", self.kind, REWARD_KINDS)
+        _check_choice("extraction", self.extraction, EXTRACTIONS)
+        _check_choice("truncated_reward", self.truncated_reward, TRUNCATED_REWARDS)
+        object.__setattr__(self, "timeout_s", _check_timeout(self.timeout_s))
+
+    @classmethod
+    def from_config(cls, verify_cfg: Any, reward_kind: str) -> Verifier:
+        """From a ``VerifyConfig`` (``mel_core.config``; any object with its fields) and the data's reward kind."""
+        return cls(kind=reward_kind, extraction=verify_cfg.extraction, truncated_reward=verify_cfg.truncated_reward,
+                   timeout_s=verify_cfg.timeout_s)
+
+    @property
+    def identity(self) -> dict:
+        """Everything that decides this verifier's verdicts, as a JSON-able dict: the logic's version, the kind and
+        its settings, and for math the installed versions of math-verify and the packages it parses with. Settings
+        a kind does not use are None (the synthetic task has no extraction choice, no pool and no time limit)."""
+        math = self.kind == "math"
+        return {
+            "version": VERIFIER_VERSION,
+            "kind": self.kind,
+            "extraction": self.extraction if math else "last_answer_line",
+            "truncated_reward": self.truncated_reward,
+            "timeout_s": self.timeout_s if math else None,
+            "packages": {p: _installed_version(p) for p in _MATH_PACKAGES} if math else {},
+        }
+
+    @property
+    def identity_hash(self) -> str:
+        """A short stable hash of :attr:`identity` (16 hex digits of its sorted-key JSON's SHA-256)."""
+        blob = json.dumps(self.identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+    def verify(self, texts: Sequence[str], golds: Sequence[Any],
+               finish_reasons: Sequence[str | None] | None = None) -> list[Verdict]:
+        """One verdict per text, in order; never raises on model output.
+
+        ``finish_reasons`` are the engine's (``"stop"`` | ``"length"``) per text; None means every text finished.
+        With ``truncated_reward: zero`` a ``"length"`` text scores 0 with reason ``"truncated"`` and is not
+        verified; otherwise it is verified like any other.
+        """
+        texts, golds = list(texts), list(golds)
+        if len(texts) != len(golds):
+            raise ValueError(f"{len(texts)} texts but {len(golds)} golds")
+        if finish_reasons is not None:
+            finish_reasons = list(finish_reasons)
+            if len(finish_reasons) != len(texts):
+                raise ValueError(f"{len(texts)} texts but {len(finish_reasons)} finish_reasons")
+        truncated = [self.truncated_reward == "zero" and finish_reasons is not None and finish_reasons[i] == LENGTH
+                     for i in range(len(texts))]
+        keep = [i for i, t in enumerate(truncated) if not t]
+        verified = self._verify_finished([texts[i] for i in keep], [golds[i] for i in keep])
+        verdicts = [Verdict(0.0, None, TRUNCATED)] * len(texts)
+        for i, v in zip(keep, verified):
+            verdicts[i] = v
+        return verdicts
+
+    def _verify_finished(self, texts: list, golds: list) -> list[Verdict]:
+        if self.kind == "synthetic":
+            return [verify_synthetic(t, g) for t, g in zip(texts, golds)]
+        return verify_math_batch(texts, golds, self.timeout_s, extraction=self.extraction)
+
+
+def verify_batch(kind: str, texts: Sequence[str], golds: Sequence[Any], timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                 *, extraction: str = DEFAULT_EXTRACTION, truncated_reward: str = DEFAULT_TRUNCATED_REWARD,
+                 finish_reasons: Sequence[str | None] | None = None) -> list[Verdict]:
+    """:meth:`Verifier.verify` in one call: ``kind`` "synthetic" (inline, no pool) or "math" (worker pool)."""
+    return Verifier(kind, extraction, truncated_reward, timeout_s).verify(texts, golds, finish_reasons)
 
 
 # ------------------------------------------------------------------------------------------- Math-Verify's helper
