@@ -85,10 +85,10 @@ def test_synthetic_bad_gold_is_an_error_verdict_not_an_exception():
 
 
 def test_verify_batch_synthetic_runs_inline():
-    before = V._POOL.stats["started"] if V._POOL is not None else 0
+    V.shutdown_pool()
     vs = verify_batch("synthetic", ["Answer: 1", "Answer: 2", "nothing"], [1, "3", 0], timeout_s=1)
     assert [v.reason for v in vs] == ["correct", "wrong_answer", "no_answer"]
-    assert (V._POOL.stats["started"] if V._POOL is not None else 0) == before  # no worker process involved
+    assert V._POOL is None  # no worker pool involved
 
 
 def test_verify_batch_validates_arguments():
@@ -396,12 +396,43 @@ def test_timeout_on_a_pathological_answer_from_a_thread():
 
 def test_worker_killed_while_idle_is_replaced():
     verify_math(r"$\boxed{1}$", "1", timeout_s=20)
-    pool = V._pool()
-    for w in list(pool.workers):
-        os.kill(w.proc.pid, signal.SIGKILL)
-        w.proc.wait()
+    pids = V._pool().worker_pids()
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    # at once (pebble has not noticed yet and takes the batch) and again once it has (it declared the pool broken)
+    assert verify_math(r"$\boxed{3}$", "3", timeout_s=20) == Verdict(1.0, "3", "correct")
+    for pid in V._pool().worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
     assert verify_math_batch([r"$\boxed{1}$", r"$\boxed{2}$"], ["1", "2"], 20) == [
         Verdict(1.0, "1", "correct"), Verdict(1.0, "2", "correct")]
+    assert not set(pids) & set(V._pool().worker_pids())
+
+
+def test_worker_crash_mid_item_costs_that_item_only():
+    pool = V._pool()
+    crashed = pool.stats["crashed"]
+    out = pool.run([("math", (r"\boxed{1}", "1")), ("_test_crash", ()), ("math", (r"\boxed{2}", "3"))], 20)
+    assert out == [("ok", (1.0, "1", "correct")), ("err", "error: WorkerCrashed"), ("ok", (0.0, "2", "wrong_answer"))]
+    assert pool.stats["crashed"] == crashed + 1
+    assert verify_math(r"$\boxed{7}$", "7", timeout_s=20).reason == "correct"
+
+
+def test_memory_cap_fails_the_item_not_the_machine():
+    """Workers run under RLIMIT_AS (MEL_VERIFY_MEMORY_MB, default 4096): a larger allocation is a MemoryError."""
+    out = V._pool().run([("_test_alloc", (8 << 30,)), ("_test_alloc", (1 << 20,))], 20)
+    assert out == [("err", "error: MemoryError"), ("ok", 1 << 20)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_workers_are_spawned_not_forked():
+    """No fork of this (threaded) process: each worker is a fresh interpreter running multiprocessing's spawn_main."""
+    verify_math(r"$\boxed{1}$", "1", timeout_s=20)
+    pids = V._pool().worker_pids()
+    assert pids
+    for pid in pids:
+        assert b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def test_shutdown_and_restart():
@@ -470,10 +501,11 @@ def test_compare_single():
 
 
 def test_module_import_is_light():
-    """mel_core.verify imports only the standard library (math_verify/sympy load in the workers; no prefect)."""
+    """mel_core.verify imports only the standard library (pebble loads on first use, math_verify/sympy in the
+    workers; no prefect)."""
     import subprocess
     import sys
 
-    code = ("import sys, mel_core.verify; bad = [m for m in ('prefect', 'math_verify', 'sympy', 'torch') "
+    code = ("import sys, mel_core.verify; bad = [m for m in ('prefect', 'math_verify', 'sympy', 'torch', 'pebble') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
