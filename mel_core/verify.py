@@ -54,10 +54,10 @@ Pathological answers seen in testing (``\\boxed{(x+1)^{100000}}``, ``\\boxed{9!!
 ``\\boxed{10^{10^{10}}}`` against an integer gold) hang in sympy for minutes and end as ``"timeout"``.
 
 pebble replaced ~300 lines of our own pool (subprocess workers, pipe framing, a selector loop). Measured on MATH-500's
-500 human solutions with 2 workers on a shared 2-core machine (``benchmarks/verify.py``, 3 paired runs each, medians):
-our pool 570 items/s (boxed_last) / 651 (math_verify), pebble 564 / 602, equal within the run-to-run spread
-(+-15 %); a 40-item batch with one item stuck past a 1 s deadline took 1.02 s vs 1.05 s. What the change gave up,
-on purpose:
+500 human solutions with 2 workers on a shared 2-core machine (``benchmarks/verify.py``, 6 paired runs of each,
+medians): our pool 548 items/s (boxed_last) / 624 (math_verify), pebble 542 / 641, equal within the run-to-run spread
+(430-820 items/s); cold start to the first verdicts 0.49 s vs 0.65 s; a 40-item batch with one item stuck past a
+1 s deadline 1.01 s vs 1.02-1.10 s (pebble checks deadlines every 0.1 s). What the change gave up, on purpose:
 
 - ``spawn`` re-imports the caller's ``__main__`` script in every worker: a script that verifies at import level,
   without an ``if __name__ == "__main__":`` guard, gets ``"error: BrokenProcessPool"`` for every item (with
