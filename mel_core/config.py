@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mel_core.errors import PermanentError
+from mel_core.verify import EXTRACTIONS, TRUNCATED_REWARDS  # the standard library only, at import time
 
 PAPER = "paper"
 CHOICE = "choice"
@@ -194,6 +195,17 @@ class OptimConfig:
 @dataclass
 class VerifyConfig:
     timeout_s: float = doc(5.0, "Time limit per verified item (math-verify runs in a worker process).", gt=0)
+    extraction: str = doc("boxed_last", "Where a math answer is read: boxed_last (the content of the LAST \\boxed{} / "
+                          "\\fbox{}, parsed by math-verify; no box = no_answer) | math_verify (math-verify's own "
+                          "chain, which falls back to the last number: a text cut off at '40+2=42 and then' scores "
+                          "42, and two nearby boxes become a set that matches neither). Our choice: the solve prompt asks "
+                          "for the final answer in \\boxed{}, so the last box is the answer the model gave.",
+                          one_of=EXTRACTIONS)
+    truncated_reward: str = doc("zero", "Reward of a rollout cut at the length limit (finish_reason 'length'): zero "
+                                "(0, reason 'truncated', not verified) | verify (verified like any other). Our choice: "
+                                "a cut-off text did not finish its solution, so a box in it is not its final answer, "
+                                "and crediting it would reward runaway generations (DAPO's overlong reward shaping "
+                                "makes the same call); applies to evaluation alike.", one_of=TRUNCATED_REWARDS)
 
 
 @dataclass

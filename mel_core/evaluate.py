@@ -3,7 +3,7 @@
 The policy sees the plain solve prompt (through ``Runtime.model_input``, so chat templates apply) and
 never a meta-experience [P]: MEL's claim is that the experience is internalized in the weights. Each
 mode is one batched engine call (all problems greedy; all problems x k samples at eval.temperature),
-verified in one ``verify_batch`` call with the dataset's reward kind.
+verified in one ``Verifier.verify`` call with the dataset's reward kind and ``cfg.verify``.
 
 A dataset is ``synthetic`` (the held-out split of the embedded task, disjoint from training) or the
 path of a JSONL file (MATH-500, GSM8K, AIME24/25, AMC23, OlympiadBench ship under ``data/``). A *suite*
@@ -128,7 +128,7 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
     `run_id` is the run the checkpoint belongs to (default: the runtime's run); `step` defaults to the
     checkpoint's step in the store (NULL for a checkpoint the store does not know).
     """
-    from mel_core.verify import verify_batch
+    from mel_core.verify import Verifier
 
     cfg, e = rt.cfg, rt.cfg.eval
     run_id = run_id or rt.run_id
@@ -136,6 +136,7 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
     ds = load_dataset(cfg, dataset)
     if not ds.problems:
         raise ValueError(f"dataset {dataset!r} has no problems to evaluate")
+    verifier = Verifier.from_config(cfg.verify, ds.reward_kind)
     rt.ensure_version(ckpt)
     prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in ds.problems]
     golds = [p.answer for p in ds.problems]
@@ -153,8 +154,8 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
         t0 = time.perf_counter()
         outs = rt.engine.generate(prompts, params, desc=f"eval {ds.name} {'greedy' if greedy else f'k={params.n}'}")
         flat = [(p, i, c) for p, cs in zip(ds.problems, outs) for i, c in enumerate(cs)]
-        verdicts = verify_batch(ds.reward_kind, [c.text for *_, c in flat], [p.answer for p, *_ in flat],
-                                cfg.verify.timeout_s)
+        verdicts = verifier.verify([c.text for *_, c in flat], [p.answer for p, *_ in flat],
+                                   [c.finish_reason for *_, c in flat])
         seconds = time.perf_counter() - t0
         rewards = [[v.reward for v in verdicts[j * params.n:(j + 1) * params.n]] for j in range(len(golds))]
         if greedy:

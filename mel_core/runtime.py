@@ -75,6 +75,12 @@ class Runtime:
         from mel_core.verify import reward_kind_for_source
         return reward_kind_for_source(self.cfg.data.source)
 
+    @cached_property
+    def verifier(self):
+        """The training data's :class:`mel_core.verify.Verifier` (its reward kind with ``cfg.verify``)."""
+        from mel_core.verify import Verifier
+        return Verifier.from_config(self.cfg.verify, self.reward_kind)
+
     @property
     def context_limit(self) -> int:
         """Longest prompt + completion the policy takes: model.max_seq_len, within the model's own window."""

@@ -158,13 +158,11 @@ def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
 
 def verify(rt: Runtime, step: int) -> dict:
     """Binary reward per rollout; unparsable output scores 0 with its reason, never a crash."""
-    from mel_core.verify import verify_batch
-
     rows = rt.store.query(
-        "SELECT r.rollout_id, r.prompt_id, r.text, p.answer FROM rollouts r JOIN prompts p USING (prompt_id) "
-        "WHERE r.run_id = ? AND r.step = ? ORDER BY r.rollout_id", [rt.run_id, step])
-    verdicts = verify_batch(rt.reward_kind, [r["text"] for r in rows], [r["answer"] for r in rows],
-                            rt.cfg.verify.timeout_s)
+        "SELECT r.rollout_id, r.prompt_id, r.text, r.finish_reason, p.answer FROM rollouts r JOIN prompts p "
+        "USING (prompt_id) WHERE r.run_id = ? AND r.step = ? ORDER BY r.rollout_id", [rt.run_id, step])
+    verdicts = rt.verifier.verify([r["text"] for r in rows], [r["answer"] for r in rows],
+                                  [r["finish_reason"] for r in rows])
     updates = [{"rollout_id": r["rollout_id"], "reward": v.reward, "extracted_answer": v.extracted,
                 "verify_reason": v.reason} for r, v in zip(rows, verdicts)]
     reward_mean = sum(v.reward for v in verdicts) / max(len(verdicts), 1)
@@ -308,8 +306,6 @@ def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
 
 def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     """Re-solve each question with its M in context (one batched call); accept M if replays verify."""
-    from mel_core.verify import verify_batch
-
     cfg = rt.cfg.experience
     rows = rt.store.query(
         "SELECT a.analysis_id, pr.question, pr.answer, list(h.text ORDER BY h.position) AS heuristics "
@@ -329,8 +325,8 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
                             max_new_tokens=rt.cfg.sampling.max_new_tokens, seed=derive_seed(rt.cfg.run.seed, step, "replay"))
     outs = rt.engine.generate(prompts, params, desc=f"replay step {step}")
     flat = [(r, p, i, c) for r, p, cs in zip(rows, prompts, outs) for i, c in enumerate(cs)]
-    verdicts = verify_batch(rt.reward_kind, [c.text for *_, c in flat], [r["answer"] for r, *_ in flat],
-                            rt.cfg.verify.timeout_s)
+    verdicts = rt.verifier.verify([c.text for *_, c in flat], [r["answer"] for r, *_ in flat],
+                                  [c.finish_reason for *_, c in flat])
     replay_rows, rewards = [], defaultdict(list)
     for (r, p, i, c), v in zip(flat, verdicts):
         rewards[r["analysis_id"]].append(v.reward)

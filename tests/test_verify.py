@@ -9,6 +9,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import threading
@@ -17,12 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from mel_core import config as C
 from mel_core import verify as V
 from mel_core.verify import (
     Verdict,
+    Verifier,
     compare,
     compare_batch,
     extract_synthetic_answer,
+    last_boxed_answer,
     normalize_gold,
     reward_kind_for_source,
     verify_batch,
@@ -81,10 +85,10 @@ def test_synthetic_bad_gold_is_an_error_verdict_not_an_exception():
 
 
 def test_verify_batch_synthetic_runs_inline():
-    before = V._POOL.stats["started"] if V._POOL is not None else 0
+    V.shutdown_pool()
     vs = verify_batch("synthetic", ["Answer: 1", "Answer: 2", "nothing"], [1, "3", 0], timeout_s=1)
     assert [v.reason for v in vs] == ["correct", "wrong_answer", "no_answer"]
-    assert (V._POOL.stats["started"] if V._POOL is not None else 0) == before  # no worker process involved
+    assert V._POOL is None  # no worker pool involved
 
 
 def test_verify_batch_validates_arguments():
@@ -94,6 +98,12 @@ def test_verify_batch_validates_arguments():
         verify_batch("synthetic", ["x", "y"], ["1"])
     with pytest.raises(ValueError):
         verify_batch("math", ["x"], ["1"], timeout_s=0)
+    with pytest.raises(ValueError, match="extraction"):
+        verify_batch("math", ["x"], ["1"], extraction="first_box")
+    with pytest.raises(ValueError, match="truncated_reward"):
+        verify_batch("math", ["x"], ["1"], truncated_reward="half")
+    with pytest.raises(ValueError, match="finish_reasons"):
+        verify_batch("synthetic", ["x", "y"], ["1", "2"], finish_reasons=["stop"])
     assert verify_batch("math", [], []) == []
 
 
@@ -156,7 +166,7 @@ def test_shipped_data_matches_sources_md():
 
 # ----------------------------------------------------------------------------------------------- math
 
-# (model text, gold, expected reason)
+# (model text, gold, expected reason under the default extraction, boxed_last)
 MATH_CASES = [
     (r"We need $4x = 3$, so $x = \frac{3}{4}$. Therefore the answer is $\boxed{\frac{3}{4}}$.", r"\frac34", "correct"),
     (r"Dividing, $3 \div 4 = 0.75$. The answer is $\boxed{0.75}$.", r"\frac{3}{4}", "correct"),
@@ -166,7 +176,7 @@ MATH_CASES = [
     (r"Adding up, $2+3 = 5$. The answer is $\boxed{5}$.", "6", "wrong_answer"),
     (r"The intersection point is $\boxed{(1, 2)}$.", "(1,2)", "correct"),
     (r"Expanding gives $\boxed{x^2+2x+1}$.", "(x+1)^2", "correct"),
-    ("Janet has 16 - 3 - 4 = 9 eggs, sold at $2 each: 9 * 2 = 18.\nThe final answer is 18.", "18", "correct"),
+    ("Janet has 16 - 3 - 4 = 9 eggs, sold at $2 each: 9 * 2 = 18.\nThe final answer is 18.", "18", "no_answer"),
     (r"The angle is $\boxed{\pi/2}$ radians.", r"\frac{\pi}{2}", "correct"),
     (r"So $y = \boxed{-\frac{1}{2}}$.", "-0.5", "correct"),
     (r"Hence the probability is $\boxed{\dfrac{5}{9}}$.", r"\frac59", "correct"),
@@ -175,6 +185,11 @@ MATH_CASES = [
     (r"The interval is $\boxed{(2, 5]}$.", "[2,5)", "wrong_answer"),
     (r"The sum is $\boxed{1{,}000}$.", "1000", "correct"),
     (r"First I thought $\boxed{4}$ but rechecking, the answer is $\boxed{5}$.", "5", "correct"),
+    (r"So $x = \boxed{\frac{1}{2}}$.", "0.5", "correct"),
+    (r"The set is $\boxed{\{1, 2\}}$.", r"\{1,2\}", "correct"),
+    ("Since 40+2=42 and then", "42", "no_answer"),  # cut off: no box, no answer
+    (r"Either $\boxed{4}$ and $\boxed{5}$", "5", "correct"),  # the last box counts
+    (r"Either $\boxed{4}$ and $\boxed{5}$", "4", "wrong_answer"),
     (r"I am not sure how to solve this problem.", "3", "no_answer"),
     ("", "3", "no_answer"),
 ]
@@ -199,9 +214,116 @@ def test_math_realistic_outputs(main_thread_verdicts):
     assert main_thread_verdicts[-1].extracted is None
 
 
+@pytest.mark.parametrize("text, content", [
+    (r"so $x = \boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),  # nested braces
+    (r"$\boxed{\{1,2\}}$", r"\{1,2\}"),  # escaped braces do not nest
+    (r"$\boxed{\left\{ x \right\}}$", r"\left\{ x \right\}"),
+    (r"$\boxed{4}$, no: $\boxed{5}$", "5"),  # the last box
+    (r"\fbox{7}", "7"),
+    (r"\boxed {  7 } ", "7"),
+    (r"the answer is $\boxed 5$.", "5"),  # brace-less argument
+    (r"the answer is \boxed 12.", "12"),
+    ("$\\boxed{\\frac{1}\n{2}}$", "\\frac{1}\n{2}"),
+    (r"$\boxed{\boxed{3}}$", "3"),
+])
+def test_last_boxed_answer(text, content):
+    assert last_boxed_answer(text) == content
+
+
+@pytest.mark.parametrize("text", [
+    None, "", "The answer is 5.", r"\boxed{}", r"\boxed{ }", r"\boxed", r"\boxedanswer{5}",
+    r"$\boxed{4}$, no wait, $\boxed{\frac{5}{",  # cut off inside the last box: the earlier box does not count
+])
+def test_last_boxed_answer_none(text):
+    assert last_boxed_answer(text) is None
+
+
+def _math_verify_in_process(text: str, gold: str) -> tuple[float, str | None, str]:
+    """What math-verify itself says in this (main) thread, with its default extraction: the reference for
+    extraction=math_verify."""
+    from math_verify import parse, verify
+
+    g = parse("$" + gold + "$", parsing_timeout=None)
+    p = parse(text, parsing_timeout=None)
+    if not p:
+        return 0.0, None, "no_answer"
+    extracted = p[-1] if isinstance(p[-1], str) else str(p[0])
+    ok = verify(g, p, timeout_seconds=None)
+    return (1.0, extracted, "correct") if ok else (0.0, extracted, "wrong_answer")
+
+
+def test_math_verify_extraction_mirrors_math_verify():
+    texts, golds = _math_inputs()
+    got = verify_math_batch(texts, golds, timeout_s=20, extraction="math_verify")
+    want = [Verdict(*_math_verify_in_process(t, g)) for t, g in zip(texts, golds)]
+    assert got == want
+    # where the two extractions differ, by design
+    by_text = {(t, g): v.reason for t, g, v in zip(texts, golds, got)}
+    assert by_text[("Since 40+2=42 and then", "42")] == "correct"  # math-verify falls back to the last number
+    assert by_text[(MATH_CASES[8][0], "18")] == "correct"  # "The final answer is 18." without a box
+    assert by_text[(r"Either $\boxed{4}$ and $\boxed{5}$", "5")] == "wrong_answer"  # two boxes: the set {4, 5}
+    assert by_text[(r"Either $\boxed{4}$ and $\boxed{5}$", "4")] == "wrong_answer"
+
+
+def test_truncated_rollouts():
+    boxed = r"so the answer is $\boxed{5}$"
+    texts, golds, reasons = [boxed, boxed, "Answer: 5", boxed], ["5", "5", "5", "5"], ["length", "stop", "length", None]
+    zero = Verifier("math", truncated_reward="zero", timeout_s=20)
+    assert [v.reason for v in zero.verify(texts, golds, reasons)] == ["truncated", "correct", "truncated", "correct"]
+    assert zero.verify(texts[:1], golds[:1], ["length"]) == [Verdict(0.0, None, "truncated")]
+    assert [v.reason for v in zero.verify(texts, golds)] == ["correct", "correct", "no_answer", "correct"]  # None: all finished
+    keep = Verifier("math", truncated_reward="verify", timeout_s=20)
+    assert [v.reason for v in keep.verify(texts, golds, reasons)] == ["correct", "correct", "no_answer", "correct"]
+    syn = Verifier("synthetic", truncated_reward="zero")
+    assert [v.reason for v in syn.verify(["Answer: 5", "Answer: 5"], [5, 5], ["length", "stop"])] == ["truncated", "correct"]
+    assert [v.reward for v in Verifier("synthetic", truncated_reward="verify").verify(
+        ["Answer: 5"], [5], ["length"])] == [1.0]
+
+
+def test_verifier_from_config_and_identity():
+    from importlib.metadata import version
+
+    cfg = C.load("configs/tiny.yaml", ["data.source=data/math500/test.jsonl"])
+    v = Verifier.from_config(cfg.verify, "math")
+    assert (v.kind, v.extraction, v.truncated_reward, v.timeout_s) == ("math", "boxed_last", "zero", 5.0)
+    ident = v.identity
+    assert ident["kind"] == "math" and ident["extraction"] == "boxed_last" and ident["truncated_reward"] == "zero"
+    assert ident["timeout_s"] == 5.0 and ident["packages"]["math-verify"] == version("math-verify") == "0.9.0"
+    assert json.loads(json.dumps(ident)) == ident
+    assert re.fullmatch(r"[0-9a-f]{16}", v.identity_hash)
+    # stable: a new object with the same settings (and a fresh process) gives the same hash
+    assert Verifier("math", "boxed_last", "zero", 5).identity_hash == v.identity_hash
+    import subprocess
+    import sys
+    code = "from mel_core.verify import Verifier; print(Verifier('math').identity_hash)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == v.identity_hash
+    # every setting changes it
+    others = [Verifier("synthetic"), Verifier("math", extraction="math_verify"),
+              Verifier("math", truncated_reward="verify"), Verifier("math", timeout_s=10)]
+    assert len({v.identity_hash} | {o.identity_hash for o in others}) == 5
+    # the synthetic task ignores what it does not use
+    syn = Verifier("synthetic")
+    assert syn.identity["packages"] == {} and syn.identity["timeout_s"] is None
+    assert Verifier("synthetic", extraction="math_verify", timeout_s=9).identity_hash == syn.identity_hash
+    assert Verifier("synthetic", truncated_reward="verify").identity_hash != syn.identity_hash
+
+
+@pytest.mark.parametrize("override, key", [
+    ("verify.extraction=first_box", "verify.extraction"),
+    ("verify.truncated_reward=half", "verify.truncated_reward"),
+    ("verify.timeout_s=0", "verify.timeout_s"),
+])
+def test_config_rejects_unknown_verify_settings(override, key):
+    with pytest.raises(C.ConfigError, match=re.escape(f"'{key}'")):
+        C.load("configs/tiny.yaml", [override])
+
+
 def test_verify_math_single_and_gold_types():
     assert verify_math(r"The answer is $\boxed{27}$.", 27.0, timeout_s=20) == Verdict(1.0, "27", "correct")
-    assert verify_math("... so #### 18", "She makes $18.\n#### 18", timeout_s=20).reward == 1.0
+    assert verify_math(r"... so $\boxed{18}$", "She makes $18.\n#### 18", timeout_s=20).reward == 1.0
+    assert verify_math("... so #### 18", "#### 18", timeout_s=20, extraction="math_verify").reward == 1.0
     assert verify_batch("math", [r"$\boxed{2}$"], ["2"], 20)[0].reason == "correct"
     v = verify_math(r"$\boxed{2}$", None, timeout_s=20)
     assert v.reward == 0.0 and v.reason == "error: TypeError"
@@ -274,12 +396,43 @@ def test_timeout_on_a_pathological_answer_from_a_thread():
 
 def test_worker_killed_while_idle_is_replaced():
     verify_math(r"$\boxed{1}$", "1", timeout_s=20)
-    pool = V._pool()
-    for w in list(pool.workers):
-        os.kill(w.proc.pid, signal.SIGKILL)
-        w.proc.wait()
+    pids = V._pool().worker_pids()
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    # at once (pebble has not noticed yet and takes the batch) and again once it has (it declared the pool broken)
+    assert verify_math(r"$\boxed{3}$", "3", timeout_s=20) == Verdict(1.0, "3", "correct")
+    for pid in V._pool().worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
     assert verify_math_batch([r"$\boxed{1}$", r"$\boxed{2}$"], ["1", "2"], 20) == [
         Verdict(1.0, "1", "correct"), Verdict(1.0, "2", "correct")]
+    assert not set(pids) & set(V._pool().worker_pids())
+
+
+def test_worker_crash_mid_item_costs_that_item_only():
+    pool = V._pool()
+    crashed = pool.stats["crashed"]
+    out = pool.run([("math", (r"\boxed{1}", "1")), ("_test_crash", ()), ("math", (r"\boxed{2}", "3"))], 20)
+    assert out == [("ok", (1.0, "1", "correct")), ("err", "error: WorkerCrashed"), ("ok", (0.0, "2", "wrong_answer"))]
+    assert pool.stats["crashed"] == crashed + 1
+    assert verify_math(r"$\boxed{7}$", "7", timeout_s=20).reason == "correct"
+
+
+def test_memory_cap_fails_the_item_not_the_machine():
+    """Workers run under RLIMIT_AS (MEL_VERIFY_MEMORY_MB, default 4096): a larger allocation is a MemoryError."""
+    out = V._pool().run([("_test_alloc", (8 << 30,)), ("_test_alloc", (1 << 20,))], 20)
+    assert out == [("err", "error: MemoryError"), ("ok", 1 << 20)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_workers_are_spawned_not_forked():
+    """No fork of this (threaded) process: each worker is a fresh interpreter running multiprocessing's spawn_main."""
+    verify_math(r"$\boxed{1}$", "1", timeout_s=20)
+    pids = V._pool().worker_pids()
+    assert pids
+    for pid in pids:
+        assert b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def test_shutdown_and_restart():
@@ -292,16 +445,34 @@ def test_shutdown_and_restart():
 
 
 def test_math500_reference_solutions_all_verify():
+    """MATH-500's human solutions, scored as model outputs, all verify under the default extraction."""
     rows = _jsonl(DATA / "math500" / "test.jsonl")
     assert len(rows) == 500
     verify_math(r"$\boxed{1}$", "1", timeout_s=20)  # warm the pool so the timing is the verification itself
     t0 = time.perf_counter()
-    vs = verify_math_batch([r["solution"] for r in rows], [r["answer"] for r in rows], timeout_s=20)
+    vs = Verifier("math", timeout_s=20).verify([r["solution"] for r in rows], [r["answer"] for r in rows],
+                                              ["stop"] * len(rows))
     elapsed = time.perf_counter() - t0
     print(f"\nMATH-500: 500 reference solutions verified in {elapsed:.2f} s "
           f"with {V._pool().max_workers} worker(s)")
     bad = [(r["unique_id"], v) for r, v in zip(rows, vs) if v.reason != "correct"]
     assert not bad, bad[:5]
+
+
+def test_math500_shuffled_golds_pass_only_where_identical():
+    """Each human solution against another problem's gold answer (a fixed permutation) passes exactly where that
+    answer is identical to its own: the same string once surrounding whitespace is stripped. (Other permutations
+    can pair answers that differ as strings yet are equal to math-verify after its unit/currency stripping, e.g.
+    ``\\$36`` and ``36^\\circ``; this one has none.)"""
+    rows = _jsonl(DATA / "math500" / "test.jsonl")
+    perm = list(range(len(rows)))
+    random.Random(0).shuffle(perm)
+    golds = [rows[j]["answer"] for j in perm]
+    vs = Verifier("math", timeout_s=20).verify([r["solution"] for r in rows], golds)
+    passed = [i for i, v in enumerate(vs) if v.reward == 1.0]
+    identical = [i for i, r in enumerate(rows) if r["answer"].strip() == golds[i].strip()]
+    assert passed == identical and len(identical) == 8  # 8 of 500 problems share their answer with their pair
+    assert all(v.reason in ("correct", "wrong_answer") for v in vs)
 
 
 def test_math_verify_cases_reproduced():
@@ -330,10 +501,11 @@ def test_compare_single():
 
 
 def test_module_import_is_light():
-    """mel_core.verify imports only the standard library (math_verify/sympy load in the workers; no prefect)."""
+    """mel_core.verify imports only the standard library (pebble loads on first use, math_verify/sympy in the
+    workers; no prefect)."""
     import subprocess
     import sys
 
-    code = ("import sys, mel_core.verify; bad = [m for m in ('prefect', 'math_verify', 'sympy', 'torch') "
+    code = ("import sys, mel_core.verify; bad = [m for m in ('prefect', 'math_verify', 'sympy', 'torch', 'pebble') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
