@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 
 from mel_core import config as config_mod
-from mel_core import experience, library, losses
+from mel_core import experience, library, losses, meta_experience
 from mel_core.engines.base import SamplingParams
 from mel_core.errors import InjectedFault, InjectedPermanentFault
 from mel_core.runtime import Checkpoint, Runtime, derive_seed
@@ -26,7 +26,7 @@ STAGES = ("sample", "verify", "pair", "diagnose", "abstract", "replay", "update"
 ALL_STAGES = ("warm_start",) + STAGES
 
 # Bump a stage's version when its logic changes, so cached results of the old logic are not reused.
-STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 2, "pair": 2, "diagnose": 1, "abstract": 2,
+STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 2, "pair": 2, "diagnose": 2, "abstract": 3,
                   "replay": 1, "update": 1}
 
 
@@ -233,10 +233,10 @@ def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     outs = rt.engine.generate(prompts, _analysis_params(rt, step, "diagnose"), desc=f"diagnose step {step}")
     analysis_rows = []
     for r, prompt, (c,) in zip(rows, prompts, outs):
-        parsed = experience.parse_diagnosis(c.text)
+        parsed = meta_experience.parse_diagnosis(c.text)
         token_ids = c.token_ids
         if two_pass:
-            kept = experience.diagnosis_part(c.text)
+            kept = meta_experience.diagnosis_part(c.text)
             if kept != c.text.strip():  # heuristics written unasked are cut: re-encode what is kept
                 token_ids = rt.policy.tokenizer(kept, add_special_tokens=False)["input_ids"]
         analysis_rows.append({
@@ -268,7 +268,7 @@ def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     if rows and rt.cfg.experience.analysis_mode == "two_pass":
         rt.ensure_version(ckpt)
         prompts = [rt.model_input(rt.prompts.render_abstract(r["question"], r["incorrect"], r["correct"],
-                                                             experience.diagnosis_part(r["raw_text"])))
+                                                             meta_experience.diagnosis_part(r["raw_text"])))
                    for r in rows]
         outs = rt.engine.generate(prompts, _analysis_params(rt, step, "abstract"), desc=f"abstract step {step}")
         texts = [c.text for (c,) in outs]
@@ -276,8 +276,9 @@ def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
                          for p, (c,) in zip(prompts, outs)]
     heuristic_rows, status_rows = [], []
     for r, text, extra in zip(rows, texts, abstract_rows):
-        rules, reason = experience.parse_heuristics(text, gold_answer=r["answer"], question=r["question"],
-                                                    max_heuristics=rt.cfg.experience.max_heuristics)
+        parsed = meta_experience.parse_heuristics(text, gold_answer=r["answer"], question=r["question"],
+                                                  max_heuristics=rt.cfg.experience.max_heuristics)
+        rules, reason = parsed.heuristics, parsed.reject_reason
         status_rows.append({"analysis_id": r["analysis_id"], "status": "candidate" if rules else "rejected",
                             "parsed": bool(rules), "reject_reason": reason, **extra})
         heuristic_rows += [{"heuristic_id": make_id("heuristic", r["analysis_id"], i), "analysis_id": r["analysis_id"],
@@ -312,7 +313,8 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
             w.insert("metrics", _metrics(rt, step, {"accepted": 0}))  # retention of 0/0 is undefined: not logged
         return {"step": step, "candidates": 0, "accepted": 0, "retention_ratio": None}
     rt.ensure_version(ckpt)
-    prompts = [rt.model_input(rt.prompts.render_validation(r["question"], experience.render_experience(r["heuristics"])))
+    prompts = [rt.model_input(rt.prompts.render_validation(r["question"],
+                                                           meta_experience.render_heuristics(r["heuristics"])))
                for r in rows]
     params = SamplingParams(n=cfg.replays_per_experience, temperature=cfg.replay_temperature,
                             max_new_tokens=rt.cfg.sampling.max_new_tokens, seed=derive_seed(rt.cfg.run.seed, step, "replay"))
