@@ -20,7 +20,7 @@ The layout is detected from the section headers present (headers are matched at 
   failure point (s*)        Failure Point(s) / Failure Analysis / Failure Mode(s) / Latent
                             Cognitive Pattern / Error Analysis / Error Diagnosis / Error Point /
                             Root Cause (Analysis) / Point of Divergence / Divergence Point /
-                            Where ... Went Wrong; and "Bifurcation (Point|Step)" when no other
+                            What|Where ... Went Wrong; and "Bifurcation (Point|Step)" when no other
                             failure title is present (otherwise such a line stays in the text)
   success factors           (Key|Critical) Success Factors / Success Analysis / What ... Went
                             Right / What ... Did Right / Why ... Succeeded|Worked
@@ -69,11 +69,14 @@ The heuristics section is split into items: a bullet (``-`` ``*`` ``•`` ``+``)
 possibly after a name) starts an item; a wrapped line continues it; a blank line, a heading or a
 horizontal rule ends it. An item is a rule when, after an optional name prefix, it is one of:
 
-- ``If <condition>, then <action>`` / ``If <condition> then <action>`` / ``If <condition>, <action>``;
-- ``When|Whenever|Before <condition>, <directive>`` where the directive is "(then) I/we/you <modal or
+- ``If <condition>, then <action>`` / ``If <condition> then <action>`` (any action);
+- ``If|When|Whenever|Before <condition>, <directive>`` where the directive is "I/we/you <modal or
   present-tense verb> ..." ("I must verify", "I should", "I check"; not a past tense: "I used"),
-  "always" / "never" / "first" / "do not", "it is essential|crucial|important|necessary to ...", or an
-  imperative from a fixed list of verbs (check, verify, compute, list, treat, ...).
+  "always" / "never" / "first" / "do not" / "make sure", "it is essential|crucial|important|necessary
+  to ...", an imperative from a fixed list of verbs (check, verify, compute, list, treat, be, ...), or
+  any clause with must / should / need(s) to / has|have to / ought to (not "should have").
+  Without "then", an "If" clause needs a directive so that an intro such as "If we compare the two
+  attempts, several lessons emerge." is not taken for a rule.
 
 The name prefix is ``[Pattern Name]:``, ``**Pattern Name**:`` / ``**Pattern Name.**`` / ``**Pattern
 Name**`` or ``Pattern Name:`` / ``Pattern Name -`` (60 characters at most); it is removed from the rule
@@ -187,7 +190,8 @@ _NAMES = {
     "critique": r"critique",
     "failure": (r"failure[ \t]+(?:points?|analysis|modes?)|latent[ \t]+cognitive[ \t]+patterns?"
                 r"|error[ \t]+(?:analysis|diagnosis|point)|root[ \t]+causes?(?:[ \t]+analysis)?"
-                r"|point[ \t]+of[ \t]+divergence|divergence[ \t]+point|where[ \t]+(?:[\w'’]+[ \t]+){0,3}went[ \t]+wrong"),
+                r"|point[ \t]+of[ \t]+divergence|divergence[ \t]+point"
+                r"|(?:what|where)[ \t]+(?:[\w'’]+[ \t]+){0,3}went[ \t]+wrong"),
     "success_factors": (r"(?:(?:key|critical)[ \t]+)?success[ \t]+(?:factors?|analysis)"
                         r"|what[ \t]+(?:[\w'’]+[ \t]+){0,3}(?:went|did)[ \t]+right"
                         r"|why[ \t]+(?:[\w'’]+[ \t]+){0,3}(?:succeeded|worked)"),
@@ -203,15 +207,16 @@ _DIAGNOSIS = ("failure", "success_factors", "reflection")
 # One header line: optional quote / heading / bullet / bold / numbering markup, the section title, a short
 # remainder ("& Latent Cognitive Pattern", " (s*)"), then a colon (inline content may follow), the end of
 # the line, or — after a closed bold title — inline content.
+_EMOJI = r"(?:[\u2190-\u2bff\U0001f000-\U0001faff\ufe0f\u200d]+[ \t]*)?"  # "### 🔍 1. Failure Point"
 _HEADER = (
-    r"^[ \t]*(?:>[ \t]*)*(?P<hash>\#{{1,6}}[ \t]*)?(?:[-*•+][ \t]+)?(?P<bold1>(?:\*\*|__)[ \t]*)?"
+    r"^[ \t]*(?:>[ \t]*)*(?P<hash>\#{{1,6}}[ \t]*)?{emoji}(?:[-*•+][ \t]+)?(?P<bold1>(?:\*\*|__)[ \t]*)?{emoji}"
     r"(?P<num>(?:(?:section|part)[ \t]*(?:\d+|[ivx]{{1,4}})[ \t]*[:.)\-–—]?[ \t]*)?"
     r"(?:\(?(?:\d{{1,2}}|[ivx]{{1,4}}|[a-d])(?:[.):]|[ \t]+[-–—])[ \t]*)?)"
-    r"(?P<bold2>(?:\*\*|__)[ \t]*)?"
+    r"(?P<bold2>(?:\*\*|__)[ \t]*)?{emoji}"
     r"(?P<name>{names})\b"
-    r"(?P<rest>[^:：\n.!?*\#]{{0,60}}?)[ \t]*(?P<punct>[:：.])?[ \t]*(?P<bold3>\*\*|__)?[ \t]*"
+    r"(?P<rest>(?:[^:：\n.!?*\#]|\*(?!\*)){{0,60}}?)[ \t]*(?P<punct>[:：.])?[ \t]*(?P<bold3>\*\*|__)?[ \t]*"
     r"(?:(?P<colon>[:：])[ \t]*(?:\*\*|__)?|(?P<eol>\#*[ \t]*$)|(?(bold3)(?=\S)|(?!)))")
-_HEADERS = {name: re.compile(_HEADER.format(names=pat), re.IGNORECASE | re.MULTILINE)
+_HEADERS = {name: re.compile(_HEADER.format(names=pat, emoji=_EMOJI), re.IGNORECASE | re.MULTILINE)
             for name, pat in _NAMES.items()}
 
 
@@ -382,23 +387,29 @@ _BRACKET_NAME = re.compile(rf"^\[(?P<name>[^\]\n]{{1,60}})\][ \t]*[:.\-–—]?[
 _PLAIN_NAME = re.compile(rf"^(?P<name>[^:\n]{{1,60}}?)[ \t]*[:\-–—][ \t]+(?={_OPENER})", re.IGNORECASE)
 _GENERIC_LABEL = re.compile(r"(?:rule|heuristic|lesson|principle|h|r)[ \t]*#?[ \t]*\d*", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"\[(?:condition|action)\]", re.IGNORECASE)
-_IF_RULE = re.compile(r"^if\b.+?(?:\bthen\b|,)\W*\w", re.IGNORECASE | re.DOTALL)
-_WHEN = re.compile(r"^(?:when|whenever|before)\b", re.IGNORECASE)
+_IF_THEN = re.compile(r"^if\b.+?\bthen\b\W*\w", re.IGNORECASE | re.DOTALL)
+_CONDITION = re.compile(rf"^{_OPENER}", re.IGNORECASE)
 _IMPERATIVES = (
     "check verify confirm test ask consider compute calculate write list enumerate draw sketch set use apply treat "
     "split divide multiply factor simplify substitute expand rewrite convert count identify look find reread re-read "
     "recheck re-check rederive re-derive restate start begin avoid ensure remember keep plug solve define label track "
     "account include exclude separate isolate compare estimate evaluate examine reduce note assume prove try express "
-    "take return double-check pause stop trace work translate recompute recount sanity-check confirm "
-    "distinguish determine analyze analyse map read draw question").split()
-_PAST = "was were had did got went saw made thought forgot knew felt took wrote missed ran began chose".split()
+    "take return double-check pause stop trace work translate recompute recount sanity-check distinguish determine "
+    "analyze analyse map read question be think recall go watch beware prefer favor favour reconsider revisit plot "
+    "graph handle interpret model organize organise break add subtract").split()
+_PAST = ("was were had did got went saw made thought forgot knew felt took wrote missed ran began chose could would "
+         "might").split()
+# What may follow "<condition>," in a rule without "then": a first-person or second-person instruction (not
+# narration in the past tense), an adverb of rule, "it is essential to", an imperative; or a modal anywhere.
 _DIRECTIVE = re.compile(
     r"^(?:then[ \t]+)?(?:"
-    rf"(?:I|we|you)[ \t]+(?:\w+ly[ \t]+)?(?!\w+ly\b)(?!(?:{'|'.join(_PAST)})\b)(?!\w+ed\b)[a-z']+\b"
+    rf"(?:I|we|you)[ \t]+(?:\w+ly[ \t]+)?(?!\w+ly\b)(?!(?:{'|'.join(_PAST)})\b)(?!\w+ed\b)"
+    r"(?!(?:should|must|ought[ \t]+to)[ \t]+have\b)[a-z']+\b"
     r"|(?:always|never|first|do[ \t]+not|don't|make[ \t]+sure)\b"
     r"|it(?:[ \t]+is|'s|’s)[ \t]+(?:essential|crucial|important|necessary|vital|key|critical|best|wise|safer?)[ \t]+to\b"
-    rf"|(?:{'|'.join(map(re.escape, _IMPERATIVES))})\b)",
-    re.IGNORECASE)
+    rf"|(?:\w+ly[ \t]+)?(?:{'|'.join(map(re.escape, _IMPERATIVES))})\b)"
+    r"|.*\b(?:must|should|needs?[ \t]+to|ha(?:s|ve)[ \t]+to|ought[ \t]+to)\b(?![ \t]+have\b)",  # a modal anywhere
+    re.IGNORECASE | re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -430,29 +441,28 @@ def _opens_rule(content: str) -> bool:
 
 def _heuristic_items(text: str, sections: Sequence[_Section]) -> list[_Item]:
     """Items of the heuristics sections (module docstring: "H: rule forms")."""
-    items: list[_Item] = []
+    items: list[tuple[list[str], int]] = []  # (the item's lines, where its last line ends)
     for s in sections:
         if s.name != "heuristic":
             continue
-        current: list[str] | None = None
-        end = s.body_start
+        item_open = False
         for a, b in _lines(text, s.body_start, s.end):
             line = text[a:b]
             if not line.strip() or _NON_ITEM_LINE.fullmatch(line):
-                current = None
+                item_open = False  # a blank line, a heading or a horizontal rule ends an item
                 continue
-            bullet = _BULLET.match(line) if a != s.body_start else None
+            inline = a == s.body_start  # content on the header line itself
+            bullet = None if inline else _BULLET.match(line)
             content = line[bullet.end():] if bullet else line.strip()
-            indented = a != s.body_start and line[:1] in (" ", "\t")
-            ended = current is not None and _SENTENCE_END.search(current[-1]) is not None
-            end = a + len(line.rstrip())
-            if current is None or bullet or _opens_rule(content) or (ended and not indented):
-                current = [content]
-                items.append(_Item("", end))
-            else:
-                current.append(content)
-            items[-1] = _Item(" ".join(current), end)
-    return items
+            indented = not inline and line[0] in " \t"
+            ended = item_open and _SENTENCE_END.search(items[-1][0][-1]) is not None
+            if not item_open or bullet or _opens_rule(content) or (ended and not indented):
+                items.append(([content], 0))
+                item_open = True
+            else:  # a rule wrapped over lines
+                items[-1][0].append(content)
+            items[-1] = (items[-1][0], a + len(line.rstrip()))
+    return [_Item(" ".join(lines), end) for lines, end in items]
 
 
 def _strip_markup(s: str) -> str:
@@ -483,13 +493,13 @@ def _name_and_rule(item: str) -> tuple[str | None, str]:
 
 
 def is_rule(rule: str) -> bool:
-    """An accepted rule form (module docstring): If/then, If/comma, When|Whenever|Before + directive."""
+    """An accepted rule form (module docstring): If ... then ...; If|When|Whenever|Before ..., <directive>."""
     s = rule.strip()
     if not s or s.endswith(":") or _PLACEHOLDER.search(s):
         return False
-    if _IF_RULE.match(s):
+    if _IF_THEN.match(s):
         return True
-    if _WHEN.match(s):
+    if _CONDITION.match(s):  # "<condition>, <directive>": some comma must end the condition
         return any(_DIRECTIVE.match(s[m.end():].lstrip()) for m in re.finditer(r",|\bthen\b", s))
     return False
 
@@ -506,7 +516,7 @@ _ANSWER_CUE = re.compile(
 _COPULA = re.compile(
     r"(?:=|≈|\bis|\bare|\bequals?|\bequal[ \t]+to|\bgives|\byields|\bbecomes|\bto[ \t]+be)[ \t]*"
     r"(?:exactly|about|approximately|just)?[ \t]*$", re.IGNORECASE)
-_EXPRESSION_GOES_ON = re.compile(r"[ \t]*(?:[-+*/^×·=<>]|\\(?:cdot|times|frac))")
+_EXPRESSION_GOES_ON = re.compile(r"[a-z(]|[ \t]*(?:[-+*/^×·=<>]|\\(?:cdot|times|frac))")  # "42x", "42 + 1"
 
 
 def _plain(text: str, squeeze: bool = True) -> str:
