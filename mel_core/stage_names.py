@@ -8,5 +8,5 @@ STAGES = ("sample", "verify", "pair", "diagnose", "abstract", "replay", "update"
 ALL_STAGES = ("warm_start",) + STAGES
 
 # Bump a stage's version when its logic changes, so cached results of the old logic are not reused.
-STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 2, "pair": 2, "diagnose": 1, "abstract": 2,
+STAGE_VERSIONS = {"warm_start": 1, "sample": 1, "verify": 2, "pair": 2, "diagnose": 2, "abstract": 3,
                   "replay": 1, "update": 1}

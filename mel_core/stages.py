@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from mel_core import config as config_mod
-from mel_core import experience, library, losses
+from mel_core import experience, library, losses, meta_experience
 from mel_core.checkpoint_files import saved_update_stats
 from mel_core.engines.base import SamplingParams
 from mel_core.errors import InjectedFault, InjectedPermanentFault, is_transient
@@ -242,10 +242,10 @@ def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     outs = rt.engine.generate(prompts, _analysis_params(rt, step, "diagnose"), desc=f"diagnose step {step}")
     analysis_rows = []
     for r, prompt, (c,) in zip(rows, prompts, outs):
-        parsed = experience.parse_diagnosis(c.text)
+        parsed = meta_experience.parse_diagnosis(c.text)
         token_ids = c.token_ids
         if two_pass:
-            kept = experience.diagnosis_part(c.text)
+            kept = meta_experience.diagnosis_part(c.text)
             if kept != c.text.strip():  # heuristics written unasked are cut: re-encode what is kept
                 token_ids = encode_completions(rt.policy.tokenizer, [kept])[0]
         analysis_rows.append({
@@ -277,7 +277,7 @@ def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     if rows and rt.cfg.experience.analysis_mode == "two_pass":
         rt.ensure_version(ckpt)
         prompts = [rt.model_input(rt.prompts.render_abstract(r["question"], r["incorrect"], r["correct"],
-                                                             experience.diagnosis_part(r["raw_text"])))
+                                                             meta_experience.diagnosis_part(r["raw_text"])))
                    for r in rows]
         outs = rt.engine.generate(prompts, _analysis_params(rt, step, "abstract"), desc=f"abstract step {step}")
         texts = [c.text for (c,) in outs]
@@ -285,8 +285,9 @@ def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
                          for p, (c,) in zip(prompts, outs)]
     heuristic_rows, status_rows = [], []
     for r, text, extra in zip(rows, texts, abstract_rows):
-        rules, reason = experience.parse_heuristics(text, gold_answer=r["answer"], question=r["question"],
-                                                    max_heuristics=rt.cfg.experience.max_heuristics)
+        parsed = meta_experience.parse_heuristics(text, gold_answer=r["answer"], question=r["question"],
+                                                  max_heuristics=rt.cfg.experience.max_heuristics)
+        rules, reason = parsed.heuristics, parsed.reject_reason
         status_rows.append({"analysis_id": r["analysis_id"], "status": "candidate" if rules else "rejected",
                             "parsed": bool(rules), "reject_reason": reason, **extra})
         heuristic_rows += [{"heuristic_id": make_id("heuristic", r["analysis_id"], i), "analysis_id": r["analysis_id"],
@@ -319,7 +320,8 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
             w.insert("metrics", _metrics(rt, step, {"accepted": 0}))  # retention of 0/0 is undefined: not logged
         return {"step": step, "candidates": 0, "accepted": 0, "retention_ratio": None}
     rt.ensure_version(ckpt)
-    prompts = [rt.model_input(rt.prompts.render_validation(r["question"], experience.render_experience(r["heuristics"])))
+    prompts = [rt.model_input(rt.prompts.render_validation(r["question"],
+                                                           meta_experience.render_heuristics(r["heuristics"])))
                for r in rows]
     params = SamplingParams(n=cfg.replays_per_experience, temperature=cfg.replay_temperature,
                             max_new_tokens=rt.cfg.sampling.max_new_tokens, seed=derive_seed(rt.cfg.run.seed, step, "replay"))

@@ -1,6 +1,6 @@
 """The parser on analyses as real instruction/base models write them for the paper's analysis prompt."""
 
-from mel_core import experience as E
+from mel_core import meta_experience as E
 
 Q_QUAD = "Find the sum of all real values of $k$ for which $kx^2 + 12x + 9 = 0$ has exactly one real solution."
 GOLD_QUAD = "4"  # k = 4 (double root); k = 0 (linear) is a trap: the sum is 4
@@ -156,8 +156,11 @@ I rushed.
 """
 
 
-def test_no_bifurcation_step_is_rejected():
-    assert E.parse_analysis(NO_STEP).reject_reason == "missing_bifurcation"
+def test_no_bifurcation_step_index_is_recorded_as_none():
+    # the failure section's prose is s*; a step index is recorded when stated, and no longer required
+    p = E.parse_analysis(NO_STEP)
+    assert p.ok and p.bifurcation_step is None
+    assert p.bifurcation == p.failure and p.failure.startswith("The incorrect solution misread")
     worded = NO_STEP.replace("misread the problem", "misread the problem at step five")
     p = E.parse_analysis(worded)
     assert p.ok and p.bifurcation_step == 5
@@ -193,9 +196,12 @@ def test_numeric_answer_leak_and_small_structural_answers():
     # a structural number equal to the answer is fine outside an answer context
     fine = base.format(rule="If a quadratic has a double root, then its discriminant is 0 and it has 2 equal roots.")
     assert E.parse_analysis(fine, gold_answer="2", question=q).ok
+    # a non-structural number equal to the answer counts only when the rule states it as a result
     big = base.format(rule="If you are unsure, then check that the sum 780 is divisible.")
-    assert E.parse_analysis(big, gold_answer="780", question="x").reject_reason == "heuristic_leaks_answer"
-    assert E.parse_analysis(big, gold_answer="1,780", question="x").ok  # 780 is not 1780
+    assert E.parse_analysis(big, gold_answer="780", question="x").ok
+    stated = base.format(rule="If you are unsure, then the sum is 780.")
+    assert E.parse_analysis(stated, gold_answer="780", question="x").reject_reason == "heuristic_leaks_answer"
+    assert E.parse_analysis(stated, gold_answer="1,780", question="x").ok  # 780 is not 1780
 
 
 # 7. A heuristic copying the problem's numbers (and the other side: small structural numbers pass).
@@ -241,7 +247,9 @@ of this kind, and it is worth the extra time.
 def test_prose_only_heuristics_are_rejected():
     assert E.parse_analysis(PROSE_ONLY).reject_reason == "heuristic_not_if_then"
     no_then = PROSE_ONLY.replace("- Be careful with degenerate cases.", "- If a parameter appears, be careful.")
-    assert E.parse_analysis(no_then).reject_reason == "heuristic_not_if_then"
+    assert E.parse_analysis(no_then).heuristics == ["If a parameter appears, be careful."]  # "If ..., ..." is a rule
+    no_condition = PROSE_ONLY.replace("- Be careful with degenerate cases.", "- If in doubt be careful.")
+    assert E.parse_analysis(no_condition).reject_reason == "heuristic_not_if_then"
     placeholder = PROSE_ONLY.replace("- Be careful with degenerate cases.", "- If [condition], then [action].")
     assert E.parse_analysis(placeholder).reject_reason == "heuristic_not_if_then"
     missing = PROSE_ONLY[:PROSE_ONLY.index("## Subject Heuristics")]
@@ -307,7 +315,8 @@ def test_base_model_plain_colon_headers():
 def test_unfinished_thinking_and_prose_lines_are_not_headers():
     truncated = "<think>\nLet me see. ## Failure Point\nBifurcation step: 2 ... the attempt"
     assert E.parse_analysis(truncated).reject_reason == "unfinished_thinking"
-    assert E.parse_heuristics(truncated) == ([], "unfinished_thinking")
+    h = E.parse_heuristics(truncated)
+    assert h.heuristics == [] and h.reject_reason == "unfinished_thinking" and h.target_text is None
     # "Success factors were..." at the start of a prose line does not open a section
     prose = NO_STEP.replace("It reread the question.", "It reread the question.\nSuccess factors were few.")
     prose = prose.replace("misread the problem", "misread the problem in Step 2")
@@ -318,8 +327,9 @@ def test_unfinished_thinking_and_prose_lines_are_not_headers():
 def test_parse_diagnosis_and_heuristics_separately_on_paper_layout():
     d = E.parse_diagnosis(QWEN3_THINKING)
     assert d.ok and d.heuristics == [] and d.bifurcation_step == 3
-    rules, reason = E.parse_heuristics(QWEN3_THINKING, gold_answer=GOLD_QUAD, question=Q_QUAD, max_heuristics=1)
-    assert reason is None and len(rules) == 1
+    h = E.parse_heuristics(QWEN3_THINKING, gold_answer=GOLD_QUAD, question=Q_QUAD, max_heuristics=1)
+    assert h.ok and len(h.heuristics) == 1
+    assert h.target_text.endswith("then treat the case where it equals zero separately.")
 
 
 def test_tiny_format_keeps_parsing_and_ignores_a_runaway_line():

@@ -5,7 +5,7 @@ import torch
 from conftest import build_micro_model
 
 from mel_core import config as C
-from mel_core import experience, stages
+from mel_core import meta_experience, stages
 from mel_core.runtime import Runtime
 from tests.scripted import Script, run_step, scripted_runtime
 
@@ -24,7 +24,7 @@ def test_two_pass_generates_heuristics_from_the_diagnosis(tmp_path, micro_model)
     assert rows, "no analysis reached the abstract stage"
     for r in rows:
         assert r["mode"] == "two_pass"
-        diagnosis = experience.diagnosis_part(r["raw_text"])
+        diagnosis = meta_experience.diagnosis_part(r["raw_text"])
         assert diagnosis and "Heuristic" not in diagnosis
         # the second call is conditioned on the question, both solutions and exactly the kept diagnosis
         assert r["abstract_prompt_text"].endswith(diagnosis + "\n")
@@ -32,8 +32,8 @@ def test_two_pass_generates_heuristics_from_the_diagnosis(tmp_path, micro_model)
         assert r["abstract_text"] and r["abstract_token_ids"]
         heuristics = rt.store.query("SELECT text FROM heuristics WHERE analysis_id = ? ORDER BY position",
                                     [r["analysis_id"]])
-        parsed, _ = experience.parse_heuristics(r["abstract_text"], max_heuristics=cfg.experience.max_heuristics)
-        assert [h["text"] for h in heuristics] == parsed
+        parsed = meta_experience.parse_heuristics(r["abstract_text"], max_heuristics=cfg.experience.max_heuristics)
+        assert [h["text"] for h in heuristics] == parsed.heuristics
         # the diagnosis target is the kept text alone (what the first call wrote past it is not learned)
         assert rt.policy.tokenizer.decode(r["token_ids"]) == diagnosis
     accepted = rt.store.query("SELECT count(*) AS n FROM analyses WHERE status = 'accepted'")[0]["n"]
