@@ -67,6 +67,9 @@ def cmd_run(args) -> int:
                                 f"{held.get('host')}, started {held.get('started_at')}; wait for it to end, "
                                 f"or stop it, then run again (it resumes)")
     runlock.ensure_writable(run_dir)
+    if (run_dir / "mel.duckdb").exists():  # a foreign or damaged store is named before Prefect starts
+        from mel_core.store import verify_store
+        verify_store(run_dir / "mel.duckdb")
     _prefect_env(args.verbose)
     from flows.campaign import campaign
 

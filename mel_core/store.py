@@ -429,6 +429,29 @@ def _check_mel_store(con: duckdb.DuckDBPyConnection, path: Path, scan: bool) -> 
                            f"last published snapshot, if any, is {snapshot_path(path)})") from e
 
 
+def _checked_connection(path: Path, wait_s: float, scan: bool) -> duckdb.DuckDBPyConnection:
+    """A reader's connection to `path` once _check_mel_store passed; on failure the connection is closed and
+    the error raised without a traceback that would keep it alive (DuckDB's bindings report connections still
+    alive at exit, and an orchestrator may keep a failed run's exception for the life of the process)."""
+    con = _connect_reader(path, wait_s)
+    problem = None
+    try:
+        _check_mel_store(con, path, scan=scan)
+    except StoreError as e:
+        problem = e.with_traceback(None)
+    if problem is None:
+        return con
+    con.close()
+    del con
+    raise problem from None
+
+
+def verify_store(path: str | Path, lock_wait_s: float = 60.0) -> None:
+    """ForeignStore / CorruptStore unless `path` is a mel store that reads whole; reads only (what a writer
+    checks before its first write to an existing file, and `mel run` before Prefect starts)."""
+    _checked_connection(Path(path), lock_wait_s, scan=True).close()
+
+
 def _unregister(con: duckdb.DuckDBPyConnection) -> None:
     """Drop the temporary view; after a failed statement this fails too ("transaction is aborted"), and
     must not replace the statement's own error."""
@@ -619,11 +642,7 @@ class Store:
             if key in _VERIFIED:
                 return
             if _shared(self.path, self.IDLE_RELEASE_S).con is None:
-                con = _connect_reader(self.path, self.lock_wait_s)
-                try:
-                    _check_mel_store(con, self.path, scan=True)
-                finally:
-                    con.close()
+                verify_store(self.path, self.lock_wait_s)
             _VERIFIED.add(key)
 
     @contextlib.contextmanager
@@ -698,12 +717,7 @@ class StoreReader:
             raise MissingStore(f"no store at {self.path}")
         snap = snapshot_path(self.path)
         self.source = snap if snap.is_file() else self.path  # stores written before snapshots existed
-        self.con = _connect_reader(self.source, lock_wait_s)
-        try:
-            _check_mel_store(self.con, self.path if self.source == self.path else self.source, scan=False)
-        except BaseException:
-            self.con.close()
-            raise
+        self.con = _checked_connection(self.source, lock_wait_s, scan=False)
 
     def __enter__(self) -> "StoreReader":
         return self

@@ -16,14 +16,16 @@ def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt, special tokens included as the tokenizer adds them to a document's start."""
     if not texts:
         return []
-    return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    # verbose=False: a prompt longer than the tokenizer's nominal max length is the caller's to judge
+    # (Runtime.usable_problems names it); the tokenizer's own warning would be a stray line on stderr.
+    return tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
 
 
 def encode_completions(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of continuation text (no special tokens: it follows a prompt)."""
     if not texts:
         return []
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int):
