@@ -289,9 +289,14 @@ def test_problems_longer_than_the_context_are_named_before_step_one(prefect_harn
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n"
                     + json.dumps({"problem": " + ".join(["1"] * 400), "answer": "400"}) + "\n")
-    rc, _, err = mel("run", "--config", "configs/tiny.yaml", f"run.root_dir={tmp_path / 'runs'}",
-                     f"model.name_or_path={micro_model}", f"data.source={data}", "sampling.prompts_per_step=2")
-    line = one_line(err)
+    from prefect.settings import PREFECT_API_URL
+
+    # a process of its own, as a user runs it: Prefect's logging is set up by `mel`, not by this test session
+    done = subprocess.run([sys.executable, "-m", "mel_core.cli", "run", "--config", "configs/tiny.yaml",
+                           f"run.root_dir={tmp_path / 'runs'}", f"model.name_or_path={micro_model}",
+                           f"data.source={data}", "sampling.prompts_per_step=2"], capture_output=True, text=True,
+                          env=dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value()), timeout=300)
+    rc, line = done.returncode, one_line(done.stderr)
     assert rc == 2 and f"{data}:2: the solve prompt is" in line and "data.too_long=skip" in line, line
     store = tmp_path / "runs" / "tiny-demo" / "mel.duckdb"
     assert Store(store).query("SELECT count(*) AS n FROM rollouts")[0]["n"] == 0  # no step ran
