@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import write_section  # noqa: E402
 from mel_core import config as C  # noqa: E402
-from mel_core import stages  # noqa: E402
 from mel_core.engines.base import SamplingParams  # noqa: E402
 from mel_core.runtime import Runtime  # noqa: E402
 
@@ -56,7 +55,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mel-gen-") as d:
         rt = Runtime(C.load("configs/tiny.yaml", ["run.name=gen-bench", f"run.root_dir={d}",
                                                   f"sampling.prompts_per_step={a.prompts}"]))
-        base = stages.base_checkpoint(rt)
+        base = rt.base_checkpoint
         rt.ensure_version(base)
         prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in rt.step_problems(1)]
         model, tok = rt.policy.model, rt.policy.tokenizer

@@ -24,8 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import write_section  # noqa: E402
+from mel_core import (
+    bookkeeping,
+    stages,  # noqa: E402
+)
 from mel_core import config as C  # noqa: E402
-from mel_core import stages  # noqa: E402
 from mel_core.runtime import Runtime  # noqa: E402
 from mel_core.stage_names import STAGES
 
@@ -38,13 +41,13 @@ def make_runtime(root: Path, prompts: int, mel: bool) -> Runtime:
     if not mel:
         overrides += ["experience.enabled=false", "loss.nll_coef=0"]
     rt = Runtime(C.load("configs/tiny.yaml", overrides))
-    stages.register_run(rt, stages.base_checkpoint(rt))
+    bookkeeping.register_run(rt, rt.base_checkpoint)
     return rt
 
 
 def timed_step(rt: Runtime, step: int) -> dict[str, float]:
     """Seconds per stage of one step from the base policy (reloaded outside the timing)."""
-    base = stages.base_checkpoint(rt)
+    base = rt.base_checkpoint
     rt.ensure_version(base)
     names = STAGES if rt.cfg.experience.enabled else GRPO_STAGES
     calls = {"sample": lambda: stages.sample(rt, step, base), "verify": lambda: stages.verify(rt, step),

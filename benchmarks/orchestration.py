@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import write_section  # noqa: E402
+from mel_core import bookkeeping, serve, stages  # noqa: E402
 from mel_core import config as C  # noqa: E402
-from mel_core import serve, stages  # noqa: E402
 from mel_core.runtime import get_runtime  # noqa: E402
 from mel_core.stage_names import STAGES  # noqa: E402
 from mel_core.store import Store, StoreReader  # noqa: E402
@@ -62,7 +62,7 @@ def run_bare(rt, step, ckpt):
 
 def run_plain(rt, step, ckpt):
     for name, (fn, args) in stage_calls(step, ckpt).items():
-        stages.execute(rt, name, step, fn, *args)
+        bookkeeping.execute(rt, name, step, fn, *args)
 
 
 def run_flow(rt, step, ckpt):
@@ -89,8 +89,8 @@ def overhead(root: Path, prompts: int, reps: int, log) -> dict:
     for arm in ARMS:
         rt = get_runtime(C.load("configs/tiny.yaml", [f"run.name=orch-{arm}-b{prompts}", f"run.root_dir={root}",
                                                       f"sampling.prompts_per_step={prompts}"]))
-        base = stages.base_checkpoint(rt)
-        stages.register_run(rt, base)
+        base = rt.base_checkpoint
+        bookkeeping.register_run(rt, base)
         runtimes[arm] = (rt, base)
     seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for step in range(0, reps + 1):  # step 0 warms up every arm (first generate/backward, first flow run)

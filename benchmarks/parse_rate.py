@@ -22,8 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from mel_core import meta_experience  # noqa: E402
 from test_meta_experience import _mismatches, load_fixtures  # noqa: E402
+
+from mel_core import meta_experience  # noqa: E402
 
 
 def load_revision(rev: str, path: str):

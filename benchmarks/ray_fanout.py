@@ -25,7 +25,6 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from benchmarks._doc import load_average, write_section  # noqa: E402
 from mel_core import config as C  # noqa: E402
-from mel_core import stages  # noqa: E402
 from mel_core.engines.base import SamplingParams  # noqa: E402
 from mel_core.runtime import Runtime  # noqa: E402
 
@@ -71,7 +70,7 @@ def main(argv=None) -> dict:
                 f"orchestration.runner={runner}", f"orchestration.ray.local_workers={a.workers}",
                 f"orchestration.ray.threads_per_worker={threads}"])
             rt = Runtime(cfg)
-            rt.ensure_version(stages.base_checkpoint(rt))
+            rt.ensure_version(rt.base_checkpoint)
             prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in rt.step_problems(1)]
             results[runner] = measure(rt, prompts, a)
     local, ray = (statistics.median(results[r][1]) for r in ("local", "ray"))

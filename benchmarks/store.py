@@ -59,7 +59,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._doc import DOC, load_average, machine, update_doc  # noqa: E402
-from mel_core.store import TABLES, Store, StoreReader, Writer, make_id, release_connections  # noqa: E402
+from mel_core.store import (  # noqa: E402
+    TABLES,
+    Store,
+    StoreReader,
+    Writer,
+    make_id,
+    release_connections,
+)
 
 G = 8  # rollouts per prompt (group size)
 B = 128  # prompts per step
@@ -719,7 +726,7 @@ def notes(res: dict) -> list[str]:
     rows_per_step = pipe["rows"] / pipe["steps"]
     per_step_pipe = pipe["amortized_seconds"] / pipe["steps"]
     per_step_held = held["amortized_seconds"] / held["steps"]
-    overhead = pipe["txn_ms_mean"] - held["txn_ms_mean"]
+    pipe["txn_ms_mean"] - held["txn_ms_mean"]
     return [
         "Why the ingest goal is missed, and what would move it:",
         f"- **The rows are wide.** A rollout is ~1.2 kB (text + ~110 token ids). Even the cheapest possible insert of "

@@ -12,10 +12,10 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 from flows.evaluate import evaluate_if_due
 from flows.iteration import iteration
+from mel_core.bookkeeping import register_run
 from mel_core.config import from_dict
 from mel_core.runlock import run_lock
 from mel_core.runtime import Checkpoint, get_runtime, run_dir_of
-from mel_core.stages import register_run
 from mel_core.summary import format_step, step_summary
 from tasks import warm_start_task
 from tasks.artifacts import publish_step

@@ -10,8 +10,15 @@ from __future__ import annotations
 from prefect import flow
 
 from mel_core.runtime import get_runtime
-from tasks import (abstract_task, diagnose_task, pair_task, replay_task, sample_task, update_task,
-                   verify_task)
+from tasks import (
+    abstract_task,
+    diagnose_task,
+    pair_task,
+    replay_task,
+    sample_task,
+    update_task,
+    verify_task,
+)
 from tasks.common import configured
 
 

@@ -26,6 +26,22 @@ def write_update_stats(directory: str | Path, stats: dict) -> None:
     (Path(directory) / UPDATE_STATS_FILE).write_text(json.dumps(stats, sort_keys=True))
 
 
+def write_checkpoint(directory: str | Path, model, tokenizer, optimizer_state: dict, update_stats: dict | None,
+                     state_dict: dict | None = None) -> None:
+    """The checkpoint layout, written into `directory` (a temp directory its caller renames into place): the HF
+    model folder (`state_dict` when the model's own is sharded), the tokenizer, the optimizer state in the
+    single-process layout, and the update's stats."""
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), **({"state_dict": state_dict} if state_dict is not None else {}))
+    tokenizer.save_pretrained(str(directory))
+    torch.save(optimizer_state, directory / OPTIMIZER_FILE)
+    if update_stats is not None:
+        write_update_stats(directory, update_stats)
+
+
 def has_optimizer_state(path: str | Path) -> bool:
     return (Path(path) / OPTIMIZER_FILE).exists()
 

@@ -151,6 +151,9 @@ def _lineage(args, store) -> int:
     print(f"heuristic {r['heuristic_id']} ({status})\n    {r['heuristic']}")
     print(f"  from analysis {r['analysis_id']}: bifurcation step {r['bifurcation_step']}\n"
           f"    critique: {r['critique']}")
+    if r["trained_text"]:  # exactly what an update learns (M*, then eos), given the analysis prompt
+        trained = r["trained_text"] + (f"\n\n{r['abstract_trained_text']}" if r["abstract_trained_text"] else "")
+        print(f"    trained text (M*, {r['trained_tokens']} tokens with eos):\n{ind(trained)}")
     print(f"  of pair {r['pair_id']}")
     print(f"    incorrect rollout {r['incorrect_rollout_id']}:\n{ind(r['incorrect_text'])}")
     print(f"    correct rollout {r['correct_rollout_id']}:\n{ind(r['correct_text'])}")
@@ -223,8 +226,14 @@ def cmd_eval(args) -> int:
 
     from mel_core import config as config_mod
     from mel_core.checkpoint_files import checkpoint_problem
-    from mel_core.evaluate import (SUITES, dataset_name, format_suite_table, load_dataset, metrics_by_dataset,
-                                   suite_datasets)
+    from mel_core.evaluate import (
+        SUITES,
+        dataset_name,
+        format_suite_table,
+        load_dataset,
+        metrics_by_dataset,
+        suite_datasets,
+    )
     from mel_core.runtime import DB_FILE, get_runtime
     from mel_core.store import StoreReader, format_table, make_id
 

@@ -21,7 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mel_core.errors import PermanentError
-from mel_core.verify import EXTRACTIONS, TRUNCATED_REWARDS  # the standard library only, at import time
+from mel_core.meta_experience import REPLAY_CONTEXTS
+from mel_core.retrospective import LONG_CONTEXT_MODES
+from mel_core.verify import (  # the standard library only, at import time
+    EXTRACTIONS,
+    TRUNCATED_REWARDS,
+)
 
 PAPER = "paper"
 CHOICE = "choice"
@@ -158,10 +163,23 @@ class ExperienceConfig:
     pairing: str = doc("random", "How pairs are drawn from a mixed group: random (k per group, seeded) | all | disjoint (no rollout reused).", one_of=("random", "all", "disjoint"))
     pairs_per_group: int = doc(1, "k: contrastive (correct, incorrect) pairs drawn per mixed group (random/disjoint), with the step seed.", ge=0)
     analysis_temperature: float = doc(1.0, "Sampling temperature of the analysis (diagnose/abstract) generation.", ge=0)
-    analysis_max_new_tokens: int = doc(1024, "Longest analysis generation.", ge=1)
+    analysis_max_new_tokens: int = doc(1024, "Longest analysis generation; one cut off by it is rejected as "
+                                       "'truncated' (never replayed, never trained on).", ge=1)
     replays_per_experience: int = doc(1, "Replays of the question with the meta-experience in context.", ge=1)
     accept_min_correct: int = doc(1, "Replays that must verify for a meta-experience to be accepted (paper: the one replay must).", PAPER, ge=1)
     replay_temperature: float = doc(1.0, "Sampling temperature of replays.", ge=0)
+    replay_max_new_tokens: int = doc(1024, "Longest replay (a solution with M in context; our choice, as "
+                                     "sampling.max_new_tokens).", ge=1)
+    replay_context: str = doc("full", "What a replay has in context: full = the whole M = (s*, C, H) as the "
+                              "policy wrote it (M*), framed as reference information for this question (the paper's "
+                              "Eq. 6 and validation prompt) | heuristics = the kept If/Then rules alone (our option: "
+                              "a stricter test, since a critique often names this problem's answer).", PAPER,
+                              one_of=REPLAY_CONTEXTS)
+    long_context: str = doc("shorten", "When the retrospective context [I, x, y-, y+] and an analysis do not fit "
+                            "model.max_seq_len: shorten = cut both solutions from the middle with a visible marker, "
+                            "never the instruction or the question | skip = do not analyse the pair "
+                            "(context_too_long). Our choice; both are counted per step (retro_shortened, "
+                            "retro_skipped).", one_of=LONG_CONTEXT_MODES)
     max_heuristics: int = doc(3, "Most heuristics kept from one analysis.", ge=1)
     analysis_mode: str = doc("single_pass", "single_pass: s*, C and H in one generation (the paper's appendix "
                              "prompt); two_pass: H in a second batched call conditioned on s* and C (Eqs. 2-4; "

@@ -4,7 +4,7 @@ With ``optim.fsdp_processes: N > 1`` the update stage does not train in the flow
 the step's batch (token ids, advantages, the accepted meta-experience) to a file and launches N
 processes with ``torchrun --standalone``. Each process loads the input checkpoint (weights and
 optimizer state), shards every decoder layer and the root module with ``fully_shard``, and runs
-:meth:`Policy.train_step` on its share of each mini-batch's micro-batches (``Policy.data_parallel``),
+:meth:`Policy.train_step` on its share of each mini-batch's micro-batches (``policy.DataParallel``),
 with the loss weights of the whole batch — so the step is the one a single process takes, to float
 reduction order (``tests/test_distributed.py``). Rank 0 writes the new checkpoint (full weights in HF
 format, the optimizer state in the single-process layout, the update's stats) into the temp
@@ -20,6 +20,7 @@ use one process).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -46,8 +47,7 @@ def launch(config: dict, checkpoint: str, rl, nll, out: Path, nproc: int, *, tim
     out = Path(out)
     work = out.with_name(out.name + ".work")  # `out` is already this process's temp (files.temp_name): so is this
     work.mkdir(parents=True, exist_ok=True)
-    torch.save({"rl": {"prompts": rl.prompts, "completion_ids": rl.completion_ids, "advantages": rl.advantages},
-                "nll": {"prompts": nll.prompts, "target_ids": nll.target_ids} if nll is not None else None},
+    torch.save({"rl": dataclasses.asdict(rl), "nll": dataclasses.asdict(nll) if nll is not None else None},
                work / BATCH_FILE)
     (work / CONFIG_FILE).write_text(json.dumps(config))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -104,8 +104,8 @@ def rank_main(argv=None) -> None:
     )
 
     from mel_core import config as config_mod
-    from mel_core.checkpoint_files import OPTIMIZER_FILE, write_update_stats
-    from mel_core.policy import NLLBatch, Policy, RLBatch
+    from mel_core.checkpoint_files import OPTIMIZER_FILE, write_checkpoint
+    from mel_core.policy import DataParallel, NLLBatch, Policy, RLBatch
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
@@ -125,34 +125,24 @@ def rank_main(argv=None) -> None:
         cfg.model.device = f"cuda:{local_rank}" if cuda else "cpu"
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
-        policy = Policy(cfg, a.checkpoint)
+        policy = Policy(cfg, a.checkpoint, prepare=_shard)  # its optimizer is built over the sharded parameters
         optimizer_file = Path(a.checkpoint) / OPTIMIZER_FILE
-        saved = (_plain_to_fqn(policy.model, torch.load(optimizer_file, map_location="cpu", weights_only=True))
-                 if optimizer_file.exists() else None)
-        _shard(policy.model)
-        o = cfg.optim
-        policy.optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=o.lr,
-                                             betas=tuple(o.betas), weight_decay=o.weight_decay)
-        if saved is not None:
+        if optimizer_file.exists():  # the single-process layout, keyed by parameter name for the sharded model
+            saved = _plain_to_fqn(policy.model, torch.load(optimizer_file, map_location="cpu", weights_only=True))
             set_optimizer_state_dict(policy.model, policy.optimizer, saved,
                                      options=StateDictOptions(full_state_dict=True))
-        policy.data_parallel = (rank, world)
 
         batch = torch.load(work / BATCH_FILE, weights_only=False)
         rl = RLBatch(**batch["rl"])
         nll = NLLBatch(**batch["nll"]) if batch["nll"] is not None else None
-        stats = policy.train_step(rl, nll)
+        stats = policy.train_step(rl, nll, DataParallel(rank, world))
 
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(policy.model, options=full)
         optimizer = get_optimizer_state_dict(policy.model, policy.optimizer, options=full)  # rank 0's; others: {}
-        if rank == 0:
-            optimizer = _fqn_to_plain(policy.model, optimizer)
-            out.mkdir(parents=True, exist_ok=True)
-            policy.model.save_pretrained(str(out), state_dict=weights)
-            policy.tokenizer.save_pretrained(str(out))
-            torch.save(optimizer, out / OPTIMIZER_FILE)
-            write_update_stats(out, stats)
+        if rank == 0:  # the checkpoint layout of one process (mel_core.checkpoint_files)
+            write_checkpoint(out, policy.model, policy.tokenizer, _fqn_to_plain(policy.model, optimizer), stats,
+                             state_dict=weights)
         dist.barrier()
     except PermanentError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -163,3 +153,8 @@ def rank_main(argv=None) -> None:
 
 if __name__ == "__main__":
     rank_main()
+    # The step is done and written. Skip the interpreter's teardown: on CPU/gloo a rank sometimes aborts in it
+    # ("terminate called without an active exception", about 1 launch in 30 here) after destroy_process_group.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -340,6 +340,19 @@ def nll_loss(per_token_logps: Tensor, target_mask: Tensor) -> tuple[Tensor, dict
                   "num_tokens": float(mask.sum())}
 
 
+def nll_by_part(per_token_logps: Tensor, target_mask: Tensor, part_ids: Tensor, num_parts: int) -> tuple[Tensor, Tensor]:
+    """Summed NLL and token count of each part of the targets (for logging, no grad): [M, T] log-probs, mask
+    and part index per token -> ([num_parts] sums of -log p, [num_parts] token counts)."""
+    with torch.no_grad():
+        mask = target_mask.bool()
+        nll = -per_token_logps.detach().masked_fill(~mask, 0.0).double()
+        parts = part_ids.long().clamp(0, num_parts - 1)
+        sums = torch.zeros(num_parts, dtype=torch.float64, device=nll.device).scatter_add_(0, parts[mask], nll[mask])
+        counts = torch.zeros(num_parts, dtype=torch.float64, device=nll.device).scatter_add_(
+            0, parts[mask], torch.ones_like(nll[mask]))
+    return sums, counts
+
+
 def total_loss(rl_loss: Tensor, nll_loss: Tensor, nll_coef: float) -> Tensor:
     """L = L_RL + lambda * L_NLL (MEL; lambda = 1 in the paper)."""
     return rl_loss + nll_coef * nll_loss

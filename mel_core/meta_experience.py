@@ -138,6 +138,11 @@ from fractions import Fraction
 from typing import Sequence
 
 REPLAY_CONTEXTS = ("full", "heuristics")
+# The parts of M a trained token can belong to (ParsedAnalysis.spans): s* ("bifurcation"), C ("critique"), H
+# ("heuristics"), and "other" (text before the first header, the eos). The update logs nll_<part>.
+PARTS = ("other", "bifurcation", "critique", "heuristics")
+_PART_OF = {"bifurcation": "bifurcation", "failure": "bifurcation", "critique": "critique",
+            "success_factors": "critique", "reflection": "critique", "heuristic": "heuristics"}
 
 
 @dataclass
@@ -153,6 +158,9 @@ class ParsedAnalysis:
     heuristic_names: list[str | None] = field(default_factory=list)  # their "[Pattern Name]", if any
     target_text: str | None = None       # M*: the trained text (module docstring); None when rejected
     reject_reason: str | None = None     # None = parsed completely
+    # Which part of M each stretch of target_text is: (part, start, end) character spans in target_text, part
+    # one of PARTS. The update logs the NLL of each part (nll_bifurcation, nll_critique, nll_heuristics).
+    spans: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -664,6 +672,27 @@ def _abstract(text: str, sections: Sequence[_Section], res: ParsedAnalysis, gold
     return kept[-1][2]
 
 
+def _spans(body: str, sections: Sequence[_Section], target: str) -> list[tuple[str, int, int]]:
+    """The parts of M covering `target` (= body.lstrip()[:len(target)]), in target coordinates."""
+    shift = len(body) - len(body.lstrip())
+    out, cursor = [], 0
+    for s in sections:
+        start, end = max(s.start - shift, 0), min(s.end - shift, len(target))
+        if end <= start:
+            continue
+        if start > cursor:
+            out.append(("other", cursor, start))
+        part = _PART_OF.get(s.name, "other")
+        if out and out[-1][0] == part and out[-1][2] == start:  # "Success Factors" then "Reflection": one C
+            out[-1] = (part, out[-1][1], end)
+        else:
+            out.append((part, start, end))
+        cursor = end
+    if cursor < len(target):
+        out.append(("other", cursor, len(target)))
+    return out
+
+
 def parse_diagnosis(text: str) -> ParsedAnalysis:
     """The diagnose half: s* and C; ``target_text`` = :func:`diagnosis_part` (the two_pass diagnosis target)."""
     body, finished = _prepare(text)
@@ -675,6 +704,7 @@ def parse_diagnosis(text: str) -> ParsedAnalysis:
     _diagnose(body, layout, sections, res)
     if res.ok:
         res.target_text = diagnosis_part(text)
+        res.spans = _spans(body, sections, res.target_text)
     return res
 
 
@@ -691,6 +721,8 @@ def parse_heuristics(text: str, *, gold_answer: str | None = None, question: str
     end = _abstract(body, sections, res, gold_answer, question, max_heuristics)
     if end is not None:
         res.target_text = body[:end].lstrip()
+        res.spans = [(part if part != "other" else "heuristics", a, b)
+                     for part, a, b in _spans(body, sections, res.target_text)]
     return res
 
 
@@ -710,6 +742,7 @@ def parse_analysis(text: str, *, gold_answer: str | None = None, question: str |
     end = _abstract(body, sections, res, gold_answer, question, max_heuristics)
     if end is not None:
         res.target_text = body[:end].lstrip()
+        res.spans = _spans(body, sections, res.target_text)
     return res
 
 

@@ -19,6 +19,7 @@ from mel_core import config as config_mod
 from mel_core.checkpoint_files import has_optimizer_state
 from mel_core.config import MelConfig
 from mel_core.prompts import PromptSet
+from mel_core.stage_names import STAGE_VERSIONS
 from mel_core.store import Store, make_id
 
 DB_FILE = "mel.duckdb"
@@ -64,6 +65,25 @@ class Runtime:
     @cached_property
     def epoch(self) -> str:
         return self.store.epoch
+
+    # ------------------------------------------------------------------- version 0 of the policy
+
+    def base_checkpoint_key(self) -> str:
+        """What the starting policy is, as a cache key: the tiny warm start's shaping config, or the model path."""
+        if self.cfg.model.name_or_path == "tiny":
+            from mel_core import tiny
+            return (f"warm_start-v{STAGE_VERSIONS['warm_start']}-{tiny.warm_start_key(self.cfg)}-{self.run_id}-"
+                    f"{self.epoch}")
+        return f"base-{self.cfg.model.name_or_path}-{self.run_id}-{self.epoch}"
+
+    @cached_property
+    def base_checkpoint(self) -> Checkpoint:
+        """Version 0 of the policy: the warm-started tiny model (built once, cached on disk) or a real model."""
+        if self.cfg.model.name_or_path == "tiny":
+            from mel_core import tiny
+            path = tiny.ensure_warm_start(self.cfg)
+            return Checkpoint(make_id("ckpt", "tiny", tiny.warm_start_key(self.cfg)), str(path))
+        return Checkpoint(make_id("ckpt", "base", self.cfg.model.name_or_path), self.cfg.model.name_or_path)
 
     @cached_property
     def train_problems(self):
@@ -141,8 +161,7 @@ class Runtime:
 
         if self._policy is None:
             # A LoRA checkpoint holds adapters only: build on the base model, then load them.
-            from mel_core.stages import base_checkpoint
-            self._policy = Policy(self.cfg, base_checkpoint(self).path if self.cfg.model.lora.enabled else ckpt.path)
+            self._policy = Policy(self.cfg, self.base_checkpoint.path if self.cfg.model.lora.enabled else ckpt.path)
             if has_optimizer_state(ckpt.path) or self.cfg.model.lora.enabled:
                 self._policy.load_checkpoint(ckpt.path)
             self._policy_version = ckpt.checkpoint_id
@@ -166,8 +185,6 @@ class Runtime:
                 and self.cfg.orchestration.runner == "local")
 
     def _build_engine(self, ckpt: Checkpoint):
-        from mel_core.stages import base_checkpoint
-
         if self.cfg.orchestration.runner != "local":
             from mel_core.engines.sharded import DISPATCHERS, ShardedEngine
             runner = self.cfg.orchestration.runner
@@ -176,12 +193,12 @@ class Runtime:
                     f"config key 'orchestration.runner': no dispatcher for '{runner}' in this process (the "
                     f"Prefect tasks register it: import tasks; it needs pip install -e '.[scale]')")
             return ShardedEngine(DISPATCHERS[runner](self.cfg), max_batch_sequences=self.cfg.sampling.chunk_sequences,
-                                 base_path=base_checkpoint(self).path if self.cfg.model.lora.enabled else None)
+                                 base_path=self.base_checkpoint.path if self.cfg.model.lora.enabled else None)
         if self.cfg.model.engine == "vllm":
             from mel_core.engines.vllm import VLLMEngine
             m = self.cfg.model
             # With LoRA, vLLM serves the base model and each version is an adapter on it.
-            return VLLMEngine(base_checkpoint(self).path if m.lora.enabled else ckpt.path,
+            return VLLMEngine(self.base_checkpoint.path if m.lora.enabled else ckpt.path,
                               self._policy.tokenizer, dtype=m.dtype, seed=self.cfg.run.seed,
                               lora_rank=m.lora.r if m.lora.enabled else None, kv_cache_gib=m.vllm.kv_cache_gib,
                               progress=True)

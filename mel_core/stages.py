@@ -1,123 +1,32 @@
 """The seven stages of one MEL step, as plain functions over the runtime and the store.
 
-sample -> verify -> pair -> diagnose -> abstract -> replay -> update (DESIGN.md §1). Each reads its
-inputs from the store by (run, step), writes its records with deterministic ids, and returns a small
-manifest (ids and counts) — never tensors. ``tasks/`` wraps each in a Prefect task; calling them
-directly runs the same step without an orchestrator (the benchmarks compare both).
+sample -> verify -> pair -> diagnose -> abstract -> replay -> update (docs/DESIGN.md, "The algorithm"). Each
+reads its inputs by (run, step) through the named reads of ``mel_core.records``, computes, and writes its
+records with deterministic ids; it returns a small manifest (ids and counts), never tensors. ``tasks/`` wraps
+each in a Prefect task and ``mel_core.bookkeeping.execute`` records each execution; calling them directly
+runs the same step without an orchestrator (the benchmarks and many tests do).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import logging
-import os
-import signal
-import time
-import uuid
 from collections import defaultdict
 
 import torch
 
 from mel_core import config as config_mod
-from mel_core import experience, library, losses, meta_experience
+from mel_core import (
+    experience,
+    library,
+    losses,
+    meta_experience,
+    records,
+    retrospective,
+)
 from mel_core.checkpoint_files import saved_update_stats
 from mel_core.engines.base import SamplingParams
-from mel_core.errors import InjectedFault, InjectedPermanentFault, is_transient
 from mel_core.runtime import Checkpoint, Runtime, derive_seed
-from mel_core.stage_names import STAGE_VERSIONS
 from mel_core.store import make_id
-from mel_core.tokens import encode_completions
-
-_log = logging.getLogger("mel")
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-
-
-def execute(rt: Runtime, stage: str, step: int, fn, *args, cache_key: str | None = None, **kwargs):
-    """Run one stage body and record the execution in `stage_runs` (one row per execution)."""
-    row_id = uuid.uuid4().hex
-    started = _now()
-    t0 = time.perf_counter()
-    rt.store.insert("stage_runs", [{"stage_run_id": row_id, "run_id": rt.run_id, "step": step, "stage": stage,
-                                    "cache_key": cache_key, "started_at": started, "status": "running"}])
-    rt.store.publish()  # readers (mel runs, monitoring) see which stage is live
-    try:
-        _inject_fault(rt, stage, step, "before")
-        out = fn(rt, *args, **kwargs)
-        _inject_fault(rt, stage, step, "after")
-    except BaseException as e:
-        retry = "a transient failure: retried if the stage's retries allow" if is_transient(e) else "not retried"
-        _log.warning("step %s %s failed (%s: %s); %s", step, stage, type(e).__name__,
-                     (str(e).splitlines() or [""])[0][:300], retry)
-        rt.store.update("stage_runs", "stage_run_id", [{
-            "stage_run_id": row_id, "finished_at": _now(), "seconds": time.perf_counter() - t0,
-            "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}])
-        rt.store.publish()
-        raise
-    rt.store.update("stage_runs", "stage_run_id", [{
-        "stage_run_id": row_id, "finished_at": _now(), "seconds": time.perf_counter() - t0, "status": "completed"}])
-    rt.store.publish()  # readers see the state as of the last committed stage
-    return out
-
-
-def _inject_fault(rt: Runtime, stage: str, step: int, when: str) -> None:
-    """Fail as `orchestration.faults` asks; counted from stage_runs, so it holds across processes."""
-    for f in rt.cfg.orchestration.faults:
-        if (f.stage, f.step, f.when) != (stage, step, when):
-            continue
-        failed = rt.store.query("SELECT count(*) AS n FROM stage_runs WHERE run_id = ? AND step = ? AND stage = ? "
-                                "AND error LIKE 'Injected%'", [rt.run_id, step, stage])[0]["n"]
-        if f.kind == "kill":  # no exception, no bookkeeping: the process (group) is gone, as on a pre-emption
-            os.killpg(os.getpgid(0), signal.SIGKILL)
-        if failed < f.times:
-            cls = InjectedFault if f.kind == "transient" else InjectedPermanentFault
-            raise cls(f"injected {f.kind} fault in {stage} at step {step} ({when} its body), #{failed + 1}")
-
-
-def _metrics(rt: Runtime, step: int, values: dict) -> list[dict]:
-    return [{"run_id": rt.run_id, "step": step, "name": k, "value": float(v)} for k, v in values.items()]
-
-
-# ------------------------------------------------------------------------------------ 0. runs
-
-
-def base_checkpoint_key(rt: Runtime) -> str:
-    cfg = rt.cfg
-    if cfg.model.name_or_path == "tiny":
-        from mel_core import tiny
-        return f"warm_start-v{STAGE_VERSIONS['warm_start']}-{tiny.warm_start_key(cfg)}-{rt.run_id}-{rt.epoch}"
-    return f"base-{cfg.model.name_or_path}-{rt.run_id}-{rt.epoch}"
-
-
-def base_checkpoint(rt: Runtime) -> Checkpoint:
-    """Version 0 of the policy: the warm-started tiny model (built once, cached on disk) or a real model."""
-    cfg = rt.cfg
-    if cfg.model.name_or_path == "tiny":
-        from mel_core import tiny
-        path = tiny.ensure_warm_start(cfg)
-        return Checkpoint(make_id("ckpt", "tiny", tiny.warm_start_key(cfg)), str(path))
-    return Checkpoint(make_id("ckpt", "base", cfg.model.name_or_path), cfg.model.name_or_path)
-
-
-def register_run(rt: Runtime, base: Checkpoint) -> None:
-    """At the start of a campaign process: the run row and its version-0 checkpoint (the base or
-    warm-started model), and earlier executions left 'running' by a process that died marked 'interrupted'
-    (one campaign process writes a run at a time: the deployment's concurrency limit is 1)."""
-    import json
-
-    from mel_core.config import to_dict
-
-    with rt.store.transaction() as w:
-        w.insert("runs", [{"run_id": rt.run_id, "name": rt.cfg.run.name, "config_hash": rt.config_hash,
-                           "config_json": json.dumps(to_dict(rt.cfg), sort_keys=True), "created_at": _now()}])
-        w.insert("checkpoints", [{"checkpoint_id": base.checkpoint_id, "run_id": rt.run_id, "step": 0,
-                                  "path": base.path, "parent_checkpoint_id": None, "created_at": _now()}])
-        w.execute("UPDATE stage_runs SET status = 'interrupted', error = 'its process ended before the stage did' "
-                  "WHERE run_id = ? AND status = 'running'", [rt.run_id])
-    rt.store.publish()
-
+from mel_core.tokens import encode_target
 
 # ---------------------------------------------------------------------------------- 1. sample
 
@@ -127,23 +36,19 @@ def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     cfg = rt.cfg
     rt.ensure_version(ckpt)
     problems = rt.step_problems(step)
-    prompt_rows = []
-    for pos, prob in enumerate(problems):
-        prompt_rows.append({"prompt_id": make_id("prompt", rt.run_id, step, pos, prob.problem_id), "run_id": rt.run_id,
-                            "step": step, "position": pos, "problem_id": prob.problem_id, "question": prob.question,
-                            "answer": prob.answer, "prompt_text": rt.model_input(rt.prompts.render_solve(prob.question))})
+    prompt_rows = [{"prompt_id": make_id("prompt", rt.run_id, step, pos, prob.problem_id), "run_id": rt.run_id,
+                    "step": step, "position": pos, "problem_id": prob.problem_id, "question": prob.question,
+                    "answer": prob.answer, "prompt_text": rt.model_input(rt.prompts.render_solve(prob.question))}
+                   for pos, prob in enumerate(problems)]
     seed = derive_seed(cfg.run.seed, step, "sample")
     params = SamplingParams(n=cfg.sampling.group_size, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                             max_new_tokens=cfg.sampling.max_new_tokens, seed=seed)
     groups = rt.engine.generate([r["prompt_text"] for r in prompt_rows], params, desc=f"sample step {step}")
-    rollout_rows = []
-    for pr, completions in zip(prompt_rows, groups):
-        for i, c in enumerate(completions):
-            rollout_rows.append({
-                "rollout_id": make_id("rollout", pr["prompt_id"], i, ckpt.checkpoint_id), "prompt_id": pr["prompt_id"],
-                "run_id": rt.run_id, "step": step, "sample_index": i, "policy_version_id": ckpt.checkpoint_id,
-                "text": c.text, "token_ids": c.token_ids, "num_tokens": len(c.token_ids),
-                "finish_reason": c.finish_reason})
+    rollout_rows = [{"rollout_id": make_id("rollout", pr["prompt_id"], i, ckpt.checkpoint_id),
+                     "prompt_id": pr["prompt_id"], "run_id": rt.run_id, "step": step, "sample_index": i,
+                     "policy_version_id": ckpt.checkpoint_id, "text": c.text, "token_ids": c.token_ids,
+                     "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+                    for pr, completions in zip(prompt_rows, groups) for i, c in enumerate(completions)]
     with rt.store.transaction() as w:
         w.insert("steps", [{"step_id": make_id("step", rt.run_id, step), "run_id": rt.run_id, "step": step,
                             "policy_version_id": ckpt.checkpoint_id, "seed": seed}])
@@ -158,43 +63,31 @@ def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
 
 def verify(rt: Runtime, step: int) -> dict:
     """Binary reward per rollout; unparsable output scores 0 with its reason, never a crash."""
-    rows = rt.store.query(
-        "SELECT r.rollout_id, r.prompt_id, r.text, r.finish_reason, p.answer FROM rollouts r JOIN prompts p "
-        "USING (prompt_id) WHERE r.run_id = ? AND r.step = ? ORDER BY r.rollout_id", [rt.run_id, step])
+    rows = records.rollouts_to_verify(rt.store, rt.run_id, step)
     verdicts = rt.verifier.verify([r["text"] for r in rows], [r["answer"] for r in rows],
                                   [r["finish_reason"] for r in rows])
-    updates = [{"rollout_id": r["rollout_id"], "reward": v.reward, "extracted_answer": v.extracted,
-                "verify_reason": v.reason} for r, v in zip(rows, verdicts)]
-    reward_mean = sum(v.reward for v in verdicts) / max(len(verdicts), 1)
     groups: dict[str, list[float]] = defaultdict(list)
     for r, v in zip(rows, verdicts):
         groups[r["prompt_id"]].append(v.reward)
+    reward_mean = sum(v.reward for v in verdicts) / max(len(verdicts), 1)
     # Logged here, not in pair, so a GRPO-only run (no pair stage) reports them too: only mixed groups
     # carry a learning signal under group-normalised advantages.
     mixed = sum(experience.is_mixed(g) for g in groups.values())
     with rt.store.transaction() as w:
-        w.update("rollouts", "rollout_id", updates)
-        w.insert("metrics", _metrics(rt, step, {"reward_mean": reward_mean, "mixed_groups": mixed, "groups": len(groups)}))
+        w.update("rollouts", "rollout_id", [{"rollout_id": r["rollout_id"], "reward": v.reward,
+                                             "extracted_answer": v.extracted, "verify_reason": v.reason}
+                                            for r, v in zip(rows, verdicts)])
+        w.insert("metrics", records.metric_rows(rt.run_id, step, {"reward_mean": reward_mean, "mixed_groups": mixed,
+                                                                   "groups": len(groups)}))
     return {"step": step, "verified": len(rows), "reward_mean": reward_mean, "mixed_groups": mixed}
 
 
 # ------------------------------------------------------------------------------------ 3. pair
 
 
-def _groups(rt: Runtime, step: int) -> dict[str, list[tuple[str, float]]]:
-    rows = rt.store.query("SELECT prompt_id, rollout_id, reward FROM rollouts WHERE run_id = ? AND step = ? "
-                          "ORDER BY prompt_id, sample_index", [rt.run_id, step])
-    groups: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    for r in rows:
-        if r["reward"] is None:
-            raise RuntimeError(f"step {step}: rollout {r['rollout_id']} has no reward; run verify first")
-        groups[r["prompt_id"]].append((r["rollout_id"], r["reward"]))
-    return groups
-
-
 def pair(rt: Runtime, step: int) -> dict:
     """Contrastive pairs from mixed groups only."""
-    groups = _groups(rt, step)
+    groups = records.reward_groups(rt.store, rt.run_id, step)
     pairs = experience.make_pairs(groups, rt.cfg.experience.pairs_per_group, derive_seed(rt.cfg.run.seed, step, "pair"),
                                   strategy=rt.cfg.experience.pairing)
     rows = [{"pair_id": make_id("pair", p.prompt_id, p.correct_rollout_id, p.incorrect_rollout_id), "run_id": rt.run_id,
@@ -202,21 +95,11 @@ def pair(rt: Runtime, step: int) -> dict:
              "incorrect_rollout_id": p.incorrect_rollout_id} for p in pairs]
     with rt.store.transaction() as w:
         w.insert("pairs", rows)
-        w.insert("metrics", _metrics(rt, step, {"pairs": len(rows)}))
+        w.insert("metrics", records.metric_rows(rt.run_id, step, {"pairs": len(rows)}))
     return {"step": step, "pairs": len(rows)}
 
 
 # -------------------------------------------------------------------------------- 4. diagnose
-
-
-def _pair_rows(rt: Runtime, step: int, where: str = "") -> list[dict]:
-    """The step's pairs with question, gold answer and both solutions (and their analysis, if any)."""
-    return rt.store.query(
-        "SELECT pa.pair_id, pr.question, pr.answer, ri.text AS incorrect, rc.text AS correct, a.analysis_id, "
-        "a.raw_text FROM pairs pa JOIN prompts pr USING (prompt_id) "
-        "JOIN rollouts ri ON ri.rollout_id = pa.incorrect_rollout_id "
-        "JOIN rollouts rc ON rc.rollout_id = pa.correct_rollout_id LEFT JOIN analyses a ON a.pair_id = pa.pair_id "
-        f"WHERE pa.run_id = ? AND pa.step = ? {where} ORDER BY pa.pair_id", [rt.run_id, step])
 
 
 def _analysis_params(rt: Runtime, step: int, stage: str) -> SamplingParams:
@@ -226,79 +109,140 @@ def _analysis_params(rt: Runtime, step: int, stage: str) -> SamplingParams:
                           seed=derive_seed(cfg.run.seed, step, stage))
 
 
+def _retrospective(rt: Runtime, render, incorrect: str, correct: str) -> retrospective.Fitted:
+    """The analysis prompt for (y-, y+) within the window, its head kept (mel_core.retrospective): the prompt,
+    its analysis and the eos must fit model.max_seq_len, since the NLL learns M given exactly this prompt."""
+    budget = rt.context_limit - rt.cfg.experience.analysis_max_new_tokens
+    return retrospective.fit(lambda y_minus, y_plus: rt.model_input(render(y_minus, y_plus)), incorrect, correct,
+                             budget, rt.policy.tokenizer, lambda text: len(rt.policy.encode_prompts([text])[0]),
+                             rt.cfg.experience.long_context)
+
+
 def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
-    """The policy reads [question, incorrect, correct] and writes s* and C — one batched call.
+    """The policy reads [I, x, y-, y+] and writes s* and C — one batched call over the step's pairs.
 
     single_pass: the same generation goes on to the heuristics, which `abstract` parses. two_pass: the
-    diagnosis part alone is kept (and is the NLL target), and `abstract` asks for H in a second call.
+    diagnosis part alone is kept (and is the NLL target), and `abstract` asks for H in a second call. An
+    analysis cut off by the length limit is rejected as `truncated`: never replayed, never trained on.
     """
-    rows = _pair_rows(rt, step)
-    if not rows:
+    pairs = records.pairs_with_texts(rt.store, rt.run_id, step)
+    if not pairs:
         return {"step": step, "analyses": 0, "diagnosed": 0}
     rt.ensure_version(ckpt)
     two_pass = rt.cfg.experience.analysis_mode == "two_pass"
-    render = rt.prompts.render_diagnose if two_pass else rt.prompts.render_analysis
-    prompts = [rt.model_input(render(r["question"], r["incorrect"], r["correct"])) for r in rows]
-    outs = rt.engine.generate(prompts, _analysis_params(rt, step, "diagnose"), desc=f"diagnose step {step}")
-    analysis_rows = []
-    for r, prompt, (c,) in zip(rows, prompts, outs):
+    render_prompt = rt.prompts.render_diagnose if two_pass else rt.prompts.render_analysis
+    fitted = [_retrospective(rt, lambda a, b, q=p["question"]: render_prompt(q, a, b), p["incorrect"], p["correct"])
+              for p in pairs]
+    todo = [(p, f) for p, f in zip(pairs, fitted) if f.prompt is not None]
+    outs = rt.engine.generate([f.prompt for _, f in todo], _analysis_params(rt, step, "diagnose"),
+                              desc=f"diagnose step {step}") if todo else []
+    analysis_rows = [_skipped_analysis(rt, step, ckpt, p) for p, f in zip(pairs, fitted) if f.prompt is None]
+    for (p, f), (c,) in zip(todo, outs):
         parsed = meta_experience.parse_diagnosis(c.text)
-        token_ids = c.token_ids
-        if two_pass:
-            kept = meta_experience.diagnosis_part(c.text)
-            if kept != c.text.strip():  # heuristics written unasked are cut: re-encode what is kept
-                token_ids = encode_completions(rt.policy.tokenizer, [kept])[0]
+        reason = "truncated" if c.finish_reason == "length" else parsed.reject_reason
         analysis_rows.append({
-            "analysis_id": make_id("analysis", r["pair_id"], ckpt.checkpoint_id), "pair_id": r["pair_id"],
-            "run_id": rt.run_id, "step": step, "policy_version_id": ckpt.checkpoint_id, "prompt_text": prompt,
-            "raw_text": c.text, "token_ids": token_ids, "num_tokens": len(token_ids),
-            "bifurcation_step": parsed.bifurcation_step, "critique": parsed.critique, "parsed": parsed.ok,
-            "status": "diagnosed" if parsed.ok else "rejected", "reject_reason": parsed.reject_reason,
+            "analysis_id": make_id("analysis", p["pair_id"], ckpt.checkpoint_id), "pair_id": p["pair_id"],
+            "run_id": rt.run_id, "step": step, "policy_version_id": ckpt.checkpoint_id, "prompt_text": f.prompt,
+            "retro_shortened": f.shortened, "raw_text": c.text, "token_ids": c.token_ids,
+            "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+            "bifurcation_step": parsed.bifurcation_step, "bifurcation": parsed.bifurcation,
+            "critique": parsed.critique, "parsed": reason is None,
+            "status": "diagnosed" if reason is None else "rejected", "reject_reason": reason,
             "mode": rt.cfg.experience.analysis_mode})
-    diagnosed = sum(r["parsed"] for r in analysis_rows)
+    diagnosed = sum(r["status"] == "diagnosed" for r in analysis_rows)
+    counts = {"analyses": len(todo), "diagnosed": diagnosed,
+              "truncated": sum(r["reject_reason"] == "truncated" for r in analysis_rows),
+              "retro_shortened": sum(f.shortened for f in fitted),
+              "retro_skipped": sum(f.prompt is None for f in fitted)}
     with rt.store.transaction() as w:
         w.insert("analyses", analysis_rows)
-        w.insert("metrics", _metrics(rt, step, {"analyses": len(analysis_rows), "diagnosed": diagnosed}))
-    return {"step": step, "analyses": len(analysis_rows), "diagnosed": diagnosed}
+        w.insert("metrics", records.metric_rows(rt.run_id, step, counts))
+    return {"step": step, **counts}
+
+
+def _skipped_analysis(rt: Runtime, step: int, ckpt: Checkpoint, p: dict) -> dict:
+    """The record of a pair whose retrospective context did not fit (experience.long_context: skip)."""
+    return {"analysis_id": make_id("analysis", p["pair_id"], ckpt.checkpoint_id), "pair_id": p["pair_id"],
+            "run_id": rt.run_id, "step": step, "policy_version_id": ckpt.checkpoint_id, "parsed": False,
+            "status": "rejected", "reject_reason": "context_too_long", "mode": rt.cfg.experience.analysis_mode}
 
 
 # -------------------------------------------------------------------------------- 5. abstract
 
 
+def _trained(rt: Runtime, parsed: meta_experience.ParsedAnalysis) -> tuple[list[int], list[int]]:
+    """The NLL target of a parsed generation: M*'s ids and eos, and the part of M each id belongs to."""
+    return encode_target(rt.policy.tokenizer, parsed.target_text, parsed.spans, meta_experience.PARTS)
+
+
 def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
-    """Subject heuristics H (If/Then, no problem numbers) for each diagnosed analysis.
+    """Subject heuristics H (If/Then, no problem specifics) for each diagnosed analysis, and M*: the text
+    that is trained on (the generation up to its last kept rule) and the text a replay shows.
 
     single_pass parses them from the diagnose generation; two_pass generates them in one batched call
     conditioned on the question, both solutions and the diagnosis (s*, C).
     """
-    rows = _pair_rows(rt, step, "AND a.status IN ('diagnosed', 'candidate')")
-    texts = [r["raw_text"] for r in rows]
-    abstract_rows = [{} for _ in rows]
-    if rows and rt.cfg.experience.analysis_mode == "two_pass":
+    rows = records.pairs_with_texts(rt.store, rt.run_id, step, ("diagnosed", "candidate"))
+    if rows:
         rt.ensure_version(ckpt)
-        prompts = [rt.model_input(rt.prompts.render_abstract(r["question"], r["incorrect"], r["correct"],
-                                                             meta_experience.diagnosis_part(r["raw_text"])))
-                   for r in rows]
-        outs = rt.engine.generate(prompts, _analysis_params(rt, step, "abstract"), desc=f"abstract step {step}")
-        texts = [c.text for (c,) in outs]
-        abstract_rows = [{"abstract_prompt_text": p, "abstract_text": c.text, "abstract_token_ids": c.token_ids}
-                         for p, (c,) in zip(prompts, outs)]
-    heuristic_rows, status_rows = [], []
-    for r, text, extra in zip(rows, texts, abstract_rows):
-        parsed = meta_experience.parse_heuristics(text, gold_answer=r["answer"], question=r["question"],
-                                                  max_heuristics=rt.cfg.experience.max_heuristics)
-        rules, reason = parsed.heuristics, parsed.reject_reason
-        status_rows.append({"analysis_id": r["analysis_id"], "status": "candidate" if rules else "rejected",
-                            "parsed": bool(rules), "reject_reason": reason, **extra})
+    gold = lambda r: {"gold_answer": r["answer"], "question": r["question"],
+                      "max_heuristics": rt.cfg.experience.max_heuristics}
+    updates = []
+    if rt.cfg.experience.analysis_mode == "two_pass":
+        diagnoses = [meta_experience.parse_diagnosis(r["raw_text"]) for r in rows]
+        fitted = [_retrospective(rt, lambda a, b, r=r, d=d: rt.prompts.render_abstract(r["question"], a, b,
+                                                                                       d.target_text),
+                                 r["incorrect"], r["correct"]) for r, d in zip(rows, diagnoses)]
+        todo = [i for i, f in enumerate(fitted) if f.prompt is not None]
+        outs = rt.engine.generate([fitted[i].prompt for i in todo], _analysis_params(rt, step, "abstract"),
+                                  desc=f"abstract step {step}") if todo else []
+        generated = dict(zip(todo, (c for (c,) in outs)))
+        for i, (r, d, f) in enumerate(zip(rows, diagnoses, fitted)):
+            c = generated.get(i)
+            h = meta_experience.parse_heuristics(c.text, **gold(r)) if c else None
+            m = meta_experience.combine(d, h) if h else d
+            reason = ("context_too_long" if c is None else "truncated" if c.finish_reason == "length"
+                      else m.reject_reason)
+            row = {"analysis_id": r["analysis_id"], "abstract_prompt_text": f.prompt,
+                   "abstract_text": c.text if c else None, "abstract_token_ids": c.token_ids if c else None,
+                   "abstract_finish_reason": c.finish_reason if c else None}
+            if reason is None:
+                d_ids, d_parts = _trained(rt, d)
+                h_ids, h_parts = _trained(rt, h)
+                row.update(trained_text=d.target_text, trained_token_ids=d_ids, trained_parts=d_parts,
+                           abstract_trained_text=h.target_text, abstract_trained_token_ids=h_ids,
+                           abstract_trained_parts=h_parts, trained_tokens=len(d_ids) + len(h_ids))
+            updates.append((r, m, reason, row))
+    else:
+        for r in rows:
+            m = meta_experience.parse_analysis(r["raw_text"], **gold(r))
+            row = {"analysis_id": r["analysis_id"]}
+            if m.ok:
+                ids, parts = _trained(rt, m)
+                row.update(trained_text=m.target_text, trained_token_ids=ids, trained_parts=parts,
+                           trained_tokens=len(ids))
+            updates.append((r, m, m.reject_reason, row))
+
+    status_rows, heuristic_rows = [], []
+    for r, m, reason, row in updates:
+        ok = reason is None
+        replay_text = meta_experience.render_experience(m, rt.cfg.experience.replay_context) if ok else None
+        status_rows.append({**row, "status": "candidate" if ok else "rejected", "parsed": ok, "reject_reason": reason,
+                            "replay_text": replay_text})
         heuristic_rows += [{"heuristic_id": make_id("heuristic", r["analysis_id"], i), "analysis_id": r["analysis_id"],
-                            "run_id": rt.run_id, "step": step, "position": i, "text": h} for i, h in enumerate(rules)]
-    candidates = sum(1 for s in status_rows if s["status"] == "candidate")
+                            "run_id": rt.run_id, "step": step, "position": i, "text": h}
+                           for i, h in enumerate(m.heuristics if ok else [])]
+    candidates = sum(s["status"] == "candidate" for s in status_rows)
+    truncated = sum(s["reject_reason"] == "truncated" for s in status_rows)
     with rt.store.transaction() as w:
         w.update("analyses", "analysis_id", status_rows)
         w.insert("heuristics", heuristic_rows)
         # Near-duplicates join the run's heuristic library as soon as their text exists (mel_core.library).
         library.assign_clusters(w, rt.run_id, rt.cfg.library.similarity_threshold)
-        w.insert("metrics", _metrics(rt, step, {"candidates": candidates}))
+        metrics = {"candidates": candidates}
+        if rt.cfg.experience.analysis_mode == "two_pass":
+            metrics["abstract_truncated"] = truncated
+        w.insert("metrics", records.metric_rows(rt.run_id, step, metrics))
     return {"step": step, "candidates": candidates, "heuristics": len(heuristic_rows)}
 
 
@@ -306,25 +250,20 @@ def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
 
 
 def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
-    """Re-solve each question with its M in context (one batched call); accept M if replays verify."""
+    """Re-solve each question with its M in context (one batched call); accept M if replays verify.
+
+    The replay prompt is the validation prompt of the prompt set with M as written by abstract
+    (experience.replay_context: the whole M = (s*, C, H), the paper's Eq. 6, or its heuristics alone)."""
     cfg = rt.cfg.experience
-    rows = rt.store.query(
-        "SELECT a.analysis_id, pr.question, pr.answer, list(h.text ORDER BY h.position) AS heuristics "
-        "FROM analyses a JOIN pairs pa USING (pair_id) JOIN prompts pr ON pr.prompt_id = pa.prompt_id "
-        "JOIN heuristics h ON h.analysis_id = a.analysis_id WHERE a.run_id = ? AND a.step = ? "
-        "AND (a.status IN ('candidate', 'accepted') OR a.reject_reason = 'replay_failed') "
-        "GROUP BY ALL ORDER BY a.analysis_id", [rt.run_id, step])
-    rows = [r for r in rows if r["heuristics"]]
+    rows = [r for r in records.analyses_to_replay(rt.store, rt.run_id, step) if r["heuristics"]]
     if not rows:
-        with rt.store.transaction() as w:
-            w.insert("metrics", _metrics(rt, step, {"accepted": 0}))  # retention of 0/0 is undefined: not logged
+        with rt.store.transaction() as w:  # retention of 0/0 is undefined: not logged
+            w.insert("metrics", records.metric_rows(rt.run_id, step, {"accepted": 0}))
         return {"step": step, "candidates": 0, "accepted": 0, "retention_ratio": None}
     rt.ensure_version(ckpt)
-    prompts = [rt.model_input(rt.prompts.render_validation(r["question"],
-                                                           meta_experience.render_heuristics(r["heuristics"])))
-               for r in rows]
+    prompts = [rt.model_input(rt.prompts.render_validation(r["question"], r["replay_text"])) for r in rows]
     params = SamplingParams(n=cfg.replays_per_experience, temperature=cfg.replay_temperature,
-                            max_new_tokens=rt.cfg.sampling.max_new_tokens, seed=derive_seed(rt.cfg.run.seed, step, "replay"))
+                            max_new_tokens=cfg.replay_max_new_tokens, seed=derive_seed(rt.cfg.run.seed, step, "replay"))
     outs = rt.engine.generate(prompts, params, desc=f"replay step {step}")
     flat = [(r, p, i, c) for r, p, cs in zip(rows, prompts, outs) for i, c in enumerate(cs)]
     verdicts = rt.verifier.verify([c.text for *_, c in flat], [r["answer"] for r, *_ in flat],
@@ -335,24 +274,46 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
         replay_rows.append({"replay_id": make_id("replay", r["analysis_id"], i), "analysis_id": r["analysis_id"],
                             "run_id": rt.run_id, "step": step, "replay_index": i, "prompt_text": p, "text": c.text,
                             "reward": v.reward, "verify_reason": v.reason})
-    status_rows = []
-    for r in rows:
-        ok = experience.accept(rewards[r["analysis_id"]], cfg.accept_min_correct)
-        status_rows.append({"analysis_id": r["analysis_id"], "status": "accepted" if ok else "rejected",
-                            "reject_reason": None if ok else "replay_failed"})
-    accepted = sum(1 for s in status_rows if s["status"] == "accepted")
+    decided = [(r["analysis_id"], experience.accept(rewards[r["analysis_id"]], cfg.accept_min_correct)) for r in rows]
+    accepted = sum(ok for _, ok in decided)
     ratio = experience.retention_ratio(accepted, len(rows))
     with rt.store.transaction() as w:
         w.insert("replays", replay_rows)
-        w.update("analyses", "analysis_id", status_rows)
-        w.execute("UPDATE heuristics SET accepted = (a.status = 'accepted') FROM analyses a "
-                  "WHERE heuristics.analysis_id = a.analysis_id AND heuristics.run_id = ? AND heuristics.step = ?",
-                  [rt.run_id, step])
-        w.insert("metrics", _metrics(rt, step, {"accepted": accepted, "retention_ratio": ratio}))
+        w.update("analyses", "analysis_id", [{"analysis_id": a, "status": "accepted" if ok else "rejected",
+                                              "reject_reason": None if ok else "replay_failed"} for a, ok in decided])
+        records.mark_replayed(w, rt.run_id, step)
+        w.insert("metrics", records.metric_rows(rt.run_id, step, {"accepted": accepted, "retention_ratio": ratio}))
     return {"step": step, "candidates": len(rows), "accepted": accepted, "retention_ratio": ratio}
 
 
 # ---------------------------------------------------------------------------------- 7. update
+
+
+def _rl_batch(rt: Runtime, step: int):
+    """The step's rollouts with group-standardised advantages (loss.advantage)."""
+    from mel_core.policy import RLBatch
+
+    rollouts = records.rollouts_to_train(rt.store, rt.run_id, step)
+    group_index = {pid: i for i, pid in enumerate(dict.fromkeys(r["prompt_id"] for r in rollouts))}
+    rewards = torch.tensor([r["reward"] for r in rollouts], dtype=torch.float32)  # [B*G]
+    group_ids = torch.tensor([group_index[r["prompt_id"]] for r in rollouts])  # [B*G]
+    advantages = losses.ADVANTAGES[rt.cfg.loss.advantage](rewards, group_ids)  # [B*G]
+    return RLBatch(prompts=[r["prompt_text"] for r in rollouts], completion_ids=[r["token_ids"] for r in rollouts],
+                   advantages=advantages)
+
+
+def _nll_batch(rt: Runtime, step: int):
+    """The accepted M* given their retrospective contexts; in two_pass M spans two generations, each learned
+    given its own prompt. Empty when MEL is off (a GRPO run) or nothing was accepted."""
+    from mel_core.policy import NLLBatch
+
+    accepted = (records.accepted_targets(rt.store, rt.run_id, step)
+                if rt.cfg.experience.enabled and rt.cfg.loss.nll_coef > 0 else [])
+    targets = [(a["prompt_text"], a["trained_token_ids"], a["trained_parts"]) for a in accepted]
+    targets += [(a["abstract_prompt_text"], a["abstract_trained_token_ids"], a["abstract_trained_parts"])
+                for a in accepted if a["abstract_trained_token_ids"]]
+    return NLLBatch(prompts=[p for p, _, _ in targets], target_ids=[t for _, t, _ in targets],
+                    parts=[s for _, _, s in targets], part_names=meta_experience.PARTS), bool(accepted)
 
 
 def _distributed_update(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll) -> dict:
@@ -362,74 +323,46 @@ def _distributed_update(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll)
     from mel_core.files import write_dir_atomically
 
     write_dir_atomically(new.path, lambda tmp: distributed.launch(config_mod.to_dict(rt.cfg), ckpt.path, rl, nll, tmp,
-                                                              rt.cfg.optim.fsdp_processes))
+                                                                  rt.cfg.optim.fsdp_processes))
     rt.ensure_version(new)
     return saved_update_stats(new.path)  # written beside the weights by rank 0
 
 
-def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
-    """One optimizer step on L_RL + lambda * L_NLL; the checkpoint, the update row and the
-    "internalized" links commit together after the checkpoint directory is in place."""
-    from mel_core.policy import NLLBatch, RLBatch
-
-    cfg = rt.cfg
-    rollouts = rt.store.query(
-        "SELECT r.rollout_id, r.prompt_id, r.token_ids, r.reward, p.prompt_text FROM rollouts r "
-        "JOIN prompts p USING (prompt_id) WHERE r.run_id = ? AND r.step = ? ORDER BY p.position, r.sample_index",
-        [rt.run_id, step])
-    if any(r["reward"] is None for r in rollouts):
-        raise RuntimeError(f"step {step}: unverified rollouts; run verify first")
-    group_index = {pid: i for i, pid in enumerate(dict.fromkeys(r["prompt_id"] for r in rollouts))}
-    rewards = torch.tensor([r["reward"] for r in rollouts], dtype=torch.float32)  # [B*G]
-    group_ids = torch.tensor([group_index[r["prompt_id"]] for r in rollouts])  # [B*G]
-    advantages = losses.ADVANTAGES[cfg.loss.advantage](rewards, group_ids)  # [B*G]
-    rl = RLBatch(prompts=[r["prompt_text"] for r in rollouts], completion_ids=[r["token_ids"] for r in rollouts],
-                 advantages=advantages)
-    accepted = []
-    if cfg.experience.enabled and cfg.loss.nll_coef > 0:
-        accepted = rt.store.query(
-            "SELECT analysis_id, prompt_text, token_ids, abstract_prompt_text, abstract_token_ids FROM analyses "
-            "WHERE run_id = ? AND step = ? AND status = 'accepted' ORDER BY analysis_id", [rt.run_id, step])
-    # M given its retrospective context; in two_pass M spans two generations, each learned given its own prompt.
-    targets = [(a["prompt_text"], a["token_ids"]) for a in accepted]
-    targets += [(a["abstract_prompt_text"], a["abstract_token_ids"]) for a in accepted if a["abstract_token_ids"]]
-    nll = NLLBatch(prompts=[p for p, _ in targets], target_ids=[t for _, t in targets])
-
-    new = Checkpoint(make_id("ckpt", rt.run_id, step, ckpt.checkpoint_id), str(rt.checkpoint_dir / f"step-{step:05d}"))
+def _train(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll) -> dict:
+    """Train the step and write `new`, or — when a process died after writing it and before the commit — take
+    the checkpoint on disk as it is, rather than train again and trust the step to reproduce the same weights
+    (non-deterministic GPU kernels would not)."""
     stats = saved_update_stats(new.path)
     if stats is not None:
-        # A process died after the checkpoint's rename and before the commit below. The checkpoint is
-        # whole (renamed into place): serve it and record its stats, rather than train again and trust
-        # the step to reproduce the same weights (non-deterministic GPU kernels would not).
         rt.ensure_version(new)
-    else:
-        rt.ensure_version(ckpt)
-        if cfg.optim.fsdp_processes > 1:
-            stats = _distributed_update(rt, ckpt, new, rl, nll)
-        else:
-            try:
-                stats = rt.policy.train_step(rl, nll)
-                rt.policy.save_checkpoint(new.path, update_stats=stats)
-            except BaseException:
-                # The weights may have moved before the failure (a refused step, a failed save): the next use of
-                # this process's policy, e.g. the retry, must reload `ckpt` instead of training on from them.
-                rt.forget_version()
-                raise
-            rt.trained_to(new)  # the HF engine's module holds the new weights already; vLLM reloads them
-    update_id = make_id("update", rt.run_id, step, ckpt.checkpoint_id)
-    heuristic_ids = rt.store.query(
-        "SELECT h.heuristic_id, h.analysis_id FROM heuristics h JOIN analyses a USING (analysis_id) "
-        "WHERE a.run_id = ? AND a.step = ? AND a.status = 'accepted'", [rt.run_id, step]) if accepted else []
+        return stats
+    rt.ensure_version(ckpt)
+    if rt.cfg.optim.fsdp_processes > 1:
+        return _distributed_update(rt, ckpt, new, rl, nll)
+    try:
+        stats = rt.policy.train_step(rl, nll)
+        rt.policy.save_checkpoint(new.path, update_stats=stats)
+    except BaseException:
+        # The weights may have moved before the failure (a refused step, a failed save): the next use of
+        # this process's policy, e.g. the retry, must reload `ckpt` instead of training on from them.
+        rt.forget_version()
+        raise
+    rt.trained_to(new)  # the HF engine's module holds the new weights already; vLLM reloads them
+    return stats
+
+
+def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
+    """One optimizer step on L_RL + lambda * L_NLL; the checkpoint, the update row and the "internalized"
+    links commit together after the checkpoint directory is in place."""
+    rl = _rl_batch(rt, step)
+    nll, any_accepted = _nll_batch(rt, step)
+    new = Checkpoint(make_id("ckpt", rt.run_id, step, ckpt.checkpoint_id), str(rt.checkpoint_dir / f"step-{step:05d}"))
+    stats = _train(rt, ckpt, new, rl, nll)
     if not stats["num_nll_sequences"]:
         stats["nll_loss"] = None  # the NLL of no sequences is undefined, not zero: NULL, and no metric
+    learned = records.accepted_heuristics(rt.store, rt.run_id, step) if any_accepted else []
+    rows = records.update_records(rt.run_id, step, ckpt.checkpoint_id, new.checkpoint_id, new.path, stats, learned)
     with rt.store.transaction() as w:
-        w.insert("checkpoints", [{"checkpoint_id": new.checkpoint_id, "run_id": rt.run_id, "step": step,
-                                  "path": new.path, "parent_checkpoint_id": ckpt.checkpoint_id, "created_at": _now()}])
-        w.insert("updates", [{"update_id": update_id, "run_id": rt.run_id, "step": step,
-                              "checkpoint_in": ckpt.checkpoint_id, "checkpoint_out": new.checkpoint_id,
-                              **{k: stats[k] for k in ("loss", "rl_loss", "nll_loss", "grad_norm", "num_sequences",
-                                                       "num_nll_sequences")}}])
-        w.insert("internalized", [{"update_id": update_id, "analysis_id": h["analysis_id"],
-                                   "heuristic_id": h["heuristic_id"]} for h in heuristic_ids])
-        w.insert("metrics", _metrics(rt, step, {k: v for k, v in stats.items() if isinstance(v, (int, float))}))
+        for table in ("checkpoints", "updates", "internalized", "metrics"):
+            w.insert(table, rows[table])
     return {"step": step, **new.as_dict(), "loss": stats["loss"], "nll_loss": stats["nll_loss"]}

@@ -110,7 +110,19 @@ TABLES: dict[str, str] = {
         mode VARCHAR,
         abstract_prompt_text VARCHAR,
         abstract_text VARCHAR,
-        abstract_token_ids INTEGER[]""",
+        abstract_token_ids INTEGER[],
+        finish_reason VARCHAR,
+        abstract_finish_reason VARCHAR,
+        retro_shortened BOOLEAN,
+        bifurcation VARCHAR,
+        replay_text VARCHAR,
+        trained_text VARCHAR,
+        trained_token_ids INTEGER[],
+        trained_parts UTINYINT[],
+        abstract_trained_text VARCHAR,
+        abstract_trained_token_ids INTEGER[],
+        abstract_trained_parts UTINYINT[],
+        trained_tokens INTEGER""",
     "heuristics": """
         heuristic_id VARCHAR PRIMARY KEY,
         analysis_id VARCHAR,
@@ -222,7 +234,8 @@ VIEWS: dict[str, str] = {
     # One row per heuristic with everything it came from, and the update/checkpoint that learned it.
     "heuristic_lineage": """
         SELECT h.heuristic_id, h.text AS heuristic, h.accepted, h.step, h.cluster_id,
-               a.analysis_id, a.bifurcation_step, a.critique, a.status AS analysis_status,
+               a.analysis_id, a.bifurcation_step, a.bifurcation, a.critique, a.status AS analysis_status,
+               a.trained_text, a.abstract_trained_text, a.trained_tokens,
                pa.pair_id, pa.correct_rollout_id, rc.text AS correct_text,
                pa.incorrect_rollout_id, ri.text AS incorrect_text,
                pr.prompt_id, pr.problem_id, pr.question, pr.answer,
@@ -356,8 +369,11 @@ READER_SETTINGS = {
     "allow_persistent_secrets": False,      # CREATE PERSISTENT SECRET would write under ~/.duckdb
     "python_enable_replacements": False,    # the Python API must not scan the caller's variables
     "temp_directory": "",                   # no spill files: a huge query fails instead of writing to disk
-    "lock_configuration": True,             # after the settings above: no SET / RESET / PRAGMA can undo them
 }
+# Set on the connection once it is open, the last one locking every setting: no SET / RESET / PRAGMA can undo
+# any of the above afterwards.
+READER_SESSION = ("SET enable_progress_bar = false",  # a long query must not draw on the caller's stdout
+                  "SET lock_configuration = true")
 
 
 def snapshot_path(path: str | Path) -> Path:
@@ -387,9 +403,14 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
 def _connect_reader(path: Path, wait_s: float) -> duckdb.DuckDBPyConnection:
     """A read-only connection with READER_SETTINGS; a file DuckDB cannot open is named as what it is."""
     try:
-        return _connect_with_retry(path, wait_s, read_only=True, config=READER_SETTINGS)
+        con = _connect_with_retry(path, wait_s, read_only=True, config=READER_SETTINGS)
     except duckdb.IOException as e:
         raise _open_error(path, e) from e
+    # A process's connections to one file share a DuckDB instance: the first reader set and locked it already.
+    if not con.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
+        for statement in READER_SESSION:
+            con.execute(statement)
+    return con
 
 
 def _open_error(path: Path, e: Exception) -> StoreError:
@@ -506,17 +527,18 @@ class Writer:
         return not size or data.num_rows >= _ANTI_JOIN_MIN_FRACTION * size[0][0]
 
     def update(self, table: str, key: str, rows: Sequence[dict]) -> None:
-        """Set the given columns of existing rows, matched on `key` (idempotent)."""
-        if not rows:
-            return
-        cols = [c for c in rows[0] if c != key]
-        arrow = pa.Table.from_pylist(list(rows))
-        self.con.register("_mel_rows", arrow)
-        try:
-            sets = ", ".join(f"{c} = r.{c}" for c in cols)
-            self.con.execute(f"UPDATE {table} SET {sets} FROM _mel_rows r WHERE {table}.{key} = r.{key}")
-        finally:
-            _unregister(self.con)
+        """Set the given columns of existing rows, matched on `key` (idempotent). Rows may set different
+        columns: each row sets only its own (one UPDATE per set of columns)."""
+        by_columns: dict[tuple[str, ...], list[dict]] = {}
+        for row in rows:
+            by_columns.setdefault(tuple(c for c in row if c != key), []).append(row)
+        for cols, group in by_columns.items():
+            self.con.register("_mel_rows", pa.Table.from_pylist(group))
+            try:
+                sets = ", ".join(f"{c} = r.{c}" for c in cols)
+                self.con.execute(f"UPDATE {table} SET {sets} FROM _mel_rows r WHERE {table}.{key} = r.{key}")
+            finally:
+                _unregister(self.con)
 
     def execute(self, sql: str, params: Sequence | None = None) -> None:
         self.con.execute(sql, params or [])

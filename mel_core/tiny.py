@@ -29,14 +29,14 @@ from typing import Callable
 
 import torch
 
-from mel_core import data, progress
+from mel_core import data, progress, retrospective
 from mel_core.config import MelConfig, SyntheticConfig, TinyModelConfig
 from mel_core.files import write_dir_atomically
 from mel_core.prompts import PromptSet
 from mel_core.tokens import encode_completions, encode_prompts
 
 # Bump when the warm-start code changes what it builds, so cached models of the old code are not reused.
-WARM_START_VERSION = 1
+WARM_START_VERSION = 2
 EOS_TOKEN = "<|endoftext|>"
 # Qwen2's pre-tokenizer split: transformers 5 rebuilds a qwen2 folder's tokenizer with exactly this
 # regex, ByteLevel and NFC, so the tokenizer is trained with the same pipeline to reload identically.
@@ -79,18 +79,20 @@ def analysis_example(prompts: PromptSet, question: str, rng: random.Random) -> E
     return None
 
 
-def validation_example(prompts: PromptSet, question: str, rng: random.Random) -> Example | None:
-    """Solving with the heuristic of an error type this problem invites in context (the replay's prompt)."""
-    types = data.applicable_error_types(question)
-    if not types:
+def validation_example(prompts: PromptSet, question: str, rng: random.Random,
+                       replay_context: str = "full") -> Example | None:
+    """Solving with a meta-experience about this problem in context (the replay's prompt): the whole analysis of
+    an injected error (experience.replay_context full), or its heuristic alone (heuristics)."""
+    analysis = analysis_example(prompts, question, rng)
+    if analysis is None:
         return None
-    heuristic = data.ERROR_TYPES[rng.choice(types)]
-    return Example("validation", prompts.render_validation(question, heuristic),
+    hint = analysis.target if replay_context == "full" else analysis.target.splitlines()[-1].removeprefix("Heuristic: ")
+    return Example("validation", prompts.render_validation(question, hint),
                    data.format_solution(data.solution_lines(question)))
 
 
 def example_stream(prompts: PromptSet, synthetic: SyntheticConfig, analysis_fraction: float,
-                   validation_fraction: float, rng: random.Random):
+                   validation_fraction: float, rng: random.Random, replay_context: str = "full"):
     """An endless seeded mixture of the three kinds, on fresh questions outside the held-out split."""
     while True:
         question = data.random_train_question(synthetic, rng)
@@ -98,7 +100,7 @@ def example_stream(prompts: PromptSet, synthetic: SyntheticConfig, analysis_frac
         if u < analysis_fraction:
             ex = analysis_example(prompts, question, rng)
         elif u < analysis_fraction + validation_fraction:
-            ex = validation_example(prompts, question, rng)
+            ex = validation_example(prompts, question, rng, replay_context)
         else:
             ex = solve_example(prompts, question)
         if ex is not None:
@@ -140,11 +142,13 @@ def build_tokenizer(tiny_cfg: TinyModelConfig, corpus: list[str]):
 
 
 def tokenizer_corpus(prompts: PromptSet, synthetic: SyntheticConfig, size: int, seed: int) -> list[str]:
-    """Texts the tokenizer learns its merges from: every kind of example, and every heuristic."""
+    """Texts the tokenizer learns its merges from: every kind of example, every heuristic, and the marker of a
+    shortened retrospective context (a few tokens rather than one per letter)."""
     rng = random.Random(f"tokenizer:{seed}")
     stream = example_stream(prompts, synthetic, 1 / 3, 1 / 3, rng)
     texts = [ex.prompt + ex.target for ex in (next(stream) for _ in range(size))]
-    return texts + list(data.ERROR_TYPES.values())
+    markers = [retrospective.MARKER.format(n=rng.randint(1, 999)) for _ in range(20)]
+    return texts + list(data.ERROR_TYPES.values()) + markers
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -337,6 +341,7 @@ def warm_start_key(cfg: MelConfig) -> str:
         "warm_start": asdict(cfg.warm_start),
         "synthetic": asdict(cfg.data.synthetic),
         "prompts": prompts.core(),  # the two_pass-only templates do not shape the warm start
+        "replay_context": cfg.experience.replay_context,  # what the validation examples put in context
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -382,7 +387,7 @@ def _train(cfg: MelConfig, prompts: PromptSet, tokenizer, key: str, t0: float, l
     optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = cosine_with_warmup(optimizer, ws.warmup_steps, ws.steps)
     stream = example_stream(prompts, cfg.data.synthetic, ws.analysis_fraction, ws.validation_fraction,
-                            random.Random(f"warm-start:{ws.seed}"))
+                            random.Random(f"warm-start:{ws.seed}"), replay_context=cfg.experience.replay_context)
     recent: list[float] = []
     bar = progress.bar(total=ws.steps, desc="warm start")  # on a terminal only; the log lines stay
     for step in range(1, ws.steps + 1):

@@ -28,6 +28,28 @@ def encode_completions(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
 
+def encode_target(tokenizer, text: str, spans: Sequence[tuple[str, int, int]], parts: Sequence[str]):
+    """An NLL target: the ids of `text` (a completion) and the tokenizer's eos, and for each id the index in
+    `parts` of the part of the text its first character lies in (`spans`: (part, start, end) character spans;
+    eos and uncovered text are part 0). Offsets come from the fast tokenizer; a slow one encodes span by span."""
+    eos = tokenizer.eos_token_id
+    index = {p: i for i, p in enumerate(parts)}
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        where = [0] * len(text)
+        for part, start, end in spans:
+            where[start:end] = [index.get(part, 0)] * (end - start)
+        labels = [where[start] if start < len(where) else 0 for start, _ in offsets]
+    except NotImplementedError:  # no offsets: encode each span on its own
+        ids, labels = [], []
+        for part, start, end in spans:
+            piece = encode_completions(tokenizer, [text[start:end]])[0]
+            ids += piece
+            labels += [index.get(part, 0)] * len(piece)
+    return ids + [eos], labels + [0]
+
+
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int):
     """[B, L] input ids and attention mask, left-padded (generation appends on the right)."""
     import torch

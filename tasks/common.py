@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mel_core import stages
-from mel_core.stage_names import STAGE_VERSIONS
+from mel_core.bookkeeping import execute
 from mel_core.errors import is_transient
 from mel_core.runtime import Checkpoint, get_runtime
+from mel_core.stage_names import STAGE_VERSIONS
 
 
 def stage_cache_key(stage: str):
@@ -57,4 +57,4 @@ def run_stage(stage: str, config: dict, step: int, fn, *args, checkpoint: dict |
     ctx = TaskRunContext.get()
     key = ctx.task_run.cache_key if ctx and ctx.task_run else None
     extra = (Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"]),) if checkpoint is not None else ()
-    return stages.execute(rt, stage, step, fn, step, *extra, *args, cache_key=key)
+    return execute(rt, stage, step, fn, step, *extra, *args, cache_key=key)

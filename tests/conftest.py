@@ -24,7 +24,8 @@ def prefect_harness():
         yield
 
 
-def build_micro_model(path: Path, num_layers: int = 1, chat_template: str | None = None, corpus_size: int = 200) -> Path:
+def build_micro_model(path: Path, num_layers: int = 1, chat_template: str | None = None, corpus_size: int = 200,
+                      context: int = 512) -> Path:
     """A freshly initialised micro Qwen2 model + tokenizer saved at `path` (no warm start): for tests of
     the update step, the engine and the wiring, where what the model says does not matter."""
     import torch
@@ -34,7 +35,8 @@ def build_micro_model(path: Path, num_layers: int = 1, chat_template: str | None
     from mel_core.prompts import PromptSet
 
     cfg = C.load("configs/tiny.yaml", ["model.tiny.hidden_size=32", f"model.tiny.num_layers={num_layers}",
-                                       "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300"])
+                                       "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
+                                       f"model.tiny.max_position_embeddings={context}"])
     prompts = PromptSet.load(cfg.prompts.dir)
     tok = tiny.build_tokenizer(cfg.model.tiny, tiny.tokenizer_corpus(prompts, cfg.data.synthetic, corpus_size, 0))
     tok.chat_template = chat_template

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from mel_core import data
+from mel_core import bookkeeping, data
 from mel_core.engines.base import Completion, SamplingParams
 
 RIGHT_RULE = "If a step uses an earlier result, then copy that result exactly."
@@ -54,13 +54,16 @@ class Script:
     seen: list[str] = field(default_factory=list)  # every prompt generated for, in order
 
     def write(self, prompt: str, index: int) -> str:
+        """The tiny prompt set (``Q: …``) or the paper's (``### Problem`` / ``Problem:`` headers)."""
         self.seen.append(prompt)
-        question = re.search(r"^Q: (.*)$", prompt, re.MULTILINE).group(1).strip()
-        if prompt.rstrip().endswith("Analysis:"):
+        found = (re.search(r"^Q: (.*)$", prompt, re.MULTILINE)
+                 or re.search(r"^(?:### Problem|Problem:)\n(.*)$", prompt, re.MULTILINE))
+        question = found.group(1).strip()
+        if prompt.rstrip().endswith("Analysis:") or "Write your analysis" in prompt:
             return self.analysis(question)
-        if "\nWrong:\n" in prompt:  # two_pass's second call: the diagnosis is in the prompt, H is asked for
+        if "\nWrong:\n" in prompt or "### Diagnosis" in prompt:  # two_pass's second call: H is asked for
             return self.abstract(question)
-        if prompt.startswith("Hint:"):
+        if prompt.startswith("Hint:") or "Meta-experience (reference information)" in prompt:
             return solution(question, self.replay_solves(question))
         return solution(question, self.solved(question, index))
 
@@ -98,15 +101,14 @@ class ScriptedEngine:
 
 def scripted_runtime(cfg, script: Script):
     """A runtime for `cfg` whose generations follow `script`, registered with its base checkpoint."""
-    from mel_core import stages
     from mel_core.runtime import Runtime
 
     rt = Runtime(cfg)
-    base = stages.base_checkpoint(rt)
+    base = rt.base_checkpoint
     rt.ensure_version(base)
     rt.use_engine(ScriptedEngine(rt.policy.tokenizer, script))
     rt.ensure_version(base)
-    stages.register_run(rt, base)
+    bookkeeping.register_run(rt, base)
     return rt, base
 
 

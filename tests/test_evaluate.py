@@ -3,9 +3,9 @@ scores ~0, but every sample and its verify reason is recorded, and the metrics a
 
 import pytest
 
+from mel_core import bookkeeping
 from mel_core import config as C
 from mel_core import evaluate as ev
-from mel_core import stages
 from mel_core.runtime import Runtime, clear_runtimes
 
 
@@ -27,8 +27,8 @@ def tiny_rt(tmp_path_factory, micro_model):
     cfg = C.load("configs/tiny.yaml", ["run.name=eval", f"run.root_dir={tmp_path_factory.mktemp('runs')}",
                                        f"model.name_or_path={micro_model}", "eval.max_problems=12", "eval.k=3"])
     rt = Runtime(cfg)
-    base = stages.base_checkpoint(rt)
-    stages.register_run(rt, base)
+    base = rt.base_checkpoint
+    bookkeeping.register_run(rt, base)
     rt.ensure_version(base)
     return rt, base
 
@@ -108,7 +108,7 @@ def test_math_sets_with_a_micro_model(micro_model, tmp_path):
     cfg = C.load("configs/tiny.yaml", [f"model.name_or_path={micro_model}", f"run.root_dir={tmp_path}",
                                        "run.name=micro", "eval.max_problems=3", "eval.k=2", "eval.max_new_tokens=4"])
     rt = Runtime(cfg)
-    ckpt = stages.base_checkpoint(rt)
+    ckpt = rt.base_checkpoint
     outs = {d: ev.evaluate(rt, ckpt, d) for d in ("data/math500/test.jsonl", "data/gsm8k/test.jsonl")}
     assert [o["dataset"] for o in outs.values()] == ["math500", "gsm8k"]
     assert all(o["step"] is None for o in outs.values())  # a checkpoint this store has never registered

@@ -111,7 +111,7 @@ def test_unparsable_analysis_is_rejected_with_its_reason_and_the_step_goes_on(pr
                                                                              micro_model):
     from flows.campaign import campaign
 
-    # Three tokens cannot hold a bifurcation point and a critique: every analysis is cut short.
+    # Three tokens cannot hold a whole analysis: every one is cut off by the length limit (truncated).
     cfg = config_mod.load("configs/tiny.yaml", _overrides(tmp_path, "unparsable", f"model.name_or_path={micro_model}",
                                                           "experience.analysis_max_new_tokens=3"))
     with scripted_runtimes():  # mixed groups, so there are analyses to cut short
@@ -120,7 +120,7 @@ def test_unparsable_analysis_is_rejected_with_its_reason_and_the_step_goes_on(pr
     analyses = s.query("SELECT status, parsed, reject_reason FROM analyses")
     assert analyses, "no mixed group at this step: nothing was analysed"
     assert all(a["status"] == "rejected" and not a["parsed"] and a["reject_reason"] for a in analyses), analyses
-    assert {a["reject_reason"] for a in analyses} <= {"missing_bifurcation", "missing_critique"}
+    assert {a["reject_reason"] for a in analyses} == {"truncated"}  # cut off by the length limit: never parsed
     assert s.query("SELECT count(*) AS n FROM heuristics")[0]["n"] == 0
     acceptance = s.query("SELECT analyses, unparsed, accepted FROM step_acceptance WHERE step = 1")[0]
     assert acceptance == {"analyses": len(analyses), "unparsed": len(analyses), "accepted": 0}

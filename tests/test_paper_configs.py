@@ -4,7 +4,7 @@ standing in for the Qwen3 weights (nothing can be downloaded here)."""
 import pytest
 
 from mel_core import config as C
-from mel_core import losses, stages
+from mel_core import losses
 from mel_core.engines.base import SamplingParams
 from mel_core.engines.hf import HFEngine
 from mel_core.runtime import Runtime
@@ -33,7 +33,7 @@ def test_every_component_builds(path, micro_model, tmp_path):
     rt = Runtime(cfg)
     assert len(rt.train_problems) == 500 and rt.reward_kind == "math"
     assert rt.prompts.render_solve("x").count("\\boxed{}") == 1
-    rt.ensure_version(stages.base_checkpoint(rt))
+    rt.ensure_version(rt.base_checkpoint)
     assert 0 < len(rt.usable_problems) < 500  # the micro tokenizer spells long problems out past 256 tokens
     engine = HFEngine(rt.policy.model, rt.policy.tokenizer)
     problems = rt.step_problems(1)[:2]

@@ -100,8 +100,8 @@ def test_lineage_both_ways(live_campaign):
                       "FROM heuristic_lineage WHERE internalized_in_checkpoint IS NOT NULL ORDER BY heuristic_id")
     assert learned, "no heuristic was internalized in this run"
     h = learned[0]
-    rc, out, _ = mel("lineage", "--db", str(db), h["heuristic_id"])
-    assert rc == 0
+    rc, out, err = mel("lineage", "--db", str(db), h["heuristic_id"])
+    assert rc == 0, err
     for part in (h["prompt_id"], h["policy_version_id"], f"-> checkpoint {h['ckpt']}", "incorrect rollout",
                  "correct rollout"):
         assert part in out, part

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import build_micro_model
 
+from mel_core import bookkeeping, meta_experience, stages
 from mel_core import config as C
-from mel_core import meta_experience, stages
 from mel_core.runtime import Runtime
 from tests.scripted import Script, run_step, scripted_runtime
 
@@ -35,7 +35,8 @@ def test_two_pass_generates_heuristics_from_the_diagnosis(tmp_path, micro_model)
         parsed = meta_experience.parse_heuristics(r["abstract_text"], max_heuristics=cfg.experience.max_heuristics)
         assert [h["text"] for h in heuristics] == parsed.heuristics
         # the diagnosis target is the kept text alone (what the first call wrote past it is not learned)
-        assert rt.policy.tokenizer.decode(r["token_ids"]) == diagnosis
+        assert r["trained_text"] == diagnosis
+        assert rt.policy.tokenizer.decode(r["trained_token_ids"][:-1]) == diagnosis
     accepted = rt.store.query("SELECT count(*) AS n FROM analyses WHERE status = 'accepted'")[0]["n"]
     update = rt.store.query("SELECT num_nll_sequences FROM updates")[0]
     assert update["num_nll_sequences"] == 2 * accepted  # M spans two generations, each an NLL target
@@ -51,8 +52,8 @@ def test_chat_template_wraps_what_is_generated_stored_and_trained(tmp_path):
                                        "sampling.prompts_per_step=2", "sampling.group_size=2", "sampling.max_new_tokens=8",
                                        "prompts.chat_template=true"])
     rt = Runtime(cfg)
-    base = stages.base_checkpoint(rt)
-    stages.register_run(rt, base)
+    base = rt.base_checkpoint
+    bookkeeping.register_run(rt, base)
     run_step(rt, 1, base, experience_stages=False)
     rows = rt.store.query("SELECT question, prompt_text FROM prompts")
     assert len(rows) == 2
@@ -64,7 +65,7 @@ def test_chat_template_wraps_what_is_generated_stored_and_trained(tmp_path):
     plain_dir = build_micro_model(tmp_path / "plain-model")
     rt2 = Runtime(C.load("configs/tiny.yaml", ["run.name=plain", f"run.root_dir={tmp_path / 'runs'}",
                                                f"model.name_or_path={plain_dir}", "prompts.chat_template=true"]))
-    rt2.ensure_version(stages.base_checkpoint(rt2))
+    rt2.ensure_version(rt2.base_checkpoint)
     with pytest.raises(C.ConfigError, match="prompts.chat_template"):
         rt2.model_input("Q: 1+1\n")
 

@@ -90,7 +90,7 @@ def test_examples_mask_the_prompt(prompts, tokenizer):
     examples = [tiny.solve_example(prompts, "12+7*3-5"), tiny.analysis_example(prompts, "12+7*3-5", rng),
                 tiny.validation_example(prompts, "12+7*3-5", rng)]
     assert examples[1].target.startswith("Bifurcation: step ") and "Wrong:" in examples[1].prompt
-    assert examples[2].prompt.startswith("Hint: If ")
+    assert examples[2].prompt.startswith("Hint: Bifurcation: step ")  # the whole M of an error (replay_context full)
     input_ids, attention, labels = tiny.encode_examples(tokenizer, examples)
     for row, ex in enumerate(examples):
         target = labels[row][labels[row] != -100].tolist()

@@ -15,8 +15,8 @@ pytest.importorskip("vllm", reason="vllm not installed: run make test-vllm")
 
 import torch  # noqa: E402
 
+from mel_core import bookkeeping, data, losses, stages, tiny  # noqa: E402
 from mel_core import config as C  # noqa: E402
-from mel_core import data, losses, stages, tiny  # noqa: E402
 from mel_core.engines.base import SamplingParams  # noqa: E402
 from mel_core.engines.hf import HFEngine  # noqa: E402
 from mel_core.engines.vllm import VLLMEngine  # noqa: E402
@@ -141,7 +141,7 @@ def test_logprobs_are_those_of_the_sampling_distribution(engine, prompts, base_p
     groups = engine.generate(prompts[:8], SamplingParams(n=2, temperature=T, max_new_tokens=MAX_NEW_TOKENS, seed=5,
                                                          logprobs=True))
     flat = [(p, c) for p, g in zip(prompts[:8], groups) for c in g]
-    ids, attn, mask = base_policy.encode([p for p, _ in flat], [c.token_ids for _, c in flat])
+    ids, attn, mask, _ = base_policy.encode([p for p, _ in flat], [c.token_ids for _, c in flat])
     base_policy.model.eval()
     with torch.no_grad():
         ref = losses.per_token_logps(base_policy.model, ids, attn, mask.size(1), T)  # [N, T]
@@ -206,8 +206,8 @@ def test_runtime_with_vllm_serves_every_update(tmp_path, prompts, base_greedy):
                "loss.nll_coef=0", "optim.lr=0.05", "optim.max_grad_norm=0")
     rt = Runtime(cfg)
     try:
-        base = stages.base_checkpoint(rt)
-        stages.register_run(rt, base)
+        base = rt.base_checkpoint
+        bookkeeping.register_run(rt, base)
         stages.sample(rt, 1, base)
         assert isinstance(rt.engine, VLLMEngine) and rt.engine.version == base.checkpoint_id
         _assert_same_greedy(_greedy(rt.engine, prompts), base_greedy)
