@@ -27,6 +27,7 @@ from mel_core.verify import (  # the standard library only, at import time
     EXTRACTIONS,
     TRUNCATED_REWARDS,
 )
+from mel_core.worlds import WORLD_NAMES
 
 PAPER = "paper"
 CHOICE = "choice"
@@ -121,6 +122,8 @@ class WarmStartConfig:
 
 @dataclass
 class SyntheticConfig:
+    world: str = doc("arithmetic", "The embedded world (mel_core.worlds) of data.source: synthetic. The fields below "
+                     "up to `seed` shape the arithmetic world.", one_of=WORLD_NAMES)
     min_ops: int = doc(1, "Fewest operators per synthetic problem.", ge=1)
     max_ops: int = doc(2, "Most operators per synthetic problem.", ge=1)
     max_number: int = doc(20, "Operands are drawn from 1..max_number (20: the tiny warm start reaches ~30-70% greedy accuracy).", ge=1)

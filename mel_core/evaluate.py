@@ -26,8 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mel_core import worlds
 from mel_core.config import ConfigError, MelConfig
-from mel_core.data import Problem, load_jsonl, source_name, synthetic_problems
+from mel_core.data import Problem, load_jsonl, source_name
 from mel_core.engines.base import SamplingParams
 from mel_core.metrics import avg_at_k, mean_pass_at_k
 from mel_core.runtime import Checkpoint, Runtime, derive_seed
@@ -85,7 +86,7 @@ def load_dataset(cfg: MelConfig, dataset: str) -> EvalDataset:
 
     cap = cfg.eval.max_problems or None
     if dataset_name(dataset) == SYNTHETIC:
-        problems = synthetic_problems(cfg.data.synthetic, "eval")[:cap]
+        problems = worlds.get(cfg.data.synthetic.world).problems(cfg.data.synthetic, "eval")[:cap]
         return EvalDataset(SYNTHETIC, problems, "synthetic")
     path = resolve_path(dataset)
     if not path.is_file():

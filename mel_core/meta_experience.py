@@ -7,7 +7,7 @@ Layouts
 -------
 The layout is detected from the section headers present (headers are matched at the start of a line):
 
-- **compact** (the embedded tiny model, ``configs/prompts/tiny``; ``mel_core.data.analysis_target``):
+- **compact** (the embedded tiny model, ``configs/prompts/tiny``; ``mel_core.worlds``' ``analysis_target``):
   ``Bifurcation: step N`` / ``Critique: ...`` / ``Heuristic: If ..., then ...``. Mandatory: the
   bifurcation line with a step number, a critique, at least one rule.
 - **paper** (``configs/prompts/paper``, the paper's Appendix C): four sections, chosen as soon as a

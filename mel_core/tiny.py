@@ -29,11 +29,13 @@ from typing import Callable
 
 import torch
 
-from mel_core import data, progress, retrospective
+from mel_core import progress, retrospective, worlds
 from mel_core.config import MelConfig, SyntheticConfig, TinyModelConfig
 from mel_core.files import write_dir_atomically
+from mel_core.problems import Problem
 from mel_core.prompts import PromptSet
 from mel_core.tokens import encode_completions, encode_prompts
+from mel_core.verify import verify_synthetic
 
 # Bump when the warm-start code changes what it builds, so cached models of the old code are not reused.
 WARM_START_VERSION = 2
@@ -61,48 +63,52 @@ class Example:
     target: str  # the completion the loss is on (eos is appended at encoding)
 
 
-def solve_example(prompts: PromptSet, question: str) -> Example:
-    return Example("solve", prompts.render_solve(question), data.format_solution(data.solution_lines(question)))
+def _solution(world, question: str) -> str:
+    return "\n".join(world.solution_lines(question))
 
 
-def analysis_example(prompts: PromptSet, question: str, rng: random.Random) -> Example | None:
+def solve_example(prompts: PromptSet, world, question: str) -> Example:
+    return Example("solve", prompts.render_solve(question), _solution(world, question))
+
+
+def analysis_example(prompts: PromptSet, world, question: str, rng: random.Random) -> Example | None:
     """An injected error of a random applicable type, and its analysis; None if no type applies."""
-    types = list(data.ERROR_TYPES)
+    types = list(world.error_types)
     rng.shuffle(types)
     for error_type in types:
-        injected = data.inject_error(question, error_type, rng)
+        injected = world.inject_error(question, error_type, rng)
         if injected is not None:
             wrong_lines, _ = injected
-            right_lines = data.solution_lines(question)
-            prompt = prompts.render_analysis(question, data.format_solution(wrong_lines), data.format_solution(right_lines))
-            return Example("analysis", prompt, data.analysis_target(wrong_lines, right_lines, error_type))
+            right_lines = world.solution_lines(question)
+            prompt = prompts.render_analysis(question, "\n".join(wrong_lines), "\n".join(right_lines))
+            return Example("analysis", prompt, world.analysis_target(wrong_lines, right_lines, error_type))
     return None
 
 
-def validation_example(prompts: PromptSet, question: str, rng: random.Random,
+def validation_example(prompts: PromptSet, world, question: str, rng: random.Random,
                        replay_context: str = "full") -> Example | None:
     """Solving with a meta-experience about this problem in context (the replay's prompt): the whole analysis of
     an injected error (experience.replay_context full), or its heuristic alone (heuristics)."""
-    analysis = analysis_example(prompts, question, rng)
+    analysis = analysis_example(prompts, world, question, rng)
     if analysis is None:
         return None
     hint = analysis.target if replay_context == "full" else analysis.target.splitlines()[-1].removeprefix("Heuristic: ")
-    return Example("validation", prompts.render_validation(question, hint),
-                   data.format_solution(data.solution_lines(question)))
+    return Example("validation", prompts.render_validation(question, hint), _solution(world, question))
 
 
 def example_stream(prompts: PromptSet, synthetic: SyntheticConfig, analysis_fraction: float,
                    validation_fraction: float, rng: random.Random, replay_context: str = "full"):
-    """An endless seeded mixture of the three kinds, on fresh questions outside the held-out split."""
+    """An endless seeded mixture of the three kinds, on fresh questions of the world outside its held-out split."""
+    world = worlds.get(synthetic.world)
     while True:
-        question = data.random_train_question(synthetic, rng)
+        question = world.random_train_question(synthetic, rng)
         u = rng.random()
         if u < analysis_fraction:
-            ex = analysis_example(prompts, question, rng)
+            ex = analysis_example(prompts, world, question, rng)
         elif u < analysis_fraction + validation_fraction:
-            ex = validation_example(prompts, question, rng, replay_context)
+            ex = validation_example(prompts, world, question, rng, replay_context)
         else:
-            ex = solve_example(prompts, question)
+            ex = solve_example(prompts, world, question)
         if ex is not None:
             yield ex
 
@@ -148,7 +154,7 @@ def tokenizer_corpus(prompts: PromptSet, synthetic: SyntheticConfig, size: int, 
     stream = example_stream(prompts, synthetic, 1 / 3, 1 / 3, rng)
     texts = [ex.prompt + ex.target for ex in (next(stream) for _ in range(size))]
     markers = [retrospective.MARKER.format(n=rng.randint(1, 999)) for _ in range(20)]
-    return texts + list(data.ERROR_TYPES.values()) + markers
+    return texts + list(worlds.get(synthetic.world).error_types.values()) + markers
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -265,34 +271,14 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, floor: fl
 # -------------------------------------------------------------------------------------- measurement
 
 
-@torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 100) -> list[str]:
-    """Greedy completions, batched with left padding; text up to (not including) eos."""
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                            padding_side="left", add_special_tokens=False)
-            seqs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                  top_k=None, top_p=None, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=tokenizer.eos_token_id)
-            out += tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-    return out
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions (text up to eos) with the campaign's own engine."""
+    from mel_core.engines.base import SamplingParams
+    from mel_core.engines.hf import HFEngine
 
-
-def solve_budget(synthetic: SyntheticConfig) -> int:
-    """Enough new tokens for the longest solution: a line of up to ~16 tokens per operation, plus the answer."""
-    return 16 * (synthetic.max_ops + 1) + 8
-
-
-def final_answer(text: str) -> str | None:
-    """The integer on the last ``Answer:`` line (the same rule as verify's synthetic check)."""
-    found = re.findall(r"^[ \t]*Answer:[ \t]*(-?\d+)[ \t]*$", text, re.MULTILINE)
-    return str(int(found[-1])) if found else None
+    groups = HFEngine(model, tokenizer).generate(prompts, SamplingParams(n=1, temperature=0.0,
+                                                                         max_new_tokens=max_new_tokens))
+    return [c.text for (c,) in groups]
 
 
 _ANALYSIS_LINES = (re.compile(r"^Bifurcation: step \d+$"), re.compile(r"^Critique: \S.*$"),
@@ -305,16 +291,17 @@ def is_parseable_analysis(text: str) -> bool:
     return len(lines) >= 3 and all(p.match(line) for p, line in zip(_ANALYSIS_LINES, lines[:3]))
 
 
-def measure_solve_accuracy(model, tokenizer, prompts: PromptSet, problems: list[data.Problem],
+def measure_solve_accuracy(model, tokenizer, prompts: PromptSet, problems: list[Problem],
                            max_new_tokens: int) -> float:
+    """Greedy accuracy, verified as the campaign verifies the synthetic task (mel_core.verify)."""
     texts = greedy_generate(model, tokenizer, [prompts.render_solve(p.question) for p in problems], max_new_tokens)
-    return sum(final_answer(t) == p.answer for t, p in zip(texts, problems)) / max(1, len(problems))
+    return sum(verify_synthetic(t, p.answer).reward for t, p in zip(texts, problems)) / max(1, len(problems))
 
 
-def measure_analysis(model, tokenizer, prompts: PromptSet, problems: list[data.Problem], seed: int) -> dict:
+def measure_analysis(model, tokenizer, prompts: PromptSet, world, problems: list[Problem], seed: int) -> dict:
     """Parse rate of greedy analyses of held-out injected errors, and how often they name the right step/rule."""
     rng = random.Random(f"analysis-eval:{seed}")
-    examples = [ex for ex in (analysis_example(prompts, p.question, rng) for p in problems) if ex is not None]
+    examples = [ex for ex in (analysis_example(prompts, world, p.question, rng) for p in problems) if ex is not None]
     if not examples:
         return {"analysis_parse_rate": 0.0, "analysis_step_accuracy": 0.0, "analysis_rule_accuracy": 0.0}
     texts = greedy_generate(model, tokenizer, [ex.prompt for ex in examples], ANALYSIS_MAX_NEW_TOKENS)
@@ -364,9 +351,12 @@ def warm_start(cfg: MelConfig, out_dir: Path, log: Log = print) -> dict:
         torch.manual_seed(ws.seed)
         model, train_seconds = _train(cfg, prompts, tokenizer, key, t0, log)
 
-    held_out = data.synthetic_problems(synthetic, "eval")
-    accuracy = measure_solve_accuracy(model, tokenizer, prompts, held_out[:ws.eval_problems], solve_budget(synthetic))
-    analysis = measure_analysis(model, tokenizer, prompts, held_out[:min(PARSE_RATE_PROMPTS, ws.eval_problems)], ws.seed)
+    world = worlds.get(synthetic.world)
+    held_out = world.problems(synthetic, "eval")
+    accuracy = measure_solve_accuracy(model, tokenizer, prompts, held_out[:ws.eval_problems],
+                                      cfg.sampling.max_new_tokens)
+    analysis = measure_analysis(model, tokenizer, prompts, world, held_out[:min(PARSE_RATE_PROMPTS, ws.eval_problems)],
+                                ws.seed)
     summary = {"accuracy": accuracy, **analysis, "seconds": round(time.perf_counter() - t0, 1),
                "cpu_seconds": round(time.process_time() - cpu0, 1), "train_seconds": round(train_seconds, 1),
                "torch_threads": torch.get_num_threads(), "steps": ws.steps, "key": key,

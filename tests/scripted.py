@@ -15,26 +15,27 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from mel_core import bookkeeping, data
+from mel_core import bookkeeping
 from mel_core.engines.base import Completion, SamplingParams
+from mel_core.worlds import arithmetic
 
 RIGHT_RULE = "If a step uses an earlier result, then copy that result exactly."
 
 
 def solution(question: str, correct: bool = True) -> str:
     """The synthetic task's step-by-step solution; a wrong one ends with an answer off by one."""
-    lines = data.solution_lines(question)
+    lines = arithmetic.solution_lines(question)
     if not correct:
-        value = int(lines[-1].removeprefix(data.ANSWER_PREFIX))
-        lines[-1] = f"{data.ANSWER_PREFIX}{value + 1}"
-    return data.format_solution(lines)
+        value = int(lines[-1].removeprefix(arithmetic.ANSWER_PREFIX))
+        lines[-1] = f"{arithmetic.ANSWER_PREFIX}{value + 1}"
+    return arithmetic.format_solution(lines)
 
 
 def compact_analysis(question: str) -> str:
     """A well-formed analysis in the tiny prompt set's compact layout (it parses)."""
-    right = data.solution_lines(question)
+    right = arithmetic.solution_lines(question)
     wrong = solution(question, correct=False).splitlines()
-    k = data.first_difference(wrong, right)
+    k = arithmetic.first_difference(wrong, right)
     return f"Bifurcation: step {k}\nCritique: {wrong[k - 1]} should be {right[k - 1]}.\nHeuristic: {RIGHT_RULE}"
 
 

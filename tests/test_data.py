@@ -6,6 +6,7 @@ import pytest
 
 from mel_core import data as D
 from mel_core.config import DataConfig, SyntheticConfig
+from mel_core.worlds import arithmetic as A
 
 # ------------------------------------------------------------------------------------ solving
 
@@ -20,20 +21,20 @@ from mel_core.config import DataConfig, SyntheticConfig
     ("9", ["Answer: 9"]),
 ])
 def test_solution_lines(question, lines):
-    assert D.solution_lines(question) == lines
-    assert D.evaluate(question) == int(lines[-1].split()[-1]) == eval(question)
-    assert D.format_solution(lines) == "\n".join(lines)
+    assert A.solution_lines(question) == lines
+    assert A.evaluate(question) == int(lines[-1].split()[-1]) == eval(question)
+    assert A.format_solution(lines) == "\n".join(lines)
 
 
 def test_bad_question_rejected():
     with pytest.raises(ValueError):
-        D.solution_lines("3/4")
+        A.solution_lines("3/4")
 
 
 def test_every_problem_answer_matches_python():
-    for p in D.synthetic_problems(SyntheticConfig(train_size=300, eval_size=50), "train"):
+    for p in A.synthetic_problems(SyntheticConfig(train_size=300, eval_size=50), "train"):
         assert p.answer == str(eval(p.question))
-        assert D.solution_lines(p.question)[-1] == f"Answer: {p.answer}"
+        assert A.solution_lines(p.question)[-1] == f"Answer: {p.answer}"
 
 
 # ------------------------------------------------------------------------------------- splits
@@ -41,26 +42,26 @@ def test_every_problem_answer_matches_python():
 
 def test_splits_deterministic_disjoint_and_shaped():
     cfg = SyntheticConfig(min_ops=1, max_ops=3, max_number=20, operators="+-*", train_size=500, eval_size=100, seed=7)
-    train, again = D.synthetic_problems(cfg, "train"), D.synthetic_problems(cfg, "train")
-    held_out = D.synthetic_problems(cfg, "eval")
+    train, again = A.synthetic_problems(cfg, "train"), A.synthetic_problems(cfg, "train")
+    held_out = A.synthetic_problems(cfg, "eval")
     assert train == again
     assert len(train) == 500 and len(held_out) == 100
     assert not {p.question for p in train} & {p.question for p in held_out}
     assert len({p.question for p in train}) == 500
     assert [p.problem_id for p in held_out[:2]] == ["synthetic:eval:0", "synthetic:eval:1"]
     for p in train + held_out:
-        numbers, ops = D.parse_question(p.question)
+        numbers, ops = A.parse_question(p.question)
         assert 1 <= len(ops) <= 3 and all(1 <= n <= 20 for n in numbers) and p.source == "synthetic"
     # The eval split does not move when the train split grows (a fixed partition of the question space).
     bigger = SyntheticConfig(min_ops=1, max_ops=3, max_number=20, train_size=900, eval_size=100, seed=7)
-    assert D.synthetic_problems(bigger, "eval") == held_out
-    assert D.synthetic_problems(SyntheticConfig(seed=8, train_size=50, eval_size=10), "eval") != \
-        D.synthetic_problems(SyntheticConfig(seed=7, train_size=50, eval_size=10), "eval")
+    assert A.synthetic_problems(bigger, "eval") == held_out
+    assert A.synthetic_problems(SyntheticConfig(seed=8, train_size=50, eval_size=10), "eval") != \
+        A.synthetic_problems(SyntheticConfig(seed=7, train_size=50, eval_size=10), "eval")
 
 
 def test_too_small_question_space_is_a_data_error():
     with pytest.raises(D.DataError, match="lower the split size"):
-        D.synthetic_problems(SyntheticConfig(min_ops=1, max_ops=1, max_number=2, operators="+", train_size=50), "train")
+        A.synthetic_problems(SyntheticConfig(min_ops=1, max_ops=1, max_number=2, operators="+", train_size=50), "train")
 
 
 # ------------------------------------------------------------------------------- error model
@@ -69,22 +70,22 @@ def test_too_small_question_space_is_a_data_error():
 QUESTIONS = ["12+7*3-5", "28+15", "23-7", "3-8*2", "4*7-5", "2*3+4*5", "18+17*2", "16-19+17", "25-17*3+9"]
 
 
-@pytest.mark.parametrize("error_type", sorted(D.ERROR_TYPES))
+@pytest.mark.parametrize("error_type", sorted(A.ERROR_TYPES))
 def test_injected_errors_are_consistent_and_classified(error_type):
     rng = random.Random(0)
-    problems = [p.question for p in D.synthetic_problems(SyntheticConfig(train_size=400, eval_size=10), "train")]
+    problems = [p.question for p in A.synthetic_problems(SyntheticConfig(train_size=400, eval_size=10), "train")]
     applied = 0
     for q in QUESTIONS + problems:
-        injected = D.inject_error(q, error_type, rng)
+        injected = A.inject_error(q, error_type, rng)
         if injected is None:
             continue
         applied += 1
         wrong, k = injected
-        right = D.solution_lines(q)
+        right = A.solution_lines(q)
         assert wrong[-1].startswith("Answer: ") and wrong[-1] != right[-1]
         assert wrong[:k - 1] == right[:k - 1] and wrong[k - 1] != right[k - 1]
-        assert D.first_difference(wrong, right) == k
-        assert D.classify_error(wrong[k - 1], right[k - 1]) == error_type
+        assert A.first_difference(wrong, right) == k
+        assert A.classify_error(wrong[k - 1], right[k - 1]) == error_type
         _assert_consistent(wrong)
     assert applied >= 20, f"{error_type} should recur across problems"
 
@@ -101,36 +102,36 @@ def _assert_consistent(lines):
 
 def test_inject_error_examples():
     rng = random.Random(0)
-    assert D.inject_error("12+7*3-5", "order", rng) == (["12+7=19", "19*3=57", "57-5=52", "Answer: 52"], 1)
-    assert D.inject_error("28+15", "carry", rng) == (["28+15=33", "Answer: 33"], 1)
-    assert D.inject_error("23-7", "borrow", rng) == (["23-7=26", "Answer: 26"], 1)
-    assert D.inject_error("3-8*2", "sign", rng) == (["8*2=16", "3-16=13", "Answer: 13"], 2)
+    assert A.inject_error("12+7*3-5", "order", rng) == (["12+7=19", "19*3=57", "57-5=52", "Answer: 52"], 1)
+    assert A.inject_error("28+15", "carry", rng) == (["28+15=33", "Answer: 33"], 1)
+    assert A.inject_error("23-7", "borrow", rng) == (["23-7=26", "Answer: 26"], 1)
+    assert A.inject_error("3-8*2", "sign", rng) == (["8*2=16", "3-16=13", "Answer: 13"], 2)
     # Two steps reuse an earlier result here; the RNG picks which one is miscopied.
-    assert D.inject_error("12+7*3-5", "copy", rng) in [(["7*3=21", "12+20=32", "32-5=27", "Answer: 27"], 2),
+    assert A.inject_error("12+7*3-5", "copy", rng) in [(["7*3=21", "12+20=32", "32-5=27", "Answer: 27"], 2),
                                                         (["7*3=21", "12+21=33", "32-5=27", "Answer: 27"], 3)]
     # Not applicable: no * after a + or -, no carry, no earlier result to copy.
-    assert D.inject_error("7*3+5", "order", rng) is None
-    assert D.inject_error("21+5", "carry", rng) is None
-    assert D.inject_error("21+5", "copy", rng) is None
+    assert A.inject_error("7*3+5", "order", rng) is None
+    assert A.inject_error("21+5", "carry", rng) is None
+    assert A.inject_error("21+5", "copy", rng) is None
     with pytest.raises(ValueError):
-        D.inject_error("1+2", "typo", rng)
+        A.inject_error("1+2", "typo", rng)
 
 
 def test_classify_error_unrecognised():
-    assert D.classify_error("12+21=34", "12+21=33") is None  # off by one: no type of ours
-    assert D.classify_error("Answer: 3", "Answer: 4") is None
-    assert D.classify_error("7*3=21", "7*3=21") is None
+    assert A.classify_error("12+21=34", "12+21=33") is None  # off by one: no type of ours
+    assert A.classify_error("Answer: 3", "Answer: 4") is None
+    assert A.classify_error("7*3=21", "7*3=21") is None
 
 
 def test_heuristics_are_digit_free_if_then_rules():
-    assert len(D.ERROR_TYPES) >= 5
-    for text in D.ERROR_TYPES.values():
+    assert len(A.ERROR_TYPES) >= 5
+    for text in A.ERROR_TYPES.values():
         assert not re.search(r"\d", text)
         assert re.fullmatch(r"If [^,]+, then .+\.", text)
 
 
 def test_analysis_target_format():
-    target = D.analysis_target(["7*3=21", "12+21=23", "23-5=18", "Answer: 18"], D.solution_lines("12+7*3-5"), "carry")
+    target = A.analysis_target(["7*3=21", "12+21=23", "23-5=18", "Answer: 18"], A.solution_lines("12+7*3-5"), "carry")
     assert target == ("Bifurcation: step 2\n"
                       "Critique: 12+21=23 should be 12+21=33.\n"
                       "Heuristic: If an addition passes a ten, then carry one to the tens.")

@@ -15,7 +15,7 @@ pytest.importorskip("vllm", reason="vllm not installed: run make test-vllm")
 
 import torch  # noqa: E402
 
-from mel_core import bookkeeping, data, losses, stages, tiny  # noqa: E402
+from mel_core import bookkeeping, losses, stages, tiny  # noqa: E402
 from mel_core import config as C  # noqa: E402
 from mel_core.engines.base import SamplingParams  # noqa: E402
 from mel_core.engines.hf import HFEngine  # noqa: E402
@@ -23,6 +23,7 @@ from mel_core.engines.vllm import VLLMEngine  # noqa: E402
 from mel_core.policy import Policy, RLBatch  # noqa: E402
 from mel_core.prompts import PromptSet  # noqa: E402
 from mel_core.runtime import Runtime  # noqa: E402
+from mel_core.worlds import arithmetic  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -46,9 +47,9 @@ def prompts():
     """Held-out solve prompts and analysis prompts (longer contexts, longer outputs)."""
     cfg = _cfg()
     ps = PromptSet.load(cfg.prompts.dir)
-    held_out = data.synthetic_problems(cfg.data.synthetic, "eval")
+    held_out = arithmetic.synthetic_problems(cfg.data.synthetic, "eval")
     rng = random.Random(0)
-    analyses = [ex.prompt for ex in (tiny.analysis_example(ps, p.question, rng) for p in held_out[40:60]) if ex][:8]
+    analyses = [ex.prompt for ex in (tiny.analysis_example(ps, arithmetic.WORLD, p.question, rng) for p in held_out[40:60]) if ex][:8]
     return [ps.render_solve(p.question) for p in held_out[:24]] + analyses
 
 

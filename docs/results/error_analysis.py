@@ -10,8 +10,8 @@ import collections
 import re
 import sys
 
-from mel_core import data
 from mel_core.store import StoreReader
+from mel_core.worlds import arithmetic
 
 
 def lines(text: str) -> list[str]:
@@ -21,7 +21,7 @@ def lines(text: str) -> list[str]:
 def _rule(text: str) -> str:
     """The world's error type whose rule sentence the heuristic states, or 'free text'."""
     key = re.sub(r"\W", "", text.lower())
-    return next((t for t, sentence in data.ERROR_TYPES.items() if re.sub(r"\W", "", sentence.lower()) == key),
+    return next((t for t, sentence in arithmetic.ERROR_TYPES.items() if re.sub(r"\W", "", sentence.lower()) == key),
                 "free text")
 
 
@@ -42,11 +42,11 @@ def main(run_dirs: list[str]) -> None:
             pairs += 1
             wrong, right = lines(r["incorrect"]), lines(r["correct"])
             try:
-                k = data.first_difference(wrong, right)
+                k = arithmetic.first_difference(wrong, right)
             except ValueError:
                 types["identical steps (answer line differs)"] += 1
                 continue
-            kind = (data.classify_error(wrong[k - 1], right[k - 1]) if k <= min(len(wrong), len(right)) else None)
+            kind = (arithmetic.classify_error(wrong[k - 1], right[k - 1]) if k <= min(len(wrong), len(right)) else None)
             types[kind or "other (not one of the world's error types)"] += 1
             if kind is None and k <= min(len(wrong), len(right)) and len(examples) < 6:
                 examples.append(f"{wrong[k - 1].strip()}  (should be {right[k - 1].strip()})")

@@ -1,0 +1,42 @@
+"""The embedded synthetic worlds a campaign can train on with no download (``data.source: synthetic``).
+
+A world generates problems with seeded, disjoint train and held-out splits, writes their correct step-by-step
+solutions (ending with ``Answer: ...``), and knows the error types a solver makes: for each, the lesson (an
+If/then rule naming no problem specifics), how to inject one into a solution, and the compact analysis of such
+an error — what the tiny model's warm start teaches it to write (mel_core.tiny). ``data.synthetic.world``
+picks one by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+WORLD_NAMES = ("arithmetic",)
+
+
+class World(Protocol):
+    name: str
+    error_types: dict[str, str]  # error type -> its lesson, an If/then rule with no problem specifics
+
+    def problems(self, cfg, split: str) -> list:
+        """The seeded `split` ('train' or 'eval') of problems (mel_core.problems.Problem)."""
+
+    def random_train_question(self, cfg, rng) -> str:
+        """A fresh question outside the held-out part (warm-start data)."""
+
+    def solution_lines(self, question: str) -> list[str]:
+        """The correct solution, one step per line, the last ``Answer: ...``."""
+
+    def inject_error(self, question: str, error_type: str, rng) -> tuple[list[str], int] | None:
+        """An incorrect solution with one error of that type, and the 1-based step where it first differs;
+        None where the type does not apply."""
+
+    def analysis_target(self, incorrect_lines: list[str], correct_lines: list[str], error_type: str) -> str:
+        """The compact analysis of that error: ``Bifurcation: step k`` / ``Critique: ...`` / ``Heuristic: ...``."""
+
+
+def get(name: str) -> World:
+    if name not in WORLD_NAMES:
+        raise ValueError(f"unknown world {name!r}; one of {', '.join(WORLD_NAMES)}")
+    return importlib.import_module(f"mel_core.worlds.{name}").WORLD
