@@ -34,7 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import write_section  # noqa: E402
-from mel_core import bookkeeping, serve, stages  # noqa: E402
+from mel_app import serve  # noqa: E402
+from mel_core import bookkeeping, stages  # noqa: E402
 from mel_core import config as C  # noqa: E402
 from mel_core.runtime import get_runtime  # noqa: E402
 from mel_core.stage_names import STAGES  # noqa: E402
@@ -121,7 +122,7 @@ def overhead(root: Path, prompts: int, reps: int, log) -> dict:
 
 
 def _mel_run(root: Path, name: str, prompts: int, env: dict, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mel_core.cli", "run", "--config", "configs/tiny.yaml", f"run.name={name}",
+    cmd = [sys.executable, "-m", "mel_app.cli", "run", "--config", "configs/tiny.yaml", f"run.name={name}",
            "run.steps=1", f"run.root_dir={root}", f"sampling.prompts_per_step={prompts}"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)

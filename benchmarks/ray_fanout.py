@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     from prefect.testing.utilities import prefect_test_harness
 
-    import tasks  # noqa: F401  registers the ray dispatcher
+    from flows.workers import generation_workers
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="mel-ray-") as d, prefect_test_harness():
@@ -70,9 +70,10 @@ def main(argv=None) -> dict:
                 f"orchestration.runner={runner}", f"orchestration.ray.local_workers={a.workers}",
                 f"orchestration.ray.threads_per_worker={threads}"])
             rt = Runtime(cfg)
-            rt.ensure_version(rt.base_checkpoint)
-            prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in rt.step_problems(1)]
-            results[runner] = measure(rt, prompts, a)
+            with generation_workers(rt):  # the Ray runner a campaign flow would start (nothing for local)
+                rt.ensure_version(rt.base_checkpoint)
+                prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in rt.step_problems(1)]
+                results[runner] = measure(rt, prompts, a)
     local, ray = (statistics.median(results[r][1]) for r in ("local", "ray"))
     speedup = ray / local
     print(f"one process {local:,.0f} tok/s, Ray {a.workers} workers {ray:,.0f} tok/s")

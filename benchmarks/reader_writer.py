@@ -49,7 +49,7 @@ print(f"held {time.monotonic() - t0:.1f} s, {done} query(ies) of ~{seconds:.0f} 
 
 
 def campaign(root: Path, name: str, steps: int) -> subprocess.Popen:
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "mel_core.cli", "run", "--config", "configs/tiny.yaml",
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "mel_app.cli", "run", "--config", "configs/tiny.yaml",
            f"run.name={name}", f"run.steps={steps}", f"run.root_dir={root}", "run.torch_threads=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MEL_VERIFY_WORKERS="1")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

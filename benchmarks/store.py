@@ -534,7 +534,7 @@ def lineage_latency(path: Path, heuristic_ids: list[str], n: int, seed: int, log
     cli = []
     for hid in ids[:cli_runs]:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "mel_core.cli", "lineage", "--db", str(path), hid],
+        proc = subprocess.run([sys.executable, "-m", "mel_app.cli", "lineage", "--db", str(path), hid],
                               cwd=REPO, capture_output=True, text=True)
         cli.append(time.perf_counter() - t0)
         if proc.returncode != 0 or hid not in proc.stdout:

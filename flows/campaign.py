@@ -12,14 +12,15 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 from flows.evaluate import evaluate_if_due
 from flows.iteration import iteration
+from flows.workers import generation_workers
 from mel_core.bookkeeping import register_run
 from mel_core.config import from_dict
 from mel_core.runlock import run_lock
 from mel_core.runtime import Checkpoint, get_runtime, run_dir_of
 from mel_core.summary import format_step, step_summary
-from tasks import warm_start_task
 from tasks.artifacts import publish_step
 from tasks.common import configured
+from tasks.warm_start import warm_start_task
 
 
 def without_flow_heartbeat():
@@ -52,9 +53,13 @@ def _campaign(config: dict, cfg) -> dict:
     checkpoint = configured(warm_start_task, "warm_start", config)(config)
     base = Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"])
     register_run(rt, base)
-    rt.ensure_version(base)
-    rt.usable_problems  # problems that do not fit the context are refused (or skipped) here, before step 1
+    with generation_workers(rt):  # orchestration.runner: where the generation runs, for the whole campaign
+        rt.ensure_version(base)
+        rt.usable_problems  # problems that do not fit the context are refused (or skipped) here, before step 1
+        return _steps(config, cfg, rt, checkpoint)
 
+
+def _steps(config: dict, cfg, rt, checkpoint: dict) -> dict:
     evals = evaluate_if_due(config, 0, checkpoint, announce)  # held-out accuracy of the starting policy
     summaries = []
     with without_flow_heartbeat():

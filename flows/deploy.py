@@ -10,7 +10,6 @@ from prefect import flow
 
 from flows.campaign import campaign
 from mel_core import config as config_mod
-from mel_core.serve import DEPLOYMENT
 
 
 @flow(name="mel-campaign-from-file")
@@ -19,10 +18,10 @@ def campaign_from_file(config_path: str = "configs/tiny.yaml", overrides: list[s
     return campaign(config_mod.to_dict(cfg))
 
 
-def trigger(config_path: str, overrides: list[str], timeout_s: float | None):
-    """Run the deployed campaign with these parameters; the final flow run (state included) once it
-    ends, or the still-running one after `timeout_s`. The API is PREFECT_API_URL's."""
+def trigger(deployment: str, config_path: str, overrides: list[str], timeout_s: float | None):
+    """Run `deployment` (its name in prefect.yaml) of this flow with these parameters; the final flow run (state
+    included) once it ends, or the still-running one after `timeout_s`. The API is PREFECT_API_URL's."""
     from prefect.deployments import run_deployment
 
-    return run_deployment(f"{campaign_from_file.name}/{DEPLOYMENT}",
+    return run_deployment(f"{campaign_from_file.name}/{deployment}",
                           parameters={"config_path": config_path, "overrides": list(overrides)}, timeout=timeout_s)

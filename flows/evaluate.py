@@ -10,8 +10,10 @@ from typing import Callable
 
 from prefect import flow
 
+from flows.workers import generation_workers
 from mel_core.config import from_dict
 from mel_core.evaluate import format_eval, is_due
+from mel_core.runtime import get_runtime
 from tasks.common import configured
 from tasks.evaluate import evaluate_task
 
@@ -23,8 +25,9 @@ def evaluate_checkpoint(config: dict, checkpoint: dict, datasets: list[str] | No
     the checkpoint (default: the config's run). Returns one metrics manifest per dataset."""
     cfg = from_dict(config)
     evaluate = configured(evaluate_task, "evaluate", config)
-    return [evaluate(config, checkpoint, dataset, run_id=run_id, step=step)
-            for dataset in (datasets or cfg.eval.datasets)]
+    with generation_workers(get_runtime(cfg)):  # started here for `mel eval`; a campaign's already run
+        return [evaluate(config, checkpoint, dataset, run_id=run_id, step=step)
+                for dataset in (datasets or cfg.eval.datasets)]
 
 
 def evaluate_if_due(config: dict, step: int, checkpoint: dict, announce: Callable[[str], None] = print) -> list[dict]:

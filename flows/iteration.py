@@ -10,16 +10,9 @@ from __future__ import annotations
 from prefect import flow
 
 from mel_core.runtime import get_runtime
-from tasks import (
-    abstract_task,
-    diagnose_task,
-    pair_task,
-    replay_task,
-    sample_task,
-    update_task,
-    verify_task,
-)
+from mel_core.stage_names import STAGES
 from tasks.common import configured
+from tasks.stages import STAGE_TASKS
 
 
 @flow(name="mel-iteration", flow_run_name="step-{step}", log_prints=True)
@@ -27,17 +20,15 @@ def iteration(config: dict, step: int, checkpoint: dict) -> dict:
     """One step from policy version `checkpoint`; returns the next checkpoint's manifest."""
     cfg = get_runtime(config).cfg  # the process's runtime: validated once, not per step
     sample, verify, pair, diagnose, abstract, replay, update = (
-        configured(t, name, config) for t, name in
-        ((sample_task, "sample"), (verify_task, "verify"), (pair_task, "pair"), (diagnose_task, "diagnose"),
-         (abstract_task, "abstract"), (replay_task, "replay"), (update_task, "update")))
+        configured(STAGE_TASKS[name], name, config) for name in STAGES)
 
     # 1-2. G rollouts per prompt from pi_old, scored by a verifiable reward.
     rollouts = sample(config, step, checkpoint)
-    rewards = verify(config, step, upstream=rollouts)
+    rewards = verify(config, step, checkpoint, upstream=rollouts)
     experience = rewards
     if cfg.experience.enabled:
         # 3. Contrast a correct and an incorrect rollout of the same (mixed) group.
-        pairs = pair(config, step, upstream=rewards)
+        pairs = pair(config, step, checkpoint, upstream=rewards)
         # 4-5. The policy locates the bifurcation point, critiques, and abstracts If/Then heuristics.
         analyses = diagnose(config, step, checkpoint, upstream=pairs)
         heuristics = abstract(config, step, checkpoint, upstream=analyses)

@@ -18,7 +18,6 @@ is deterministic and sampling is seeded).
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import time
@@ -31,7 +30,9 @@ from mel_core.config import ConfigError, MelConfig
 from mel_core.data import Problem, load_jsonl, source_name
 from mel_core.engines.base import SamplingParams
 from mel_core.metrics import avg_at_k, mean_pass_at_k
+from mel_core.records import now
 from mel_core.runtime import Checkpoint, Runtime, derive_seed
+from mel_core.solving import solve_and_verify
 from mel_core.store import make_id
 
 SYNTHETIC = "synthetic"
@@ -113,10 +114,6 @@ def is_due(cfg: MelConfig, step: int) -> bool:
     return n > 0 and (step == 0 or step % n == 0 or step == cfg.run.steps)
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-
-
 def _checkpoint_step(rt: Runtime, ckpt: Checkpoint) -> int | None:
     rows = rt.store.query("SELECT step FROM checkpoints WHERE checkpoint_id = ? LIMIT 1", [ckpt.checkpoint_id])
     return rows[0]["step"] if rows else None
@@ -149,16 +146,14 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
     if e.k > 0:
         modes.append((False, SamplingParams(n=e.k, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
                                             seed=derive_seed(cfg.run.seed, "eval", ckpt.checkpoint_id, ds.name))))
-    created, started = _now(), time.perf_counter()
+    created, started = now(), time.perf_counter()
     metric_rows, sample_rows, metrics = [], [], {}
     for greedy, params in modes:
         t0 = time.perf_counter()
-        outs = rt.engine.generate(prompts, params, desc=f"eval {ds.name} {'greedy' if greedy else f'k={params.n}'}")
-        flat = [(p, i, c) for p, cs in zip(ds.problems, outs) for i, c in enumerate(cs)]
-        verdicts = verifier.verify([c.text for *_, c in flat], [p.answer for p, *_ in flat],
-                                   [c.finish_reason for *_, c in flat])
+        solved = solve_and_verify(rt.engine, verifier, prompts, golds, params,
+                                  desc=f"eval {ds.name} {'greedy' if greedy else f'k={params.n}'}")
         seconds = time.perf_counter() - t0
-        rewards = [[v.reward for v in verdicts[j * params.n:(j + 1) * params.n]] for j in range(len(golds))]
+        rewards = [[s.verdict.reward for s in solved[j * params.n:(j + 1) * params.n]] for j in range(len(golds))]
         if greedy:
             values = {"pass@1": (1, avg_at_k(rewards))}
         else:
@@ -172,7 +167,8 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
                 "run_id": run_id, "checkpoint_id": ckpt.checkpoint_id, "step": step, "dataset": ds.name,
                 "metric": metric, "k": k, "temperature": params.temperature, "value": value,
                 "num_problems": len(ds.problems), "seconds": seconds, "created_at": created})
-        for (p, i, c), v in zip(flat, verdicts):
+        for s in solved:
+            p, i, c, v = ds.problems[s.prompt_index], s.sample_index, s.completion, s.verdict
             sample_rows.append({
                 "sample_id": make_id("eval_sample", run_id, ckpt.checkpoint_id, ds.name, p.problem_id, greedy,
                                      params.temperature, i),

@@ -127,3 +127,49 @@ def update_records(run_id: str, step: int, checkpoint_in: str, checkpoint_out: s
                          for h in heuristics],
         "metrics": metric_rows(run_id, step, {k: v for k, v in stats.items() if isinstance(v, (int, float))}),
     }
+
+
+# --------------------------------------------------------------------- reads for the app and the UI
+
+
+def latest_accepted_heuristic(store, run_id: str) -> str | None:
+    """The id of an accepted heuristic of the run's latest step that has one (what `mel run` suggests to trace)."""
+    rows = store.query("SELECT heuristic_id FROM heuristics WHERE run_id = ? AND accepted ORDER BY step DESC, "
+                       "heuristic_id LIMIT 1", [run_id])
+    return rows[0]["heuristic_id"] if rows else None
+
+
+def accepted_heuristics_of_step(store, run_id: str, step: int) -> list[dict]:
+    return store.query("SELECT heuristic_id, text, analysis_id FROM heuristics WHERE run_id = ? AND step = ? AND accepted "
+                       "ORDER BY heuristic_id", [run_id, step])
+
+
+def heuristic_lineage(store, heuristic_id: str) -> dict | None:
+    """Where a heuristic came from and which checkpoint learned it (the heuristic_lineage view)."""
+    rows = store.query("SELECT * FROM heuristic_lineage WHERE heuristic_id = ?", [heuristic_id])
+    return rows[0] if rows else None
+
+
+def checkpoint(store, checkpoint_id: str) -> dict | None:
+    rows = store.query("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
+    return rows[0] if rows else None
+
+
+def checkpoint_heuristics(store, checkpoint_id: str) -> list[dict]:
+    """Every heuristic the checkpoint internalized (the checkpoint_heuristics view)."""
+    return store.query("SELECT * FROM checkpoint_heuristics WHERE checkpoint_id = ? ORDER BY heuristic_step, "
+                       "heuristic_id", [checkpoint_id])
+
+
+def find_checkpoint(store, id_or_path: str, path: str) -> dict | None:
+    """A checkpoint by id or by directory, with its run's config (to evaluate it with the run's own settings)."""
+    rows = store.query("SELECT c.checkpoint_id, c.path, c.step, c.run_id, r.config_json FROM checkpoints c "
+                       "LEFT JOIN runs r USING (run_id) WHERE c.checkpoint_id = ? OR c.path = ? ORDER BY c.step LIMIT 1",
+                       [id_or_path, path])
+    return rows[0] if rows else None
+
+
+def evaluation_results(store, run_id: str, checkpoint_id: str, datasets: list[str]) -> list[dict]:
+    return store.query("SELECT dataset, metric, k, temperature, value, num_problems, seconds FROM evals WHERE run_id = ? "
+                       "AND checkpoint_id = ? AND list_contains(?, dataset) ORDER BY dataset, temperature, metric",
+                       [run_id, checkpoint_id, datasets])

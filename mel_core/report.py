@@ -199,12 +199,20 @@ def _stage_order(rows: list[dict]) -> list[str]:
 
 
 def render(data: dict, plots: dict[str, str]) -> str:
+    """The report's markdown: a header, then one section per question a reader asks."""
+    img = lambda key, alt: [f"![{alt}]({plots[key]})", ""] if key in plots else []
+    out = _header(data)
+    for section in (_curves_section, _heldout_section, _stage_section, _library_section):
+        out += section(data, img)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _header(data: dict) -> list[str]:
     run, cfg, steps = data["run"], data["config"], data["steps"]
     get = lambda *keys: _dig(cfg, keys)
-    img = lambda key, alt: [f"![{alt}]({plots[key]})", ""] if key in plots else []
-    out = [f"# MEL report: `{run['name']}`", ""]
     exp_on = get("experience", "enabled")
     warm = sum(r["seconds"] for r in data["stage_seconds"] if r["step"] == 0)
+    out = [f"# MEL report: `{run['name']}`", ""]
     out += _table(["", ""], [
         ["run id", f"`{run['run_id']}`"], ["config hash", f"`{run['config_hash']}`"],
         ["created", str(run["created_at"])[:19]], ["model", f"`{get('model', 'name_or_path')}`"],
@@ -216,70 +224,76 @@ def render(data: dict, plots: dict[str, str]) -> str:
     if data["other_runs"]:
         out += ["", f"The same file holds {len(data['other_runs'])} other run(s): "
                 + ", ".join(f"`{r}`" for r in data["other_runs"]) + " (`mel report RUN_ID` for those)."]
+    return out
 
-    out += ["", "## Training curves", ""]
+
+def _curves_section(data: dict, img) -> list[str]:
+    steps = data["steps"]
+    out = ["", "## Training curves", ""]
     if not steps:
-        out += ["No step has been recorded yet.", ""]
-    else:
-        stage_total = {}
-        for r in data["stage_seconds"]:
-            stage_total[r["step"]] = stage_total.get(r["step"], 0.0) + r["seconds"]
-        out += _table(["step", "reward mean", "mixed groups", "mixed fraction", "analyses", "candidates", "accepted",
-                       "retention ratio", "NLL", "seconds"],
-                      [[str(s["step"]), fmt(s.get("reward_mean")),
-                        f"{s['mixed_groups']:.0f}/{s['groups']:.0f}" if s.get("groups") else "-",
-                        fmt(s.get("mixed_fraction")), fmt(s.get("analyses")), fmt(s.get("candidates")),
-                        fmt(s.get("accepted")), fmt(s.get("retention_ratio")), fmt(s.get("nll_loss")),
-                        fmt(stage_total.get(s["step"]), 1)] for s in steps])
-        out += ["", "Mixed groups are counted from the verified rollouts (at least one correct and one incorrect); "
-                "the retention ratio is accepted / candidates (meta-experiences that reached replay); NLL is the "
-                "update's loss on the accepted meta-experiences ('-' when there were none).", ""]
-        for key, alt in (("reward_mean", "reward mean"), ("mixed_fraction", "fraction of mixed groups"),
-                         ("retention_ratio", "retention ratio"), ("nll_loss", "NLL")):
-            out += img(key, alt)
+        return out + ["No step has been recorded yet.", ""]
+    stage_total: dict[int, float] = {}
+    for r in data["stage_seconds"]:
+        stage_total[r["step"]] = stage_total.get(r["step"], 0.0) + r["seconds"]
+    out += _table(["step", "reward mean", "mixed groups", "mixed fraction", "analyses", "candidates", "accepted",
+                   "retention ratio", "NLL", "seconds"],
+                  [[str(s["step"]), fmt(s.get("reward_mean")),
+                    f"{s['mixed_groups']:.0f}/{s['groups']:.0f}" if s.get("groups") else "-",
+                    fmt(s.get("mixed_fraction")), fmt(s.get("analyses")), fmt(s.get("candidates")),
+                    fmt(s.get("accepted")), fmt(s.get("retention_ratio")), fmt(s.get("nll_loss")),
+                    fmt(stage_total.get(s["step"]), 1)] for s in steps])
+    out += ["", "Mixed groups are counted from the verified rollouts (at least one correct and one incorrect); "
+            "the retention ratio is accepted / candidates (meta-experiences that reached replay); NLL is the "
+            "update's loss on the accepted meta-experiences ('-' when there were none).", ""]
+    for key, alt in (("reward_mean", "reward mean"), ("mixed_fraction", "fraction of mixed groups"),
+                     ("retention_ratio", "retention ratio"), ("nll_loss", "NLL")):
+        out += img(key, alt)
+    return out
 
-    out += ["## Held-out accuracy", ""]
+
+def _heldout_section(data: dict, img) -> list[str]:
+    out = ["## Held-out accuracy", ""]
     if not data["evals"]:
-        out += ["No evaluations recorded for this run (`mel eval`, or `eval.every_n_steps` in the campaign).", ""]
-    else:
-        out += _table(["step", "dataset", "metric", "k", "temperature", "value"],
-                      [[fmt(e["step"]), f"`{e['dataset']}`", e["metric"], fmt(e["k"]), fmt(e["temperature"], 2),
-                        fmt(e["value"])] for e in data["evals"]])
-        out += [""] + img("heldout_accuracy", "held-out accuracy")
+        return out + ["No evaluations recorded for this run (`mel eval`, or `eval.every_n_steps` in the campaign).", ""]
+    out += _table(["step", "dataset", "metric", "k", "temperature", "value"],
+                  [[fmt(e["step"]), f"`{e['dataset']}`", e["metric"], fmt(e["k"]), fmt(e["temperature"], 2),
+                    fmt(e["value"])] for e in data["evals"]])
+    return out + [""] + img("heldout_accuracy", "held-out accuracy")
 
-    out += ["## Time per stage", ""]
+
+def _stage_section(data: dict, img) -> list[str]:
+    out = ["## Time per stage", ""]
     per_stage: dict[str, list[float]] = {}
     for r in data["stage_seconds"]:
         if r["step"] > 0:
             per_stage.setdefault(r["stage"], []).append(r["seconds"])
-    total = sum(sum(v) for v in per_stage.values())
     if not per_stage:
-        out += ["No completed stage recorded.", ""]
-    else:
-        out += _table(["stage", "total seconds", "share", "mean seconds per step"],
-                      [[st, fmt(sum(per_stage[st]), 1), f"{100 * sum(per_stage[st]) / total:.1f}%" if total else "-",
-                        fmt(sum(per_stage[st]) / len(per_stage[st]), 2)] for st in _stage_order(data["stage_seconds"])
-                       if st in per_stage])
-        out += ["", "Summed over completed executions (a stage retried after a failure counts its successful run; "
-                "cached stages of a resumed campaign do not run again). The warm start (step 0) is in the table "
-                "above.", ""] + img("stage_times", "seconds per stage")
+        return out + ["No completed stage recorded.", ""]
+    total = sum(sum(v) for v in per_stage.values())
+    out += _table(["stage", "total seconds", "share", "mean seconds per step"],
+                  [[st, fmt(sum(per_stage[st]), 1), f"{100 * sum(per_stage[st]) / total:.1f}%" if total else "-",
+                    fmt(sum(per_stage[st]) / len(per_stage[st]), 2)] for st in _stage_order(data["stage_seconds"])
+                   if st in per_stage])
+    return out + ["", "Summed over completed executions (a stage retried after a failure counts its successful run; "
+                  "cached stages of a resumed campaign do not run again). The warm start (step 0) is in the table "
+                  "above.", ""] + img("stage_times", "seconds per stage")
 
+
+def _library_section(data: dict, img) -> list[str]:
     lib = data["library"]
-    out += ["## Heuristic library", ""]
+    out = ["## Heuristic library", ""]
     if not lib["heuristics"]:
-        out += ["No heuristic has been written in this run.", ""]
-    else:
-        out += [f"{lib['heuristics']} heuristics in {lib['clusters']} clusters of near-duplicates "
-                f"(text similarity >= {data['threshold']:g}, mel_core.library); {lib['accepted']} accepted, in "
-                f"{lib['accepted_clusters']} clusters; {lib['internalized']} internalized. "
-                f"Top {len(data['clusters'])} clusters by accepted, then produced:", ""]
-        out += _table(["cluster", "produced", "accepted", "internalized", "texts", "steps", "representative"],
-                      [[f"`{c['cluster_id']}`", fmt(c["produced"]), fmt(c["accepted"]), fmt(c["internalized"]),
-                        fmt(c["distinct_texts"]), f"{c['first_step']}-{c['last_step']}", _cell_text(c["representative"])]
-                       for c in data["clusters"]])
-        out += ["", "Every member of a cluster: `mel query \"SELECT * FROM heuristic_lineage WHERE cluster_id = "
-                "'...'\"`.", ""]
-    return "\n".join(out).rstrip() + "\n"
+        return out + ["No heuristic has been written in this run.", ""]
+    out += [f"{lib['heuristics']} heuristics in {lib['clusters']} clusters of near-duplicates "
+            f"(text similarity >= {data['threshold']:g}, mel_core.library); {lib['accepted']} accepted, in "
+            f"{lib['accepted_clusters']} clusters; {lib['internalized']} internalized. "
+            f"Top {len(data['clusters'])} clusters by accepted, then produced:", ""]
+    out += _table(["cluster", "produced", "accepted", "internalized", "texts", "steps", "representative"],
+                  [[f"`{c['cluster_id']}`", fmt(c["produced"]), fmt(c["accepted"]), fmt(c["internalized"]),
+                    fmt(c["distinct_texts"]), f"{c['first_step']}-{c['last_step']}", _cell_text(c["representative"])]
+                   for c in data["clusters"]])
+    return out + ["", "Every member of a cluster: `mel query \"SELECT * FROM heuristic_lineage WHERE cluster_id = "
+                  "'...'\"`.", ""]
 
 
 def _dig(d: dict, keys: tuple):

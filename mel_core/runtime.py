@@ -165,18 +165,27 @@ class Runtime:
             if has_optimizer_state(ckpt.path) or self.cfg.model.lora.enabled:
                 self._policy.load_checkpoint(ckpt.path)
             self._policy_version = ckpt.checkpoint_id
-            if not self._given_engine:
-                self._engine = self._build_engine(ckpt)
         elif self._policy_version != ckpt.checkpoint_id:
             self._policy.load_checkpoint(ckpt.path)
             self._policy_version = ckpt.checkpoint_id
+        if self._engine is None:
+            self._engine = self._build_engine(ckpt)
         self._serve(ckpt)
 
     def use_engine(self, engine) -> None:
-        """Generate with `engine` (any :class:`mel_core.engines.base.Engine`) instead of the configured one: a
-        backend of the user's own, or a test that decides what the model says to construct a situation. The
-        policy still trains for real; the engine is told each version it must serve."""
+        """Generate with `engine` (any :class:`mel_core.engines.base.Engine`) instead of the configured one: Ray
+        workers (flows/workers.py), a backend of the user's own, or a test that decides what the model says to
+        construct a situation. The policy still trains for real; the engine is told each version it must serve."""
         self._engine, self._given_engine = engine, True
+
+    def drop_engine(self) -> None:
+        """Forget an engine given with :meth:`use_engine` (its workers are gone): the next use builds the
+        configured one."""
+        self._engine, self._given_engine = None, False
+
+    @property
+    def has_given_engine(self) -> bool:
+        return self._given_engine
 
     @property
     def _engine_shares_policy(self) -> bool:
@@ -186,14 +195,9 @@ class Runtime:
 
     def _build_engine(self, ckpt: Checkpoint):
         if self.cfg.orchestration.runner != "local":
-            from mel_core.engines.sharded import DISPATCHERS, ShardedEngine
-            runner = self.cfg.orchestration.runner
-            if runner not in DISPATCHERS:
-                raise config_mod.ConfigError(
-                    f"config key 'orchestration.runner': no dispatcher for '{runner}' in this process (the "
-                    f"Prefect tasks register it: import tasks; it needs pip install -e '.[scale]')")
-            return ShardedEngine(DISPATCHERS[runner](self.cfg), max_batch_sequences=self.cfg.sampling.chunk_sequences,
-                                 base_path=self.base_checkpoint.path if self.cfg.model.lora.enabled else None)
+            raise config_mod.ConfigError(
+                f"config key 'orchestration.runner': {self.cfg.orchestration.runner} workers are started by a flow "
+                f"(flows/workers.py: the campaign and evaluation flows), not by the stage functions alone")
         if self.cfg.model.engine == "vllm":
             from mel_core.engines.vllm import VLLMEngine
             m = self.cfg.model

@@ -25,6 +25,7 @@ from mel_core import (
 from mel_core.checkpoint_files import saved_update_stats
 from mel_core.engines.base import SamplingParams
 from mel_core.runtime import Checkpoint, Runtime, derive_seed
+from mel_core.solving import solve_and_verify
 from mel_core.store import make_id
 from mel_core.tokens import encode_target
 
@@ -264,16 +265,16 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     prompts = [rt.model_input(rt.prompts.render_validation(r["question"], r["replay_text"])) for r in rows]
     params = SamplingParams(n=cfg.replays_per_experience, temperature=cfg.replay_temperature,
                             max_new_tokens=cfg.replay_max_new_tokens, seed=derive_seed(rt.cfg.run.seed, step, "replay"))
-    outs = rt.engine.generate(prompts, params, desc=f"replay step {step}")
-    flat = [(r, p, i, c) for r, p, cs in zip(rows, prompts, outs) for i, c in enumerate(cs)]
-    verdicts = rt.verifier.verify([c.text for *_, c in flat], [r["answer"] for r, *_ in flat],
-                                  [c.finish_reason for *_, c in flat])
+    solved = solve_and_verify(rt.engine, rt.verifier, prompts, [r["answer"] for r in rows], params,
+                              desc=f"replay step {step}")
     replay_rows, rewards = [], defaultdict(list)
-    for (r, p, i, c), v in zip(flat, verdicts):
-        rewards[r["analysis_id"]].append(v.reward)
-        replay_rows.append({"replay_id": make_id("replay", r["analysis_id"], i), "analysis_id": r["analysis_id"],
-                            "run_id": rt.run_id, "step": step, "replay_index": i, "prompt_text": p, "text": c.text,
-                            "reward": v.reward, "verify_reason": v.reason})
+    for s in solved:
+        r = rows[s.prompt_index]
+        rewards[r["analysis_id"]].append(s.verdict.reward)
+        replay_rows.append({"replay_id": make_id("replay", r["analysis_id"], s.sample_index),
+                            "analysis_id": r["analysis_id"], "run_id": rt.run_id, "step": step,
+                            "replay_index": s.sample_index, "prompt_text": prompts[s.prompt_index],
+                            "text": s.completion.text, "reward": s.verdict.reward, "verify_reason": s.verdict.reason})
     decided = [(r["analysis_id"], experience.accept(rewards[r["analysis_id"]], cfg.accept_min_correct)) for r in rows]
     accepted = sum(ok for _, ok in decided)
     ratio = experience.retention_ratio(accepted, len(rows))

@@ -6,7 +6,7 @@ import re
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from mel_core import library
+from mel_core import library, records
 from mel_core.runtime import Runtime
 from mel_core.summary import format_step
 
@@ -17,9 +17,7 @@ def _key(rt: Runtime, what: str) -> str:
 
 
 def publish_step(rt: Runtime, step: int, summary: dict) -> None:
-    heuristics = rt.store.query(
-        "SELECT heuristic_id, text, analysis_id FROM heuristics WHERE run_id = ? AND step = ? AND accepted "
-        "ORDER BY heuristic_id", [rt.run_id, step])
+    heuristics = records.accepted_heuristics_of_step(rt.store, rt.run_id, step)
     create_table_artifact(key=_key(rt, "accepted-heuristics"), table=heuristics or [{"heuristic_id": "", "text": "(none)"}],
                           description=f"Heuristics accepted at step {step} of run {rt.run_id}")
     clusters = library.top_clusters(rt.store, rt.run_id, limit=10)

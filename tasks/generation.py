@@ -1,25 +1,20 @@
 """Prefect task: generate one chunk on a worker — the fan-out of ``orchestration.runner: ray``.
 
-The generation-heavy stages (sample, diagnose/abstract, replay, evaluation) call the runtime's
-engine as always; under ``runner: ray`` that engine is a ShardedEngine whose dispatcher, registered
-here, submits one `generate_chunk` task per chunk to prefect-ray's RayTaskRunner. Each chunk is a
-Prefect task run (visible in the UI under its stage's flow run) executed by a Ray worker that keeps
-its policy loaded between chunks (mel_core/engines/worker.py). Workers return completions; only the
-flow process writes DuckDB. Chunk tasks are neither cached nor persisted: the stage that called
-them is the unit of caching, and its records are written by the flow process.
+Under ``runner: ray`` the runtime's engine is a ShardedEngine (mel_core/engines/sharded.py) whose dispatch,
+made here, submits one `generate_chunk` task per chunk to a prefect-ray task runner that the flow owns
+(flows/workers.py). Each chunk is a Prefect task run (visible in the UI under its stage's flow run) executed
+by a Ray worker that keeps its policy loaded between chunks (mel_core/engines/worker.py). Workers return
+completions; only the flow process writes DuckDB. Chunk tasks are neither cached nor persisted: the stage that
+called them is the unit of caching.
 """
 
 from __future__ import annotations
-
-import atexit
-import os
-import threading
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mel_core.config import MelConfig, to_dict
-from mel_core.engines.sharded import ChunkJob, register_dispatcher
+from mel_core.engines.sharded import ChunkJob, Dispatch
 
 
 @task(name="generate-chunk", cache_policy=NO_CACHE, persist_result=False)
@@ -29,67 +24,14 @@ def generate_chunk_task(config: dict, job: dict) -> list:
     return worker.run_chunk(config, ChunkJob.from_dict(job))
 
 
-_RUNNER = None
-_RUNNER_LOCK = threading.Lock()
-
-
-def _worker_env() -> dict:
-    """What a worker process must share with the flow's: Prefect's home and API (so its task runs report
-    to the same server), telemetry off, quiet tokenizers."""
-    from prefect.settings import get_current_settings
-
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith("PREFECT_") or k in ("DO_NOT_TRACK", "TOKENIZERS_PARALLELISM")}
-    api_url = get_current_settings().api.url or _ephemeral_api_url()
-    if not api_url:
-        raise RuntimeError("orchestration.runner: ray needs a Prefect API its workers can reach: set "
-                           "PREFECT_API_URL (e.g. to a `mel serve` server)")
-    env["PREFECT_API_URL"] = str(api_url)
-    return env
-
-
-def _ephemeral_api_url() -> str | None:
-    """The API of the temporary server Prefect started in this process (no PREFECT_API_URL set, as under
-    `mel run` or prefect_test_harness): workers on this machine can reach it too."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    running = [s for s in SubprocessASGIServer._instances.values() if s.running]
-    return running[0].api_url if running else None
-
-
-def ray_task_runner(cfg: MelConfig):
-    """The process's RayTaskRunner, started on first use and kept for the process's life: joining a
-    cluster costs seconds, a step's fan-out must not pay it."""
-    global _RUNNER
-    with _RUNNER_LOCK:
-        if _RUNNER is None:
-            from prefect_ray import RayTaskRunner
-
-            r = cfg.orchestration.ray
-            init = {"runtime_env": {"env_vars": _worker_env()}, "log_to_driver": False}
-            if not r.address:
-                # A local cluster of this process: its size, no dashboard, reachable from this machine only —
-                # so without Ray's token auth, whose token Ray would write under the user's home.
-                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-                init.update(num_cpus=r.local_workers, include_dashboard=False, _node_ip_address="127.0.0.1",
-                            object_store_memory=256 * 2**20)
-            runner = RayTaskRunner(address=r.address or None, init_kwargs=init)
-            runner.__enter__()
-            atexit.register(runner.__exit__, None, None, None)
-            _RUNNER = runner
-    return _RUNNER
-
-
-@register_dispatcher("ray")
-def ray_dispatch(cfg: MelConfig):
-    """Dispatch for ShardedEngine: every chunk a generate_chunk task on the Ray cluster, results in order."""
+def ray_dispatch(runner, cfg: MelConfig) -> Dispatch:
+    """Every chunk a generate_chunk task on `runner` (a started prefect-ray RayTaskRunner), results in order."""
     from prefect_ray.context import remote_options
 
     config = to_dict(cfg)
     r = cfg.orchestration.ray
 
     def dispatch(jobs: list[ChunkJob]):
-        runner = ray_task_runner(cfg)
         with remote_options(num_cpus=r.cpus_per_chunk, num_gpus=r.gpus_per_chunk):
             futures = [runner.submit(generate_chunk_task, {"config": config, "job": job.as_dict()}) for job in jobs]
         return [f.result() for f in futures]

@@ -3,15 +3,12 @@ from pathlib import Path
 
 import pytest
 
+from mel_app.environment import prefect_environment
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Prefect state under the repo, never in $HOME; telemetry off. Set before prefect is imported.
-os.environ.setdefault("PREFECT_HOME", str(REPO / ".prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+prefect_environment(home=REPO / ".prefect")
 os.chdir(REPO)
 
 

@@ -7,7 +7,7 @@ writes) *and* a constructed situation: every runtime the process builds generate
 
 import sys
 
-from mel_core import cli
+from mel_app import cli
 from mel_core import runtime as runtime_mod
 from tests.scripted import Script, ScriptedEngine
 

@@ -71,7 +71,7 @@ def test_arm_configs_differ_only_in_what_mel_adds():
 
 @pytest.mark.slow
 def test_compare_end_to_end(prefect_harness, tmp_path, capsys, micro_model):
-    from mel_core.cli import main
+    from mel_app.cli import main
 
     out = tmp_path / "report.md"
     argv = ["compare", "--config", "configs/tiny.yaml", "--name", "t", "--seeds", "1", "--out", str(out),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mel_core import cli
+from mel_app import cli
 from mel_core import evaluate as ev
 from mel_core.config import ConfigError
 from mel_core.prompts import resolve_path

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mel_core import cli
+from mel_app import cli
 from mel_core import config as config_mod
 from mel_core.config import ConfigError
 from mel_core.data import MissingDataFile

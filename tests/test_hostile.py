@@ -22,7 +22,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from mel_core import cli, runlock
+from mel_app import cli
+from mel_core import runlock
 from mel_core import config as C
 from mel_core.files import remove_stale_temps
 from mel_core.store import ForeignStore, Store, StoreReader, snapshot_path
@@ -292,7 +293,7 @@ def test_problems_longer_than_the_context_are_named_before_step_one(prefect_harn
     from prefect.settings import PREFECT_API_URL
 
     # a process of its own, as a user runs it: Prefect's logging is set up by `mel`, not by this test session
-    done = subprocess.run([sys.executable, "-m", "mel_core.cli", "run", "--config", "configs/tiny.yaml",
+    done = subprocess.run([sys.executable, "-m", "mel_app.cli", "run", "--config", "configs/tiny.yaml",
                            f"run.root_dir={tmp_path / 'runs'}", f"model.name_or_path={micro_model}",
                            f"data.source={data}", "sampling.prompts_per_step=2"], capture_output=True, text=True,
                           env=dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value()), timeout=300)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from mel_core import cli
+from mel_app import cli
 from mel_core.store import VIEWS, StoreReader
 
 pytestmark = pytest.mark.slow

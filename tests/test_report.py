@@ -12,7 +12,7 @@ import pytest
 
 from mel_core import config as C
 from mel_core import report
-from mel_core.cli import main as mel
+from mel_app.cli import main as mel
 from mel_core.store import PRIMARY_KEYS, TABLES, Store, StoreReader, make_id
 from tests.scripted import Script, scripted_runtimes
 

@@ -20,12 +20,12 @@ pytest.importorskip("prefect_ray", reason="prefect-ray not installed: run make t
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from mel_core import serve  # noqa: E402
+from mel_app import serve  # noqa: E402
 from mel_core.store import Store  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-MEL = [sys.executable, "-m", "mel_core.cli"]
+MEL = [sys.executable, "-m", "mel_app.cli"]
 CAMPAIGN = ["run.name=scale", "run.steps=2", "run.torch_threads=1", "sampling.prompts_per_step=8",
             "sampling.chunk_sequences=16",  # 64 rollouts = 4 chunks, so both workers get some
             "eval.every_n_steps=2", "eval.max_problems=8", "eval.k=2"]

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from mel_core import serve
+from mel_app import serve
 from mel_core.store import Store
 
 pytestmark = pytest.mark.slow
 
-MEL = [sys.executable, "-m", "mel_core.cli"]
+MEL = [sys.executable, "-m", "mel_app.cli"]
 
 
 def _free_port() -> int:

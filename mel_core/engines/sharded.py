@@ -7,8 +7,8 @@ exactly as the flow process's own HF engine would, so a campaign on N workers wr
 single-process campaign writes with the same seeds (same threads per process; tests/test_scale.py).
 
 The workers only generate: they return completions, and the flow process, which alone holds the
-DuckDB file, writes every record. How chunks reach the workers is a dispatcher's, registered here by
-runner name (tasks/generation.py registers ``ray``: Prefect tasks on prefect-ray's task runner); this
+DuckDB file, writes every record. How chunks reach the workers is a dispatch function's, which the
+orchestration layer gives the engine (flows/workers.py: Prefect tasks on prefect-ray's task runner); this
 module knows neither Ray nor Prefect.
 """
 
@@ -40,17 +40,6 @@ class ChunkJob:
 
 
 Dispatch = Callable[[list[ChunkJob]], list[list[Completion]]]
-
-# runner name -> factory(cfg) -> Dispatch. Registered by the orchestration layer, looked up by the runtime.
-DISPATCHERS: dict[str, Callable] = {}
-
-
-def register_dispatcher(name: str):
-    def register(factory):
-        DISPATCHERS[name] = factory
-        return factory
-    return register
-
 
 class ShardedEngine:
     def __init__(self, dispatch: Dispatch, *, max_batch_sequences: int = 256, base_path: str | None = None):

@@ -19,20 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from mel_core import serve
+from mel_app import serve
+from mel_app.environment import prefect_environment
+from mel_core import records
 
 
 def _prefect_env(verbose: bool) -> None:
-    """Prefect state under the working directory (never $HOME), telemetry off, silent unless -v: mel prints
-    its own one-line progress and failure lines (a failed stage logs one line through logger 'mel')."""
-    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The temporary API server needs more than Prefect's default on a loaded 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # its SQLite file cannot create the dir
+    """Prefect silent unless -v: mel prints its own one-line progress and failure lines (a failed stage logs one
+    line through logger 'mel')."""
+    prefect_environment(logging_level="INFO" if verbose else "CRITICAL")
 
 
 def _find_db(arg: str | None) -> Path:
@@ -80,8 +75,7 @@ def cmd_run(args) -> int:
     db = result["db"]
     from mel_core.store import StoreReader
     with StoreReader(db) as store:
-        hid = store.query("SELECT heuristic_id FROM heuristics WHERE run_id = ? AND accepted ORDER BY step DESC, "
-                          "heuristic_id LIMIT 1", [result["run_id"]])
+        hid = records.latest_accepted_heuristic(store, result["run_id"])
     print(f"\nmel: done in {time.time() - t0:.0f}s")
     print(f"  DuckDB:      {db}")
     print(f"  checkpoints: {Path(result['final_checkpoint']['path']).parent}")
@@ -90,7 +84,7 @@ def cmd_run(args) -> int:
     print(f"  .venv/bin/mel query --db {db} \"SELECT * FROM step_summary ORDER BY step\"")
     print(f"  .venv/bin/mel report {result['run_dir']}")
     if hid:
-        print(f"  .venv/bin/mel lineage --db {db} {hid[0]['heuristic_id']}")
+        print(f"  .venv/bin/mel lineage --db {db} {hid}")
     else:
         print(f"  .venv/bin/mel query --db {db} \"SELECT status, reject_reason, count(*) FROM analyses GROUP BY ALL\"")
     return 0
@@ -127,25 +121,23 @@ def cmd_lineage(args) -> int:
 
 def _lineage(args, store) -> int:
     if args.checkpoint:
-        rows = store.query("SELECT * FROM checkpoint_heuristics WHERE checkpoint_id = ? ORDER BY heuristic_step, "
-                           "heuristic_id", [args.checkpoint])
-        ck = store.query("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [args.checkpoint])
-        if not ck:
+        rows = records.checkpoint_heuristics(store, args.checkpoint)
+        ck = records.checkpoint(store, args.checkpoint)
+        if ck is None:
             print(f"mel: no checkpoint with id {args.checkpoint}", file=sys.stderr)
             return 1
-        print(f"checkpoint {args.checkpoint} (step {ck[0]['step']}, parent {ck[0]['parent_checkpoint_id']})\n"
-              f"  {ck[0]['path']}\n  internalized {len(rows)} heuristic(s):")
+        print(f"checkpoint {args.checkpoint} (step {ck['step']}, parent {ck['parent_checkpoint_id']})\n"
+              f"  {ck['path']}\n  internalized {len(rows)} heuristic(s):")
         for r in rows:
             print(f"    {r['heuristic_id']}  [step {r['heuristic_step']}]  {r['heuristic']}")
         return 0
     if not args.heuristic_id:
         print("mel: give a HEURISTIC_ID or --checkpoint ID", file=sys.stderr)
         return 2
-    rows = store.query("SELECT * FROM heuristic_lineage WHERE heuristic_id = ?", [args.heuristic_id])
-    if not rows:
+    r = records.heuristic_lineage(store, args.heuristic_id)
+    if r is None:
         print(f"mel: no heuristic with id {args.heuristic_id}", file=sys.stderr)
         return 1
-    r = rows[0]
     ind = lambda t: "\n".join("      " + ln for ln in (t or "").splitlines())
     status = {True: "accepted", False: "rejected", None: "not replayed"}[r["accepted"]]
     print(f"heuristic {r['heuristic_id']} ({status})\n    {r['heuristic']}")
@@ -196,7 +188,7 @@ def cmd_deploy(args) -> int:
     os.environ["PREFECT_API_URL"] = url  # read when prefect is imported below
     from flows.deploy import trigger
 
-    run = trigger(args.config, args.overrides, args.timeout)
+    run = trigger(serve.DEPLOYMENT, args.config, args.overrides, args.timeout)
     print(f"mel: flow run {run.name} ({run.id}): {run.state.type.value}", flush=True)
     return 0 if run.state.is_completed() else 1
 
@@ -245,11 +237,7 @@ def cmd_eval(args) -> int:
     row = None
     if db is not None:
         with StoreReader(db) as reader:
-            found = reader.query(
-                "SELECT c.checkpoint_id, c.path, c.step, c.run_id, r.config_json FROM checkpoints c LEFT JOIN runs r "
-                "USING (run_id) WHERE c.checkpoint_id = ? OR c.path = ? ORDER BY c.step LIMIT 1",
-                [args.checkpoint, str(as_path.resolve())])
-        row = found[0] if found else None
+            row = records.find_checkpoint(reader, args.checkpoint, str(as_path.resolve()))
     if row is None and not as_path.is_dir():
         print(f"mel: {args.checkpoint} is neither a checkpoint directory nor a checkpoint id in {db}", file=sys.stderr)
         return 1
@@ -286,10 +274,7 @@ def cmd_eval(args) -> int:
     rt = get_runtime(cfg)
     run_id = row["run_id"] if row else rt.run_id
     names = [dataset_name(d) for d in datasets]
-    rows = rt.store.query(
-        "SELECT dataset, metric, k, temperature, value, num_problems, seconds FROM evals WHERE run_id = ? AND "
-        "checkpoint_id = ? AND list_contains(?, dataset) ORDER BY dataset, temperature, metric",
-        [run_id, checkpoint["checkpoint_id"], names])
+    rows = records.evaluation_results(rt.store, run_id, checkpoint["checkpoint_id"], names)
     print(format_table(list(rows[0]) if rows else ["dataset"], [tuple(r.values()) for r in rows]))
     print(f"Failures: .venv/bin/mel query --db {rt.store.path} \"SELECT problem_id, answer, verify_reason, text "
           f"FROM eval_samples WHERE checkpoint_id = '{checkpoint['checkpoint_id']}' AND greedy AND reward = 0 LIMIT 10\"")

@@ -1,7 +1,6 @@
 """A standalone Prefect server and a process worker for campaigns (`mel serve`), and deploying to it.
 
-Everything runs through the `prefect` command line of this environment, as subprocesses, so mel_core
-never imports prefect. State lives under PREFECT_HOME (the repo's `.prefect` when started by `mel`
+Everything runs through the `prefect` command line of this environment, as subprocesses. State lives under PREFECT_HOME (the repo's `.prefect` when started by `mel`
 or `make`), telemetry off.
 """
 
