@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-vllm test-scale bench bench-scale bench-vllm serve clean
+.PHONY: setup demo test test-fast test-vllm test-scale bench bench-scale bench-vllm serve clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The tests without a Prefect flow, a subprocess campaign or torchrun (-m "not slow"): a few minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # orchestration.runner: ray for real: the `scale` extra (ray, prefect-ray) in the project's environment, then a
 # campaign run once in one process and once on a 2-worker local Ray cluster against a standalone Prefect server.

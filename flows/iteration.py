@@ -1,4 +1,4 @@
-"""One MEL training step as a Prefect DAG (paper §3, DESIGN.md §1):
+"""One MEL training step as a Prefect DAG (paper §3, docs/DESIGN.md "The algorithm"):
 
     sample -> verify -> pair -> diagnose -> abstract -> replay -> update
 

@@ -1,4 +1,4 @@
-"""Advantage estimators, policy losses, the NLL term and L = L_RL + lambda * L_NLL (DESIGN.md §1 step 7).
+"""Advantage estimators, policy losses, the NLL term and L = L_RL + lambda * L_NLL (docs/DESIGN.md, "The algorithm", step 7).
 
 Layout (after verl's ``core_algos.py``): small pure functions registered by name, and one function,
 :func:`aggregate`, that owns every reduction of a per-token loss to a scalar. Plain torch; no prefect.

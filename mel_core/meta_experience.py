@@ -693,57 +693,53 @@ def _spans(body: str, sections: Sequence[_Section], target: str) -> list[tuple[s
     return out
 
 
-def parse_diagnosis(text: str) -> ParsedAnalysis:
-    """The diagnose half: s* and C; ``target_text`` = :func:`diagnosis_part` (the two_pass diagnosis target)."""
+def _parse(text: str, diagnosis: bool, heuristics: bool, **rules) -> ParsedAnalysis:
+    """The parse every entry point shares: thinking and runaway text removed, sections found, then the
+    diagnosis (s*, C) and/or the heuristics H read, each rejecting with the first reason that applies; the
+    trained text ends after the last kept rule (or, for a diagnosis alone, at its heuristics header)."""
     body, finished = _prepare(text)
     layout, sections = _sections(body)
     res = ParsedAnalysis(layout=layout)
     if not finished:
         res.reject_reason = "unfinished_thinking"
         return res
-    _diagnose(body, layout, sections, res)
-    if res.ok:
-        res.target_text = diagnosis_part(text)
+    if diagnosis:
+        _diagnose(body, layout, sections, res)
+        if not res.ok:
+            return res
+        if not heuristics:
+            res.target_text = diagnosis_part(text)
+            res.spans = _spans(body, sections, res.target_text)
+            return res
+    end = _abstract(body, sections, res, rules.get("gold_answer"), rules.get("question"),
+                    rules.get("max_heuristics", 3))
+    if end is not None:
+        res.target_text = body[:end].lstrip()
         res.spans = _spans(body, sections, res.target_text)
+        if not diagnosis:  # an abstract generation is all heuristics, its preamble included
+            res.spans = [(part if part != "other" else "heuristics", a, b) for part, a, b in res.spans]
     return res
+
+
+def parse_diagnosis(text: str) -> ParsedAnalysis:
+    """The diagnose half: s* and C; ``target_text`` = :func:`diagnosis_part` (the two_pass diagnosis target)."""
+    return _parse(text, diagnosis=True, heuristics=False)
 
 
 def parse_heuristics(text: str, *, gold_answer: str | None = None, question: str | None = None,
                      max_heuristics: int = 3) -> ParsedAnalysis:
     """The abstract half: H (``heuristics``, ``heuristic_names``), its ``target_text`` (the text up to the
     last kept rule: the two_pass abstract target), or the reason no rule can be kept."""
-    body, finished = _prepare(text)
-    layout, sections = _sections(body)
-    res = ParsedAnalysis(layout=layout)
-    if not finished:
-        res.reject_reason = "unfinished_thinking"
-        return res
-    end = _abstract(body, sections, res, gold_answer, question, max_heuristics)
-    if end is not None:
-        res.target_text = body[:end].lstrip()
-        res.spans = [(part if part != "other" else "heuristics", a, b)
-                     for part, a, b in _spans(body, sections, res.target_text)]
-    return res
+    return _parse(text, diagnosis=False, heuristics=True, gold_answer=gold_answer, question=question,
+                  max_heuristics=max_heuristics)
 
 
 def parse_analysis(text: str, *, gold_answer: str | None = None, question: str | None = None,
                    max_heuristics: int = 3) -> ParsedAnalysis:
     """M = (s*, C, H) from one generation and its trained text M* (``target_text``), or the first reason
     it cannot be used."""
-    body, finished = _prepare(text)
-    layout, sections = _sections(body)
-    res = ParsedAnalysis(layout=layout)
-    if not finished:
-        res.reject_reason = "unfinished_thinking"
-        return res
-    _diagnose(body, layout, sections, res)
-    if not res.ok:
-        return res
-    end = _abstract(body, sections, res, gold_answer, question, max_heuristics)
-    if end is not None:
-        res.target_text = body[:end].lstrip()
-        res.spans = _spans(body, sections, res.target_text)
-    return res
+    return _parse(text, diagnosis=True, heuristics=True, gold_answer=gold_answer, question=question,
+                  max_heuristics=max_heuristics)
 
 
 def combine(diagnosis: ParsedAnalysis, abstract: ParsedAnalysis) -> ParsedAnalysis:

@@ -1,6 +1,6 @@
 """The embedded tiny model: its tokenizer, its Qwen2 architecture, and its warm start.
 
-No model can be downloaded here, so ``model.name_or_path: tiny`` builds one (DESIGN.md §4): a
+No model can be downloaded here, so ``model.name_or_path: tiny`` builds one (docs/DESIGN.md, "The embedded worlds and the tiny model"): a
 byte-level BPE tokenizer trained on the synthetic task's texts, a ~1M-parameter Qwen2 model, and a
 short warm start on three kinds of examples, all rendered with the configured (tiny) prompt set:
 

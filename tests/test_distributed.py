@@ -12,7 +12,7 @@ from mel_core import distributed
 from mel_core.policy import NLLBatch, Policy, RLBatch
 from tests.conftest import build_micro_model
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # torchrun
 
 
 def _batch(tok, seed: int):

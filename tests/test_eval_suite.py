@@ -103,6 +103,7 @@ def cli_env(monkeypatch):
     monkeypatch.delenv("PREFECT_LOGGING_LEVEL", raising=False)
 
 
+@pytest.mark.slow
 def test_mel_eval_suite_paper_end_to_end(prefect_harness, micro_model, tmp_path, capsys, cli_env):
     rc = cli.main(["eval", "--checkpoint", str(micro_model), "--suite", "paper", "--datasets", "synthetic",
                    "--config", "configs/tiny.yaml", f"model.name_or_path={micro_model}", f"run.root_dir={tmp_path}",

@@ -74,6 +74,7 @@ def test_deployment_parameters_are_validated_before_any_work():
 # ---------------------------------------------------------------------------------- the campaign flow
 
 
+@pytest.mark.slow
 def test_missing_dataset_fails_the_flow_before_the_warm_start(prefect_harness, tmp_path):
     from flows.campaign import campaign
 

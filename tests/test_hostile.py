@@ -286,6 +286,7 @@ def test_eval_of_a_directory_that_is_not_a_checkpoint(tmp_path):
     assert rc == 2 and "is not a checkpoint: no config.json" in one_line(err)
 
 
+@pytest.mark.slow
 def test_problems_longer_than_the_context_are_named_before_step_one(prefect_harness, tmp_path, micro_model):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n"
@@ -311,6 +312,7 @@ def test_debug_shows_the_traceback(tmp_path):
 # ------------------------------------------------------------------------ one campaign per run dir
 
 
+@pytest.mark.slow
 def test_a_second_campaign_on_a_live_run_directory_is_refused_naming_the_holder(tmp_path, micro_model):
     args = ["run", "--config", "configs/tiny.yaml", "run.name=busy", f"run.root_dir={tmp_path}", "run.steps=3",
             f"model.name_or_path={micro_model}", "sampling.prompts_per_step=2", "sampling.group_size=4"]

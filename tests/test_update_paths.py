@@ -71,7 +71,7 @@ def _one_process(tmp_path_factory, micro, situation: str) -> tuple[dict, dict]:
     return _REFERENCE[situation]
 
 
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p == "fsdp_2" else p for p in PATHS])
 @pytest.mark.parametrize("situation", list(SITUATIONS))
 def test_every_update_path_records_every_kind_of_step(tmp_path, tmp_path_factory, micro, situation, path):
     _, prompts, expected_accepted, signal = SITUATIONS[situation]
