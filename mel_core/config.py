@@ -178,6 +178,23 @@ class ExperienceConfig:
                               "Eq. 6 and validation prompt) | heuristics = the kept If/Then rules alone (our option: "
                               "a stricter test, since a critique often names this problem's answer).", PAPER,
                               one_of=REPLAY_CONTEXTS)
+    analyst: str = doc("policy", "Who writes the meta-experience (mel_core.analysts): policy = the policy itself "
+                       "(the paper) | model:<path> = a fixed teacher checkpoint | oracle = the embedded world writes "
+                       "the correct analysis of each incorrect rollout (uses world knowledge: a calibration arm) | "
+                       "mismatched = the oracle's analysis with its lesson swapped for another rule's (the "
+                       "extra-gradient control).", PAPER)
+    nll_target: str = doc("meta_experience", "What the NLL term trains on for each accepted analysis: "
+                          "meta_experience = M* given C_retro (the paper) | correct_rollout = the pair's correct "
+                          "rollout given its solve prompt (our rejection-sampling baseline, grpo+sft in mel "
+                          "compare: count-matched to MEL's acceptances).", PAPER,
+                          one_of=("meta_experience", "correct_rollout"))
+    filter: str = doc("replay", "How a candidate is kept: replay = its replay must verify (the paper) | none = every "
+                      "parsed candidate is kept, the replay still runs and is recorded (our control: what the "
+                      "filter selects).", PAPER, one_of=("replay", "none"))
+    transfer_replays: int = doc(0, "Our acceptance rule beyond the paper: also keep M only if, with M in context, the "
+                                "policy does no worse on up to k other problems of the step whose heuristics share a "
+                                "cluster with M's (mel_core.library) than their rollouts did. 0 = off (the paper).",
+                                ge=0)
     long_context: str = doc("shorten", "When the retrospective context [I, x, y-, y+] and an analysis do not fit "
                             "model.max_seq_len: shorten = cut both solutions from the middle with a visible marker, "
                             "never the instruction or the question | skip = do not analyse the pair "
@@ -496,6 +513,11 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
          f"must be two numbers in [0, 1), got {cfg.optim.betas}")
     need(cfg.experience.accept_min_correct <= cfg.experience.replays_per_experience,
          "experience.accept_min_correct", "must be between 1 and experience.replays_per_experience")
+    analyst = cfg.experience.analyst
+    need(analyst in ("policy", "oracle", "mismatched") or (analyst.startswith("model:") and len(analyst) > 6),
+         "experience.analyst", f"policy, model:<path>, oracle or mismatched, got {analyst!r}")
+    need(analyst in ("policy",) or not analyst.startswith(("oracle", "mismatched")) or cfg.data.source == "synthetic",
+         "experience.analyst", "oracle and mismatched analysts need an embedded world (data.source: synthetic)")
     need(cfg.experience.pairs_per_group >= 1 or cfg.experience.pairing == "disjoint", "experience.pairs_per_group",
          "must be >= 1 (0 means 'as many as possible' for pairing: disjoint only)")
     need(cfg.model.device in ("auto", "cpu", "cuda") or cfg.model.device.startswith("cuda:"), "model.device",

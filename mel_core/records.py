@@ -70,11 +70,19 @@ def analyses_to_replay(store, run_id: str, step: int) -> list[dict]:
     mid-stage — those it had already decided (accepted, or rejected as replay_failed). Deciding those again
     is idempotent: the same seed replays the same completions, the same verdicts and the same rows."""
     return store.query(
-        "SELECT a.analysis_id, pr.question, pr.answer, a.replay_text, list(h.text ORDER BY h.position) AS heuristics "
+        "SELECT a.analysis_id, pr.prompt_id, pr.question, pr.answer, a.replay_text, "
+        "list(h.text ORDER BY h.position) AS heuristics, list(DISTINCT h.cluster_id) AS clusters "
         "FROM analyses a JOIN pairs pa USING (pair_id) JOIN prompts pr ON pr.prompt_id = pa.prompt_id "
         "JOIN heuristics h ON h.analysis_id = a.analysis_id WHERE a.run_id = ? AND a.step = ? "
         "AND (a.status IN ('candidate', 'accepted') OR a.reject_reason = 'replay_failed') "
         "GROUP BY ALL ORDER BY a.analysis_id", [run_id, step])
+
+
+def prompt_reward_means(store, run_id: str, step: int) -> dict[str, float]:
+    """prompt_id -> the mean reward of its rollouts at this step (how often the policy solves it unaided)."""
+    rows = store.query("SELECT prompt_id, avg(reward) AS mean FROM rollouts WHERE run_id = ? AND step = ? "
+                       "GROUP BY prompt_id", [run_id, step])
+    return {r["prompt_id"]: r["mean"] for r in rows}
 
 
 def mark_replayed(w, run_id: str, step: int) -> None:
@@ -104,6 +112,15 @@ def accepted_targets(store, run_id: str, step: int) -> list[dict]:
         "SELECT analysis_id, prompt_text, trained_token_ids, trained_parts, abstract_prompt_text, "
         "abstract_trained_token_ids, abstract_trained_parts FROM analyses "
         "WHERE run_id = ? AND step = ? AND status = 'accepted' ORDER BY analysis_id", [run_id, step])
+
+
+def accepted_correct_rollouts(store, run_id: str, step: int) -> list[dict]:
+    """For each accepted analysis of the step, its pair's correct rollout and solve prompt (the grpo+sft
+    baseline trains on these instead of M*: count-matched to the acceptances)."""
+    return store.query(
+        "SELECT a.analysis_id, p.prompt_text, r.token_ids FROM analyses a JOIN pairs pa USING (pair_id) "
+        "JOIN rollouts r ON r.rollout_id = pa.correct_rollout_id JOIN prompts p ON p.prompt_id = pa.prompt_id "
+        "WHERE a.run_id = ? AND a.step = ? AND a.status = 'accepted' ORDER BY a.analysis_id", [run_id, step])
 
 
 def accepted_heuristics(store, run_id: str, step: int) -> list[dict]:

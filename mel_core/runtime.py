@@ -96,6 +96,24 @@ class Runtime:
         return reward_kind_for_source(self.cfg.data.source)
 
     @cached_property
+    def analyst_engine(self):
+        """experience.analyst: model:<path> — the teacher's own HF engine, on the policy's device, never trained."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mel_core.engines.hf import HFEngine
+        from mel_core.policy import resolve_device
+
+        path = self.cfg.experience.analyst.removeprefix("model:")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.model.dtype]
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(resolve_device(self.cfg.model.device))
+        model.eval().requires_grad_(False)
+        return HFEngine(model, tokenizer, max_batch_sequences=self.cfg.sampling.chunk_sequences)
+
+    @cached_property
     def verifier(self):
         """The training data's :class:`mel_core.verify.Verifier` (its reward kind with ``cfg.verify``)."""
         from mel_core.verify import Verifier

@@ -13,15 +13,8 @@ from collections import defaultdict
 
 import torch
 
+from mel_core import analysts, experience, library, losses, meta_experience, records, retrospective
 from mel_core import config as config_mod
-from mel_core import (
-    experience,
-    library,
-    losses,
-    meta_experience,
-    records,
-    retrospective,
-)
 from mel_core.checkpoint_files import saved_update_stats
 from mel_core.engines.base import SamplingParams
 from mel_core.runtime import Checkpoint, Runtime, derive_seed
@@ -135,12 +128,13 @@ def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     fitted = [_retrospective(rt, lambda a, b, q=p["question"]: render_prompt(q, a, b), p["incorrect"], p["correct"])
               for p in pairs]
     todo = [(p, f) for p, f in zip(pairs, fitted) if f.prompt is not None]
-    outs = rt.engine.generate([f.prompt for _, f in todo], _analysis_params(rt, step, "diagnose"),
-                              desc=f"diagnose step {step}") if todo else []
+    outs = analysts.write(rt, "diagnose", [p for p, _ in todo], [f.prompt for _, f in todo],
+                          _analysis_params(rt, step, "diagnose"), desc=f"diagnose step {step}") if todo else []
     analysis_rows = [_skipped_analysis(rt, step, ckpt, p) for p, f in zip(pairs, fitted) if f.prompt is None]
-    for (p, f), (c,) in zip(todo, outs):
+    for (p, f), c in zip(todo, outs):
         parsed = meta_experience.parse_diagnosis(c.text)
-        reason = "truncated" if c.finish_reason == "length" else parsed.reject_reason
+        reason = ("truncated" if c.finish_reason == "length" else
+                  "no_known_error" if c.text == analysts.UNKNOWN_ERROR else parsed.reject_reason)
         analysis_rows.append({
             "analysis_id": make_id("analysis", p["pair_id"], ckpt.checkpoint_id), "pair_id": p["pair_id"],
             "run_id": rt.run_id, "step": step, "policy_version_id": ckpt.checkpoint_id, "prompt_text": f.prompt,
@@ -149,7 +143,7 @@ def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
             "bifurcation_step": parsed.bifurcation_step, "bifurcation": parsed.bifurcation,
             "critique": parsed.critique, "parsed": reason is None,
             "status": "diagnosed" if reason is None else "rejected", "reject_reason": reason,
-            "mode": rt.cfg.experience.analysis_mode})
+            "mode": rt.cfg.experience.analysis_mode, "analyst": rt.cfg.experience.analyst})
     diagnosed = sum(r["status"] == "diagnosed" for r in analysis_rows)
     counts = {"analyses": len(todo), "diagnosed": diagnosed,
               "truncated": sum(r["reject_reason"] == "truncated" for r in analysis_rows),
@@ -195,9 +189,9 @@ def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
                                                                                        d.target_text),
                                  r["incorrect"], r["correct"]) for r, d in zip(rows, diagnoses)]
         todo = [i for i, f in enumerate(fitted) if f.prompt is not None]
-        outs = rt.engine.generate([fitted[i].prompt for i in todo], _analysis_params(rt, step, "abstract"),
-                                  desc=f"abstract step {step}") if todo else []
-        generated = dict(zip(todo, (c for (c,) in outs)))
+        outs = analysts.write(rt, "abstract", [rows[i] for i in todo], [fitted[i].prompt for i in todo],
+                              _analysis_params(rt, step, "abstract"), desc=f"abstract step {step}") if todo else []
+        generated = dict(zip(todo, outs))
         for i, (r, d, f) in enumerate(zip(rows, diagnoses, fitted)):
             c = generated.get(i)
             h = meta_experience.parse_heuristics(c.text, **gold(r)) if c else None
@@ -254,7 +248,9 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     """Re-solve each question with its M in context (one batched call); accept M if replays verify.
 
     The replay prompt is the validation prompt of the prompt set with M as written by abstract
-    (experience.replay_context: the whole M = (s*, C, H), the paper's Eq. 6, or its heuristics alone)."""
+    (experience.replay_context: the whole M = (s*, C, H), the paper's Eq. 6, or its heuristics alone). With
+    experience.transfer_replays, M must also do no worse on other problems of its cluster; with
+    experience.filter: none, every candidate is kept (the replays are still run and recorded)."""
     cfg = rt.cfg.experience
     rows = [r for r in records.analyses_to_replay(rt.store, rt.run_id, step) if r["heuristics"]]
     if not rows:
@@ -262,29 +258,73 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
             w.insert("metrics", records.metric_rows(rt.run_id, step, {"accepted": 0}))
         return {"step": step, "candidates": 0, "accepted": 0, "retention_ratio": None}
     rt.ensure_version(ckpt)
-    prompts = [rt.model_input(rt.prompts.render_validation(r["question"], r["replay_text"])) for r in rows]
     params = SamplingParams(n=cfg.replays_per_experience, temperature=cfg.replay_temperature,
                             max_new_tokens=cfg.replay_max_new_tokens, seed=derive_seed(rt.cfg.run.seed, step, "replay"))
-    solved = solve_and_verify(rt.engine, rt.verifier, prompts, [r["answer"] for r in rows], params,
-                              desc=f"replay step {step}")
-    replay_rows, rewards = [], defaultdict(list)
-    for s in solved:
-        r = rows[s.prompt_index]
-        rewards[r["analysis_id"]].append(s.verdict.reward)
-        replay_rows.append({"replay_id": make_id("replay", r["analysis_id"], s.sample_index),
-                            "analysis_id": r["analysis_id"], "run_id": rt.run_id, "step": step,
-                            "replay_index": s.sample_index, "prompt_text": prompts[s.prompt_index],
-                            "text": s.completion.text, "reward": s.verdict.reward, "verify_reason": s.verdict.reason})
-    decided = [(r["analysis_id"], experience.accept(rewards[r["analysis_id"]], cfg.accept_min_correct)) for r in rows]
+    own, replay_rows = _replays(rt, step, [(r, r) for r in rows], params, "self", desc=f"replay step {step}")
+    passed = {r["analysis_id"]: experience.accept(own[r["analysis_id"]], cfg.accept_min_correct) for r in rows}
+    transferred = _transfer(rt, step, rows, replay_rows) if cfg.transfer_replays else {}
+    decided = [(a, cfg.filter == "none" or (ok and transferred.get(a, True))) for a, ok in passed.items()]
     accepted = sum(ok for _, ok in decided)
     ratio = experience.retention_ratio(accepted, len(rows))
+    metrics = {"accepted": accepted, "retention_ratio": ratio, "replay_passed": sum(passed.values())}
+    if cfg.transfer_replays:
+        metrics["transfer_rejected"] = sum(passed[a] and not ok for a, ok in transferred.items())
     with rt.store.transaction() as w:
         w.insert("replays", replay_rows)
         w.update("analyses", "analysis_id", [{"analysis_id": a, "status": "accepted" if ok else "rejected",
-                                              "reject_reason": None if ok else "replay_failed"} for a, ok in decided])
+                                              "reject_reason": None if ok else _why_not(passed[a], transferred.get(a))}
+                                             for a, ok in decided])
         records.mark_replayed(w, rt.run_id, step)
-        w.insert("metrics", records.metric_rows(rt.run_id, step, {"accepted": accepted, "retention_ratio": ratio}))
+        w.insert("metrics", records.metric_rows(rt.run_id, step, metrics))
     return {"step": step, "candidates": len(rows), "accepted": accepted, "retention_ratio": ratio}
+
+
+def _why_not(passed: bool, transferred: bool | None) -> str:
+    return "transfer_failed" if passed and transferred is False else "replay_failed"
+
+
+def _replays(rt: Runtime, step: int, jobs: list[tuple[dict, dict]], params: SamplingParams, kind: str,
+             desc: str) -> tuple[dict[str, list[float]], list[dict]]:
+    """Solve each (analysis, problem) job with the analysis's M in context: rewards per analysis, and the rows."""
+    prompts = [rt.model_input(rt.prompts.render_validation(problem["question"], a["replay_text"]))
+               for a, problem in jobs]
+    solved = solve_and_verify(rt.engine, rt.verifier, prompts, [problem["answer"] for _, problem in jobs], params,
+                              desc=desc)
+    rewards, rows = defaultdict(list), []
+    for s in solved:
+        a, problem = jobs[s.prompt_index]
+        rewards[a["analysis_id"]].append(s.verdict.reward)
+        key = ("replay", a["analysis_id"], s.sample_index) if kind == "self" else \
+            ("replay", a["analysis_id"], kind, problem["prompt_id"], s.sample_index)
+        rows.append({"replay_id": make_id(*key), "analysis_id": a["analysis_id"], "run_id": rt.run_id, "step": step,
+                     "replay_index": s.sample_index, "prompt_text": prompts[s.prompt_index], "text": s.completion.text,
+                     "reward": s.verdict.reward, "verify_reason": s.verdict.reason, "kind": kind,
+                     "prompt_id": problem["prompt_id"]})
+    return rewards, rows
+
+
+def _transfer(rt: Runtime, step: int, rows: list[dict], replay_rows: list[dict]) -> dict[str, bool]:
+    """experience.transfer_replays: for each candidate M, up to k other problems of the step whose heuristics
+    share a cluster with M's, solved once each with M in context; M passes when it solves them no less often than
+    their own rollouts did (none found: nothing to check, it passes)."""
+    k = rt.cfg.experience.transfer_replays
+    unaided = records.prompt_reward_means(rt.store, rt.run_id, step)
+    jobs = []
+    for a in rows:
+        others = {b["prompt_id"]: b for b in rows
+                  if b["prompt_id"] != a["prompt_id"] and set(a["clusters"]) & set(b["clusters"])}
+        jobs += [(a, others[p]) for p in sorted(others)[:k]]
+    if not jobs:
+        return {}
+    params = SamplingParams(n=1, temperature=rt.cfg.experience.replay_temperature,
+                            max_new_tokens=rt.cfg.experience.replay_max_new_tokens,
+                            seed=derive_seed(rt.cfg.run.seed, step, "transfer"))
+    rewards, transfer_rows = _replays(rt, step, jobs, params, "transfer", desc=f"transfer step {step}")
+    replay_rows += transfer_rows
+    baseline = defaultdict(list)
+    for a, problem in jobs:
+        baseline[a["analysis_id"]].append(unaided[problem["prompt_id"]])
+    return {a: sum(r) / len(r) >= sum(baseline[a]) / len(baseline[a]) for a, r in rewards.items()}
 
 
 # ---------------------------------------------------------------------------------- 7. update
@@ -308,8 +348,13 @@ def _nll_batch(rt: Runtime, step: int):
     given its own prompt. Empty when MEL is off (a GRPO run) or nothing was accepted."""
     from mel_core.policy import NLLBatch
 
-    accepted = (records.accepted_targets(rt.store, rt.run_id, step)
-                if rt.cfg.experience.enabled and rt.cfg.loss.nll_coef > 0 else [])
+    if not (rt.cfg.experience.enabled and rt.cfg.loss.nll_coef > 0):
+        return NLLBatch(prompts=[], target_ids=[]), False
+    if rt.cfg.experience.nll_target == "correct_rollout":  # the grpo+sft baseline: y+ given its solve prompt
+        rollouts = records.accepted_correct_rollouts(rt.store, rt.run_id, step)
+        return NLLBatch(prompts=[r["prompt_text"] for r in rollouts], target_ids=[r["token_ids"] for r in rollouts]), \
+            bool(rollouts)
+    accepted = records.accepted_targets(rt.store, rt.run_id, step)
     targets = [(a["prompt_text"], a["trained_token_ids"], a["trained_parts"]) for a in accepted]
     targets += [(a["abstract_prompt_text"], a["abstract_trained_token_ids"], a["abstract_trained_parts"])
                 for a in accepted if a["abstract_trained_token_ids"]]

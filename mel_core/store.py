@@ -122,7 +122,8 @@ TABLES: dict[str, str] = {
         abstract_trained_text VARCHAR,
         abstract_trained_token_ids INTEGER[],
         abstract_trained_parts UTINYINT[],
-        trained_tokens INTEGER""",
+        trained_tokens INTEGER,
+        analyst VARCHAR""",
     "heuristics": """
         heuristic_id VARCHAR PRIMARY KEY,
         analysis_id VARCHAR,
@@ -151,7 +152,9 @@ TABLES: dict[str, str] = {
         prompt_text VARCHAR,
         text VARCHAR,
         reward DOUBLE,
-        verify_reason VARCHAR""",
+        verify_reason VARCHAR,
+        kind VARCHAR,
+        prompt_id VARCHAR""",
     "checkpoints": """
         checkpoint_id VARCHAR PRIMARY KEY,
         run_id VARCHAR,

@@ -31,6 +31,17 @@ def solution(question: str, correct: bool = True) -> str:
     return arithmetic.format_solution(lines)
 
 
+def typed_error(question: str) -> str:
+    """An incorrect solution with one error of an arithmetic error type (the first that applies), else off by one."""
+    import random
+
+    for error_type in arithmetic.ERROR_TYPES:
+        injected = arithmetic.inject_error(question, error_type, random.Random(0))
+        if injected:
+            return arithmetic.format_solution(injected[0])
+    return solution(question, correct=False)
+
+
 def compact_analysis(question: str) -> str:
     """A well-formed analysis in the tiny prompt set's compact layout (it parses)."""
     right = arithmetic.solution_lines(question)
@@ -49,6 +60,7 @@ class Script:
     abstract(question): what the second call of analysis_mode two_pass writes (the heuristics).
     """
     solved: Callable[[str, int], bool] = lambda q, i: i % 2 == 0
+    wrong: Callable[[str], str] = lambda q: solution(q, correct=False)  # an incorrect rollout's text
     analysis: Callable[[str], str] = compact_analysis
     replay_solves: Callable[[str], bool] = lambda q: True
     abstract: Callable[[str], str] = lambda q: f"Heuristic: {RIGHT_RULE}"
@@ -66,7 +78,7 @@ class Script:
             return self.abstract(question)
         if prompt.startswith("Hint:") or "Meta-experience (reference information)" in prompt:
             return solution(question, self.replay_solves(question))
-        return solution(question, self.solved(question, index))
+        return solution(question) if self.solved(question, index) else self.wrong(question)
 
 
 class ScriptedEngine:

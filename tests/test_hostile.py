@@ -23,8 +23,8 @@ import duckdb
 import pytest
 
 from mel_app import cli
-from mel_core import runlock
 from mel_core import config as C
+from mel_core import runlock
 from mel_core.files import remove_stale_temps
 from mel_core.store import ForeignStore, Store, StoreReader, snapshot_path
 from tests.scripted import Script, run_step, scripted_runtime

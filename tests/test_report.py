@@ -10,9 +10,9 @@ import shutil
 import duckdb
 import pytest
 
+from mel_app.cli import main as mel
 from mel_core import config as C
 from mel_core import report
-from mel_app.cli import main as mel
 from mel_core.store import PRIMARY_KEYS, TABLES, Store, StoreReader, make_id
 from tests.scripted import Script, scripted_runtimes
 

@@ -35,6 +35,10 @@ class World(Protocol):
     def analysis_target(self, incorrect_lines: list[str], correct_lines: list[str], error_type: str) -> str:
         """The compact analysis of that error: ``Bifurcation: step k`` / ``Critique: ...`` / ``Heuristic: ...``."""
 
+    def oracle_analysis(self, question: str, incorrect_lines: list[str]) -> str | None:
+        """The correct analysis of a real incorrect solution (its first error's type known to the world), or
+        None when its error is none of the world's types: what experience.analyst: oracle writes."""
+
 
 def get(name: str) -> World:
     if name not in WORLD_NAMES:

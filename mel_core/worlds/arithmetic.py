@@ -329,6 +329,20 @@ def analysis_target(incorrect_lines: list[str], correct_lines: list[str], error_
             f"Heuristic: {ERROR_TYPES[error_type]}")
 
 
+def oracle_analysis(question: str, incorrect_lines: list[str]) -> str | None:
+    """The correct compact analysis of a real incorrect solution: its first wrong step, the critique, and the
+    lesson of the error type that step shows; None when the step is no error type of the model (a slip)."""
+    right = solution_lines(question)
+    try:
+        k = first_difference(incorrect_lines, right)
+    except ValueError:
+        return None
+    if k > min(len(incorrect_lines), len(right)):
+        return None
+    error_type = classify_error(incorrect_lines[k - 1], right[k - 1])
+    return analysis_target(incorrect_lines, right, error_type) if error_type else None
+
+
 class ArithmeticWorld:
     """The world's functions behind the mel_core.worlds.World interface."""
     name = NAME
@@ -348,6 +362,9 @@ class ArithmeticWorld:
 
     def analysis_target(self, incorrect_lines: list[str], correct_lines: list[str], error_type: str) -> str:
         return analysis_target(incorrect_lines, correct_lines, error_type)
+
+    def oracle_analysis(self, question: str, incorrect_lines: list[str]) -> str | None:
+        return oracle_analysis(question, incorrect_lines)
 
 
 WORLD = ArithmeticWorld()
