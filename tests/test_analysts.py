@@ -5,7 +5,7 @@ constructed step (tests/scripted.py), with the real parser, replay, store and up
 import pytest
 import torch
 
-from mel_core import analysts, losses
+from mel_core import losses
 from mel_core import config as C
 from mel_core.policy import Policy
 from mel_core.worlds import arithmetic
