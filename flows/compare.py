@@ -1,8 +1,9 @@
-"""The A/B harness as a flow: GRPO and MEL campaigns on identical data, seeds and budgets, then the report.
+"""The A/B harness as a flow: the chosen arms' campaigns on identical data, seeds and budgets, then the report.
 
-    for each seed:  campaign(<name>-grpo-s<seed>)   experience off, lambda = 0
-                    campaign(<name>-mel-s<seed>)    MEL as configured
-    report: per-step curves, final held-out Pass@1 difference with a paired bootstrap CI, time per step
+    for each seed:  campaign(<name>-grpo-s<seed>)   experience off, lambda = 0 (the baseline)
+                    campaign(<name>-<arm>-s<seed>)  for every other arm (mel, mel-oracle, grpo+sft, ...)
+    report: per-step curves, held-out Pass@1 differences to GRPO at equal steps and equal wall time with
+            paired bootstrap CIs and Holm-corrected p-values, time per step (mel_core.compare)
 
 Each arm is a whole campaign with its own run directory and DuckDB file, cached like any campaign: running
 the same comparison again reuses every finished stage and evaluation.
@@ -23,11 +24,12 @@ from mel_core.runtime import clear_runtimes
 
 
 @flow(name="mel-compare")
-def compare(config: dict, name: str, seeds: int = 3, command: str = "", out: str | None = None) -> dict:
-    """Run both arms at `seeds` seeds, write `out` (markdown) and its `.json` twin; returns the report."""
+def compare(config: dict, name: str, seeds: int = 3, command: str = "", out: str | None = None,
+            arms: tuple[str, ...] = compare_mod.DEFAULT_ARMS) -> dict:
+    """Run every arm at `seeds` seeds, write `out` (markdown) and its `.json` twin; returns the report."""
     cfg = from_dict(config)
     runs = []
-    for arm in compare_mod.plan(cfg, name, seeds):
+    for arm in compare_mod.plan(cfg, name, seeds, tuple(arms)):
         announce(f"compare: arm {arm.arm} seed {arm.seed} -> run {arm.config.run.name}")
         result = campaign(to_dict(arm.config))
         runs.append(compare_mod.ArmRun(arm.arm, arm.seed, arm.config.run.name, result["run_id"], result["db"],

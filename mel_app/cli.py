@@ -5,7 +5,7 @@
     mel lineage HEURISTIC_ID [--db ...]
     mel eval --checkpoint ID_OR_PATH [--datasets synthetic data/math500/test.jsonl ...] [key=value ...]
     mel eval --checkpoint ID_OR_PATH --suite paper [key=value ...]   # the paper's Table 1 benchmarks and layout
-    mel compare --config configs/tiny.yaml [--name ab] [--seeds 3] [key=value ...]   # GRPO vs MEL
+    mel compare --config configs/tiny.yaml [--name ab] [--seeds 3] [--arms grpo,mel,...] [key=value ...]   # A/B
     mel report RUN [--out DIR]                # markdown + PNG report of a run (name, id, dir or .duckdb)
     mel serve [--port 4200]                   # standalone Prefect server + process worker
     mel deploy [--run] [key=value ...]        # prefect.yaml's campaign deployment, optionally run it
@@ -22,6 +22,7 @@ from pathlib import Path
 from mel_app import serve
 from mel_app.environment import prefect_environment
 from mel_core import records
+from mel_core.compare import ARMS, DEFAULT_ARMS
 
 
 def _prefect_env(verbose: bool) -> None:
@@ -291,11 +292,12 @@ def cmd_compare(args) -> int:
     command = compare_mod.command_line(args.argv)
     print(f"mel: {command}", flush=True)
     cfg = config_mod.load(args.config, args.overrides)
-    compare_mod.plan(cfg, args.name, args.seeds)  # every arm's config validates before any work
+    arms = compare_mod.parse_arms(args.arms)
+    compare_mod.plan(cfg, args.name, args.seeds, arms)  # every arm's config validates before any work
     _prefect_env(args.verbose)
     from flows.compare import compare
 
-    report = compare(config_mod.to_dict(cfg), args.name, args.seeds, command, args.out)
+    report = compare(config_mod.to_dict(cfg), args.name, args.seeds, command, args.out, arms)
     print("\n" + compare_mod.format_markdown(report))
     print(f"mel: wrote {report['markdown_path']} and {report['json_path']}")
     return 0
@@ -376,9 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.k=4 eval.max_problems=50")
     ev.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
     ev.set_defaults(fn=cmd_eval)
-    cp = sub.add_parser("compare", help="A/B: GRPO vs MEL campaigns on identical data and seeds, with a bootstrap CI")
-    cp.add_argument("--config", required=True, help="the shared config (both arms; see configs/)")
-    cp.add_argument("--name", default="ab", help="runs are named <name>-grpo-s<seed> and <name>-mel-s<seed>")
+    cp = sub.add_parser("compare", help="A/B: GRPO vs MEL (and control arms) on identical data and seeds, "
+                                        "with bootstrap CIs")
+    cp.add_argument("--config", required=True, help="the shared config (every arm; see configs/)")
+    cp.add_argument("--name", default="ab", help="runs are named <name>-<arm>-s<seed>")
+    cp.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                    help=f"comma-separated arms, grpo always included: {', '.join(ARMS)} "
+                         "(see mel_core/compare.py for what each changes)")
     cp.add_argument("--seeds", type=int, default=3, help="seeds per arm (run.seed, run.seed+1, ...)")
     cp.add_argument("--out", help="markdown report path; the numbers go to the same path with .json "
                                   "(default: <run.root_dir>/<name>-compare.md)")

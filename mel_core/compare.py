@@ -1,27 +1,32 @@
-"""The A/B harness: GRPO against MEL on identical data, seeds and budgets, and the statistics of the result.
+"""The A/B harness: arms that differ only in what they add to GRPO, on identical data, seeds and budgets, and
+the statistics of their differences to GRPO.
 
-Arms. For each of S seeds (run.seed = base seed + i) both arms run a whole campaign from the same
-config; they differ only in what MEL adds:
+Arms (``--arms``, any of ARMS, ``grpo`` always included as the baseline). For each of S seeds (run.seed = base
+seed + i) every arm runs a whole campaign from the same config, changed only by its overrides:
 
-- ``grpo``: experience.enabled = false (no pair / diagnose / abstract / replay) and loss.nll_coef = 0;
-- ``mel``: experience.enabled = true with the configured lambda (loss.nll_coef > 0).
+- ``grpo``: no MEL stages, lambda = 0 — the baseline;
+- ``mel``: MEL as configured (the paper);
+- ``mel-oracle``: the embedded world writes the correct analysis of each incorrect rollout (uses world
+  knowledge: does a correct lesson reach the solver at all?);
+- ``mel-mismatched``: the oracle's analysis with each lesson swapped for another rule's of the nearest length
+  (the extra-gradient control: as much NLL, on lessons that do not fit);
+- ``grpo+sft``: the MEL pipeline, but the NLL trains on the accepted pairs' correct rollouts (count-matched to
+  MEL's acceptances: the rejection-sampling baseline);
+- ``mel-nofilter``: every parsed analysis kept (the replay runs, but does not filter);
+- ``mel-transfer``: MEL with experience.transfer_replays = 2 (an acceptance rule beyond the paper).
 
-Both arms start from the same checkpoint (the tiny warm start is cached under one key, or the same
-base model), and a step's problems and sampling seed derive from (run.seed, step) only, so at each
-seed the two arms train on the same problems in the same order (:func:`identical_problems` checks
-it from the stores). Each arm is evaluated on eval.datasets at the base, every eval.every_n_steps
-(if 0: only base and last) and at the last step.
+Every arm starts from the same checkpoint, and a step's problems and sampling seed derive from (run.seed, step)
+only, so at each seed all arms train on the same problems in the same order (:func:`identical_problems`).
 
-Statistics. The headline is the final held-out greedy Pass@1 difference MEL - GRPO on the first
-dataset (every dataset is reported). Its 95% CI is a paired, crossed bootstrap
-(:func:`paired_bootstrap`): the data are the per-(seed, problem) differences
-d[s, p] = reward_MEL[s, p] - reward_GRPO[s, p] (the same seed and problem in both arms, which is the
-pairing); each resample draws S seeds and P problems with replacement, independently, and takes the
-mean of d over the drawn seeds x drawn problems. Seeds carry the training randomness and problems the
-test-set sampling, so both are resampling units. The crossed bootstrap counts the cell-level noise in
-both draws, so it is conservative when seed and problem effects are small (on simulated binary
-outcomes, 3 seeds x 100-400 problems, a nominal 95% interval covered the true difference 98-100% of
-the time); with few seeds (S = 3) its seed part is coarse, so read it as an honest but rough bound.
+Statistics. Endpoints are fixed before any run: for every arm other than grpo and every held-out dataset, the
+greedy Pass@1 difference (arm - GRPO) **at equal steps** (the final checkpoint) and **at equal wall time** (each
+arm's last evaluation whose cumulative training seconds do not exceed GRPO's total, seed by seed). Each
+difference has a paired, crossed bootstrap CI (:func:`paired_bootstrap`: per-(seed, problem) differences, seeds
+and problems resampled independently) and a bootstrap p-value (twice the smaller tail of the resampled means
+around 0); the p-values of all endpoints are Holm-corrected together, and each CI is also given at the
+Bonferroni level 1 - alpha/m, which covers simultaneously. The crossed bootstrap is conservative when seed and
+problem effects are small (on simulated binary outcomes, 3 seeds x 100-400 problems, a nominal 95% interval
+covered the true difference 98-100% of the time); with S = 3 its seed part is coarse: an honest, rough bound.
 """
 
 from __future__ import annotations
@@ -38,11 +43,23 @@ from mel_core.stage_names import STAGES
 from mel_core.store import StoreReader
 from mel_core.summary import step_summary
 
-ARMS = ("grpo", "mel")
+BASELINE = "grpo"
+# arm -> the config keys it changes (everything else is the shared config)
+ARM_OVERRIDES: dict[str, dict[str, object]] = {
+    "grpo": {"experience.enabled": False, "loss.nll_coef": 0.0},
+    "mel": {"experience.enabled": True},
+    "mel-oracle": {"experience.enabled": True, "experience.analyst": "oracle"},
+    "mel-mismatched": {"experience.enabled": True, "experience.analyst": "mismatched"},
+    "grpo+sft": {"experience.enabled": True, "experience.nll_target": "correct_rollout"},
+    "mel-nofilter": {"experience.enabled": True, "experience.filter": "none"},
+    "mel-transfer": {"experience.enabled": True, "experience.transfer_replays": 2},
+}
+ARMS = tuple(ARM_OVERRIDES)
+DEFAULT_ARMS = ("grpo", "mel")
 BOOTSTRAP_RESAMPLES = 10_000
 CI_LEVEL = 0.95
 RESAMPLING = ("paired crossed bootstrap: seeds and problems resampled independently with replacement; "
-              "statistic = mean of (MEL - GRPO) greedy reward over the drawn seeds x problems")
+              "statistic = mean of (arm - GRPO) greedy reward over the drawn seeds x problems")
 
 
 # ------------------------------------------------------------------------------------------ arms
@@ -50,22 +67,27 @@ RESAMPLING = ("paired crossed bootstrap: seeds and problems resampled independen
 
 @dataclass(frozen=True)
 class Arm:
-    arm: str  # 'grpo' | 'mel'
+    arm: str
     seed: int
     config: MelConfig
 
 
+def parse_arms(text: str | None) -> tuple[str, ...]:
+    """`--arms a,b,c` -> the arms in order, grpo first (the baseline every difference is taken against)."""
+    arms = [a.strip() for a in (text or ",".join(DEFAULT_ARMS)).split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARM_OVERRIDES]
+    if unknown:
+        raise ConfigError(f"--arms: unknown arm(s) {', '.join(unknown)}; one of {', '.join(ARMS)}")
+    return (BASELINE, *[a for a in dict.fromkeys(arms) if a != BASELINE])
+
+
 def arm_config(cfg: MelConfig, name: str, arm: str, seed: int) -> MelConfig:
-    """The campaign config of one arm at one seed: run `<name>-<arm>-s<seed>`, everything else shared."""
+    """The campaign config of one arm at one seed: run `<name>-<arm>-s<seed>`, its overrides, the rest shared."""
     d = config_mod.to_dict(cfg)
-    d["run"].update(name=f"{name}-{arm}-s{seed}", seed=seed)
-    if arm == "grpo":
-        d["experience"]["enabled"] = False
-        d["loss"]["nll_coef"] = 0.0
-    elif arm == "mel":
-        d["experience"]["enabled"] = True
-    else:
-        raise ValueError(f"unknown arm {arm!r}; one of {ARMS}")
+    d["run"].update(name=f"{name}-{arm.replace('+', '-')}-s{seed}", seed=seed)
+    for key, value in ARM_OVERRIDES[arm].items():
+        section, leaf = key.split(".")
+        d[section][leaf] = value
     d["eval"]["every_n_steps"] = eval_every(cfg)
     return config_mod.from_dict(d)
 
@@ -75,8 +97,8 @@ def eval_every(cfg: MelConfig) -> int:
     return cfg.eval.every_n_steps if cfg.eval.every_n_steps > 0 else max(cfg.run.steps, 1)
 
 
-def plan(cfg: MelConfig, name: str, seeds: int) -> list[Arm]:
-    """Every (arm, seed) campaign, seed by seed; the arm that goes first alternates, so neither arm always
+def plan(cfg: MelConfig, name: str, seeds: int, arms: tuple[str, ...] = DEFAULT_ARMS) -> list[Arm]:
+    """Every (arm, seed) campaign, seed by seed; the order of the arms rotates with the seed, so no arm always
     pays a process's first-generation warm-up in its timings."""
     if seeds < 1:
         raise ConfigError("compare: --seeds must be >= 1")
@@ -84,12 +106,13 @@ def plan(cfg: MelConfig, name: str, seeds: int) -> list[Arm]:
         raise ConfigError("config key 'eval.datasets': compare needs a held-out dataset (e.g. [synthetic])")
     if not cfg.eval.greedy:
         raise ConfigError("config key 'eval.greedy': compare reports greedy Pass@1; it must be true")
-    if cfg.loss.nll_coef <= 0:
-        raise ConfigError("config key 'loss.nll_coef': the MEL arm needs lambda > 0")
+    if cfg.loss.nll_coef <= 0 and any(a != BASELINE for a in arms):
+        raise ConfigError("config key 'loss.nll_coef': the MEL arms need lambda > 0")
+    arms = parse_arms(",".join(arms))
     out = []
     for i in range(seeds):
         seed = cfg.run.seed + i
-        order = ARMS if i % 2 == 0 else ARMS[::-1]
+        order = arms[i % len(arms):] + arms[:i % len(arms)]
         out += [Arm(arm, seed, arm_config(cfg, name, arm, seed)) for arm in order]
     return out
 
@@ -128,21 +151,26 @@ def paired_bootstrap(diff, n_resamples: int = BOOTSTRAP_RESAMPLES, level: float 
         stats[start:start + b] = np.einsum("bp,bp->b", ws @ d, wp)
     alpha = (1 - level) / 2
     lo, hi = np.quantile(stats, [alpha, 1 - alpha])
-    return {"mean": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level,
+    # two-sided bootstrap p-value of "no difference": twice the smaller share of resampled means beyond 0
+    p = min(1.0, 2 * min(float(np.mean(stats <= 0)), float(np.mean(stats >= 0))))
+    return {"mean": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level, "p": p,
             "n_seeds": S, "n_problems": P, "n_resamples": n_resamples, "resampling": RESAMPLING}
 
 
 # -------------------------------------------------------------------------------- reading the runs
 
 
-def _final_greedy(store: StoreReader, run: ArmRun, dataset: str) -> dict[str, float]:
-    rows = store.query("SELECT problem_id, reward FROM eval_samples WHERE run_id = ? AND checkpoint_id = ? "
-                       "AND dataset = ? AND greedy", [run.run_id, run.final_checkpoint_id, dataset])
-    return {r["problem_id"]: r["reward"] for r in rows}
+def _greedy_rewards(store: StoreReader, run_id: str) -> dict[tuple[str, int], dict[str, float]]:
+    """(dataset, step) -> {problem_id: greedy reward} of every evaluation of the run."""
+    out: dict[tuple[str, int], dict[str, float]] = {}
+    for r in store.query("SELECT dataset, step, problem_id, reward FROM eval_samples WHERE run_id = ? AND greedy",
+                         [run_id]):
+        out.setdefault((r["dataset"], r["step"]), {})[r["problem_id"]] = r["reward"]
+    return out
 
 
 def _run_records(run: ArmRun) -> dict:
-    """Per-step metrics and seconds, held-out metrics at eval points, final greedy rewards per problem."""
+    """Per-step metrics and seconds, held-out metrics and greedy rewards per problem at every evaluation."""
     with StoreReader(run.db) as store:
         steps = [s["step"] for s in store.query("SELECT DISTINCT step FROM metrics WHERE run_id = ? ORDER BY step",
                                                 [run.run_id])]
@@ -154,17 +182,16 @@ def _run_records(run: ArmRun) -> dict:
                              "stage_seconds": {st: secs[st] for st in STAGES if st in secs}})
         heldout = store.query("SELECT dataset, step, pass_at_1, avg_at_k, pass_at_k, k, num_problems "
                               "FROM heldout_accuracy WHERE run_id = ? ORDER BY dataset, step", [run.run_id])
-        datasets = sorted({h["dataset"] for h in heldout})
-        final = {ds: _final_greedy(store, run, ds) for ds in datasets}
+        greedy = _greedy_rewards(store, run.run_id)
         prompts = store.query("SELECT step, position, problem_id FROM prompts WHERE run_id = ? ORDER BY step, "
                               "position", [run.run_id])
-    return {"steps": per_step, "heldout": heldout, "final_greedy": final,
+    return {"steps": per_step, "heldout": heldout, "greedy": greedy,
             "prompts": [(p["step"], p["position"], p["problem_id"]) for p in prompts]}
 
 
-def identical_problems(records: dict[tuple[str, int], dict], seeds: list[int]) -> bool:
-    """At every seed, both arms trained on the same problems at the same steps and positions."""
-    return all(records[("grpo", s)]["prompts"] == records[("mel", s)]["prompts"] for s in seeds)
+def identical_problems(records: dict[tuple[str, int], dict], seeds: list[int], arms: tuple[str, ...]) -> bool:
+    """At every seed, every arm trained on the same problems at the same steps and positions."""
+    return all(records[(a, s)]["prompts"] == records[(BASELINE, s)]["prompts"] for a in arms for s in seeds)
 
 
 def _mean(xs) -> float | None:
@@ -173,19 +200,18 @@ def _mean(xs) -> float | None:
 
 
 def _curves(records: dict, arm: str, seeds: list[int]) -> list[dict]:
-    """Per step, the mean over seeds of reward, mixed-group fraction, accepted, retention and seconds."""
+    """Per step, the mean over seeds of reward, mixed-group fraction, acceptance, NLL per part and seconds."""
     by_step: dict[int, list[dict]] = {}
     for s in seeds:
         for row in records[(arm, s)]["steps"]:
             by_step.setdefault(row["step"], []).append(row)
+    keys = ("reward_mean", "mixed_groups", "accepted", "retention_ratio", "nll_loss", "nll_bifurcation",
+            "nll_critique", "nll_heuristics", "candidates", "replay_passed")
     out = []
     for step, rows in sorted(by_step.items()):
         mixed_frac = [r["mixed_groups"] / r["groups"] for r in rows if r.get("groups")]
-        out.append({"step": step, "seeds": len(rows), "reward_mean": _mean(r.get("reward_mean") for r in rows),
-                    "mixed_groups": _mean(r.get("mixed_groups") for r in rows), "mixed_fraction": _mean(mixed_frac),
-                    "accepted": _mean(r.get("accepted") for r in rows),
-                    "retention_ratio": _mean(r.get("retention_ratio") for r in rows),
-                    "seconds": _mean(r["seconds"] for r in rows)})
+        out.append({"step": step, "seeds": len(rows), "mixed_fraction": _mean(mixed_frac),
+                    "seconds": _mean(r["seconds"] for r in rows), **{k: _mean(r.get(k) for r in rows) for k in keys}})
     return out
 
 
@@ -200,18 +226,56 @@ def _heldout_curve(records: dict, arm: str, seeds: list[int], dataset: str) -> l
             for step, rows in sorted(by_step.items())]
 
 
-def _final_difference(records: dict, seeds: list[int], dataset: str, n_resamples: int) -> dict:
-    finals = {(arm, s): records[(arm, s)]["final_greedy"].get(dataset, {}) for arm in ARMS for s in seeds}
-    problem_sets = {frozenset(f) for f in finals.values()}
+def _elapsed(records: dict, arm: str, seed: int) -> dict[int, float]:
+    """step -> cumulative training seconds (sample..update) up to and including that step (0 at the base)."""
+    out, total = {0: 0.0}, 0.0
+    for row in sorted(records[(arm, seed)]["steps"], key=lambda r: r["step"]):
+        total += row["seconds"]
+        out[row["step"]] = total
+    return out
+
+
+def _equal_time_step(records: dict, arm: str, seed: int, dataset: str) -> int:
+    """The arm's last evaluated step whose cumulative training time does not exceed GRPO's whole campaign."""
+    budget = max(_elapsed(records, BASELINE, seed).values())
+    elapsed = _elapsed(records, arm, seed)
+    evaluated = sorted(step for (ds, step) in records[(arm, seed)]["greedy"] if ds == dataset)
+    within = [step for step in evaluated if elapsed.get(step, float("inf")) <= budget + 1e-9]
+    return within[-1] if within else evaluated[0]
+
+
+def _difference(records: dict, seeds: list[int], arm: str, dataset: str, readout: str, n_resamples: int) -> dict:
+    """arm - GRPO greedy Pass@1 on `dataset` at equal steps (both final) or equal wall time, per (seed, problem)."""
+    cells = {}
+    for s in seeds:
+        g_final = max(step for (ds, step) in records[(BASELINE, s)]["greedy"] if ds == dataset)
+        a_step = (max(step for (ds, step) in records[(arm, s)]["greedy"] if ds == dataset) if readout == "equal_steps"
+                  else _equal_time_step(records, arm, s, dataset))
+        cells[s] = (records[(arm, s)]["greedy"][(dataset, a_step)], records[(BASELINE, s)]["greedy"][(dataset, g_final)],
+                    a_step)
+    problem_sets = {frozenset(a) for a, _, _ in cells.values()} | {frozenset(g) for _, g, _ in cells.values()}
     if len(problem_sets) != 1 or not next(iter(problem_sets)):
-        raise ValueError(f"{dataset}: the arms' final evaluations do not cover the same problems")
+        raise ValueError(f"{dataset}: the arms' evaluations do not cover the same problems")
     problems = sorted(next(iter(problem_sets)))
-    mel = np.array([[finals[("mel", s)][p] for p in problems] for s in seeds])  # [S, P]
-    grpo = np.array([[finals[("grpo", s)][p] for p in problems] for s in seeds])  # [S, P]
-    boot = paired_bootstrap(mel - grpo, n_resamples)
-    return {"dataset": dataset, "grpo_pass_at_1": float(grpo.mean()), "mel_pass_at_1": float(mel.mean()),
-            "grpo_per_seed": grpo.mean(axis=1).tolist(), "mel_per_seed": mel.mean(axis=1).tolist(),
-            "difference": boot["mean"], "ci_low": boot["ci_low"], "ci_high": boot["ci_high"], "bootstrap": boot}
+    a = np.array([[cells[s][0][p] for p in problems] for s in seeds])  # [S, P]
+    g = np.array([[cells[s][1][p] for p in problems] for s in seeds])  # [S, P]
+    boot = paired_bootstrap(a - g, n_resamples)
+    return {"arm": arm, "dataset": dataset, "readout": readout, "steps": [cells[s][2] for s in seeds],
+            "arm_pass_at_1": float(a.mean()), "grpo_pass_at_1": float(g.mean()),
+            "arm_per_seed": a.mean(axis=1).tolist(), "grpo_per_seed": g.mean(axis=1).tolist(),
+            "difference": boot["mean"], "ci_low": boot["ci_low"], "ci_high": boot["ci_high"], "p": boot["p"],
+            "bootstrap": boot, "diff_matrix": (a - g).tolist()}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as given)."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def _wall_time(records: dict, arm: str, seeds: list[int]) -> dict:
@@ -222,28 +286,38 @@ def _wall_time(records: dict, arm: str, seeds: list[int]) -> dict:
 
 
 def build_report(runs: list[ArmRun], *, name: str, command: str, config: MelConfig, datasets: list[str],
-                 n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+                 n_resamples: int = BOOTSTRAP_RESAMPLES, alpha: float = 1 - CI_LEVEL) -> dict:
     """Every number of the A/B, read back from the arms' stores (the JSON that `mel compare` writes)."""
     records = {(r.arm, r.seed): _run_records(r) for r in runs}
     seeds = sorted({r.seed for r in runs})
-    missing = [(a, s) for a in ARMS for s in seeds if (a, s) not in records]
-    if missing:
-        raise ValueError(f"compare: arms missing from the runs: {missing}")
-    finals = [_final_difference(records, seeds, ds, n_resamples) for ds in datasets]
-    wall = {arm: _wall_time(records, arm, seeds) for arm in ARMS}
-    g, m = wall["grpo"]["seconds_per_step"], wall["mel"]["seconds_per_step"]
+    arms = tuple(dict.fromkeys(r.arm for r in sorted(runs, key=lambda r: ARMS.index(r.arm))))
+    missing = [(a, s) for a in arms for s in seeds if (a, s) not in records]
+    if missing or BASELINE not in arms:
+        raise ValueError(f"compare: runs missing (every arm at every seed, and grpo): {missing}")
+    endpoints = [_difference(records, seeds, arm, ds, readout, n_resamples)
+                 for arm in arms if arm != BASELINE for ds in datasets for readout in ("equal_steps", "equal_time")]
+    for e, p_holm in zip(endpoints, holm([e["p"] for e in endpoints])):
+        e["p_holm"] = p_holm
+        e["significant"] = p_holm < alpha
+    m = max(1, len(endpoints))
+    for e, bonf in zip(endpoints, [paired_bootstrap(np.array(e.pop("diff_matrix")), n_resamples, 1 - alpha / m)
+                                   for e in endpoints]):
+        e["ci_low_simultaneous"], e["ci_high_simultaneous"] = bonf["ci_low"], bonf["ci_high"]
+    wall = {arm: _wall_time(records, arm, seeds) for arm in arms}
+    g = wall[BASELINE]["seconds_per_step"]
     return {
-        "name": name, "command": command, "seeds": seeds, "steps": config.run.steps,
+        "name": name, "command": command, "arms": list(arms), "seeds": seeds, "steps": config.run.steps,
         "prompts_per_step": config.sampling.prompts_per_step, "group_size": config.sampling.group_size,
         "eval": {"datasets": datasets, "every_n_steps": eval_every(config), "k": config.eval.k,
                  "temperature": config.eval.temperature, "max_problems": config.eval.max_problems},
-        "identical_problems": identical_problems(records, seeds),
+        "identical_problems": identical_problems(records, seeds, arms),
         "runs": [{"arm": r.arm, "seed": r.seed, "run_name": r.run_name, "run_id": r.run_id, "db": r.db,
                   "final_checkpoint_id": r.final_checkpoint_id} for r in runs],
-        "curves": {arm: _curves(records, arm, seeds) for arm in ARMS},
-        "heldout": {ds: {arm: _heldout_curve(records, arm, seeds, ds) for arm in ARMS} for ds in datasets},
-        "final": finals[0], "final_by_dataset": finals,
-        "wall_time": {**wall, "mel_over_grpo": (m / g) if g and m else None},
+        "curves": {arm: _curves(records, arm, seeds) for arm in arms},
+        "heldout": {ds: {arm: _heldout_curve(records, arm, seeds, ds) for arm in arms} for ds in datasets},
+        "endpoints": endpoints, "alpha": alpha, "correction": "holm",
+        "wall_time": {**wall, "over_grpo": {a: (wall[a]["seconds_per_step"] / g) if g and wall[a]["seconds_per_step"]
+                                            else None for a in arms}},
     }
 
 
@@ -256,11 +330,12 @@ def _f(x, fmt="{:.3f}") -> str:
 
 def write_plots(report: dict, out_dir: str | Path, stem: str) -> dict[str, str]:
     """PNG curves of the A/B beside its markdown: training reward, held-out greedy Pass@1 per dataset, and
-    MEL's accepted meta-experiences and retention. Returns {what: file name} for the plots drawn."""
+    acceptance and NLL per part of M of the MEL arms. Returns {what: file name} for the plots drawn."""
     from mel_core.report import line_plot
 
     out_dir = Path(out_dir)
     curves, plots = report["curves"], {}
+    mel_arms = [a for a in report["arms"] if a != BASELINE]
 
     def series(rows, key):
         return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
@@ -271,62 +346,66 @@ def write_plots(report: dict, out_dir: str | Path, stem: str) -> dict[str, str]:
             plots[what] = path.name
 
     draw("reward", "Training reward at T=1 (mean over seeds)", "reward",
-         {arm.upper(): series(curves[arm], "reward_mean") for arm in ARMS}, (0, 1))
+         {arm: series(curves[arm], "reward_mean") for arm in report["arms"]}, (0, 1))
     for ds, arms in report["heldout"].items():
         draw(f"heldout-{ds}", f"Held-out greedy Pass@1: {ds} (mean over seeds)", "Pass@1",
-             {arm.upper(): series(arms[arm], "pass_at_1") for arm in ARMS}, (0, 1))  # full scale: no zoomed gaps
-    draw("mel-acceptance", "MEL: accepted meta-experiences and retention (mean over seeds)", "per step",
-         {"accepted": series(curves["mel"], "accepted"), "retention ratio": series(curves["mel"], "retention_ratio")})
+             {arm: series(arms[arm], "pass_at_1") for arm in report["arms"]}, (0, 1))
+    draw("acceptance", "Accepted meta-experiences per step (mean over seeds)", "accepted",
+         {arm: series(curves[arm], "accepted") for arm in mel_arms})
+    draw("nll-parts", "NLL per part of M, MEL arms (mean over seeds)", "nats per token",
+         {f"{arm} {part}": series(curves[arm], f"nll_{part}") for arm in mel_arms
+          for part in ("bifurcation", "critique", "heuristics")})
     return plots
 
 
 def format_markdown(report: dict) -> str:
-    r, fin = report, report["final"]
-    pct = f"{round(fin['bootstrap']['level'] * 100)}%"
-    lines = [f"# GRPO vs MEL: {r['name']}", "",
-             "Command:", "", "```", r["command"], "```", "",
-             f"{len(r['seeds'])} seed(s) {r['seeds']} x 2 arms; {r['steps']} steps of B={r['prompts_per_step']} "
-             f"prompts x G={r['group_size']}; both arms start from the same checkpoint. Identical problems per step "
-             f"in both arms at every seed: **{'yes' if r['identical_problems'] else 'NO'}**.",
+    r = report
+    lines = [f"# A/B: {', '.join(r['arms'])} — {r['name']}", "", "Command:", "", "```", r["command"], "```", "",
+             f"{len(r['seeds'])} seed(s) {r['seeds']} x {len(r['arms'])} arms; {r['steps']} steps of "
+             f"B={r['prompts_per_step']} prompts x G={r['group_size']}; every arm starts from the same checkpoint. "
+             f"Identical problems per step in every arm at every seed: **{'yes' if r['identical_problems'] else 'NO'}**.",
              f"Held-out: {', '.join(r['eval']['datasets'])} (greedy Pass@1; Avg@{r['eval']['k']} / "
              f"Pass@{r['eval']['k']} at T={r['eval']['temperature']}; "
-             f"{r['eval']['max_problems'] or 'all'} problems per dataset).", ""]
-    for f in r["final_by_dataset"]:
-        lines += [f"## Final held-out Pass@1 (greedy): {f['dataset']}", "",
-                  "| arm | Pass@1 (mean over seeds) | per seed |", "|---|---|---|",
-                  f"| GRPO | {_f(f['grpo_pass_at_1'])} | {', '.join(_f(x) for x in f['grpo_per_seed'])} |",
-                  f"| MEL | {_f(f['mel_pass_at_1'])} | {', '.join(_f(x) for x in f['mel_per_seed'])} |", "",
-                  f"**MEL - GRPO = {f['difference']:+.3f}**, {pct} CI [{f['ci_low']:+.3f}, {f['ci_high']:+.3f}] "
-                  f"({f['bootstrap']['n_seeds']} seeds x {f['bootstrap']['n_problems']} problems, "
-                  f"{f['bootstrap']['n_resamples']} resamples; {f['bootstrap']['resampling']}).", ""]
-    if report.get("plots"):
-        lines += ["## Plots", ""] + [f"![{what}]({name})" for what, name in report["plots"].items()] + [""]
+             f"{r['eval']['max_problems'] or 'all'} problems per dataset).", "",
+             f"## Differences to GRPO (endpoints fixed in advance; Holm across all {len(r['endpoints'])})", "",
+             "| arm | dataset | read-out | arm Pass@1 | GRPO Pass@1 | difference | 95% CI | simultaneous CI | "
+             "p | p (Holm) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in r["endpoints"]:
+        lines.append(f"| {e['arm']} | {e['dataset']} | {e['readout'].replace('_', ' ')} (steps {e['steps']}) | "
+                     f"{_f(e['arm_pass_at_1'])} | {_f(e['grpo_pass_at_1'])} | **{e['difference']:+.3f}** | "
+                     f"[{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] | "
+                     f"[{e['ci_low_simultaneous']:+.3f}, {e['ci_high_simultaneous']:+.3f}] | {e['p']:.3f} | "
+                     f"{e['p_holm']:.3f}{' *' if e['significant'] else ''} |")
+    if r["endpoints"]:
+        b = r["endpoints"][0]["bootstrap"]
+        lines += ["", f"{b['n_seeds']} seeds x {b['n_problems']} problems, {b['n_resamples']} resamples; "
+                  f"{b['resampling']}. * = significant at alpha = {r['alpha']:.2f} after Holm. The simultaneous CI "
+                  f"is at level 1 - alpha/{len(r['endpoints'])} (Bonferroni).", ""]
+    if r.get("plots"):
+        lines += ["## Plots", ""] + [f"![{what}]({name})" for what, name in r["plots"].items()] + [""]
     lines += ["## Per-step training curves (mean over seeds)", "",
-              "| step | GRPO reward | MEL reward | GRPO mixed groups | MEL mixed groups | MEL accepted | MEL retention |",
-              "|---|---|---|---|---|---|---|"]
-    mel_by_step = {c["step"]: c for c in r["curves"]["mel"]}
-    for g in r["curves"]["grpo"]:
-        m = mel_by_step.get(g["step"], {})
-        lines.append(f"| {g['step']} | {_f(g['reward_mean'])} | {_f(m.get('reward_mean'))} | "
-                     f"{_f(g['mixed_groups'], '{:.1f}')} | {_f(m.get('mixed_groups'), '{:.1f}')} | "
-                     f"{_f(m.get('accepted'), '{:.1f}')} | {_f(m.get('retention_ratio'), '{:.2f}')} |")
+              "| step | " + " | ".join(f"{a} reward" for a in r["arms"]) + " | "
+              + " | ".join(f"{a} accepted" for a in r["arms"] if a != BASELINE) + " |",
+              "|---|" + "---|" * (2 * len(r["arms"]) - 1)]
+    by_arm = {a: {c["step"]: c for c in r["curves"][a]} for a in r["arms"]}
+    for step in sorted(by_arm[BASELINE]):
+        lines.append(f"| {step} | " + " | ".join(_f(by_arm[a].get(step, {}).get("reward_mean")) for a in r["arms"])
+                     + " | " + " | ".join(_f(by_arm[a].get(step, {}).get("accepted"), "{:.1f}")
+                                          for a in r["arms"] if a != BASELINE) + " |")
     for ds, arms in r["heldout"].items():
-        lines += ["", f"## Held-out Pass@1 at evaluation points: {ds} (mean over seeds)", "",
-                  "| step | GRPO Pass@1 | MEL Pass@1 | GRPO Avg@k | MEL Avg@k |", "|---|---|---|---|---|"]
-        mel_by_step = {h["step"]: h for h in arms["mel"]}
-        for g in arms["grpo"]:
-            m = mel_by_step.get(g["step"], {})
-            lines.append(f"| {g['step']} | {_f(g['pass_at_1'])} | {_f(m.get('pass_at_1'))} | "
-                         f"{_f(g['avg_at_k'])} | {_f(m.get('avg_at_k'))} |")
+        lines += ["", f"## Held-out greedy Pass@1 at evaluation points: {ds} (mean over seeds)", "",
+                  "| step | " + " | ".join(r["arms"]) + " |", "|---|" + "---|" * len(r["arms"])]
+        by = {a: {h["step"]: h for h in arms[a]} for a in r["arms"]}
+        for step in sorted(by[BASELINE]):
+            lines.append(f"| {step} | " + " | ".join(_f(by[a].get(step, {}).get("pass_at_1")) for a in r["arms"]) + " |")
     w = r["wall_time"]
     lines += ["", "## Wall time per training step (sample..update, mean over seeds and steps; evaluation excluded)", "",
-              "| arm | s/step | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
-    for arm in ARMS:
+              "| arm | s/step | x GRPO | " + " | ".join(STAGES) + " |", "|---|---|---|" + "---|" * len(STAGES)]
+    for arm in r["arms"]:
         st = w[arm]["stage_seconds_per_step"]
-        lines.append(f"| {arm.upper()} | {_f(w[arm]['seconds_per_step'], '{:.2f}')} | "
+        lines.append(f"| {arm} | {_f(w[arm]['seconds_per_step'], '{:.2f}')} | {_f(w['over_grpo'][arm], '{:.2f}')} | "
                      + " | ".join(_f(st.get(s), '{:.2f}') for s in STAGES) + " |")
-    lines += ["", f"MEL / GRPO time per step: {_f(w['mel_over_grpo'], '{:.2f}')}x", "", "## Runs", "",
-              "| arm | seed | run | DuckDB |", "|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| arm | seed | run | DuckDB |", "|---|---|---|---|"]
     lines += [f"| {x['arm']} | {x['seed']} | {x['run_name']} ({x['run_id']}) | {x['db']} |" for x in r["runs"]]
     return "\n".join(lines) + "\n"
 

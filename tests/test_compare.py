@@ -69,6 +69,33 @@ def test_arm_configs_differ_only_in_what_mel_adds():
         cmp.plan(C.load("configs/tiny.yaml", ["loss.nll_coef=0"]), "ab", 1)
 
 
+def test_control_arms_change_only_their_own_keys():
+    cfg = C.load("configs/tiny.yaml", ["run.steps=2"])
+    arms = cmp.plan(cfg, "ab", 1, cmp.parse_arms("mel-oracle,grpo+sft,mel-mismatched,mel-nofilter,mel-transfer"))
+    assert [a.arm for a in arms] == ["grpo", "mel-oracle", "grpo+sft", "mel-mismatched", "mel-nofilter",
+                                     "mel-transfer"]  # grpo first: the baseline every difference is taken to
+    by = {a.arm: C.to_dict(a.config) for a in arms}
+    assert by["grpo+sft"]["run"]["name"] == "ab-grpo-sft-s0"
+    assert by["mel-oracle"]["experience"]["analyst"] == "oracle"
+    assert by["mel-mismatched"]["experience"]["analyst"] == "mismatched"
+    assert by["grpo+sft"]["experience"]["nll_target"] == "correct_rollout"
+    assert by["mel-nofilter"]["experience"]["filter"] == "none"
+    assert by["mel-transfer"]["experience"]["transfer_replays"] == 2
+    base = C.to_dict(C.load("configs/tiny.yaml", ["run.steps=2"]))["experience"]
+    for arm, d in by.items():
+        changed = {k for k, v in d["experience"].items() if v != base[k]}
+        expected = {k.split(".")[1] for k in cmp.ARM_OVERRIDES[arm] if k.startswith("experience.")}
+        assert changed <= expected, (arm, changed)
+    with pytest.raises(C.ConfigError, match="unknown arm"):
+        cmp.parse_arms("mel,ppo")
+
+
+def test_holm_adjusts_in_step_down_order():
+    assert cmp.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert cmp.holm([0.5]) == [0.5]
+    assert cmp.holm([0.9, 0.9]) == [1.0, 1.0]
+
+
 @pytest.mark.slow
 def test_compare_end_to_end(prefect_harness, tmp_path, capsys, micro_model):
     from mel_app.cli import main
@@ -84,20 +111,28 @@ def test_compare_end_to_end(prefect_harness, tmp_path, capsys, micro_model):
     report = json.loads(out.with_suffix(".json").read_text())
     assert out.read_text() in printed
 
-    for key in ("command", "seeds", "identical_problems", "runs", "curves", "heldout", "final", "wall_time"):
+    for key in ("command", "arms", "seeds", "identical_problems", "runs", "curves", "heldout", "endpoints",
+                "wall_time"):
         assert key in report, key
+    assert report["arms"] == ["grpo", "mel"]
     assert report["seeds"] == [0] and report["identical_problems"] is True
-    fin = report["final"]
-    assert fin["dataset"] == "synthetic" and fin["bootstrap"]["n_problems"] == 8
-    assert fin["difference"] == pytest.approx(fin["mel_pass_at_1"] - fin["grpo_pass_at_1"])
-    assert fin["ci_low"] <= fin["difference"] <= fin["ci_high"]
+    # one arm x one dataset x two read-outs, fixed in advance
+    assert [(e["arm"], e["dataset"], e["readout"]) for e in report["endpoints"]] == [
+        ("mel", "synthetic", "equal_steps"), ("mel", "synthetic", "equal_time")]
+    for e in report["endpoints"]:
+        assert e["bootstrap"]["n_problems"] == 8
+        assert e["difference"] == pytest.approx(e["arm_pass_at_1"] - e["grpo_pass_at_1"])
+        assert e["ci_low"] <= e["difference"] <= e["ci_high"]
+        assert e["ci_low_simultaneous"] <= e["ci_low"] and e["ci_high"] <= e["ci_high_simultaneous"]
+        assert e["p"] <= e["p_holm"] <= 1
+    assert report["endpoints"][0]["steps"] == [1]
     assert [c["step"] for c in report["curves"]["grpo"]] == [1]
     g1, m1 = report["curves"]["grpo"][0], report["curves"]["mel"][0]
     assert g1["mixed_groups"] is not None and (g1["reward_mean"], g1["mixed_groups"]) == (m1["reward_mean"], m1["mixed_groups"])
     assert [h["step"] for h in report["heldout"]["synthetic"]["mel"]] == [0, 1]
-    assert report["wall_time"]["grpo"]["seconds_per_step"] > 0 and report["wall_time"]["mel_over_grpo"] > 0
-    assert "MEL - GRPO" in printed and "95% CI" in printed
-    assert {"reward", "heldout-synthetic", "mel-acceptance"} <= set(report["plots"])
+    assert report["wall_time"]["grpo"]["seconds_per_step"] > 0 and report["wall_time"]["over_grpo"]["mel"] > 0
+    assert "Differences to GRPO" in printed and "95% CI" in printed
+    assert {"reward", "heldout-synthetic", "acceptance"} <= set(report["plots"])
     for name in report["plots"].values():
         assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in out.read_text()
 
