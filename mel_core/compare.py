@@ -361,15 +361,15 @@ def write_plots(report: dict, out_dir: str | Path, stem: str) -> dict[str, str]:
 def format_markdown(report: dict) -> str:
     r = report
     lines = [f"# A/B: {', '.join(r['arms'])} — {r['name']}", "", "Command:", "", "```", r["command"], "```", "",
-             f"{len(r['seeds'])} seed(s) {r['seeds']} x {len(r['arms'])} arms; {r['steps']} steps of "
+             (f"{len(r['seeds'])} seed(s) {r['seeds']} x {len(r['arms'])} arms; {r['steps']} steps of "
              f"B={r['prompts_per_step']} prompts x G={r['group_size']}; every arm starts from the same checkpoint. "
-             f"Identical problems per step in every arm at every seed: **{'yes' if r['identical_problems'] else 'NO'}**.",
-             f"Held-out: {', '.join(r['eval']['datasets'])} (greedy Pass@1; Avg@{r['eval']['k']} / "
+             f"Identical problems per step in every arm at every seed: **{'yes' if r['identical_problems'] else 'NO'}**."),
+             (f"Held-out: {', '.join(r['eval']['datasets'])} (greedy Pass@1; Avg@{r['eval']['k']} / "
              f"Pass@{r['eval']['k']} at T={r['eval']['temperature']}; "
-             f"{r['eval']['max_problems'] or 'all'} problems per dataset).", "",
+             f"{r['eval']['max_problems'] or 'all'} problems per dataset)."), "",
              f"## Differences to GRPO (endpoints fixed in advance; Holm across all {len(r['endpoints'])})", "",
-             "| arm | dataset | read-out | arm Pass@1 | GRPO Pass@1 | difference | 95% CI | simultaneous CI | "
-             "p | p (Holm) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             ("| arm | dataset | read-out | arm Pass@1 | GRPO Pass@1 | difference | 95% CI | simultaneous CI | "
+             "p | p (Holm) |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for e in r["endpoints"]:
         lines.append(f"| {e['arm']} | {e['dataset']} | {e['readout'].replace('_', ' ')} (steps {e['steps']}) | "
                      f"{_f(e['arm_pass_at_1'])} | {_f(e['grpo_pass_at_1'])} | **{e['difference']:+.3f}** | "
@@ -378,9 +378,9 @@ def format_markdown(report: dict) -> str:
                      f"{e['p_holm']:.3f}{' *' if e['significant'] else ''} |")
     if r["endpoints"]:
         b = r["endpoints"][0]["bootstrap"]
-        lines += ["", f"{b['n_seeds']} seeds x {b['n_problems']} problems, {b['n_resamples']} resamples; "
+        lines += ["", (f"{b['n_seeds']} seeds x {b['n_problems']} problems, {b['n_resamples']} resamples; "
                   f"{b['resampling']}. * = significant at alpha = {r['alpha']:.2f} after Holm. The simultaneous CI "
-                  f"is at level 1 - alpha/{len(r['endpoints'])} (Bonferroni).", ""]
+                  f"is at level 1 - alpha/{len(r['endpoints'])} (Bonferroni)."), ""]
     if r.get("plots"):
         lines += ["## Plots", ""] + [f"![{what}]({name})" for what, name in r["plots"].items()] + [""]
     lines += ["## Per-step training curves (mean over seeds)", "",
