@@ -5,6 +5,7 @@
     mel lineage HEURISTIC_ID [--db ...]
     mel eval --checkpoint ID_OR_PATH [--datasets synthetic data/math500/test.jsonl ...] [key=value ...]
     mel eval --checkpoint ID_OR_PATH --suite paper [key=value ...]   # the paper's Table 1 benchmarks and layout
+    mel gate --config configs/tiny-rules.yaml [--out F]   # D and kappa: can an A/B show anything here?
     mel compare --config configs/tiny.yaml [--name ab] [--seeds 3] [--arms grpo,mel,...] [key=value ...]   # A/B
     mel report RUN [--out DIR]                # markdown + PNG report of a run (name, id, dir or .duckdb)
     mel serve [--port 4200]                   # standalone Prefect server + process worker
@@ -22,7 +23,7 @@ from pathlib import Path
 from mel_app import serve
 from mel_app.environment import prefect_environment
 from mel_core import records
-from mel_core.compare import ARMS, DEFAULT_ARMS
+from mel_core.compare import ARMS, DEFAULT_ARMS, command_line
 
 
 def _prefect_env(verbose: bool) -> None:
@@ -285,6 +286,42 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_gate(args) -> int:
+    import json
+
+    from mel_core import config as config_mod
+    from mel_core import gate
+    from mel_core.checkpoint_files import checkpoint_problem
+    from mel_core.runtime import Checkpoint, get_runtime
+    from mel_core.store import make_id
+
+    cfg = config_mod.load(args.config, args.overrides)
+    settings = gate.GateSettings(max_problems=args.problems, kappa_steps=args.kappa_steps,
+                                 kappa_volume=args.kappa_volume, resamples=args.resamples, seed=args.seed)
+    rt = get_runtime(cfg)
+    gate.world_of(rt)  # a world the gate cannot measure is refused before the warm start
+    if args.checkpoint:
+        path = Path(args.checkpoint).resolve()
+        problem = checkpoint_problem(path)
+        if problem:
+            print(f"mel: {args.checkpoint} is not a checkpoint: {problem}", file=sys.stderr)
+            return 2
+        ckpt = Checkpoint(make_id("ckpt", "path", str(path)), str(path))
+    else:
+        ckpt = rt.base_checkpoint  # the config's starting policy (the tiny warm start, built if needed)
+    report = gate.run_gate(rt, ckpt, settings)
+    report["command"] = command_line(args.argv)
+    text = gate.format_gate(report)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        print(f"mel: wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from mel_core import compare as compare_mod
     from mel_core import config as config_mod
@@ -378,6 +415,19 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.k=4 eval.max_problems=50")
     ev.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
     ev.set_defaults(fn=cmd_eval)
+    gp = sub.add_parser("gate", help="before an A/B: can the policy discover its lessons (D) and do they reach "
+                                     "the solver (kappa)? measured on an embedded world's held-out split")
+    gp.add_argument("--config", required=True, help="the campaign config (e.g. configs/tiny-rules.yaml)")
+    gp.add_argument("--checkpoint", help="checkpoint directory to measure (default: the config's starting policy)")
+    gp.add_argument("--out", help="markdown report path; the numbers go to the same path with .json")
+    gp.add_argument("--problems", type=int, default=0, help="held-out problems per subset (default: all)")
+    gp.add_argument("--kappa-steps", type=int, default=3, help="MEL updates per kappa arm (default 3)")
+    gp.add_argument("--kappa-volume", type=int, default=0,
+                    help="lessons per kappa step (default: one per pair, MEL's volume at full acceptance)")
+    gp.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per CI")
+    gp.add_argument("--seed", type=int, default=0, help="seed of the gate's sampling and injected errors")
+    gp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 loss.nll_coef=2")
+    gp.set_defaults(fn=cmd_gate)
     cp = sub.add_parser("compare", help="A/B: GRPO vs MEL (and control arms) on identical data and seeds, "
                                         "with bootstrap CIs")
     cp.add_argument("--config", required=True, help="the shared config (every arm; see configs/)")

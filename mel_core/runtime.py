@@ -53,7 +53,6 @@ class Runtime:
         self.run_id = make_id("run", cfg.run.name, self.config_hash)
         self.run_dir = run_dir_of(cfg)
         self.checkpoint_dir = self.run_dir / "checkpoints" / self.config_hash
-        self.store = Store(self.run_dir / DB_FILE)
         self.prompts = PromptSet.load(cfg.prompts.dir)
         self._policy = None
         self._policy_version: str | None = None  # the checkpoint the policy's weights equal; None = none
@@ -61,6 +60,12 @@ class Runtime:
         self._given_engine = False  # an engine handed in by use_engine, kept instead of the configured one
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
+
+    @cached_property
+    def store(self) -> Store:
+        """The run's DuckDB store, opened (and verified) on first use: a runtime that only measures a
+        checkpoint (mel gate) never creates one."""
+        return Store(self.run_dir / DB_FILE)
 
     @cached_property
     def epoch(self) -> str:

@@ -103,7 +103,7 @@ def _analysis_params(rt: Runtime, step: int, stage: str) -> SamplingParams:
                           seed=derive_seed(cfg.run.seed, step, stage))
 
 
-def _retrospective(rt: Runtime, render, incorrect: str, correct: str) -> retrospective.Fitted:
+def retrospective_prompt(rt: Runtime, render, incorrect: str, correct: str) -> retrospective.Fitted:
     """The analysis prompt for (y-, y+) within the window, its head kept (mel_core.retrospective): the prompt,
     its analysis and the eos must fit model.max_seq_len, since the NLL learns M given exactly this prompt."""
     budget = rt.context_limit - rt.cfg.experience.analysis_max_new_tokens
@@ -125,7 +125,7 @@ def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     rt.ensure_version(ckpt)
     two_pass = rt.cfg.experience.analysis_mode == "two_pass"
     render_prompt = rt.prompts.render_diagnose if two_pass else rt.prompts.render_analysis
-    fitted = [_retrospective(rt, lambda a, b, q=p["question"]: render_prompt(q, a, b), p["incorrect"], p["correct"])
+    fitted = [retrospective_prompt(rt, lambda a, b, q=p["question"]: render_prompt(q, a, b), p["incorrect"], p["correct"])
               for p in pairs]
     todo = [(p, f) for p, f in zip(pairs, fitted) if f.prompt is not None]
     outs = analysts.write(rt, "diagnose", [p for p, _ in todo], [f.prompt for _, f in todo],
@@ -185,7 +185,7 @@ def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     updates = []
     if rt.cfg.experience.analysis_mode == "two_pass":
         diagnoses = [meta_experience.parse_diagnosis(r["raw_text"]) for r in rows]
-        fitted = [_retrospective(rt, lambda a, b, r=r, d=d: rt.prompts.render_abstract(r["question"], a, b,
+        fitted = [retrospective_prompt(rt, lambda a, b, r=r, d=d: rt.prompts.render_abstract(r["question"], a, b,
                                                                                        d.target_text),
                                  r["incorrect"], r["correct"]) for r, d in zip(rows, diagnoses)]
         todo = [i for i, f in enumerate(fitted) if f.prompt is not None]
