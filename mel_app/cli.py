@@ -1,7 +1,12 @@
-"""`mel` — run a campaign, query the corpus, trace a heuristic's lineage, serve and deploy campaigns.
+"""`mel` — run a campaign, query and export the corpus, list runs, trace a heuristic's lineage, serve and
+deploy campaigns.
 
     mel run --config configs/tiny.yaml [key=value ...]
-    mel query "SELECT ..." [--db runs/NAME/mel.duckdb]
+    mel query "SELECT ..." [--db runs/NAME/mel.duckdb] [--format table|csv|json|markdown] [--out FILE]
+                                              # FILE: .csv, .json or .parquet
+    mel export --db RUN --out DIR [--what rollouts,analyses,heuristics,lineage] [--accepted-only]
+               [--format parquet|jsonl]       # files with lineage columns, for datasets / pyarrow
+    mel runs [--root runs]                    # every run: status, steps, last checkpoint, held-out accuracy, parent
     mel lineage HEURISTIC_ID [--db ...]
     mel eval --checkpoint ID_OR_PATH [--datasets synthetic data/math500/test.jsonl ...] [key=value ...]
     mel eval --checkpoint ID_OR_PATH --suite paper [key=value ...]   # the paper's Table 1 benchmarks and layout
@@ -93,15 +98,33 @@ def cmd_run(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from mel_core.store import StoreReader, check_read_only, format_table
+    from mel_core import tabular
+    from mel_core.store import StoreReader, check_read_only
 
-    check_read_only(args.sql)  # refused before any file is opened
+    # Everything the user can get wrong is refused before any file is opened.
+    check_read_only(args.sql)
+    tabular.check_print_options(args.format, args.width)
+    out_format = tabular.file_format(args.out) if args.out else None
     with StoreReader(_find_db(args.db)) as store:
         try:
-            cols, rows = store.query_user(args.sql)
+            if out_format == "parquet":  # DuckDB's column types kept; the file is written here, not by DuckDB
+                table = store.query_user_arrow(args.sql)
+            else:
+                cols, rows = store.query_user(args.sql)
         except duckdb_error() as e:  # SQL errors and refused operations are the user's to fix: say what DuckDB said
             raise UserSQLError(f"query failed: {str(e).splitlines()[0]}") from e
-    print(format_table(cols, rows, max_width=args.width))
+    if out_format is None:
+        sys.stdout.write(tabular.format_rows(args.format, cols, rows, args.width))
+        return 0
+    if out_format == "parquet":
+        tabular.write_parquet_file(args.out, table)
+        n = table.num_rows
+    else:
+        text = (tabular.format_csv(cols, rows, bare_scalar=False) if out_format == "csv"
+                else tabular.format_json(cols, rows))
+        tabular.write_text_file(args.out, text)
+        n = len(rows)
+    print(f"mel: wrote {tabular.row_count(n)} to {args.out}")
     return 0
 
 
@@ -157,6 +180,38 @@ def _lineage(args, store) -> int:
         print(f"  internalized by update {r['internalized_by_update']} -> checkpoint {r['internalized_in_checkpoint']}")
     else:
         print("  not internalized (not accepted, or its update has not run)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mel_core import export
+
+    what = export.parse_what(args.what)  # bad input is refused before any file is opened
+    export.check_format(args.format)
+    db = _find_db(args.db)
+    done = export.export_run(db, args.out, what, args.accepted_only, args.format)
+    kept = " (accepted analyses and heuristics, and their pairs' rollouts)" if args.accepted_only else ""
+    print(f"mel: exported {db}{kept} to {args.out}")
+    width = max(len(e.table) for e in done)
+    for e in done:
+        print(f"  {e.table.ljust(width)}  {e.rows:>8} rows  {e.path}")
+    if args.format == "parquet":
+        print(f"Load: datasets.load_dataset(\"parquet\", data_files=\"{done[-1].path}\")  or  "
+              f"pyarrow.parquet.read_table(\"{done[-1].path}\")")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from mel_core import runs
+    from mel_core.tabular import format_table
+
+    summaries, notes = runs.list_runs(args.root)
+    if not summaries:
+        print(f"mel: no runs under {args.root}/")
+        return 0
+    print(format_table(list(runs.COLUMNS), runs.as_rows(summaries), max_width=0))
+    for note in notes:
+        print(f"mel: unreadable: {note}", file=sys.stderr)
     return 0
 
 
@@ -229,7 +284,8 @@ def cmd_eval(args) -> int:
         suite_datasets,
     )
     from mel_core.runtime import DB_FILE, get_runtime
-    from mel_core.store import StoreReader, format_table, make_id
+    from mel_core.store import StoreReader, make_id
+    from mel_core.tabular import format_table
 
     # `--datasets a b key=value`: argparse hands the trailing overrides to --datasets; take them back.
     args.overrides = [d for d in args.datasets or [] if "=" in d] + args.overrides
@@ -347,10 +403,15 @@ def _exit_code(e: BaseException) -> int:
     """2: the input is wrong (config, data, a refused query, a store that is not mel's); 1: the work failed."""
     from mel_core.config import ConfigError
     from mel_core.data import DataError
+    from mel_core.export import ExportError
     from mel_core.runlock import RunDirError, RunLocked
+    from mel_core.runs import RunsError
     from mel_core.store import StoreError
+    from mel_core.tabular import OutputError
 
-    return 2 if isinstance(e, (ConfigError, DataError, StoreError, RunLocked, RunDirError, UserSQLError)) else 1
+    bad_input = (ConfigError, DataError, StoreError, RunLocked, RunDirError, UserSQLError, ExportError, OutputError,
+                 RunsError)
+    return 2 if isinstance(e, bad_input) else 1
 
 
 def _one_line(e: BaseException) -> str:
@@ -375,8 +436,22 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("query", help="read-only SQL over a run's DuckDB file")
     q.add_argument("sql")
     q.add_argument("--db", help="DuckDB file or run directory (default: the latest under ./runs)")
-    q.add_argument("--width", type=int, default=60, help="max characters per cell")
+    q.add_argument("--format", default="table", help="table (default), csv, json or markdown; only table cuts "
+                                                     "wide cells (see --width), and says so")
+    q.add_argument("--width", type=int, default=60, help="table: max characters per cell, 0 for no limit (default 60)")
+    q.add_argument("--out", help="write the result to FILE instead: .csv, .json or .parquet, by its suffix")
     q.set_defaults(fn=cmd_query)
+    ex = sub.add_parser("export", help="a run's rollouts, analyses, heuristics and lineage as Parquet or JSONL files")
+    ex.add_argument("--db", help="DuckDB file or run directory (default: the latest under ./runs)")
+    ex.add_argument("--out", required=True, help="directory for the files (created if missing; files replaced whole)")
+    ex.add_argument("--what", default="", help="comma-separated: rollouts,analyses,heuristics,lineage (default: all)")
+    ex.add_argument("--accepted-only", action="store_true",
+                    help="only accepted analyses and heuristics, and the rollouts of their pairs")
+    ex.add_argument("--format", default="parquet", help="parquet (default) or jsonl")
+    ex.set_defaults(fn=cmd_export)
+    rs = sub.add_parser("runs", help="every run under a root: status, steps, last checkpoint, held-out accuracy, parent")
+    rs.add_argument("--root", default="runs", help="where the run directories are (default: runs)")
+    rs.set_defaults(fn=cmd_runs)
     lg = sub.add_parser("lineage", help="where a heuristic came from and which checkpoint learned it")
     lg.add_argument("heuristic_id", nargs="?")
     lg.add_argument("--checkpoint", help="list every heuristic this checkpoint internalized instead")

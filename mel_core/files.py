@@ -1,9 +1,10 @@
 """Files that appear whole or not at all: temp siblings tagged with their owner, renamed into place.
 
-A checkpoint directory, the warm-started model and the store's reader snapshot are each written into a
-temp sibling ``<name>.tmp-<host>-<pid>`` and renamed over ``<name>``, so a reader never sees half of one and
-a crash leaves a temp, not a torn file. A temp is cleaned up only by its own process or once its process is
-gone: another live process's temp is its work in progress, not litter.
+A checkpoint directory, the warm-started model, the store's reader snapshot and the files of ``mel export``
+and ``mel query --out`` are each written into a temp sibling ``<name>.tmp-<host>-<pid>`` and renamed over
+``<name>``, so a reader never sees half of one and a crash leaves a temp, not a torn file. A temp is cleaned
+up only by its own process or once its process is gone: another live process's temp is its work in progress,
+not litter.
 """
 
 from __future__ import annotations
@@ -77,6 +78,21 @@ def write_dir_atomically(path: str | Path, write: Callable[[Path], None]) -> Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` writes a temp file beside `path`, which then replaces `path`: a reader (or a training job
+    loading an export) sees the old file or the new one whole, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = temp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

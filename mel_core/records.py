@@ -190,3 +190,103 @@ def evaluation_results(store, run_id: str, checkpoint_id: str, datasets: list[st
     return store.query("SELECT dataset, metric, k, temperature, value, num_problems, seconds FROM evals WHERE run_id = ? "
                        "AND checkpoint_id = ? AND list_contains(?, dataset) ORDER BY dataset, temperature, metric",
                        [run_id, checkpoint_id, datasets])
+
+
+# ----------------------------------------------------------------------- reads for `mel export` (mel_core.export)
+# Each streams Arrow record batches from a reader (StoreReader.query_batches) and puts the lineage first: the
+# run, step and policy version of every row, and for analyses and heuristics the ids up the chain (pair,
+# prompt, problem, both rollouts) and the update and checkpoint that internalized them (NULL when none did).
+
+# The accepted analyses' pairs: what --accepted-only keeps of the rollouts.
+_ACCEPTED_PAIR_ROLLOUTS = (
+    "SELECT unnest([pa.correct_rollout_id, pa.incorrect_rollout_id]) FROM pairs pa "
+    "JOIN analyses a ON a.pair_id = pa.pair_id WHERE a.status = 'accepted'")
+
+
+def export_rollouts(reader, accepted_only: bool):
+    """Every rollout with its prompt (text, question, gold answer) and verdict; `accepted_only`: those of the
+    pairs whose analysis was accepted (the correct and the incorrect one)."""
+    where = f"WHERE r.rollout_id IN ({_ACCEPTED_PAIR_ROLLOUTS})" if accepted_only else ""
+    return reader.query_batches(
+        "SELECT r.run_id, r.step, r.policy_version_id, r.rollout_id, r.prompt_id, p.problem_id, r.sample_index, "
+        "p.question, p.answer, p.prompt_text, r.text, r.token_ids, r.num_tokens, r.finish_reason, r.reward, "
+        "r.extracted_answer, r.verify_reason FROM rollouts r LEFT JOIN prompts p ON p.prompt_id = r.prompt_id "
+        f"{where} ORDER BY r.run_id, r.step, p.position, r.sample_index, r.rollout_id")
+
+
+# One update (and its checkpoint) per analysis or heuristic: a step's update internalizes its own step's
+# acceptances once; min() keeps one row should a store ever hold two.
+_INTERNALIZED_BY = (
+    "LEFT JOIN (SELECT {key}, min(update_id) AS update_id FROM internalized GROUP BY {key}) i "
+    "ON i.{key} = {alias}.{key} LEFT JOIN updates u ON u.update_id = i.update_id")
+
+
+def export_analyses(reader, accepted_only: bool):
+    """Every analysis (all its columns: the generation, M*, its token ids and parts, status and reason) after its
+    lineage; `accepted_only`: status 'accepted'."""
+    where = "WHERE a.status = 'accepted'" if accepted_only else ""
+    return reader.query_batches(
+        "SELECT a.run_id, a.step, a.policy_version_id, a.analysis_id, a.pair_id, pa.prompt_id, pr.problem_id, "
+        "pa.correct_rollout_id, pa.incorrect_rollout_id, i.update_id AS internalized_by_update, "
+        "u.checkpoint_out AS internalized_in_checkpoint, "
+        "a.* EXCLUDE (run_id, step, policy_version_id, analysis_id, pair_id) "
+        "FROM analyses a LEFT JOIN pairs pa ON pa.pair_id = a.pair_id "
+        "LEFT JOIN prompts pr ON pr.prompt_id = pa.prompt_id "
+        f"{_INTERNALIZED_BY.format(key='analysis_id', alias='a')} {where} ORDER BY a.run_id, a.step, a.analysis_id")
+
+
+def export_heuristics(reader, accepted_only: bool):
+    """Every heuristic (text, accepted, cluster) after its lineage; `accepted_only`: those whose replay verified."""
+    where = "WHERE h.accepted" if accepted_only else ""
+    return reader.query_batches(
+        "SELECT h.run_id, h.step, a.policy_version_id, h.heuristic_id, h.analysis_id, a.pair_id, pa.prompt_id, "
+        "pr.problem_id, pa.correct_rollout_id, pa.incorrect_rollout_id, i.update_id AS internalized_by_update, "
+        "u.checkpoint_out AS internalized_in_checkpoint, h.* EXCLUDE (heuristic_id, analysis_id, run_id, step) "
+        "FROM heuristics h LEFT JOIN analyses a ON a.analysis_id = h.analysis_id "
+        "LEFT JOIN pairs pa ON pa.pair_id = a.pair_id LEFT JOIN prompts pr ON pr.prompt_id = pa.prompt_id "
+        f"{_INTERNALIZED_BY.format(key='heuristic_id', alias='h')} {where} "
+        "ORDER BY h.run_id, h.step, h.analysis_id, h.position, h.heuristic_id")
+
+
+def export_lineage(reader, accepted_only: bool):
+    """The heuristic_lineage view, row for row (texts of both rollouts, question, analysis, checkpoint)."""
+    where = "WHERE accepted" if accepted_only else ""
+    return reader.query_batches(f"SELECT * FROM heuristic_lineage {where} ORDER BY run_id, step, heuristic_id")
+
+
+# ------------------------------------------------------------------------------ reads for `mel runs`
+
+
+def runs_with_parent(reader) -> list[dict]:
+    """The runs of a store with their config and, where the store has the column (forks), the parent run."""
+    has_parent = reader.query("SELECT count(*) AS n FROM duckdb_columns() WHERE table_name = 'runs' AND "
+                              "column_name = 'parent_run_id' AND database_name = current_database()")[0]["n"]
+    parent = "parent_run_id" if has_parent else "NULL AS parent_run_id"
+    return reader.query(f"SELECT run_id, name, config_json, created_at, {parent} FROM runs ORDER BY created_at, run_id")
+
+
+def stage_executions(reader, run_id: str) -> list[dict]:
+    """Every stage execution of a run, oldest first (a retry or a resumed campaign adds rows; none is rewritten
+    but to close it)."""
+    return reader.query("SELECT step, stage, status, error, started_at, finished_at FROM stage_runs WHERE run_id = ? "
+                        "ORDER BY started_at, coalesce(finished_at, started_at), stage_run_id", [run_id])
+
+
+def updated_steps(reader, run_id: str) -> list[int]:
+    """The steps whose update committed (its checkpoint and rows), ascending."""
+    return [r["step"] for r in reader.query("SELECT DISTINCT step FROM updates WHERE run_id = ? ORDER BY step",
+                                            [run_id])]
+
+
+def last_checkpoint(reader, run_id: str) -> dict | None:
+    """The run's newest checkpoint (step 0: the starting policy)."""
+    rows = reader.query("SELECT checkpoint_id, step, path FROM checkpoints WHERE run_id = ? ORDER BY step DESC, "
+                        "created_at DESC LIMIT 1", [run_id])
+    return rows[0] if rows else None
+
+
+def last_heldout_accuracy(reader, run_id: str) -> list[dict]:
+    """Greedy Pass@1 per dataset at the latest evaluated step (the heldout_accuracy view)."""
+    return reader.query("SELECT dataset, step, pass_at_1 FROM heldout_accuracy WHERE run_id = ? AND step = "
+                        "(SELECT max(step) FROM heldout_accuracy WHERE run_id = ?) ORDER BY dataset",
+                        [run_id, run_id])

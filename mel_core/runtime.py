@@ -20,9 +20,8 @@ from mel_core.checkpoint_files import has_optimizer_state
 from mel_core.config import MelConfig
 from mel_core.prompts import PromptSet
 from mel_core.stage_names import STAGE_VERSIONS
-from mel_core.store import Store, make_id
+from mel_core.store import DB_FILE, Store, make_id
 
-DB_FILE = "mel.duckdb"
 _log = logging.getLogger("mel")
 
 

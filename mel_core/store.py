@@ -44,6 +44,7 @@ from mel_core.errors import PermanentError
 from mel_core.files import copy_file_atomically
 
 SCHEMA_VERSION = 1
+DB_FILE = "mel.duckdb"  # a run directory's store (its snapshot: snapshot_path)
 STORE_FORMAT = "mel-store"  # meta.format of every store this code creates (older stores have schema_version only)
 
 TABLES: dict[str, str] = {
@@ -764,6 +765,17 @@ class StoreReader:
         cols = [d[0] for d in cur.description] if cur.description else []
         return cols, cur.fetchall()
 
+    def query_user_arrow(self, sql: str) -> pa.Table:
+        """:meth:`query_user` as an Arrow table: the column types DuckDB has (lists, timestamps, decimals), for
+        a file the caller writes (this connection cannot write one)."""
+        check_read_only(sql)
+        return self.con.sql(sql).to_arrow_table()
+
+    def query_batches(self, sql: str, params: Sequence | None = None,
+                      batch_rows: int = 65536) -> pa.RecordBatchReader:
+        """Rows as a stream of Arrow record batches: an export of a long campaign never holds it all in memory."""
+        return self.con.sql(sql, params=list(params or [])).to_arrow_reader(batch_rows)
+
     def counts(self) -> dict[str, int]:
         return {t: self.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}
 
@@ -796,18 +808,3 @@ def check_read_only(sql: str) -> None:
             raise ReadOnlyViolation(f"EXPLAIN of {inner_kind} refused: {_READ_ONLY_HELP}")
     elif kind != "SELECT":
         raise ReadOnlyViolation(f"{kind} statement refused: {_READ_ONLY_HELP}")
-
-
-def format_table(cols: list[str], rows: list[tuple], max_width: int = 60) -> str:
-    """A plain-text table for the terminal."""
-    def cell(v: Any) -> str:
-        s = "NULL" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-        s = s.replace("\n", "\\n")
-        return s if len(s) <= max_width else s[: max_width - 1] + "…"
-
-    body = [[cell(v) for v in r] for r in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(cols)]
-    line = lambda vals: " | ".join(v.ljust(w) for v, w in zip(vals, widths))
-    out = [line(cols), "-+-".join("-" * w for w in widths)] + [line(r) for r in body]
-    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-    return "\n".join(out)

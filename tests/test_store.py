@@ -5,10 +5,10 @@ from mel_core.store import (
     Store,
     StoreReader,
     check_read_only,
-    format_table,
     make_id,
     release_connections,
 )
+from mel_core.tabular import format_table
 
 
 def test_ids_are_deterministic():
