@@ -1,5 +1,7 @@
 """A MEL campaign: warm start (or load) the policy, run N iterations, evaluate held-out accuracy at the
-base, every eval.every_n_steps steps and the last step (if eval.every_n_steps > 0), summarise.
+base, every eval.every_n_steps steps and the last step (if eval.every_n_steps > 0), summarise. A fork
+(run.fork, `mel run --fork RUN@STEP`) starts from its parent's checkpoint of that step and runs steps
+STEP+1 .. run.steps.
 
 Every stage is cached by ids, so running the same campaign again — after a crash, or with more
 steps — reuses what finished and continues from the first unfinished stage.
@@ -50,7 +52,10 @@ def _campaign(config: dict, cfg) -> dict:
     rt = get_runtime(cfg)
     rt.train_problems  # loaded first: a missing, malformed or empty dataset fails here, before any work
 
-    checkpoint = configured(warm_start_task, "warm_start", config)(config)
+    if cfg.run.fork.run_id:  # a fork starts from its parent's checkpoint: nothing to build
+        checkpoint = rt.start_checkpoint.as_dict()
+    else:
+        checkpoint = configured(warm_start_task, "warm_start", config)(config)
     base = Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"])
     register_run(rt, base)
     with generation_workers(rt):  # orchestration.runner: where the generation runs, for the whole campaign
@@ -60,10 +65,11 @@ def _campaign(config: dict, cfg) -> dict:
 
 
 def _steps(config: dict, cfg, rt, checkpoint: dict) -> dict:
-    evals = evaluate_if_due(config, 0, checkpoint, announce)  # held-out accuracy of the starting policy
+    # held-out accuracy of the starting policy (a fork's: its parent's checkpoint, at the parent's step)
+    evals = evaluate_if_due(config, rt.start_step, checkpoint, announce)
     summaries = []
     with without_flow_heartbeat():
-        for step in range(1, cfg.run.steps + 1):
+        for step in range(rt.start_step + 1, cfg.run.steps + 1):  # a fork's step numbers continue its parent's
             checkpoint = iteration(config, step, checkpoint)
             summaries.append(step_summary(rt.store, rt.run_id, step))
             announce(format_step(summaries[-1]))

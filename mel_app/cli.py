@@ -2,12 +2,15 @@
 deploy campaigns.
 
     mel run --config configs/tiny.yaml [key=value ...]
+    mel run --config configs/tiny.yaml --fork RUN@STEP [key=value ...]   # a new run from RUN's checkpoint of STEP
     mel query "SELECT ..." [--db runs/NAME/mel.duckdb] [--format table|csv|json|markdown] [--out FILE]
                                               # FILE: .csv, .json or .parquet
     mel export --db RUN --out DIR [--what rollouts,analyses,heuristics,lineage] [--accepted-only]
                [--format parquet|jsonl]       # files with lineage columns, for datasets / pyarrow
     mel runs [--root runs]                    # every run: status, steps, last checkpoint, held-out accuracy, parent
     mel lineage HEURISTIC_ID [--db ...]
+    mel lineage --checkpoint ID [--history] [--db ...]   # what a checkpoint learned (with --history: and before it)
+    mel rescore RUN [verify.key=value ...]     # re-score a run's rewards with another verifier, beside the old
     mel eval --checkpoint ID_OR_PATH [--datasets synthetic data/math500/test.jsonl ...] [key=value ...]
     mel eval --checkpoint ID_OR_PATH --suite paper [key=value ...]   # the paper's Table 1 benchmarks and layout
     mel gate --config configs/tiny-rules.yaml [--out F]   # D and kappa: can an A/B show anything here?
@@ -61,6 +64,11 @@ def cmd_run(args) -> int:
 
     # Everything that can be refused is refused here, before Prefect starts or any file is created.
     cfg = config_mod.load(args.config, args.overrides)
+    point = None
+    if args.fork:  # the parent's checkpoint of that step, then the config with run.fork set
+        from mel_core import fork as fork_mod
+        point = fork_mod.find_fork_point(args.fork, cfg.run.root_dir)
+        cfg = fork_mod.fork_config(args.config, args.overrides, point)
     load_problems(cfg.data)  # a missing, malformed or empty dataset is reported before Prefect starts
     run_dir = run_dir_of(cfg)
     held = runlock.holder(run_dir)
@@ -76,7 +84,10 @@ def cmd_run(args) -> int:
     from flows.campaign import campaign
 
     t0 = time.time()
-    print(f"mel: campaign '{cfg.run.name}' — {cfg.run.steps} steps, model {cfg.model.name_or_path}, "
+    if point is not None:
+        _announce_fork(point, cfg)
+    first = point.step + 1 if point else 1
+    print(f"mel: campaign '{cfg.run.name}' — steps {first}..{cfg.run.steps}, model {cfg.model.name_or_path}, "
           f"B={cfg.sampling.prompts_per_step} G={cfg.sampling.group_size}", flush=True)
     result = campaign(config_mod.to_dict(cfg))
     db = result["db"]
@@ -94,7 +105,20 @@ def cmd_run(args) -> int:
         print(f"  .venv/bin/mel lineage --db {db} {hid}")
     else:
         print(f"  .venv/bin/mel query --db {db} \"SELECT status, reject_reason, count(*) FROM analyses GROUP BY ALL\"")
+    if point is not None:  # what the final checkpoint learned, its parent's steps included
+        print(f"  .venv/bin/mel lineage --db {db} --checkpoint {result['final_checkpoint']['checkpoint_id']} --history")
     return 0
+
+
+def _announce_fork(point, cfg) -> None:
+    from mel_core import config as config_mod
+    from mel_core.fork import config_changes
+
+    changes = config_changes(point.config, config_mod.to_dict(cfg))
+    print(f"mel: fork of run {point.run_name} ({point.run_id}) at step {point.step}: starts from its checkpoint "
+          f"{point.checkpoint_id} and optimizer state; the parent's steps 1..{point.step} are not copied", flush=True)
+    print("mel:   changes: " + ("; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
+                                if changes else "none (the parent's config from that step on)"), flush=True)
 
 
 def cmd_query(args) -> int:
@@ -151,6 +175,8 @@ def _lineage(args, store) -> int:
         if ck is None:
             print(f"mel: no checkpoint with id {args.checkpoint}", file=sys.stderr)
             return 1
+        if args.history:
+            return _checkpoint_history(store, args.checkpoint)
         print(f"checkpoint {args.checkpoint} (step {ck['step']}, parent {ck['parent_checkpoint_id']})\n"
               f"  {ck['path']}\n  internalized {len(rows)} heuristic(s):")
         for r in rows:
@@ -213,6 +239,85 @@ def cmd_runs(args) -> int:
     for note in notes:
         print(f"mel: unreadable: {note}", file=sys.stderr)
     return 0
+
+
+def _checkpoint_history(store, checkpoint_id: str) -> int:
+    """The checkpoint's history back to the base, across forks, and every heuristic internalized on it."""
+    chain = records.checkpoint_chain(store, checkpoint_id)
+    learned = records.checkpoint_history_heuristics(store, checkpoint_id)
+    names = {r["run_id"]: r["name"] for r in store.query("SELECT run_id, name FROM runs")}
+    print(f"checkpoint {checkpoint_id}: {len(chain)} checkpoints on its history, base first")
+    for c in chain:
+        print(f"  step {c['step']:>3}  {c['checkpoint_id']}  run {names.get(c['run_id'], '?')} ({c['run_id']})")
+    print(f"  internalized {len(learned)} heuristic(s) on its history:")
+    for r in learned:
+        print(f"    {r['heuristic_id']}  [step {r['heuristic_step']}, run {names.get(r['heuristic_run_id'], '?')}, "
+              f"in {r['internalized_in_checkpoint']}]  {r['heuristic']}")
+    return 0
+
+
+def cmd_rescore(args) -> int:
+    from mel_core import rescore as rescore_mod
+    from mel_core import runlock, runs
+    from mel_core.store import Store, StoreReader
+
+    rescore_mod.check_overrides(args.overrides)  # refused before any file is opened
+    ref = runs.resolve_run(args.run, args.root)
+    with StoreReader(ref.db) as reader:
+        run_row = runs.pick_run(reader, ref)
+    cfg = rescore_mod.rescore_config(run_row, args.overrides)
+    run_dir = ref.db.parent
+    held = runlock.holder(run_dir)
+    if held:
+        raise runlock.RunLocked(f"run directory {run_dir} is in use by a campaign: pid {held.get('pid')} on "
+                                f"{held.get('host')}, started {held.get('started_at')}; rescore it once the campaign "
+                                f"has ended (nothing was written)")
+    with runlock.run_lock(run_dir, log=print):  # no campaign starts while the rewards are written
+        store = Store(ref.db)
+        done = rescore_mod.rescore(store, run_row, cfg)
+        store.publish()
+        _print_rescore(store, run_row, done, args.examples)
+    return 0
+
+
+def _print_rescore(store, run_row: dict, done, examples: int) -> None:
+    from mel_core.rescore import describe_verifier
+    from mel_core.tabular import format_table
+
+    run_id, hashes = run_row["run_id"], done.hashes
+    totals = records.rescore_totals(store, run_id, hashes)
+    total, flipped = sum(t["rescored"] for t in totals), sum(t["flipped"] for t in totals)
+    print(f"mel: rescored run {run_row['name']} ({run_id}): {total} rewards ({done.verified} verified now, "
+          f"{done.already} already scored by this verifier)")
+    for old in records.original_verifiers(store, run_id):
+        what = (f"{old['verifier_hash']} ({old['kind']}, extraction {old['extraction']})" if old["verifier_hash"]
+                else "not recorded (scored before verifier provenance)")
+        print(f"  original: {what}: {old['n']} rewards")
+    for v in done.verifiers.values():
+        print(f"  new:      {describe_verifier(v)}")
+    print("  the original rewards are untouched; the new version is in table rewards")
+    print(f"\nflipped: {flipped} of {total} (down: 1 -> 0, up: 0 -> 1)")
+    if totals:
+        print(format_table(list(totals[0]), [tuple(t.values()) for t in totals]))
+    flips = records.reward_flips(store, run_id, hashes, limit=examples)
+    if flips:
+        print(f"\nexamples (first {len(flips)}):")
+        for f in flips:
+            text = " ".join((f["text"] or "").split())
+            print(f"  {f['record_kind']} {f['record_id']} ({f['problem_id']}, gold {f['answer']}): "
+                  f"{f['old_reward']:g} -> {f['new_reward']:g}  {f['old_reason']} ({f['old_extracted']}) -> "
+                  f"{f['new_reason']} ({f['new_extracted']})  {text[:80]!r}")
+    changed = records.heuristic_acceptance_flips(store, run_id, hashes)
+    lost = [h for h in changed if h["lost"]]
+    print(f"\naccepted heuristics that would not have been accepted under the new verifier: {len(lost)}")
+    for h in lost:
+        print(f"  {h['heuristic_id']}  [step {h['step']}, replays correct {h['correct_before']} -> "
+              f"{h['correct_after']} of {h['replays']}]  {h['heuristic']}")
+    if len(changed) > len(lost):
+        print(f"rejected heuristics that would have been accepted: {len(changed) - len(lost)}")
+    new = ", ".join(repr(h) for h in hashes)
+    print(f"\nCompare: .venv/bin/mel query --db {store.path} \"SELECT record_kind, problem_id, old_reward, new_reward, "
+          f"old_reason, new_reason FROM reward_flips WHERE new_verifier_hash IN ({new})\"")
 
 
 def cmd_serve(args) -> int:
@@ -404,13 +509,14 @@ def _exit_code(e: BaseException) -> int:
     from mel_core.config import ConfigError
     from mel_core.data import DataError
     from mel_core.export import ExportError
+    from mel_core.fork import ForkError
     from mel_core.runlock import RunDirError, RunLocked
-    from mel_core.runs import RunsError
+    from mel_core.runs import RunNotFound, RunsError
     from mel_core.store import StoreError
     from mel_core.tabular import OutputError
 
     bad_input = (ConfigError, DataError, StoreError, RunLocked, RunDirError, UserSQLError, ExportError, OutputError,
-                 RunsError)
+                 RunsError, ForkError, RunNotFound)
     return 2 if isinstance(e, bad_input) else 1
 
 
@@ -430,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a MEL campaign")
     r.add_argument("--config", required=True, help="YAML config (see configs/)")
+    r.add_argument("--fork", metavar="RUN@STEP",
+                   help="start from the checkpoint and optimizer state RUN (a run directory, a name under "
+                        "run.root_dir or a run id) had after STEP; steps STEP+1..run.steps run with this config, in a "
+                        "run of its own")
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=10")
     r.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
     r.set_defaults(fn=cmd_run)
@@ -455,8 +565,18 @@ def main(argv: list[str] | None = None) -> int:
     lg = sub.add_parser("lineage", help="where a heuristic came from and which checkpoint learned it")
     lg.add_argument("heuristic_id", nargs="?")
     lg.add_argument("--checkpoint", help="list every heuristic this checkpoint internalized instead")
+    lg.add_argument("--history", action="store_true", help="with --checkpoint: every checkpoint before it (across "
+                                                           "forks) and every heuristic internalized on the way")
     lg.add_argument("--db")
     lg.set_defaults(fn=cmd_lineage)
+    rc = sub.add_parser("rescore", help="re-score a run's rollouts, replays and eval samples with another verifier "
+                                        "(a new reward version beside the old) and print what flipped")
+    rc.add_argument("run", help="run name (under --root), run id, run directory or DuckDB file")
+    rc.add_argument("overrides", nargs="*", help="verify.* overrides of the run's own verify settings, e.g. "
+                                                 "verify.extraction=boxed_last")
+    rc.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")
+    rc.add_argument("--examples", type=int, default=5, help="flipped records printed (default: 5)")
+    rc.set_defaults(fn=cmd_rescore)
     rp = sub.add_parser("report", help="markdown report with plots of a run (curves, evals, stage times, heuristics)")
     rp.add_argument("run", help="run name (under --root), run id, run directory or DuckDB file")
     rp.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")

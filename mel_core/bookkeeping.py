@@ -15,6 +15,7 @@ import signal
 import time
 import uuid
 
+from mel_core import records
 from mel_core.config import to_dict
 from mel_core.errors import InjectedFault, InjectedPermanentFault, is_transient
 from mel_core.records import now
@@ -64,12 +65,25 @@ def _inject_fault(rt: Runtime, stage: str, step: int, when: str) -> None:
 
 
 def register_run(rt: Runtime, base: Checkpoint) -> None:
-    """At the start of a campaign process (under the run lock): the run row and its version-0 checkpoint (the
-    base or warm-started model), and executions a dead process left 'running' marked 'interrupted'."""
+    """At the start of a campaign process (under the run lock): the run row and the checkpoint it starts from (the
+    base or warm-started model, version 0), and executions a dead process left 'running' marked 'interrupted'.
+
+    A fork (run.fork) records its parent run, step and checkpoint on its run row; its starting checkpoint is the
+    parent's own row, copied with the parent's checkpoint chain and the lineage of what that chain internalized
+    (mel_core.fork.references) the first time it registers, so lineage queries cross the fork in this store."""
+    fork = rt.cfg.run.fork
+    copies = {}
+    if fork.run_id and records.checkpoint(rt.store, fork.checkpoint_id) is None:  # a resumed fork has them already
+        from mel_core import fork as fork_mod
+        copies = fork_mod.references(rt.cfg)
     with rt.store.transaction() as w:
+        for table, rows in copies.items():
+            w.insert(table, rows)
         w.insert("runs", [{"run_id": rt.run_id, "name": rt.cfg.run.name, "config_hash": rt.config_hash,
-                           "config_json": json.dumps(to_dict(rt.cfg), sort_keys=True), "created_at": now()}])
-        w.insert("checkpoints", [{"checkpoint_id": base.checkpoint_id, "run_id": rt.run_id, "step": 0,
+                           "config_json": json.dumps(to_dict(rt.cfg), sort_keys=True), "created_at": now(),
+                           "parent_run_id": fork.run_id or None, "parent_step": fork.step if fork.run_id else None,
+                           "parent_checkpoint_id": fork.checkpoint_id or None}])
+        w.insert("checkpoints", [{"checkpoint_id": base.checkpoint_id, "run_id": rt.run_id, "step": rt.start_step,
                                   "path": base.path, "parent_checkpoint_id": None, "created_at": now()}])
         w.execute("UPDATE stage_runs SET status = 'interrupted', error = 'its process ended before the stage did' "
                   "WHERE run_id = ? AND status = 'running'", [rt.run_id])

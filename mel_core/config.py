@@ -57,13 +57,31 @@ class ConfigError(PermanentError, ValueError):
 
 
 @dataclass
+class ForkConfig:
+    run_id: str = doc("", "The parent run's id when this run is a fork of another (`mel run --fork RUN@STEP` fills "
+                      "this section); '' = not a fork. Part of the run's identity: the same config forked from "
+                      "another point is another run.")
+    step: int = doc(0, "The parent's step whose checkpoint and optimizer state the fork starts from. Step numbers "
+                    "continue the parent's: the fork's first step is step + 1 and its last is run.steps, so step k "
+                    "of a fork sees the problems and seeds step k of its parent saw.", ge=0)
+    checkpoint_id: str = doc("", "That checkpoint's id: the fork's first update names it as its parent checkpoint, "
+                             "which is how lineage crosses from the fork into its parent.")
+    checkpoint_path: str = doc("", "Where that checkpoint's files are (read, never written).")
+    store: str = doc("", "The parent's DuckDB file: when the fork registers, its checkpoint chain and the lineage of "
+                     "every heuristic internalized on it are copied from the parent's published snapshot.")
+
+
+@dataclass
 class RunConfig:
     name: str = doc("mel", "Run name; with the config hash it determines the run id.")
     seed: int = doc(0, "Master seed: sampling, pairing and replay seeds derive from it and the step.", ge=0)
-    steps: int = doc(4, "Number of MEL training steps in the campaign.", ge=1)
+    steps: int = doc(4, "Number of MEL training steps in the campaign; for a fork (run.fork), the last step's "
+                     "number (its steps are run.fork.step + 1 .. run.steps).", ge=1)
     root_dir: str = doc("runs", "Directory holding one sub-directory per run (DuckDB file, checkpoints).")
     cache_dir: str = doc(".cache/mel", "Where built artefacts shared across runs live (the tiny warm start).")
     torch_threads: int = doc(0, "torch.set_num_threads for the process; 0 leaves torch's default.", ge=0)
+    fork: ForkConfig = section(ForkConfig, "Where a fork starts: its parent run, step and checkpoint "
+                               "(`mel run --fork`).")
 
 
 @dataclass
@@ -428,19 +446,23 @@ def to_dict(cfg: MelConfig) -> dict:
 # mel_core.evaluate.eval_config_hash), orchestration (retries, timeouts, injected faults) and the generation
 # engine: HF and vLLM sample the same distributions with other random streams and kernels, as other threads
 # reduce in another order, so a campaign can be resumed on the other engine.
+# A fork's parent checkpoint and store are named by their ids in run.fork; where their files are is not identity.
 RESULT_NEUTRAL_KEYS = ("run.steps", "run.root_dir", "run.cache_dir", "run.torch_threads", "library", "eval",
                        "orchestration", "model.engine", "model.vllm", "model.device",
-                       "optim.fsdp_processes")
+                       "optim.fsdp_processes", "run.fork.checkpoint_path", "run.fork.store")
 
 
 def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) -> str:
-    """Stable hash of everything that changes results (all but RESULT_NEUTRAL_KEYS)."""
+    """Stable hash of everything that changes results (all but RESULT_NEUTRAL_KEYS). A run that is not a fork
+    hashes without the run.fork section, as before forks existed: its run id and cache keys stay what they were."""
     d = to_dict(cfg)
+    if not cfg.run.fork.run_id:
+        d["run"].pop("fork", None)
     for dotted in exclude:
         *parents, leaf = dotted.split(".")
         node = d
         for p in parents:
-            node = node[p]
+            node = node.get(p, {})
         node.pop(leaf, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -501,6 +523,12 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
         need(problem is None, key, problem or "")
     need(cfg.run.name.strip() != "" and "/" not in cfg.run.name and cfg.run.name not in (".", ".."), "run.name",
          f"must be a directory name (no '/'), got {cfg.run.name!r}")
+    fork = cfg.run.fork
+    need(not fork.run_id or bool(fork.checkpoint_id and fork.checkpoint_path and fork.store), "run.fork",
+         "a fork names its parent's checkpoint id, checkpoint path and store: start it with mel run --fork RUN@STEP")
+    need(not fork.run_id or cfg.run.steps > fork.step, "run.steps",
+         f"a fork of step {fork.step} runs steps {fork.step + 1}..run.steps (step numbers continue the parent's): "
+         f"must be > {fork.step}, got {cfg.run.steps}")
     need(cfg.optim.fsdp_processes == 1 or not cfg.model.lora.enabled, "optim.fsdp_processes",
          "LoRA updates train in one process (only the adapters train): set it to 1")
     need(cfg.orchestration.runner == "local" or cfg.model.engine == "hf", "orchestration.runner",

@@ -105,7 +105,7 @@ def rank_main(argv=None) -> None:
 
     from mel_core import config as config_mod
     from mel_core.checkpoint_files import OPTIMIZER_FILE, write_checkpoint
-    from mel_core.policy import DataParallel, NLLBatch, Policy, RLBatch
+    from mel_core.policy import DataParallel, NLLBatch, Policy, RLBatch, apply_optimizer_settings
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
@@ -131,6 +131,7 @@ def rank_main(argv=None) -> None:
             saved = _plain_to_fqn(policy.model, torch.load(optimizer_file, map_location="cpu", weights_only=True))
             set_optimizer_state_dict(policy.model, policy.optimizer, saved,
                                      options=StateDictOptions(full_state_dict=True))
+            apply_optimizer_settings(cfg, policy.optimizer)
 
         batch = torch.load(work / BATCH_FILE, weights_only=False)
         rl = RLBatch(**batch["rl"])

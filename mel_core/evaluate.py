@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mel_core import worlds
+from mel_core import records, worlds
 from mel_core.config import ConfigError, MelConfig
 from mel_core.data import Problem, load_jsonl, source_name
 from mel_core.engines.base import SamplingParams
@@ -109,9 +109,11 @@ def eval_config_hash(cfg: MelConfig, dataset: str) -> str:
 
 
 def is_due(cfg: MelConfig, step: int) -> bool:
-    """Whether a campaign evaluates the checkpoint after `step` (0 = the base): every N steps and the last."""
+    """Whether a campaign evaluates the checkpoint after `step` (its start: 0 = the base, or a fork's
+    run.fork.step): the start, every N steps and the last."""
     n = cfg.eval.every_n_steps
-    return n > 0 and (step == 0 or step % n == 0 or step == cfg.run.steps)
+    start = cfg.run.fork.step if cfg.run.fork.run_id else 0
+    return n > 0 and (step == start or step % n == 0 or step == cfg.run.steps)
 
 
 def _checkpoint_step(rt: Runtime, ckpt: Checkpoint) -> int | None:
@@ -147,6 +149,7 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
         modes.append((False, SamplingParams(n=e.k, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
                                             seed=derive_seed(cfg.run.seed, "eval", ckpt.checkpoint_id, ds.name))))
     created, started = now(), time.perf_counter()
+    verifier_row = records.verifier_row(verifier)
     metric_rows, sample_rows, metrics = [], [], {}
     for greedy, params in modes:
         t0 = time.perf_counter()
@@ -176,11 +179,13 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
                 "problem_id": p.problem_id, "question": p.question, "answer": p.answer, "greedy": greedy,
                 "temperature": params.temperature, "sample_index": i, "text": c.text,
                 "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason, "reward": v.reward,
-                "extracted_answer": v.extracted, "verify_reason": v.reason, "created_at": created})
+                "extracted_answer": v.extracted, "verify_reason": v.reason, "created_at": created,
+                "verifier_hash": verifier_row["verifier_hash"]})
     with rt.store.transaction() as w:
         for table in ("evals", "eval_samples"):  # this evaluation replaces the triple's earlier one
             w.execute(f"DELETE FROM {table} WHERE run_id = ? AND checkpoint_id = ? AND dataset = ?",
                       [run_id, ckpt.checkpoint_id, ds.name])
+        w.insert("verifiers", [verifier_row])
         w.insert("evals", metric_rows)
         w.insert("eval_samples", sample_rows)
     rt.store.publish()

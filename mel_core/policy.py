@@ -97,11 +97,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def adamw_settings(cfg: MelConfig) -> dict:
+    """AdamW's hyperparameters from optim.*."""
+    o = cfg.optim
+    return {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay}
+
+
 def adamw(cfg: MelConfig, model) -> torch.optim.AdamW:
     """The optimizer of every update path: AdamW (optim.*) over the trainable parameters."""
-    o = cfg.optim
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=tuple(o.betas),
-                             weight_decay=o.weight_decay)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw_settings(cfg))
+
+
+def apply_optimizer_settings(cfg: MelConfig, optimizer: torch.optim.Optimizer) -> None:
+    """The config's hyperparameters over those a loaded optimizer state brought: torch's load_state_dict restores
+    each group's lr, betas and weight decay as saved, and a fork with another optim.lr must train at its own lr
+    (the saved moments are what it continues)."""
+    for group in optimizer.param_groups:
+        group.update(adamw_settings(cfg))
 
 
 class Policy:
@@ -144,6 +156,7 @@ class Policy:
         opt = Path(path) / OPTIMIZER_FILE
         if opt.exists():
             self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
+            apply_optimizer_settings(self.cfg, self.optimizer)
         else:  # a base model: fresh optimizer state
             self.optimizer.state.clear()
 

@@ -8,6 +8,7 @@ so writing one twice is a no-op (the store's ``INSERT OR IGNORE``).
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import defaultdict
 
 from mel_core.store import make_id
@@ -258,11 +259,14 @@ def export_lineage(reader, accepted_only: bool):
 
 
 def runs_with_parent(reader) -> list[dict]:
-    """The runs of a store with their config and, where the store has the column (forks), the parent run."""
-    has_parent = reader.query("SELECT count(*) AS n FROM duckdb_columns() WHERE table_name = 'runs' AND "
-                              "column_name = 'parent_run_id' AND database_name = current_database()")[0]["n"]
-    parent = "parent_run_id" if has_parent else "NULL AS parent_run_id"
-    return reader.query(f"SELECT run_id, name, config_json, created_at, {parent} FROM runs ORDER BY created_at, run_id")
+    """The runs of a store with their config and, where the store has the columns (forks), the parent run; runs
+    copied into a fork's store as lineage references (runs.copied_from) are not the store's own and are left out."""
+    columns = {r["column_name"] for r in reader.query(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'runs' AND database_name = current_database()")}
+    parent = "parent_run_id" if "parent_run_id" in columns else "NULL AS parent_run_id"
+    own = "WHERE copied_from IS NULL" if "copied_from" in columns else ""
+    return reader.query(f"SELECT run_id, name, config_json, created_at, {parent} FROM runs {own} "
+                        "ORDER BY created_at, run_id")
 
 
 def stage_executions(reader, run_id: str) -> list[dict]:
@@ -290,3 +294,150 @@ def last_heldout_accuracy(reader, run_id: str) -> list[dict]:
     return reader.query("SELECT dataset, step, pass_at_1 FROM heldout_accuracy WHERE run_id = ? AND step = "
                         "(SELECT max(step) FROM heldout_accuracy WHERE run_id = ?) ORDER BY dataset",
                         [run_id, run_id])
+# ------------------------------------------------------------------------------- verifier provenance
+
+
+def verifier_row(verifier) -> dict:
+    """The `verifiers` row of a :class:`mel_core.verify.Verifier`: its identity (what decides its verdicts) by
+    the hash every reward row it produces carries."""
+    identity = verifier.identity
+    return {"verifier_hash": verifier.identity_hash, "kind": identity["kind"], "extraction": identity["extraction"],
+            "identity_json": json.dumps(identity, sort_keys=True), "created_at": now()}
+
+
+# ------------------------------------------------------------------------------------- forks
+
+
+# The chain from one checkpoint up to its base, walking parent_checkpoint_id: only the tables that existed
+# before forks did, so it reads older stores as well (the checkpoint_history view is created by newer writers).
+_CHAIN = ("WITH RECURSIVE chain(checkpoint_id, depth) AS (SELECT CAST(? AS VARCHAR), 0 UNION ALL "
+          "SELECT c.parent_checkpoint_id, ch.depth + 1 FROM chain ch JOIN checkpoints c USING (checkpoint_id) "
+          "WHERE c.parent_checkpoint_id IS NOT NULL) ")
+
+
+def checkpoint_chain(store, checkpoint_id: str) -> list[dict]:
+    """The checkpoint and every one before it (its parent, the parent's parent, ... the base), base first, across
+    forks; [] when the store does not know the checkpoint."""
+    return store.query(_CHAIN + "SELECT c.*, chain.depth FROM chain JOIN checkpoints c USING (checkpoint_id) "
+                                "ORDER BY chain.depth DESC", [checkpoint_id])
+
+
+def checkpoint_history_heuristics(store, checkpoint_id: str) -> list[dict]:
+    """Every heuristic internalized on the checkpoint's history (its own update's and every earlier one's, across
+    forks), in the order they were learned (the checkpoint_history_heuristics view, for stores of any age)."""
+    return store.query(
+        _CHAIN + "SELECT chain.depth, u.checkpoint_out AS internalized_in_checkpoint, u.run_id AS internalized_in_run, "
+                 "u.update_id, u.step AS update_step, h.heuristic_id, h.text AS heuristic, h.step AS heuristic_step, "
+                 "h.run_id AS heuristic_run_id, h.analysis_id FROM chain "
+                 "JOIN updates u ON u.checkpoint_out = chain.checkpoint_id JOIN internalized i USING (update_id) "
+                 "JOIN heuristics h ON h.heuristic_id = i.heuristic_id ORDER BY chain.depth DESC, h.heuristic_id",
+        [checkpoint_id])
+
+
+def run_checkpoints(store, run_id: str) -> list[dict]:
+    """The checkpoints a run had, by step: those it wrote, and the one it started from (its base — whose row another
+    run of the same store may have written first — or, for a fork, its parent's)."""
+    started_from = "OR c.checkpoint_id IN (SELECT parent_checkpoint_id FROM runs WHERE run_id = ?)" \
+        if _has_column(store, "runs", "parent_checkpoint_id") else ""
+    return store.query(f"SELECT c.* FROM checkpoints c WHERE c.run_id = ? OR c.checkpoint_id IN "
+                       f"(SELECT checkpoint_in FROM updates WHERE run_id = ?) {started_from} ORDER BY c.step",
+                       [run_id, run_id] + ([run_id] if started_from else []))
+
+
+def _has_column(store, table: str, column: str) -> bool:
+    return bool(store.query("SELECT 1 FROM duckdb_columns() WHERE table_name = ? AND column_name = ? AND "
+                            "database_name = current_database()", [table, column]))
+
+
+def _rows_where_in(store, table: str, column: str, values) -> list[dict]:
+    values = sorted({v for v in values if v is not None})
+    if not values:
+        return []
+    return store.query(f"SELECT * FROM {table} WHERE list_contains(?, {column})", [values])
+
+
+def lineage_references(store, checkpoint_id: str, source: str) -> dict[str, list[dict]]:
+    """What a fork from `checkpoint_id` copies from its parent's store (`store`, a reader of its snapshot) so
+    that lineage crosses the fork inside the fork's own file: the checkpoint chain to the base, the updates
+    that wrote it, what they internalized, and each internalized heuristic's lineage (analysis, pair, both
+    rollouts, prompt), the verifiers of those rollouts and the runs all of it belongs to, marked
+    ``copied_from`` = where the row lives in full (`source`, or the file an earlier fork copied it from).
+    Nothing else of the parent is copied: no other rollout, replay, metric, evaluation or stage execution."""
+    chain = checkpoint_chain(store, checkpoint_id)
+    updates = _rows_where_in(store, "updates", "checkpoint_out", [c["checkpoint_id"] for c in chain])
+    internalized = _rows_where_in(store, "internalized", "update_id", [u["update_id"] for u in updates])
+    heuristics = _rows_where_in(store, "heuristics", "heuristic_id", [i["heuristic_id"] for i in internalized])
+    analyses = _rows_where_in(store, "analyses", "analysis_id", [h["analysis_id"] for h in heuristics])
+    pairs = _rows_where_in(store, "pairs", "pair_id", [a["pair_id"] for a in analyses])
+    rollouts = _rows_where_in(store, "rollouts", "rollout_id",
+                              [p[k] for p in pairs for k in ("correct_rollout_id", "incorrect_rollout_id")])
+    prompts = _rows_where_in(store, "prompts", "prompt_id", [p["prompt_id"] for p in pairs])
+    verifiers = (_rows_where_in(store, "verifiers", "verifier_hash", [r.get("verifier_hash") for r in rollouts])
+                 if _has_column(store, "verifiers", "verifier_hash") else [])
+    run_ids = {r["run_id"] for rows in (chain, updates, heuristics, analyses, pairs, rollouts, prompts) for r in rows}
+    runs = [{**r, "copied_from": r.get("copied_from") or source}
+            for r in _rows_where_in(store, "runs", "run_id", run_ids)]
+    chain = [{k: v for k, v in c.items() if k != "depth"} for c in chain]
+    return {"runs": runs, "checkpoints": chain, "updates": updates, "internalized": internalized,
+            "heuristics": heuristics, "analyses": analyses, "pairs": pairs, "rollouts": rollouts, "prompts": prompts,
+            "verifiers": verifiers}
+
+
+# ------------------------------------------------------------------------------------- re-scoring
+
+
+def records_to_rescore(store, run_id: str) -> list[dict]:
+    """Every verified reward record of the run — rollouts, replays, evaluation samples — with what verifying it
+    again takes: its text, gold answer and how its generation ended (a replay written before replays kept their
+    finish_reason ended at the length limit if it was scored 'truncated')."""
+    return store.query(
+        "SELECT 'rollout' AS record_kind, r.rollout_id AS record_id, r.text, p.answer, r.finish_reason, "
+        "NULL AS dataset FROM rollouts r JOIN prompts p USING (prompt_id) WHERE r.run_id = ? AND r.reward IS NOT NULL "
+        "UNION ALL "
+        "SELECT 'replay', rp.replay_id, rp.text, p.answer, coalesce(rp.finish_reason, CASE WHEN rp.verify_reason = "
+        "'truncated' THEN 'length' END), NULL FROM replays rp JOIN analyses a USING (analysis_id) "
+        "JOIN pairs pa ON pa.pair_id = a.pair_id JOIN prompts p ON p.prompt_id = coalesce(rp.prompt_id, pa.prompt_id) "
+        "WHERE rp.run_id = ? AND rp.reward IS NOT NULL "
+        "UNION ALL "
+        "SELECT 'eval_sample', s.sample_id, s.text, s.answer, s.finish_reason, s.dataset FROM eval_samples s "
+        "WHERE s.run_id = ? AND s.reward IS NOT NULL ORDER BY record_kind, record_id", [run_id, run_id, run_id])
+
+
+def rescored_ids(store, run_id: str, verifier_hashes: list[str]) -> set[tuple[str, str]]:
+    """(record_id, verifier_hash) of the run's records already scored by one of these verifiers."""
+    return {(r["record_id"], r["verifier_hash"]) for r in store.query(
+        "SELECT record_id, verifier_hash FROM rewards WHERE run_id = ? AND list_contains(?, verifier_hash)",
+        [run_id, verifier_hashes])}
+
+
+def rescore_totals(store, run_id: str, verifier_hashes: list[str]) -> list[dict]:
+    """Per record kind and dataset: how many rewards the verifiers gave, and how many differ from the original
+    (down: 1 -> 0, up: 0 -> 1)."""
+    return store.query(
+        "SELECT v.record_kind AS kind, v.dataset, count(*) AS rescored, count(f.record_id) AS flipped, "
+        "count(*) FILTER (WHERE f.old_reward > f.new_reward) AS down, "
+        "count(*) FILTER (WHERE f.old_reward < f.new_reward) AS up "
+        "FROM reward_versions v LEFT JOIN reward_flips f ON f.record_id = v.record_id "
+        "AND f.new_verifier_hash = v.verifier_hash "
+        "WHERE v.rescored AND v.run_id = ? AND list_contains(?, v.verifier_hash) GROUP BY ALL ORDER BY ALL",
+        [run_id, verifier_hashes])
+
+
+def reward_flips(store, run_id: str, verifier_hashes: list[str], limit: int | None = None) -> list[dict]:
+    """The run's records whose reward under these verifiers differs from the original (reward_flips view)."""
+    return store.query("SELECT * FROM reward_flips WHERE run_id = ? AND list_contains(?, new_verifier_hash) "
+                       f"ORDER BY record_kind, step, record_id {'' if limit is None else f'LIMIT {int(limit)}'}",
+                       [run_id, verifier_hashes])
+
+
+def heuristic_acceptance_flips(store, run_id: str, verifier_hashes: list[str]) -> list[dict]:
+    """The run's heuristics whose acceptance would change under these verifiers (lost: accepted, would not be)."""
+    return store.query("SELECT * FROM heuristic_acceptance_flips WHERE run_id = ? AND list_contains(?, verifier_hash) "
+                       "ORDER BY NOT lost, step, heuristic_id", [run_id, verifier_hashes])
+
+
+def original_verifiers(store, run_id: str) -> list[dict]:
+    """The verifiers that produced the run's original rewards, with how many each (NULL: not recorded)."""
+    return store.query("SELECT o.verifier_hash, v.kind, v.extraction, count(*) AS n FROM original_rewards o "
+                       "LEFT JOIN verifiers v USING (verifier_hash) WHERE o.run_id = ? GROUP BY ALL ORDER BY n DESC",
+                       [run_id])

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from mel_core import library
+from mel_core import library, runs
 from mel_core.config import LibraryConfig
-from mel_core.runtime import DB_FILE
+from mel_core.runs import RunRef
 from mel_core.stage_names import ALL_STAGES
 from mel_core.store import StoreReader
 
@@ -31,45 +30,20 @@ class ReportError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class RunRef:
-    """Which run a report is about: its DuckDB file and, if known, its id or name."""
-    db: Path
-    run_id: str | None = None
-    name: str | None = None
-
-
 def resolve_run(run: str, runs_root: str | Path = "runs") -> RunRef:
-    """RUN as a DuckDB path, a run directory, a run name under `runs_root`, or a run id found there."""
-    p = Path(run)
-    if p.is_dir() and (p / DB_FILE).exists():
-        return RunRef(p / DB_FILE)
-    if p.is_file():
-        return RunRef(p)
-    root = Path(runs_root)
-    if (root / run / DB_FILE).exists():
-        return RunRef(root / run / DB_FILE, name=run)
-    for db in sorted(root.glob(f"*/{DB_FILE}")):
-        try:
-            with StoreReader(db, lock_wait_s=5) as reader:
-                hit = reader.query("SELECT run_id FROM runs WHERE run_id = ?", [run])
-        except Exception:  # not a mel store, or unreadable: look further
-            continue
-        if hit:
-            return RunRef(db, run_id=run)
-    raise ReportError(f"no run {run!r}: not a DuckDB file or run directory, not a run name under {root}/, "
-                      f"and no {root}/*/{DB_FILE} holds a run with that id")
+    """RUN as a DuckDB path, a run directory, a run name under `runs_root`, or a run id found there
+    (mel_core.runs.resolve_run; a report's failure is its own ReportError)."""
+    try:
+        return runs.resolve_run(run, runs_root)
+    except runs.RunNotFound as e:
+        raise ReportError(str(e)) from None
 
 
 def _pick_run(store: StoreReader, ref: RunRef) -> dict:
-    runs = store.query("SELECT run_id, name, config_hash, config_json, created_at FROM runs ORDER BY created_at")
-    if ref.run_id:
-        runs = [r for r in runs if r["run_id"] == ref.run_id]
-    elif ref.name:
-        runs = [r for r in runs if r["name"] == ref.name] or runs
-    if not runs:
-        raise ReportError(f"{ref.db}: no run {ref.run_id or ''} recorded")
-    return runs[-1]  # the latest, when a file holds several runs of one name (configs that changed)
+    try:
+        return runs.pick_run(store, ref)
+    except runs.RunNotFound as e:
+        raise ReportError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------ the data

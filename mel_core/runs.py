@@ -14,6 +14,10 @@ a last execution that `failed`, or the last step's update committed. So, in this
 - ``finished``: the update of the config's last step (``run.steps``) committed.
 
 Everything here reads: the published snapshot through StoreReader, and the lock without taking it.
+
+Finding a run the user names (`mel report`, `mel rescore`, `mel run --fork`): a DuckDB file, a run directory, a
+run name under the runs root, or a run id (:func:`resolve_run`, :func:`pick_run`). Runs copied into a fork's
+store as lineage references (``runs.copied_from``) are never listed or picked.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ NONE = "-"
 
 class RunsError(PermanentError, ValueError):
     """A root that cannot be listed (bad input: exit 2)."""
+
+
+class RunNotFound(PermanentError, LookupError):
+    """The named run is not there: not a store, not a run directory, no such name or id."""
 
 
 @dataclass(frozen=True)
@@ -145,3 +153,49 @@ COLUMNS = ("name", "run id", "status", "steps", "last checkpoint", "held-out pas
 
 def as_rows(summaries: list[RunSummary]) -> list[tuple]:
     return [(s.name, s.run_id, s.status, s.steps, s.last_checkpoint, s.heldout, s.parent) for s in summaries]
+
+
+# ------------------------------------------------------------------------------ finding a named run
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Which run: its DuckDB file and, if known, its id or name."""
+    db: Path
+    run_id: str | None = None
+    name: str | None = None
+
+
+def resolve_run(run: str, runs_root: str | Path = "runs") -> RunRef:
+    """RUN as a DuckDB path, a run directory, a run name under `runs_root`, or a run id found there."""
+    p = Path(run)
+    if p.is_dir() and (p / DB_FILE).exists():
+        return RunRef(p / DB_FILE)
+    if p.is_file():
+        return RunRef(p)
+    root = Path(runs_root)
+    if (root / run / DB_FILE).exists():
+        return RunRef(root / run / DB_FILE, name=run)
+    for db in sorted(root.glob(f"*/{DB_FILE}")):
+        try:
+            with StoreReader(db, lock_wait_s=5) as reader:
+                hit = reader.query("SELECT run_id FROM runs WHERE run_id = ?", [run])
+        except Exception:  # not a mel store, or unreadable: look further
+            continue
+        if hit:
+            return RunRef(db, run_id=run)
+    raise RunNotFound(f"no run {run!r}: not a DuckDB file or run directory, not a run name under {root}/, "
+                      f"and no {root}/*/{DB_FILE} holds a run with that id")
+
+
+def pick_run(store: StoreReader, ref: RunRef) -> dict:
+    """The runs row `ref` means: its id; else the latest of its name; else the latest run of the file. Runs copied
+    into a fork's store as lineage references (runs.copied_from, absent in older stores) are never picked."""
+    runs = [r for r in store.query("SELECT * FROM runs ORDER BY created_at") if not r.get("copied_from")]
+    if ref.run_id:
+        runs = [r for r in runs if r["run_id"] == ref.run_id]
+    elif ref.name:
+        runs = [r for r in runs if r["name"] == ref.name] or runs
+    if not runs:
+        raise RunNotFound(f"{ref.db}: no run {ref.run_id or ''} recorded")
+    return runs[-1]  # the latest, when a file holds several runs of one name (configs that changed)

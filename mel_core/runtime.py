@@ -89,6 +89,19 @@ class Runtime:
             return Checkpoint(make_id("ckpt", "tiny", tiny.warm_start_key(self.cfg)), str(path))
         return Checkpoint(make_id("ckpt", "base", self.cfg.model.name_or_path), self.cfg.model.name_or_path)
 
+    @property
+    def start_step(self) -> int:
+        """The step a campaign's first step follows: 0, or for a fork the parent's step it starts from (step
+        numbers continue the parent's)."""
+        return self.cfg.run.fork.step if self.cfg.run.fork.run_id else 0
+
+    @cached_property
+    def start_checkpoint(self) -> Checkpoint:
+        """The policy version a campaign starts from: version 0 (:attr:`base_checkpoint`), or for a fork the
+        parent's checkpoint of run.fork.step, with its optimizer state. A LoRA fork still builds on the base model."""
+        fork = self.cfg.run.fork
+        return Checkpoint(fork.checkpoint_id, fork.checkpoint_path) if fork.run_id else self.base_checkpoint
+
     @cached_property
     def train_problems(self):
         from mel_core.data import load_problems

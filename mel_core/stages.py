@@ -67,9 +67,12 @@ def verify(rt: Runtime, step: int) -> dict:
     # Logged here, not in pair, so a GRPO-only run (no pair stage) reports them too: only mixed groups
     # carry a learning signal under group-normalised advantages.
     mixed = sum(experience.is_mixed(g) for g in groups.values())
+    verifier = records.verifier_row(rt.verifier)
     with rt.store.transaction() as w:
+        w.insert("verifiers", [verifier])
         w.update("rollouts", "rollout_id", [{"rollout_id": r["rollout_id"], "reward": v.reward,
-                                             "extracted_answer": v.extracted, "verify_reason": v.reason}
+                                             "extracted_answer": v.extracted, "verify_reason": v.reason,
+                                             "verifier_hash": verifier["verifier_hash"]}
                                             for r, v in zip(rows, verdicts)])
         w.insert("metrics", records.metric_rows(rt.run_id, step, {"reward_mean": reward_mean, "mixed_groups": mixed,
                                                                    "groups": len(groups)}))
@@ -270,6 +273,7 @@ def replay(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     if cfg.transfer_replays:
         metrics["transfer_rejected"] = sum(passed[a] and not ok for a, ok in transferred.items())
     with rt.store.transaction() as w:
+        w.insert("verifiers", [records.verifier_row(rt.verifier)])
         w.insert("replays", replay_rows)
         w.update("analyses", "analysis_id", [{"analysis_id": a, "status": "accepted" if ok else "rejected",
                                               "reject_reason": None if ok else _why_not(passed[a], transferred.get(a))}
@@ -291,6 +295,7 @@ def _replays(rt: Runtime, step: int, jobs: list[tuple[dict, dict]], params: Samp
     solved = solve_and_verify(rt.engine, rt.verifier, prompts, [problem["answer"] for _, problem in jobs], params,
                               desc=desc)
     rewards, rows = defaultdict(list), []
+    verifier_hash = rt.verifier.identity_hash
     for s in solved:
         a, problem = jobs[s.prompt_index]
         rewards[a["analysis_id"]].append(s.verdict.reward)
@@ -299,7 +304,8 @@ def _replays(rt: Runtime, step: int, jobs: list[tuple[dict, dict]], params: Samp
         rows.append({"replay_id": make_id(*key), "analysis_id": a["analysis_id"], "run_id": rt.run_id, "step": step,
                      "replay_index": s.sample_index, "prompt_text": prompts[s.prompt_index], "text": s.completion.text,
                      "reward": s.verdict.reward, "verify_reason": s.verdict.reason, "kind": kind,
-                     "prompt_id": problem["prompt_id"]})
+                     "prompt_id": problem["prompt_id"], "finish_reason": s.completion.finish_reason,
+                     "extracted_answer": s.verdict.extracted, "verifier_hash": verifier_hash})
     return rewards, rows
 
 

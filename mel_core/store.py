@@ -56,7 +56,11 @@ TABLES: dict[str, str] = {
         name VARCHAR,
         config_hash VARCHAR,
         config_json VARCHAR,
-        created_at TIMESTAMP""",
+        created_at TIMESTAMP,
+        parent_run_id VARCHAR,
+        parent_step INTEGER,
+        parent_checkpoint_id VARCHAR,
+        copied_from VARCHAR""",
     "steps": """
         step_id VARCHAR PRIMARY KEY,
         run_id VARCHAR,
@@ -85,7 +89,8 @@ TABLES: dict[str, str] = {
         finish_reason VARCHAR,
         reward DOUBLE,
         extracted_answer VARCHAR,
-        verify_reason VARCHAR""",
+        verify_reason VARCHAR,
+        verifier_hash VARCHAR""",
     "pairs": """
         pair_id VARCHAR PRIMARY KEY,
         run_id VARCHAR,
@@ -155,7 +160,10 @@ TABLES: dict[str, str] = {
         reward DOUBLE,
         verify_reason VARCHAR,
         kind VARCHAR,
-        prompt_id VARCHAR""",
+        prompt_id VARCHAR,
+        finish_reason VARCHAR,
+        extracted_answer VARCHAR,
+        verifier_hash VARCHAR""",
     "checkpoints": """
         checkpoint_id VARCHAR PRIMARY KEY,
         run_id VARCHAR,
@@ -220,7 +228,28 @@ TABLES: dict[str, str] = {
         reward DOUBLE,
         extracted_answer VARCHAR,
         verify_reason VARCHAR,
+        created_at TIMESTAMP,
+        verifier_hash VARCHAR""",
+    # Every verifier that produced a reward here: its identity (mel_core.verify.Verifier.identity: logic version,
+    # kind, extraction, truncation rule, time limit, math-verify's and its parser's versions) by its hash.
+    "verifiers": """
+        verifier_hash VARCHAR PRIMARY KEY,
+        kind VARCHAR,
+        extraction VARCHAR,
+        identity_json VARCHAR,
         created_at TIMESTAMP""",
+    # Re-scorings (`mel rescore`, mel_core.rescore): a record's reward under another verifier, beside the one it
+    # was produced with (which stays in its own table, untouched). record_kind: rollout | replay | eval_sample.
+    "rewards": """
+        record_id VARCHAR,
+        verifier_hash VARCHAR,
+        record_kind VARCHAR,
+        run_id VARCHAR,
+        reward DOUBLE,
+        extracted_answer VARCHAR,
+        verify_reason VARCHAR,
+        created_at TIMESTAMP,
+        PRIMARY KEY (record_id, verifier_hash)""",
     "stage_runs": """
         stage_run_id VARCHAR PRIMARY KEY,
         run_id VARCHAR,
@@ -233,6 +262,102 @@ TABLES: dict[str, str] = {
         status VARCHAR,
         error VARCHAR""",
 }
+
+# Lineage across forks (docs/DESIGN.md, "Forks"). Every checkpoint with each checkpoint on its history (itself at
+# depth 0, then its parent_checkpoint_id, and so on to the base), whichever run wrote them: a fork's store holds
+# its parent's chain as copied references, so the walk crosses the fork without opening another file. The SQL is
+# also run inline by readers of stores written before these views existed (mel_core.records).
+LINEAGE_VIEWS: dict[str, str] = {
+    "checkpoint_history": """
+        WITH RECURSIVE chain(checkpoint_id, ancestor_id, depth) AS (
+            SELECT checkpoint_id, checkpoint_id, 0 FROM checkpoints
+            UNION ALL
+            SELECT ch.checkpoint_id, c.parent_checkpoint_id, ch.depth + 1
+            FROM chain ch JOIN checkpoints c ON c.checkpoint_id = ch.ancestor_id
+            WHERE c.parent_checkpoint_id IS NOT NULL)
+        SELECT ch.checkpoint_id, ch.depth, a.checkpoint_id AS ancestor_checkpoint_id, a.run_id AS ancestor_run_id,
+               a.step AS ancestor_step, a.path AS ancestor_path, a.parent_checkpoint_id AS ancestor_parent_id
+        FROM chain ch JOIN checkpoints a ON a.checkpoint_id = ch.ancestor_id""",
+}
+# Every heuristic internalized on a checkpoint's history: by the update that wrote it or by any update before,
+# in this run or, across a fork, in its parent's.
+LINEAGE_VIEWS["checkpoint_history_heuristics"] = f"""
+        SELECT hist.checkpoint_id, hist.depth, hist.ancestor_checkpoint_id AS internalized_in_checkpoint,
+               hist.ancestor_run_id AS internalized_in_run, u.update_id, u.step AS update_step, h.heuristic_id,
+               h.text AS heuristic, h.step AS heuristic_step, h.run_id AS heuristic_run_id, h.analysis_id
+        FROM ({LINEAGE_VIEWS["checkpoint_history"]}) hist
+        JOIN updates u ON u.checkpoint_out = hist.ancestor_checkpoint_id
+        JOIN internalized i ON i.update_id = u.update_id
+        JOIN heuristics h ON h.heuristic_id = i.heuristic_id"""
+
+# Rewards and their re-scorings (mel_core.rescore). original_rewards: every verified record as it was scored when
+# it was produced (the reward training or evaluation used) with the verifier that scored it (NULL: scored before
+# verifier provenance was recorded).
+REWARD_VIEWS: dict[str, str] = {
+    "original_rewards": """
+        SELECT 'rollout' AS record_kind, r.rollout_id AS record_id, r.run_id, r.step,
+               split_part(p.problem_id, ':', 1) AS dataset, p.problem_id, p.answer, r.text, r.verifier_hash,
+               r.reward, r.extracted_answer, r.verify_reason
+        FROM rollouts r JOIN prompts p USING (prompt_id) WHERE r.reward IS NOT NULL
+        UNION ALL
+        SELECT 'replay', rp.replay_id, rp.run_id, rp.step, split_part(p.problem_id, ':', 1), p.problem_id, p.answer,
+               rp.text, rp.verifier_hash, rp.reward, rp.extracted_answer, rp.verify_reason
+        FROM replays rp JOIN analyses a USING (analysis_id) JOIN pairs pa ON pa.pair_id = a.pair_id
+        JOIN prompts p ON p.prompt_id = coalesce(rp.prompt_id, pa.prompt_id) WHERE rp.reward IS NOT NULL
+        UNION ALL
+        SELECT 'eval_sample', s.sample_id, s.run_id, s.step, s.dataset, s.problem_id, s.answer, s.text,
+               s.verifier_hash, s.reward, s.extracted_answer, s.verify_reason
+        FROM eval_samples s WHERE s.reward IS NOT NULL""",
+}
+# Every reward of every record: the original (rescored = false) and each re-scoring, with its verifier.
+REWARD_VIEWS["reward_versions"] = f"""
+        SELECT o.record_kind, o.record_id, o.run_id, o.step, o.dataset, o.problem_id, false AS rescored,
+               o.verifier_hash, o.reward, o.extracted_answer, o.verify_reason
+        FROM ({REWARD_VIEWS["original_rewards"]}) o
+        UNION ALL
+        SELECT o.record_kind, o.record_id, o.run_id, o.step, o.dataset, o.problem_id, true, n.verifier_hash,
+               n.reward, n.extracted_answer, n.verify_reason
+        FROM ({REWARD_VIEWS["original_rewards"]}) o JOIN rewards n USING (record_id)"""
+# The records whose reward under a re-scoring verifier (new_verifier_hash) differs from their original one.
+REWARD_VIEWS["reward_flips"] = f"""
+        SELECT o.record_kind, o.record_id, o.run_id, o.step, o.dataset, o.problem_id, o.answer,
+               o.verifier_hash AS old_verifier_hash, n.verifier_hash AS new_verifier_hash,
+               o.reward AS old_reward, n.reward AS new_reward, o.extracted_answer AS old_extracted,
+               n.extracted_answer AS new_extracted, o.verify_reason AS old_reason, n.verify_reason AS new_reason, o.text
+        FROM ({REWARD_VIEWS["original_rewards"]}) o JOIN rewards n USING (record_id)
+        WHERE n.reward IS DISTINCT FROM o.reward"""
+# Per analysis that reached the replay and per re-scoring verifier of its replays: accepted as recorded, and
+# whether its own replays ('self') would still pass the run's rule (experience.accept_min_correct correct
+# replays) under that verifier. experience.filter: none accepted every candidate, so nothing changes there; an
+# analysis rejected by its transfer replays stays rejected (transfers are not re-judged).
+REWARD_VIEWS["replay_acceptance"] = """
+        WITH rule AS (
+            SELECT run_id,
+                   coalesce(TRY_CAST(json_extract_string(config_json, '$.experience.accept_min_correct') AS INTEGER),
+                            1) AS min_correct,
+                   coalesce(json_extract_string(config_json, '$.experience.filter'), 'replay') AS filter
+            FROM runs),
+        judged AS (
+            SELECT rp.analysis_id, n.verifier_hash, count(*) AS replays,
+                   count(*) FILTER (WHERE rp.reward > 0) AS correct_before,
+                   count(*) FILTER (WHERE n.reward > 0) AS correct_after
+            FROM replays rp JOIN rewards n ON n.record_id = rp.replay_id
+            WHERE coalesce(rp.kind, 'self') = 'self'
+            GROUP BY rp.analysis_id, n.verifier_hash)
+        SELECT a.run_id, a.step, a.analysis_id, j.verifier_hash, a.status, a.reject_reason, j.replays,
+               j.correct_before, j.correct_after, rule.min_correct, a.status = 'accepted' AS accepted_before,
+               CASE WHEN rule.filter = 'none' THEN a.status = 'accepted'
+                    WHEN a.reject_reason = 'transfer_failed' THEN false
+                    ELSE j.correct_after >= rule.min_correct END AS accepted_after
+        FROM judged j JOIN analyses a USING (analysis_id) JOIN rule ON rule.run_id = a.run_id"""
+# "Which accepted heuristics would not have been accepted under the new verifier?" — and the reverse: one row per
+# heuristic whose analysis's acceptance changes under a re-scoring verifier (lost: accepted, would not be).
+REWARD_VIEWS["heuristic_acceptance_flips"] = f"""
+        SELECT h.heuristic_id, h.text AS heuristic, h.run_id, h.step, ra.analysis_id, ra.verifier_hash,
+               ra.accepted_before, ra.accepted_after, ra.accepted_before AND NOT ra.accepted_after AS lost,
+               ra.replays, ra.correct_before, ra.correct_after, ra.min_correct
+        FROM ({REWARD_VIEWS["replay_acceptance"]}) ra JOIN heuristics h USING (analysis_id)
+        WHERE ra.accepted_before IS DISTINCT FROM ra.accepted_after"""
 
 VIEWS: dict[str, str] = {
     # One row per heuristic with everything it came from, and the update/checkpoint that learned it.
@@ -302,6 +427,7 @@ VIEWS: dict[str, str] = {
                accepted / nullif(candidates, 0) AS retention_ratio,
                accepted / nullif(analyses, 0) AS acceptance_rate
         FROM pairs pa LEFT JOIN analyses a USING (pair_id)
+        WHERE pa.run_id NOT IN (SELECT run_id FROM runs WHERE copied_from IS NOT NULL)
         GROUP BY pa.run_id, pa.step""",
     # Held-out accuracy per step: greedy Pass@1 and the sampled Avg@k / Pass@k side by side.
     "heldout_accuracy": """
@@ -315,6 +441,8 @@ VIEWS: dict[str, str] = {
     "stage_timings": """
         SELECT run_id, step, stage, count(*) AS executions, sum(seconds) AS seconds
         FROM stage_runs WHERE status = 'completed' GROUP BY run_id, step, stage""",
+    **LINEAGE_VIEWS,
+    **REWARD_VIEWS,
 }
 
 

@@ -58,12 +58,16 @@ class Script:
     solved(question, sample_index): whether that rollout is right. analysis(question) -> the analysis text.
     replay_solves(question): whether a replay with the meta-experience in context is right.
     abstract(question): what the second call of analysis_mode two_pass writes (the heuristics).
+    rollout(question, sample_index) / replay(question): the whole text of a solution / a replay, instead of the
+    synthetic task's solution that solved / replay_solves choose (a math dataset's boxed answers, say).
     """
     solved: Callable[[str, int], bool] = lambda q, i: i % 2 == 0
     wrong: Callable[[str], str] = lambda q: solution(q, correct=False)  # an incorrect rollout's text
     analysis: Callable[[str], str] = compact_analysis
     replay_solves: Callable[[str], bool] = lambda q: True
     abstract: Callable[[str], str] = lambda q: f"Heuristic: {RIGHT_RULE}"
+    rollout: Callable[[str, int], str] | None = None
+    replay: Callable[[str], str] | None = None
     seen: list[str] = field(default_factory=list)  # every prompt generated for, in order
 
     def write(self, prompt: str, index: int) -> str:
@@ -77,7 +81,9 @@ class Script:
         if "\nWrong:\n" in prompt or "### Diagnosis" in prompt:  # two_pass's second call: H is asked for
             return self.abstract(question)
         if prompt.startswith("Hint:") or "Meta-experience (reference information)" in prompt:
-            return solution(question, self.replay_solves(question))
+            return self.replay(question) if self.replay else solution(question, self.replay_solves(question))
+        if self.rollout:
+            return self.rollout(question, index)
         return solution(question) if self.solved(question, index) else self.wrong(question)
 
 
@@ -113,11 +119,12 @@ class ScriptedEngine:
 
 
 def scripted_runtime(cfg, script: Script):
-    """A runtime for `cfg` whose generations follow `script`, registered with its base checkpoint."""
+    """A runtime for `cfg` whose generations follow `script`, registered with the checkpoint it starts from (its
+    base, or for a fork its parent's checkpoint)."""
     from mel_core.runtime import Runtime
 
     rt = Runtime(cfg)
-    base = rt.base_checkpoint
+    base = rt.start_checkpoint
     rt.ensure_version(base)
     rt.use_engine(ScriptedEngine(rt.policy.tokenizer, script))
     rt.ensure_version(base)

@@ -17,15 +17,18 @@ from tests.scripted import scripted_runtimes
 pytestmark = pytest.mark.slow
 
 
+def _overrides(root, micro_model) -> list[str]:
+    return ["run.name=e2e", "run.steps=2", f"run.root_dir={root}", f"model.name_or_path={micro_model}",
+            "sampling.prompts_per_step=8", "sampling.group_size=4", "eval.every_n_steps=1", "eval.max_problems=8",
+            "eval.k=2"]
+
+
 @pytest.fixture(scope="module")
 def campaign_run(prefect_harness, tmp_path_factory, micro_model):
     from flows.campaign import campaign
 
     root = tmp_path_factory.mktemp("runs")
-    cfg = config_mod.load("configs/tiny.yaml", [
-        "run.name=e2e", "run.steps=2", f"run.root_dir={root}", f"model.name_or_path={micro_model}",
-        "sampling.prompts_per_step=8", "sampling.group_size=4", "eval.every_n_steps=1", "eval.max_problems=8",
-        "eval.k=2"])
+    cfg = config_mod.load("configs/tiny.yaml", _overrides(root, micro_model))
     with scripted_runtimes():
         result = campaign(config_mod.to_dict(cfg))
     return cfg, result
@@ -34,7 +37,7 @@ def campaign_run(prefect_harness, tmp_path_factory, micro_model):
 def test_every_table_has_rows(campaign_run):
     _, result = campaign_run
     counts = Store(result["db"]).counts()
-    empty = [t for t in TABLES if counts[t] == 0]
+    empty = [t for t in TABLES if counts[t] == 0 and t != "rewards"]  # rewards: written by `mel rescore` only
     assert not empty, f"empty tables: {empty} (counts {counts})"
     assert counts["updates"] == 2 and counts["checkpoints"] == 3  # base + one per step
 
@@ -97,3 +100,29 @@ def test_rerunning_the_campaign_adds_no_rows(campaign_run):
     after = Store(result["db"]).counts()
     assert after == before  # every stage was a cache hit: no new rows, no new stage executions
     assert again["final_checkpoint"] == result["final_checkpoint"]
+
+
+def test_a_fork_campaign_runs_the_steps_after_its_fork_point(campaign_run, micro_model):
+    """`mel run --fork e2e@1` as the flow runs it: no warm start, the parent's checkpoint evaluated as step 1, one
+    step numbered 2 whose update trains on from the parent's step-1 checkpoint."""
+    from flows.campaign import campaign
+    from mel_core import fork
+
+    cfg, result = campaign_run
+    point = fork.find_fork_point(f"{result['run_dir']}@1", cfg.run.root_dir)
+    child_cfg = fork.fork_config("configs/tiny.yaml", _overrides(cfg.run.root_dir, micro_model) + ["loss.nll_coef=0.5"],
+                                 point)
+    clear_runtimes()
+    with scripted_runtimes():
+        child = campaign(config_mod.to_dict(child_cfg))
+    s = Store(child["db"])
+    assert child["db"] != result["db"]
+    ran = s.query("SELECT DISTINCT step, stage FROM stage_runs WHERE run_id = ? ORDER BY ALL", [child["run_id"]])
+    assert {r["step"] for r in ran} == {2} and "warm_start" not in {r["stage"] for r in ran}
+    evals = s.query("SELECT step, checkpoint_id FROM heldout_accuracy WHERE run_id = ? ORDER BY step",
+                    [child["run_id"]])
+    assert [(e["step"], e["checkpoint_id"]) for e in evals] == [(1, point.checkpoint_id),
+                                                                (2, child["final_checkpoint"]["checkpoint_id"])]
+    final = s.query("SELECT step, parent_checkpoint_id FROM checkpoints WHERE checkpoint_id = ?",
+                    [child["final_checkpoint"]["checkpoint_id"]])[0]
+    assert (final["step"], final["parent_checkpoint_id"]) == (2, point.checkpoint_id)

@@ -76,8 +76,7 @@ def root(tmp_path_factory, micro_model):
     ids["stopped"] = (rt.run_id,)
 
     rt, base = make_run(root, micro_model, "live", "run.steps=2")
-    with rt.store.transaction() as w:  # a fork: the column another feature adds to runs
-        w.execute("ALTER TABLE runs ADD COLUMN parent_run_id VARCHAR")
+    with rt.store.transaction() as w:  # recorded as a fork of the finished run (mel run --fork sets the column)
         w.execute("UPDATE runs SET parent_run_id = ?", [ids["done"][0]])
     rt.store.publish()
     ids["live"] = (rt.run_id,)
