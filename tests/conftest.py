@@ -49,3 +49,17 @@ def build_micro_model(path: Path, num_layers: int = 1, chat_template: str | None
 def micro_model(tmp_path_factory) -> Path:
     """One micro model for the whole session (read-only: tests load it, never write into it)."""
     return build_micro_model(tmp_path_factory.mktemp("micro-model"))
+
+
+UI_ENV = "MEL_UI_TEST"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests (marker `ui`) run only under `make test-ui`, which installs Chromium and sets MEL_UI_TEST=1."""
+    if os.environ.get(UI_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"browser test of the Prefect UI: run `make test-ui` (installs Chromium, "
+                                   f"sets {UI_ENV}=1)")
+    for item in items:
+        if "ui" in item.keywords:
+            item.add_marker(skip)
