@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast test-vllm test-scale bench bench-scale bench-vllm serve clean
+.PHONY: setup demo test test-fast test-ui test-vllm test-scale bench bench-scale bench-vllm serve clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ test: setup
 # The tests without a Prefect flow, a subprocess campaign or torchrun (-m "not slow"): a few minutes.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# The Prefect UI in a headless Chromium (Debian's package; apt-get needs root, as on CI): a campaign sent to
+# `mel serve`, its flow runs, a task run and its artifacts rendered, screenshots in runs/ui-screenshots/.
+# make test skips these tests (marker `ui`). About 2 minutes, plus ~40 s to install Chromium the first time.
+test-ui: setup
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	MEL_UI_TEST=1 MEL_UI_SCREENSHOTS=$(CURDIR)/runs/ui-screenshots $(BIN)/python -m pytest -q tests/test_ui.py
 
 # orchestration.runner: ray for real: the `scale` extra (ray, prefect-ray) in the project's environment, then a
 # campaign run once in one process and once on a 2-worker local Ray cluster against a standalone Prefect server.

@@ -3,6 +3,11 @@ base, every eval.every_n_steps steps and the last step (if eval.every_n_steps > 
 (run.fork, `mel run --fork RUN@STEP`) starts from its parent's checkpoint of that step and runs steps
 STEP+1 .. run.steps.
 
+Each step's metrics and stage seconds and each evaluation also go to the trackers of logging.report_to
+(mel_core.tracking), and the end of the campaign publishes its report's link and a summary artifact. The
+campaign's flow run id is in the run lock's record: a campaign that takes the lock over from a dead one marks
+the dead one's flow runs Crashed (tasks/flow_runs.py).
+
 Every stage is cached by ids, so running the same campaign again — after a crash, or with more
 steps — reuses what finished and continues from the first unfinished stage.
 """
@@ -17,11 +22,15 @@ from flows.iteration import iteration
 from flows.workers import generation_workers
 from mel_core.bookkeeping import register_run
 from mel_core.config import from_dict
+from mel_core.report import write_report
 from mel_core.runlock import run_lock
+from mel_core.runs import RunRef
 from mel_core.runtime import Checkpoint, get_runtime, run_dir_of
 from mel_core.summary import format_step, step_summary
-from tasks.artifacts import publish_step
+from mel_core.tracking import Tracking
+from tasks.artifacts import publish_campaign_summary, publish_report_link, publish_step
 from tasks.common import configured
+from tasks.flow_runs import crash_orphans, this_flow_run
 from tasks.warm_start import warm_start_task
 
 
@@ -44,8 +53,30 @@ def announce(line: str) -> None:
 def campaign(config: dict) -> dict:
     """`config` is a plain dict (mel_core.config.to_dict); it is validated before any work starts."""
     cfg = from_dict(config)
-    with run_lock(run_dir_of(cfg), log=announce):  # one campaign per run directory, before its first record
+    # One campaign per run directory, before its first record; the lock's record names this flow run for
+    # the campaign that takes over if this process dies.
+    with run_lock(run_dir_of(cfg), log=announce, extra={"prefect": this_flow_run()},
+                  on_takeover=crash_dead_flow_runs):
         return _campaign(config, cfg)
+
+
+def crash_dead_flow_runs(dead: dict, me: dict) -> None:
+    """The flow runs a dead campaign process left unfinished: Crashed, naming this flow run. A failure here is
+    announced, not raised: the UI's bookkeeping never stops a campaign."""
+    recorded = dead.get("prefect") or {}
+    if not recorded.get("flow_run_id"):
+        return  # a campaign from before flow runs were recorded, or one run outside a flow
+    try:
+        marked = crash_orphans(dead, me)
+    except Exception as e:
+        announce(f"mel: could not mark the dead campaign's flow runs Crashed: {type(e).__name__}: "
+                 f"{(str(e).splitlines() or [''])[0][:200]}")
+        return
+    if marked is None:
+        announce(f"mel: the dead campaign's flow run {recorded['flow_run_id']} is not on this Prefect API "
+                 f"(it ran on {recorded.get('api_url')}); it stays as it was there")
+    elif marked:
+        announce(f"mel: marked Crashed what the dead campaign left unfinished: {', '.join(marked)}")
 
 
 def _campaign(config: dict, cfg) -> dict:
@@ -65,16 +96,31 @@ def _campaign(config: dict, cfg) -> dict:
 
 
 def _steps(config: dict, cfg, rt, checkpoint: dict) -> dict:
-    # held-out accuracy of the starting policy (a fork's: its parent's checkpoint, at the parent's step)
-    evals = evaluate_if_due(config, rt.start_step, checkpoint, announce)
-    summaries = []
-    with without_flow_heartbeat():
-        for step in range(rt.start_step + 1, cfg.run.steps + 1):  # a fork's step numbers continue its parent's
-            checkpoint = iteration(config, step, checkpoint)
-            summaries.append(step_summary(rt.store, rt.run_id, step))
-            announce(format_step(summaries[-1]))
-            publish_step(rt, step, summaries[-1])
-            evals += evaluate_if_due(config, step, checkpoint, announce)  # every eval.every_n_steps, and the last
+    # A resumed campaign walks its finished steps again (cache hits): the tracking ledger logs each one once.
+    tracking = Tracking(cfg.logging, rt.run_id, rt.run_dir)
+    finished = False
+    try:
+        tracking.log_config(config)
+        # held-out accuracy of the starting policy (a fork's: its parent's checkpoint, at the parent's step)
+        evals = evaluate_if_due(config, rt.start_step, checkpoint, announce)
+        tracking.log_evals(evals)
+        summaries = []
+        with without_flow_heartbeat():
+            for step in range(rt.start_step + 1, cfg.run.steps + 1):  # a fork's step numbers continue its parent's
+                checkpoint = iteration(config, step, checkpoint)
+                summaries.append(step_summary(rt.store, rt.run_id, step))
+                announce(format_step(summaries[-1]))
+                publish_step(rt, step, summaries[-1])
+                tracking.log_step(summaries[-1])
+                due = evaluate_if_due(config, step, checkpoint, announce)  # every eval.every_n_steps, and the last
+                tracking.log_evals(due)
+                evals += due
+        finished = True
+    finally:
+        tracking.close(ok=finished)
 
+    if cfg.logging.report_at_end:
+        publish_report_link(rt, write_report(RunRef(rt.store.path, run_id=rt.run_id)))
+    publish_campaign_summary(rt, summaries, evals)
     return {"run_id": rt.run_id, "run_dir": str(rt.run_dir), "db": str(rt.store.path),
             "final_checkpoint": checkpoint, "steps": summaries, "evals": evals}

@@ -55,7 +55,10 @@ def wait_healthy(url: str, timeout_s: float, server: subprocess.Popen | None = N
 
 
 def start_server(host: str, port: int, env: dict, **popen) -> subprocess.Popen:
-    """`prefect server start` in the foreground of a child process (its own process group)."""
+    """`prefect server start` in the foreground of a child process (its own process group). The UI is told
+    where its API is: Prefect 3.8.8 builds the UI's API URL from its settings, not from --port, so on any port
+    but 4200 the UI would call 127.0.0.1:4200 and show no runs (PREFECT_UI_API_URL set by the caller wins)."""
+    env = {"PREFECT_UI_API_URL": api_url(host, port), **env}
     return subprocess.Popen([prefect_cli(), "server", "start", "--host", host, "--port", str(port),
                              "--analytics-off"], env=env, start_new_session=True, **popen)
 

@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mel_core.errors import PermanentError
 from mel_core.meta_experience import REPLAY_CONTEXTS
 from mel_core.retrospective import LONG_CONTEXT_MODES
+from mel_core.tracker_names import TRACKERS, missing_package
 from mel_core.verify import (  # the standard library only, at import time
     EXTRACTIONS,
     TRUNCATED_REWARDS,
@@ -335,6 +336,40 @@ class OrchestrationConfig:
 
 
 @dataclass
+class MlflowSettings:
+    tracking_uri: str = doc("", "Where MLflow records: '' = a SQLite store <run dir>/<logging.dir>/mlflow.db with its "
+                            "artifacts beside it (our choice: MLflow 3 refuses new ./mlruns file stores, and SQLite "
+                            "needs no server); or a tracking URI such as http://127.0.0.1:5000 (`mlflow server`).")
+    experiment: str = doc("mel", "MLflow experiment that holds the runs (one MLflow run per mel run id).")
+
+
+@dataclass
+class WandbSettings:
+    project: str = doc("mel", "W&B project of the runs (one W&B run per mel run id, named after it).")
+    mode: str = doc("offline", "offline = files under <run dir>/<logging.dir>/wandb, nothing sent (`wandb sync` "
+                    "uploads them later) | online = to the W&B server (needs `wandb login` / WANDB_API_KEY). Our "
+                    "choice: a campaign never waits on, or fails for, a network it may not have.",
+                    one_of=("offline", "online"))
+
+
+@dataclass
+class LoggingConfig:
+    report_to: List[str] = doc([], "Experiment trackers that receive every step's metrics and stage seconds, each "
+                               "evaluation (metric per dataset at its step) and the run config, under the run id: "
+                               "any of tensorboard, mlflow, wandb. [] = none (the store and the Prefect artifacts "
+                               "always have everything). Each needs its package (pip install -e '.[tracking]').")
+    dir: str = doc("tracking", "Where the trackers write, relative to the run directory: tensorboard/<run id>/ "
+                   "(event files), mlflow.db, wandb/, and <run id>.logged.json (what each tracker has received, "
+                   "so a resumed campaign continues the same tracker run without logging a step twice).")
+    report_at_end: bool = doc(True, "At the end of a campaign, write `mel report`'s <run dir>/report/report.md and "
+                              "link it from the campaign's flow run, beside a markdown artifact of held-out accuracy "
+                              "(base vs last evaluation) and acceptance. Our choice: the UI then shows where the "
+                              "report is.")
+    mlflow: MlflowSettings = section(MlflowSettings, "The MLflow tracker (logging.report_to: [mlflow]).")
+    wandb: WandbSettings = section(WandbSettings, "The Weights & Biases tracker (logging.report_to: [wandb]).")
+
+
+@dataclass
 class MelConfig:
     run: RunConfig = section(RunConfig, "Run identity, seeds and directories.")
     model: ModelConfig = section(ModelConfig, "Policy model.")
@@ -349,6 +384,7 @@ class MelConfig:
     eval: EvalConfig = section(EvalConfig, "Evaluation (never with meta-experience in context).")
     library: LibraryConfig = section(LibraryConfig, "The heuristic library: near-duplicate clusters of heuristics.")
     orchestration: OrchestrationConfig = section(OrchestrationConfig, "Retries, timeouts, fault injection.")
+    logging: LoggingConfig = section(LoggingConfig, "Experiment trackers (TensorBoard, MLflow, W&B) and the end-of-campaign report.")
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -443,12 +479,13 @@ def to_dict(cfg: MelConfig) -> dict:
 # What does not change a campaign's results, and so stays out of its identity (run id, cache keys):
 # its length (extending a campaign keeps it), where it lives on disk, threads, the heuristic library's
 # clustering (bookkeeping over the results, rebuilt when it changes), evaluation (keyed on its own, see
-# mel_core.evaluate.eval_config_hash), orchestration (retries, timeouts, injected faults) and the generation
+# mel_core.evaluate.eval_config_hash), orchestration (retries, timeouts, injected faults), logging (where the
+# numbers are also sent: turning a tracker on for a running campaign resumes it and backfills) and the generation
 # engine: HF and vLLM sample the same distributions with other random streams and kernels, as other threads
 # reduce in another order, so a campaign can be resumed on the other engine.
 # A fork's parent checkpoint and store are named by their ids in run.fork; where their files are is not identity.
 RESULT_NEUTRAL_KEYS = ("run.steps", "run.root_dir", "run.cache_dir", "run.torch_threads", "library", "eval",
-                       "orchestration", "model.engine", "model.vllm", "model.device",
+                       "orchestration", "logging", "model.engine", "model.vllm", "model.device",
                        "optim.fsdp_processes", "run.fork.checkpoint_path", "run.fork.store")
 
 
@@ -565,6 +602,11 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
     need(cfg.eval.k == 0 or cfg.eval.temperature > 0, "eval.temperature", "must be > 0 when eval.k > 0 (sampled)")
     need(cfg.eval.every_n_steps <= 0 or bool(cfg.eval.datasets), "eval.datasets",
          "eval.every_n_steps > 0 needs at least one dataset ('synthetic' or a JSONL path)")
+    for i, name in enumerate(cfg.logging.report_to):
+        need(name in TRACKERS, f"logging.report_to[{i}]", f"unknown tracker {name!r}; one of {', '.join(TRACKERS)}")
+        need(name not in cfg.logging.report_to[:i], f"logging.report_to[{i}]", f"{name} is listed twice")
+        missing = missing_package(name)
+        need(missing is None, "logging.report_to", missing or "")
     for name in cfg.orchestration.stages:
         need(name in ALL_STAGES, f"orchestration.stages.{name}", f"unknown stage; one of {list(ALL_STAGES)}")
     for i, f in enumerate(cfg.orchestration.faults):

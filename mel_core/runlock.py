@@ -80,8 +80,13 @@ def holder(run_dir: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[dict]:
-    """Hold `run_dir` exclusively for the block; RunLocked at once if a live process holds it."""
+def run_lock(run_dir: Path, log: Callable[[str], None] = print, extra: dict | None = None,
+             on_takeover: Callable[[dict, dict], None] | None = None) -> Iterator[dict]:
+    """Hold `run_dir` exclusively for the block; RunLocked at once if a live process holds it.
+
+    `extra` joins the holder's record (the campaign's Prefect flow run, for whoever comes next). When the
+    previous holder ended without releasing the lock, `on_takeover(previous record, this record)` runs once the
+    lock is ours (the campaign marks the dead process's flow runs Crashed)."""
     run_dir = Path(run_dir)
     ensure_writable(run_dir)
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -92,13 +97,16 @@ def run_lock(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[dict
             raise RunLocked(f"run directory {run_dir} is in use by another campaign: {_describe(_read(fd))}; "
                             f"wait for it to end, or stop it, then run again (it resumes)") from None
         previous = _read(fd)
-        if previous and not previous.get("released"):
+        died = bool(previous) and not previous.get("released")
+        if died:
             log(f"mel: took over the lock of {run_dir} from a process that ended without releasing it: "
                 f"{_describe(previous)}")
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv)[:300]}
+              "command": " ".join(sys.argv)[:300], **(extra or {})}
         _write(fd, me)
+        if died and on_takeover is not None:
+            on_takeover(previous, me)
         try:
             yield me
         finally:

@@ -1,14 +1,16 @@
-"""Prefect artifacts per step, under stable keys so the UI shows each one's history across steps."""
+"""Prefect artifacts per step, under stable keys so the UI shows each one's history across steps, and at the
+end of a campaign a link to its report and a summary of held-out accuracy and acceptance."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from mel_core import library, records
 from mel_core.runtime import Runtime
-from mel_core.summary import format_step
+from mel_core.summary import campaign_markdown, format_step
 
 
 def _key(rt: Runtime, what: str) -> str:
@@ -34,3 +36,16 @@ def publish_step(rt: Runtime, step: int, summary: dict) -> None:
     lines += ["", "```", format_step(summary), "```"]
     create_markdown_artifact(key=_key(rt, "step-summary"), markdown="\n".join(lines),
                              description=f"Metrics of step {step}")
+
+
+def publish_report_link(rt: Runtime, report: Path) -> None:
+    """A link artifact to `mel report`'s markdown (a file:// URL: the UI shows where it is; browsers open it
+    from a page on the same machine only)."""
+    create_link_artifact(key=_key(rt, "report"), link=Path(report).resolve().as_uri(), link_text=str(report),
+                         description=f"Report of run {rt.run_id} (mel report {rt.run_dir})")
+
+
+def publish_campaign_summary(rt: Runtime, summaries: list[dict], evals: list[dict]) -> None:
+    create_markdown_artifact(key=_key(rt, "campaign-summary"),
+                             markdown=campaign_markdown(rt.cfg.run.name, rt.run_id, summaries, evals),
+                             description=f"Held-out accuracy (base vs last evaluation) and acceptance of run {rt.run_id}")

@@ -49,3 +49,17 @@ def build_micro_model(path: Path, num_layers: int = 1, chat_template: str | None
 def micro_model(tmp_path_factory) -> Path:
     """One micro model for the whole session (read-only: tests load it, never write into it)."""
     return build_micro_model(tmp_path_factory.mktemp("micro-model"))
+
+
+UI_ENV = "MEL_UI_TEST"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests (marker `ui`) are a make target of their own, `make test-ui` (it installs Chromium and sets
+    MEL_UI_TEST=1): elsewhere they are deselected, not skipped -- the default suite reports what it ran."""
+    if os.environ.get(UI_ENV) == "1":
+        return
+    deselected = [item for item in items if "ui" in item.keywords]
+    if deselected:
+        items[:] = [item for item in items if "ui" not in item.keywords]
+        config.hook.pytest_deselected(items=deselected)

@@ -28,7 +28,7 @@ def campaign_run(prefect_harness, tmp_path_factory, micro_model):
     from flows.campaign import campaign
 
     root = tmp_path_factory.mktemp("runs")
-    cfg = config_mod.load("configs/tiny.yaml", _overrides(root, micro_model))
+    cfg = config_mod.load("configs/tiny.yaml", _overrides(root, micro_model) + ["logging.report_to=[tensorboard,mlflow]"])
     with scripted_runtimes():
         result = campaign(config_mod.to_dict(cfg))
     return cfg, result
@@ -90,6 +90,57 @@ def test_checkpoint_after_update_differs(campaign_run):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def _tensorboard(result) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar the campaign's TensorBoard event files hold: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(f"{result['run_dir']}/tracking/tensorboard/{result['run_id']}")
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+def test_trackers_get_every_step_and_evaluation_of_the_store(campaign_run):
+    from mlflow.tracking import MlflowClient
+
+    _, result = campaign_run
+    s = Store(result["db"])
+    rewards = [(r["step"], r["value"]) for r in s.query(
+        "SELECT step, value FROM metrics WHERE name = 'reward_mean' ORDER BY step")]
+    greedy = [(r["step"], r["value"]) for r in s.query(
+        "SELECT step, value FROM evals WHERE metric = 'pass@1' ORDER BY step")]
+    assert len(rewards) == 2 and len(greedy) == 3
+    tb = _tensorboard(result)
+    assert [(st, pytest.approx(v)) for st, v in rewards] == tb["train/reward_mean"]
+    assert [(st, pytest.approx(v)) for st, v in greedy] == tb["eval/synthetic/pass@1"]
+    assert [st for st, _ in tb["time/update"]] == [1, 2]
+
+    client = MlflowClient(f"sqlite:///{result['run_dir']}/tracking/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("mel").experiment_id])
+    assert run.info.run_name == result["run_id"] and run.info.status == "FINISHED"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/synthetic/pass_at_1")) \
+        == greedy
+    assert run.data.params["run.name"] == '"e2e"'
+
+
+def test_the_campaign_links_its_report_and_summarises_itself(campaign_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, result = campaign_run
+    with get_client(sync_client=True) as client:
+        (link,) = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mel-e2e-report"])))
+        (summary,) = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mel-e2e-campaign-summary"])))
+    report = f"{result['run_dir']}/report/report.md"
+    assert link.type == "markdown" and f"(file://{report})" in link.data  # a link artifact renders as markdown
+    assert "## Held-out accuracy" in open(report).read()  # mel report's markdown, written at the campaign's end
+    base, last = result["evals"][0]["metrics"]["pass@1"], result["evals"][-1]["metrics"]["pass@1"]
+    assert f"| synthetic | pass@1 | {base:.3f} (step 0) | {last:.3f} (step 2) |" in summary.data
+    accepted = int(sum(st["accepted"] for st in result["steps"]))
+    candidates = int(sum(st["candidates"] for st in result["steps"]))
+    assert candidates > 0 and f"| {accepted} | {candidates} | {accepted / candidates:.2f} |" in summary.data
+
+
 def test_rerunning_the_campaign_adds_no_rows(campaign_run):
     from flows.campaign import campaign
 
@@ -126,3 +177,10 @@ def test_a_fork_campaign_runs_the_steps_after_its_fork_point(campaign_run, micro
     final = s.query("SELECT step, parent_checkpoint_id FROM checkpoints WHERE checkpoint_id = ?",
                     [child["final_checkpoint"]["checkpoint_id"]])[0]
     assert (final["step"], final["parent_checkpoint_id"]) == (2, point.checkpoint_id)
+
+def test_trackers_hold_each_step_once_after_the_rerun(campaign_run):
+    """Runs after test_rerunning_the_campaign_adds_no_rows: the rerun walked both steps again (cache hits)."""
+    _, result = campaign_run
+    tb = _tensorboard(result)
+    assert [st for st, _ in tb["train/reward_mean"]] == [1, 2]
+    assert [st for st, _ in tb["eval/synthetic/pass@1"]] == [0, 1, 2]
