@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="evaluate a checkpoint: greedy Pass@1, Avg@k / Pass@k (no experience in context)")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint id (checkpoints table) or directory; rows go to the run that "
                                                        "holds it, else to the config's run")
-    ev.add_argument("--datasets", nargs="+", help="'synthetic' and/or JSONL paths (default: eval.datasets)")
+    ev.add_argument("--datasets", nargs="+", help="'synthetic', 'synthetic:<subset>' and/or JSONL paths (default: eval.datasets)")
     ev.add_argument("--suite", help="a fixed benchmark list, then its table: 'paper' = AIME24, AIME25, AMC23, "
                                     "MATH-500, OlympiadBench in the paper's Table 1 layout; --datasets adds more "
                                     "(evaluated, not in the table)")

@@ -29,6 +29,7 @@ from mel_core.verify import (  # the standard library only, at import time
     TRUNCATED_REWARDS,
 )
 from mel_core.worlds import WORLD_NAMES
+from mel_core.worlds.rules import EXCEPTION_RULES as RULES_EXCEPTION_RULES
 
 PAPER = "paper"
 CHOICE = "choice"
@@ -92,7 +93,13 @@ class TinyModelConfig:
     num_heads: int = doc(4, "Attention heads.", ge=1)
     num_kv_heads: int = doc(2, "Key/value heads (grouped-query attention, as Qwen2/3).", ge=1)
     intermediate_size: int = doc(512, "MLP width.", ge=1)
-    vocab_size: int = doc(512, "Byte-level BPE vocabulary size trained on the synthetic corpus.", ge=260)
+    tokenizer: str = doc("bpe", "bpe: byte-level BPE of vocab_size tokens learned from the world's texts | words: the "
+                         "same byte-level BPE learned to completion, so every word of the world's texts (with its "
+                         "leading space) is one token and each decision of a solution one prediction; vocab_size is "
+                         "then only a ceiling. Both reload exactly through AutoTokenizer (STACK.md's tokenizer trap).",
+                         one_of=("bpe", "words"))
+    vocab_size: int = doc(512, "Byte-level BPE vocabulary size trained on the synthetic corpus (tokenizer: bpe; with "
+                          "words the most tokens it may have).", ge=260)
     max_position_embeddings: int = doc(512, "Context window of the tiny model, in tokens.", ge=16)
 
 
@@ -140,9 +147,24 @@ class WarmStartConfig:
 
 
 @dataclass
+class RulesWorldConfig:
+    min_commands: int = doc(4, "Fewest commands per rules-world problem (steps of its solution).", ge=1)
+    max_commands: int = doc(6, "Most commands per problem. 4..6 holds ~850 problems exercising stay (the rarest "
+                            "rule), enough for train_size 2048 and eval_size 200 in equal shares of the subsets.", ge=1)
+    weak_rules: List[str] = doc(list(RULES_EXCEPTION_RULES), "Exception rules the warm start leaves weak (followed "
+                                "only with probability weak_rate in its solve examples), so the warm-started policy "
+                                "breaks them systematically; any of skip, jump, stay.")
+    weak_rate: float = doc(0.3, "How often the warm start's solve examples follow a weak rule where it applies: below "
+                           "0.5 greedy decoding breaks it every time, while sampling follows it this often -- the "
+                           "successes GRPO learns from.", ge=0, le=1)
+
+
+@dataclass
 class SyntheticConfig:
-    world: str = doc("arithmetic", "The embedded world (mel_core.worlds) of data.source: synthetic. The fields below "
-                     "up to `seed` shape the arithmetic world.", one_of=WORLD_NAMES)
+    world: str = doc("arithmetic", "The embedded world (mel_core.worlds) of data.source: synthetic: arithmetic "
+                     "(step-by-step integer expressions; shaped by min_ops .. operators) | rules (a dial stepped by "
+                     "commands, each step a choice of rule; shaped by the `rules` section). train_size, eval_size "
+                     "and seed apply to both.", one_of=WORLD_NAMES)
     min_ops: int = doc(1, "Fewest operators per synthetic problem.", ge=1)
     max_ops: int = doc(2, "Most operators per synthetic problem.", ge=1)
     max_number: int = doc(20, "Operands are drawn from 1..max_number (20: the tiny warm start reaches ~30-70% greedy accuracy).", ge=1)
@@ -150,6 +172,7 @@ class SyntheticConfig:
     train_size: int = doc(4096, "Problems in the training split.", ge=1)
     eval_size: int = doc(200, "Problems in the held-out split.", ge=1)
     seed: int = doc(1234, "Seed of problem generation (training and held-out splits do not overlap).", ge=0)
+    rules: RulesWorldConfig = section(RulesWorldConfig, "The rules world's problems and its warm start's weak rules.")
 
 
 @dataclass
@@ -163,7 +186,7 @@ class DataConfig:
                         "step 1, naming the problem) | skip (leave such problems out, counted in the log). Our "
                         "choice: silently training on a cut prompt would teach the policy a different problem.",
                         one_of=("error", "skip"))
-    synthetic: SyntheticConfig = section(SyntheticConfig, "The embedded synthetic arithmetic task.")
+    synthetic: SyntheticConfig = section(SyntheticConfig, "The embedded synthetic world (data.synthetic.world) and its problems.")
 
 
 @dataclass
@@ -276,7 +299,7 @@ class PromptsConfig:
 
 @dataclass
 class EvalConfig:
-    datasets: List[str] = doc([], "Datasets to evaluate on: 'synthetic' or JSONL paths (MATH-500, AIME24/25, AMC23, OlympiadBench, GSM8K).")
+    datasets: List[str] = doc([], "Datasets to evaluate on: 'synthetic' (the held-out split), 'synthetic:<subset>' (a named part of it: the rules world's plain, skip, jump, stay) or JSONL paths (MATH-500, AIME24/25, AMC23, OlympiadBench, GSM8K).")
     greedy: bool = doc(True, "Greedy Pass@1.", PAPER)
     temperature: float = doc(0.6, "Sampling temperature of Avg@k / Pass@k.", PAPER, ge=0)
     k: int = doc(8, "Samples per problem for Avg@k / Pass@k (unbiased estimator, Chen et al. 2021); 0 = greedy only.", PAPER, ge=0)
@@ -598,6 +621,10 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
         need(PromptSet.load(cfg.prompts.dir).abstract is not None, "experience.analysis_mode",
              f"two_pass needs {resolve_path(cfg.prompts.dir) / 'abstract.txt'}")
     need(cfg.data.synthetic.min_ops <= cfg.data.synthetic.max_ops, "data.synthetic.min_ops", "must be <= max_ops")
+    rules = cfg.data.synthetic.rules
+    need(rules.min_commands <= rules.max_commands, "data.synthetic.rules.min_commands", "must be <= max_commands")
+    need(set(rules.weak_rules) <= set(RULES_EXCEPTION_RULES), "data.synthetic.rules.weak_rules",
+         f"only exception rules can be weak: any of {', '.join(RULES_EXCEPTION_RULES)}, got {rules.weak_rules}")
     need(cfg.eval.greedy or cfg.eval.k > 0, "eval.greedy", "with eval.k = 0, greedy must be on (nothing to evaluate)")
     need(cfg.eval.k == 0 or cfg.eval.temperature > 0, "eval.temperature", "must be > 0 when eval.k > 0 (sampled)")
     need(cfg.eval.every_n_steps <= 0 or bool(cfg.eval.datasets), "eval.datasets",

@@ -5,7 +5,8 @@ never a meta-experience [P]: MEL's claim is that the experience is internalized 
 mode is one batched engine call (all problems greedy; all problems x k samples at eval.temperature),
 verified in one ``Verifier.verify`` call with the dataset's reward kind and ``cfg.verify``.
 
-A dataset is ``synthetic`` (the held-out split of the embedded task, disjoint from training) or the
+A dataset is ``synthetic`` (the held-out split of the embedded task, disjoint from training),
+``synthetic:<subset>`` (one named part of it, e.g. the rules world's problems of one rule) or the
 path of a JSONL file (MATH-500, GSM8K, AIME24/25, AMC23, OlympiadBench ship under ``data/``). A *suite*
 names a fixed list of them: ``paper`` is the MEL paper's Table 1 (:data:`PAPER_SUITE`), printed in that
 table's layout by :func:`format_suite_table`.
@@ -51,7 +52,7 @@ def _fingerprint(cfg: MelConfig, dataset: str) -> str:
     """Changes when the dataset's problems would: the synthetic task's settings, or the file's bytes."""
     from mel_core.prompts import resolve_path
 
-    if dataset_name(dataset) == SYNTHETIC:
+    if _synthetic_subset(dataset) is not None:
         return hashlib.sha256(json.dumps(asdict(cfg.data.synthetic), sort_keys=True).encode()).hexdigest()[:16]
     path = resolve_path(dataset)
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
@@ -73,22 +74,49 @@ def _jsonl_fields(path: Path, cfg: MelConfig) -> tuple[str, str, str]:
     return question, answer, d.id_field if d.id_field and d.id_field in row else ""
 
 
+def _synthetic_subset(dataset: str) -> str | None:
+    """'synthetic' -> '' (the whole held-out split), 'synthetic:stay' -> 'stay' (one named part of it), else None."""
+    name = dataset.strip()
+    if name.lower() == SYNTHETIC:
+        return ""
+    head, sep, subset = name.partition(":")
+    return subset.strip() if sep and head.strip().lower() == SYNTHETIC and subset.strip() else None
+
+
 def dataset_name(dataset: str) -> str:
-    """The store's name of a configured dataset: 'synthetic', or the file's source name ('data/math500/test.jsonl'
-    -> 'math500', as its problem ids)."""
+    """The store's name of a configured dataset: 'synthetic', 'synthetic:<subset>' (a named part of the held-out
+    split, e.g. the rules world's 'synthetic:stay'), or the file's source name ('data/math500/test.jsonl' ->
+    'math500', as its problem ids)."""
     from mel_core.prompts import resolve_path
 
-    return SYNTHETIC if dataset.strip().lower() == SYNTHETIC else source_name(resolve_path(dataset))
+    subset = _synthetic_subset(dataset)
+    if subset is not None:
+        return f"{SYNTHETIC}:{subset}" if subset else SYNTHETIC
+    return source_name(resolve_path(dataset))
+
+
+def synthetic_subset_problems(cfg: MelConfig, subset: str) -> list[Problem]:
+    """The held-out problems of one named subset of the world (Problem.meta["subset"]), in split order."""
+    world = worlds.get(cfg.data.synthetic.world)
+    if subset not in world.subsets:
+        known = ", ".join(f"synthetic:{s}" for s in world.subsets) or "none"
+        raise ConfigError(f"dataset 'synthetic:{subset}': the {world.name} world has no subset {subset!r} "
+                          f"(its subsets: {known})")
+    return [p for p in world.problems(cfg.data.synthetic, "eval") if p.meta.get("subset") == subset]
 
 
 def load_dataset(cfg: MelConfig, dataset: str) -> EvalDataset:
-    """The problems of one configured dataset, capped at eval.max_problems (the first N, in order)."""
+    """The problems of one configured dataset, capped at eval.max_problems (the first N, in order; of a subset,
+    its first N)."""
     from mel_core.prompts import resolve_path
 
     cap = cfg.eval.max_problems or None
-    if dataset_name(dataset) == SYNTHETIC:
+    subset = _synthetic_subset(dataset)
+    if subset == "":
         problems = worlds.get(cfg.data.synthetic.world).problems(cfg.data.synthetic, "eval")[:cap]
         return EvalDataset(SYNTHETIC, problems, "synthetic")
+    if subset is not None:
+        return EvalDataset(f"{SYNTHETIC}:{subset}", synthetic_subset_problems(cfg, subset)[:cap], "synthetic")
     path = resolve_path(dataset)
     if not path.is_file():
         load_jsonl(path)  # raises its (permanent) missing-file error, naming the file

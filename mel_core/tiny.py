@@ -63,16 +63,15 @@ class Example:
     target: str  # the completion the loss is on (eos is appended at encoding)
 
 
-def _solution(world, question: str) -> str:
-    return "\n".join(world.solution_lines(question))
+def solve_example(prompts: PromptSet, world, synthetic: SyntheticConfig, question: str, rng: random.Random) -> Example:
+    """The solve prompt -> the solution the world's warm start teaches (the correct one, or one that follows
+    the world's weak rules only part of the time)."""
+    return Example("solve", prompts.render_solve(question),
+                   "\n".join(world.taught_solution_lines(synthetic, question, rng)))
 
 
-def solve_example(prompts: PromptSet, world, question: str) -> Example:
-    return Example("solve", prompts.render_solve(question), _solution(world, question))
-
-
-def analysis_example(prompts: PromptSet, world, question: str, rng: random.Random) -> Example | None:
-    """An injected error of a random applicable type, and its analysis; None if no type applies."""
+def _injected_analysis(prompts: PromptSet, world, question: str, rng: random.Random) -> tuple[Example, str] | None:
+    """An injected error of a random applicable type, its analysis, and the type; None if no type applies."""
     types = list(world.error_types)
     rng.shuffle(types)
     for error_type in types:
@@ -81,19 +80,29 @@ def analysis_example(prompts: PromptSet, world, question: str, rng: random.Rando
             wrong_lines, _ = injected
             right_lines = world.solution_lines(question)
             prompt = prompts.render_analysis(question, "\n".join(wrong_lines), "\n".join(right_lines))
-            return Example("analysis", prompt, world.analysis_target(wrong_lines, right_lines, error_type))
+            return Example("analysis", prompt, world.analysis_target(wrong_lines, right_lines, error_type)), error_type
     return None
 
 
-def validation_example(prompts: PromptSet, world, question: str, rng: random.Random,
+def analysis_example(prompts: PromptSet, world, question: str, rng: random.Random) -> Example | None:
+    """An injected error of a random applicable type, and its analysis; None if no type applies."""
+    injected = _injected_analysis(prompts, world, question, rng)
+    return None if injected is None else injected[0]
+
+
+def validation_example(prompts: PromptSet, world, synthetic: SyntheticConfig, question: str, rng: random.Random,
                        replay_context: str = "full") -> Example | None:
     """Solving with a meta-experience about this problem in context (the replay's prompt): the whole analysis of
-    an injected error (experience.replay_context full), or its heuristic alone (heuristics)."""
-    analysis = analysis_example(prompts, world, question, rng)
-    if analysis is None:
+    an injected error (experience.replay_context full), or its heuristic alone (heuristics). The solution follows
+    the rule that analysis states, weak or not, and any other weak rule only as often as a solve example does: a
+    hint carries information, so the right lesson in context raises accuracy and another one does not."""
+    injected = _injected_analysis(prompts, world, question, rng)
+    if injected is None:
         return None
+    analysis, error_type = injected
     hint = analysis.target if replay_context == "full" else analysis.target.splitlines()[-1].removeprefix("Heuristic: ")
-    return Example("validation", prompts.render_validation(question, hint), _solution(world, question))
+    solution = world.taught_solution_lines(synthetic, question, rng, stated_rule=error_type)
+    return Example("validation", prompts.render_validation(question, hint), "\n".join(solution))
 
 
 def example_stream(prompts: PromptSet, synthetic: SyntheticConfig, analysis_fraction: float,
@@ -106,9 +115,9 @@ def example_stream(prompts: PromptSet, synthetic: SyntheticConfig, analysis_frac
         if u < analysis_fraction:
             ex = analysis_example(prompts, world, question, rng)
         elif u < analysis_fraction + validation_fraction:
-            ex = validation_example(prompts, world, question, rng, replay_context)
+            ex = validation_example(prompts, world, synthetic, question, rng, replay_context)
         else:
-            ex = solve_example(prompts, world, question)
+            ex = solve_example(prompts, world, synthetic, question, rng)
         if ex is not None:
             yield ex
 
@@ -120,7 +129,10 @@ def build_tokenizer(tiny_cfg: TinyModelConfig, corpus: list[str]):
     """Byte-level BPE (Qwen pre-tokenizer) trained on `corpus`, as a left-padding PreTrainedTokenizerFast.
 
     Every byte is in the alphabet, so any (NFC) text round-trips exactly, also after a reload through
-    AutoTokenizer from a folder holding a qwen2 config (STACK.md: the tokenizer trap).
+    AutoTokenizer from a folder holding a qwen2 config (STACK.md: the tokenizer trap). ``tokenizer: words``
+    learns merges until every piece the pre-tokenizer cuts from `corpus` -- a word with its leading space, a
+    digit, a run of punctuation -- is one token (at most ``vocab_size`` tokens): a word-level vocabulary that
+    is still byte-level BPE, so it reloads the same way.
     """
     from tokenizers import (
         Regex,
@@ -140,7 +152,9 @@ def build_tokenizer(tiny_cfg: TinyModelConfig, corpus: list[str]):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=tiny_cfg.vocab_size, special_tokens=[EOS_TOKEN], min_frequency=2,
+    words = tiny_cfg.tokenizer == "words"
+    trainer = trainers.BpeTrainer(vocab_size=tiny_cfg.vocab_size, special_tokens=[EOS_TOKEN],
+                                  min_frequency=1 if words else 2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
@@ -291,11 +305,25 @@ def is_parseable_analysis(text: str) -> bool:
     return len(lines) >= 3 and all(p.match(line) for p, line in zip(_ANALYSIS_LINES, lines[:3]))
 
 
+def solve_rewards(model, tokenizer, prompts: PromptSet, problems: list[Problem], max_new_tokens: int) -> list[float]:
+    """Greedy reward per problem, verified as the campaign verifies the synthetic task (mel_core.verify)."""
+    texts = greedy_generate(model, tokenizer, [prompts.render_solve(p.question) for p in problems], max_new_tokens)
+    return [verify_synthetic(t, p.answer).reward for t, p in zip(texts, problems)]
+
+
 def measure_solve_accuracy(model, tokenizer, prompts: PromptSet, problems: list[Problem],
                            max_new_tokens: int) -> float:
     """Greedy accuracy, verified as the campaign verifies the synthetic task (mel_core.verify)."""
-    texts = greedy_generate(model, tokenizer, [prompts.render_solve(p.question) for p in problems], max_new_tokens)
-    return sum(verify_synthetic(t, p.answer).reward for t, p in zip(texts, problems)) / max(1, len(problems))
+    return sum(solve_rewards(model, tokenizer, prompts, problems, max_new_tokens)) / max(1, len(problems))
+
+
+def accuracy_by_subset(problems: list[Problem], rewards: list[float]) -> dict[str, float]:
+    """Mean reward per named subset (Problem.meta["subset"]) of the problems that have one."""
+    groups: dict[str, list[float]] = {}
+    for p, r in zip(problems, rewards):
+        if p.meta.get("subset"):
+            groups.setdefault(p.meta["subset"], []).append(r)
+    return {name: sum(rs) / len(rs) for name, rs in sorted(groups.items())}
 
 
 def measure_analysis(model, tokenizer, prompts: PromptSet, world, problems: list[Problem], seed: int) -> dict:
@@ -353,16 +381,20 @@ def warm_start(cfg: MelConfig, out_dir: Path, log: Log = print) -> dict:
 
     world = worlds.get(synthetic.world)
     held_out = world.problems(synthetic, "eval")
-    accuracy = measure_solve_accuracy(model, tokenizer, prompts, held_out[:ws.eval_problems],
-                                      cfg.sampling.max_new_tokens)
+    measured = held_out[:ws.eval_problems]
+    rewards = solve_rewards(model, tokenizer, prompts, measured, cfg.sampling.max_new_tokens)
+    accuracy = sum(rewards) / max(1, len(rewards))
+    by_subset = accuracy_by_subset(measured, rewards)  # per rule, in a world whose split is partitioned by rule
     analysis = measure_analysis(model, tokenizer, prompts, world, held_out[:min(PARSE_RATE_PROMPTS, ws.eval_problems)],
                                 ws.seed)
-    summary = {"accuracy": accuracy, **analysis, "seconds": round(time.perf_counter() - t0, 1),
+    summary = {"accuracy": accuracy, **({"accuracy_by_subset": by_subset} if by_subset else {}), **analysis,
+               "seconds": round(time.perf_counter() - t0, 1),
                "cpu_seconds": round(time.process_time() - cpu0, 1), "train_seconds": round(train_seconds, 1),
                "torch_threads": torch.get_num_threads(), "steps": ws.steps, "key": key,
                "parameters": count_parameters(model)}
-    log(f"warm start done: greedy accuracy {accuracy:.3f} on {min(len(held_out), ws.eval_problems)} held-out "
-        f"problems, analysis parse rate {analysis['analysis_parse_rate']:.3f}, {summary['seconds']}s")
+    per_subset = "".join(f", {name} {value:.3f}" for name, value in by_subset.items())
+    log(f"warm start done: greedy accuracy {accuracy:.3f} on {len(measured)} held-out problems{per_subset}, "
+        f"analysis parse rate {analysis['analysis_parse_rate']:.3f}, {summary['seconds']}s")
     _save_atomically(model, tokenizer, summary, out_dir)
     return summary
 

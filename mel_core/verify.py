@@ -16,7 +16,8 @@ Public API
 - Truncated completions (``truncated_reward``, with ``finish_reasons``): ``"zero"`` (default) scores a completion
   cut at the length limit (``finish_reason == "length"``) 0 with reason ``"truncated"`` without verifying it;
   ``"verify"`` verifies it like any other.
-- :func:`extract_synthetic_answer`, :func:`verify_synthetic`: the last ``Answer: N`` line, exact integer match.
+- :func:`extract_synthetic_answer`, :func:`verify_synthetic`: the last ``Answer: N`` line, exact integer match (a gold
+  that is not an integer, such as the rules world's ``three``: exact match of the line's stripped content).
 - :func:`verify_math`, :func:`verify_math_batch`: math-verify 0.9.0, gold parsed as ``"$" + gold + "$"``, the model
   answer with math-verify's default extraction configs, ``verify(gold, pred)``.
 - :func:`verify_batch` ``(kind, texts, golds, timeout_s, ...)``: a one-call :meth:`Verifier.verify`;
@@ -94,6 +95,7 @@ __all__ = [
     "Verifier",
     "last_boxed_answer",
     "extract_synthetic_answer",
+    "extract_synthetic_text",
     "verify_synthetic",
     "verify_math",
     "verify_math_batch",
@@ -139,7 +141,7 @@ class Verdict:
 
 
 class GoldError(ValueError):
-    """A gold answer that cannot be used (not an integer for the synthetic task, unparsable for math)."""
+    """A gold answer that cannot be used (empty for the synthetic task, unparsable for math)."""
 
 
 def _error_reason(exc: BaseException) -> str:
@@ -190,6 +192,16 @@ _ANSWER_LINE = re.compile(r"^[ \t]*Answer:(.*)$", re.MULTILINE)
 _INTEGER = re.compile(r"^\s*(-?\d+)\s*$")
 
 
+def _last_answer_line(text: str | None) -> str | None:
+    """What follows ``Answer:`` on the LAST such line, stripped; None when there is no such line."""
+    if not isinstance(text, str) or not text:
+        return None
+    last = None
+    for m in _ANSWER_LINE.finditer(text):
+        last = m
+    return None if last is None else last.group(1).strip()
+
+
 def extract_synthetic_answer(text: str | None) -> str | None:
     """The integer on the LAST ``Answer:`` line (``"Answer: -12"`` -> ``"-12"``), or None.
 
@@ -197,17 +209,15 @@ def extract_synthetic_answer(text: str | None) -> str | None:
     surrounding spaces allowed) the text has no answer, even when an earlier line did. The integer is returned in
     canonical form (``"007"`` -> ``"7"``, ``"-0"`` -> ``"0"``).
     """
-    if not isinstance(text, str) or not text:
-        return None
-    last = None
-    for m in _ANSWER_LINE.finditer(text):
-        last = m
-    if last is None:
-        return None
-    m = _INTEGER.match(last.group(1))
-    if m is None:
-        return None
-    return str(int(m.group(1)))
+    content = _last_answer_line(text)
+    m = _INTEGER.match(content) if content is not None else None
+    return None if m is None else str(int(m.group(1)))
+
+
+def extract_synthetic_text(text: str | None) -> str | None:
+    """The whole content of the LAST ``Answer:`` line, stripped (``"Answer:  three "`` -> ``"three"``), or None
+    when there is no such line or it is empty: the answer of a world whose answers are not integers."""
+    return _last_answer_line(text) or None
 
 
 def _gold_int(gold: Any) -> int:
@@ -224,16 +234,37 @@ def _gold_int(gold: Any) -> int:
     return int(m.group(1))
 
 
+def _is_integer_gold(gold: Any) -> bool:
+    try:
+        _gold_int(gold)
+    except (GoldError, TypeError, ValueError):
+        return False
+    return True
+
+
 def verify_synthetic(text: str | None, gold: Any) -> Verdict:
-    """Exact integer match of the last ``Answer:`` line against ``gold``; never raises."""
+    """The last ``Answer:`` line against ``gold``; never raises.
+
+    An integer gold (``7``, ``"-12"``, ``27.0``) needs exactly one integer there, compared as integers (``007`` is
+    7; ``"Answer: seven"`` has no answer). Any other gold (the rules world's ``"three"``) is compared as a string:
+    the line's whole content, stripped, must equal the stripped gold exactly (case and inner spaces count).
+    """
+    if not _is_integer_gold(gold):
+        try:
+            g = normalize_gold(gold)
+            if not g:
+                raise GoldError("synthetic gold is empty")
+        except Exception as e:
+            return _error_verdict(e, extract_synthetic_text(text))
+        extracted = extract_synthetic_text(text)
+        if extracted is None:
+            return Verdict(0.0, None, NO_ANSWER)
+        return Verdict(1.0, extracted, CORRECT) if extracted == g else Verdict(0.0, extracted, WRONG)
     try:
         extracted = extract_synthetic_answer(text)
     except Exception as e:  # pragma: no cover - the regexes do not raise on str input
         return _error_verdict(e)
-    try:
-        g = _gold_int(gold)
-    except Exception as e:
-        return _error_verdict(e, extracted)
+    g = _gold_int(gold)
     if extracted is None:
         return Verdict(0.0, None, NO_ANSWER)
     return Verdict(1.0, extracted, CORRECT) if int(extracted) == g else Verdict(0.0, extracted, WRONG)

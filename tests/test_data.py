@@ -117,6 +117,18 @@ def test_inject_error_examples():
         A.inject_error("1+2", "typo", rng)
 
 
+def test_world_classifies_a_whole_incorrect_solution_and_writes_the_oracle_analysis():
+    world = A.WORLD
+    wrong = ["7*3=21", "12+21=23", "23-5=18", "Answer: 18"]
+    assert world.classify_error("12+7*3-5", wrong) == "carry"
+    assert world.oracle_analysis("12+7*3-5", wrong) == A.analysis_target(wrong, A.solution_lines("12+7*3-5"), "carry")
+    assert world.classify_error("12+7*3-5", A.solution_lines("12+7*3-5")) is None  # nothing wrong
+    slip = ["7*3=21", "12+21=34", "34-5=29", "Answer: 29"]
+    assert world.classify_error("12+7*3-5", slip) is None and world.oracle_analysis("12+7*3-5", slip) is None
+    assert world.classify_error("12+7*3-5", ["7*3=21"]) is None  # stopped early
+    assert world.taught_solution_lines(SyntheticConfig(), "12+7*3-5", random.Random(0)) == A.solution_lines("12+7*3-5")
+
+
 def test_classify_error_unrecognised():
     assert A.classify_error("12+21=34", "12+21=33") is None  # off by one: no type of ours
     assert A.classify_error("Answer: 3", "Answer: 4") is None

@@ -15,7 +15,7 @@ from mel_core import config as config_mod
 from mel_core import tiny
 from mel_core.config import SyntheticConfig, TinyModelConfig
 from mel_core.prompts import PromptSet
-from mel_core.worlds import arithmetic
+from mel_core.worlds import arithmetic, rules
 
 torch.set_num_threads(2)
 
@@ -33,8 +33,8 @@ def tokenizer(prompts):
     return tiny.build_tokenizer(TinyModelConfig(**MICRO), tiny.tokenizer_corpus(prompts, SyntheticConfig(), 300, 0))
 
 
-def micro_config(tmp_path, **warm):
-    overrides = [f"model.tiny.{k}={v}" for k, v in MICRO.items()]
+def micro_config(tmp_path, extra: tuple = (), **warm):
+    overrides = [f"model.tiny.{k}={v}" for k, v in MICRO.items()] + list(extra)
     overrides += [f"warm_start.{k}={v}" for k, v in {"steps": 4, "batch_size": 8, "warmup_steps": 1,
                                                       "eval_problems": 8, **warm}.items()]
     overrides += ["data.synthetic.train_size=50", "data.synthetic.eval_size=20", f"run.cache_dir={tmp_path / 'cache'}"]
@@ -70,6 +70,42 @@ def test_tokenizer_round_trip_after_reload_from_qwen2_folder(tmp_path, tokenizer
     assert batch[0][0] == reloaded.pad_token_id  # left padding for batched generation
 
 
+RULES_TEXTS = [
+    "Q: five: inc dec dec neg\n",
+    "1 inc five jump seven\n2 dec seven down six\n3 dec six skip six\n4 neg six mirror three\nAnswer: three",
+    "Bifurcation: step 2\nCritique: 2 dec seven stay seven should be 2 dec seven down six.\n"
+    "Heuristic: If dec meets a digit above the lowest, then go down.",
+    "Hint: Bifurcation: step 1\nCritique: 1 inc three up four should be 1 inc three jump five.\n"
+    "Heuristic: If inc meets an odd digit, then jump.\nQ: three: inc neg dbl dec\n",
+]
+
+
+def test_word_tokenizer_round_trips_and_makes_each_decision_one_token(tmp_path, prompts):
+    rules_world = SyntheticConfig(world="rules", train_size=40, eval_size=8)
+    corpus = tiny.tokenizer_corpus(prompts, rules_world, 300, 0)
+    tok = tiny.build_tokenizer(TinyModelConfig(**{**MICRO, "vocab_size": 2048}, tokenizer="words"), corpus)
+    bpe = tiny.build_tokenizer(TinyModelConfig(**{**MICRO, "vocab_size": 320}), corpus)
+    model = tiny.build_model(TinyModelConfig(**MICRO), tok)
+    model.save_pretrained(tmp_path)  # a qwen2 config: AutoTokenizer rebuilds a Qwen2Tokenizer from the files
+    tok.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS + RULES_TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert reloaded(text, add_special_tokens=False)["input_ids"] == ids
+        assert tok.decode(ids) == reloaded.decode(ids) == text
+    assert reloaded.eos_token_id == tok.eos_token_id and reloaded.padding_side == "left"
+    # Every word of a solution is one token, so the rule tag -- the step's decision -- is one prediction.
+    for p in rules.problems(rules_world, "eval"):
+        for line in rules.solution_lines(p.question)[:-1]:
+            pieces = reloaded.convert_ids_to_tokens(reloaded(line, add_special_tokens=False)["input_ids"])
+            assert [piece.replace("Ġ", " ") for piece in pieces] == [line.split()[0]] + [f" {w}" for w in line.split()[1:]]
+    tags = [reloaded(f" {tag}", add_special_tokens=False)["input_ids"] for tag in rules.ERROR_TYPES]
+    assert all(len(t) == 1 for t in tags) and len({t[0] for t in tags}) == len(tags)
+    assert len(tok) <= 2048 and len(bpe) <= 320  # a ceiling for words; bpe stops at its vocab_size
+    assert len(bpe(RULES_TEXTS[3], add_special_tokens=False)["input_ids"]) > \
+        len(tok(RULES_TEXTS[3], add_special_tokens=False)["input_ids"])
+
+
 def test_tokenizer_splits_digits(tokenizer):
     # The Qwen pre-tokenizer keeps each digit a token of its own, so numbers are spelled digit by digit.
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("1234+56", add_special_tokens=False)["input_ids"])
@@ -89,8 +125,9 @@ def test_model_shape_and_untied_embeddings(prompts):
 def test_examples_mask_the_prompt(prompts, tokenizer):
     rng = random.Random(0)
     world = arithmetic.WORLD
-    examples = [tiny.solve_example(prompts, world, "12+7*3-5"), tiny.analysis_example(prompts, world, "12+7*3-5", rng),
-                tiny.validation_example(prompts, world, "12+7*3-5", rng)]
+    examples = [tiny.solve_example(prompts, world, SyntheticConfig(), "12+7*3-5", rng),
+                tiny.analysis_example(prompts, world, "12+7*3-5", rng),
+                tiny.validation_example(prompts, world, SyntheticConfig(), "12+7*3-5", rng)]
     assert examples[1].target.startswith("Bifurcation: step ") and "Wrong:" in examples[1].prompt
     assert examples[2].prompt.startswith("Hint: Bifurcation: step ")  # the whole M of an error (replay_context full)
     input_ids, attention, labels = tiny.encode_examples(tokenizer, examples)
@@ -132,6 +169,9 @@ def test_warm_start_key_covers_exactly_what_shapes_the_model(tmp_path):
     assert tiny.warm_start_key(micro_config(tmp_path, steps=5)) != key
     changed_shape = config_mod.load("configs/tiny.yaml", [f"model.tiny.{k}={v}" for k, v in {**MICRO, "hidden_size": 64}.items()])
     assert tiny.warm_start_key(changed_shape) != tiny.warm_start_key(config_mod.load("configs/tiny.yaml", [f"model.tiny.{k}={v}" for k, v in MICRO.items()]))
+    # the chosen world's knobs and the tokenizer kind shape it too
+    for override in ["data.synthetic.world=rules", "data.synthetic.rules.weak_rate=0.2", "model.tiny.tokenizer=words"]:
+        assert tiny.warm_start_key(micro_config(tmp_path, extra=[override])) != key, override
     other_prompts = tmp_path / "prompts"
     other_prompts.mkdir()
     for name in ("solve", "analysis", "validation"):

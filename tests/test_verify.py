@@ -26,6 +26,7 @@ from mel_core.verify import (
     compare,
     compare_batch,
     extract_synthetic_answer,
+    extract_synthetic_text,
     last_boxed_answer,
     normalize_gold,
     reward_kind_for_source,
@@ -79,9 +80,30 @@ def test_synthetic_negative_and_spacing():
 
 
 def test_synthetic_bad_gold_is_an_error_verdict_not_an_exception():
-    v = verify_synthetic("Answer: 3", "three")
-    assert v.reward == 0.0 and v.reason.startswith("error: ") and v.extracted == "3"
     assert verify_synthetic("Answer: 3", None).reason == "error: TypeError"
+    v = verify_synthetic("Answer: 3", "  ")
+    assert v.reward == 0.0 and v.reason.startswith("error: ") and v.extracted == "3"
+
+
+def test_synthetic_answers_that_are_not_integers_match_exactly():
+    # The rules world answers with digit words: the last Answer line's stripped content must equal the gold.
+    text = "1 inc five jump seven\n2 neg seven mirror two\nAnswer: two"
+    assert verify_synthetic(text, "two") == Verdict(1.0, "two", "correct")
+    assert verify_synthetic(text, " two ") == Verdict(1.0, "two", "correct")
+    assert verify_synthetic("Answer:   two  \n", "two") == Verdict(1.0, "two", "correct")
+    assert verify_synthetic(text, "seven") == Verdict(0.0, "two", "wrong_answer")
+    assert verify_synthetic("Answer: Two", "two") == Verdict(0.0, "Two", "wrong_answer")  # case counts
+    assert verify_synthetic("Answer: two.", "two") == Verdict(0.0, "two.", "wrong_answer")
+    assert verify_synthetic("Answer: 3", "three") == Verdict(0.0, "3", "wrong_answer")
+    assert verify_synthetic("Answer: two\nAnswer: six", "two") == Verdict(0.0, "six", "wrong_answer")  # last wins
+    for no_answer in ["", None, "1 inc five jump seven", "Answer:", "Answer:   \n", "answer: two"]:
+        assert verify_synthetic(no_answer, "two") == Verdict(0.0, None, "no_answer")
+    assert extract_synthetic_text("Answer: two\nAnswer:  six ") == "six"
+    # Integer golds stay integer matches in canonical form: a word is no answer to them.
+    assert verify_synthetic("Answer: 007", "7") == Verdict(1.0, "7", "correct")
+    assert verify_synthetic("Answer: seven", 7) == Verdict(0.0, None, "no_answer")
+    assert verify_synthetic("Answer: 7.0", "7.0") == Verdict(0.0, None, "no_answer")  # 7.0 is the integer 7
+    assert verify_synthetic("Answer: 7.5", "7.5") == Verdict(1.0, "7.5", "correct")  # not an integer: exact
 
 
 def test_verify_batch_synthetic_runs_inline():

@@ -12,12 +12,13 @@ from __future__ import annotations
 import importlib
 from typing import Protocol
 
-WORLD_NAMES = ("arithmetic",)
+WORLD_NAMES = ("arithmetic", "rules")
 
 
 class World(Protocol):
     name: str
     error_types: dict[str, str]  # error type -> its lesson, an If/then rule with no problem specifics
+    subsets: tuple[str, ...]  # names of the parts its problems fall into (Problem.meta["subset"]); may be empty
 
     def problems(self, cfg, split: str) -> list:
         """The seeded `split` ('train' or 'eval') of problems (mel_core.problems.Problem)."""
@@ -28,6 +29,11 @@ class World(Protocol):
     def solution_lines(self, question: str) -> list[str]:
         """The correct solution, one step per line, the last ``Answer: ...``."""
 
+    def taught_solution_lines(self, cfg, question: str, rng, stated_rule: str | None = None) -> list[str]:
+        """The solution the warm start teaches for `question` (its solve and validation examples' target): the
+        correct one, or -- in a world with weak rules -- one that follows them only part of the time, except
+        `stated_rule`, the error type whose analysis is in context."""
+
     def inject_error(self, question: str, error_type: str, rng) -> tuple[list[str], int] | None:
         """An incorrect solution with one error of that type, and the 1-based step where it first differs;
         None where the type does not apply."""
@@ -35,9 +41,13 @@ class World(Protocol):
     def analysis_target(self, incorrect_lines: list[str], correct_lines: list[str], error_type: str) -> str:
         """The compact analysis of that error: ``Bifurcation: step k`` / ``Critique: ...`` / ``Heuristic: ...``."""
 
+    def classify_error(self, question: str, incorrect_lines: list[str]) -> str | None:
+        """The error type an incorrect solution of `question` makes first (at the step where it parts from the
+        correct one); None when it is none of the world's types."""
+
     def oracle_analysis(self, question: str, incorrect_lines: list[str]) -> str | None:
-        """The correct analysis of a real incorrect solution (its first error's type known to the world), or
-        None when its error is none of the world's types: what experience.analyst: oracle writes."""
+        """The analysis of an incorrect solution naming its true error type (:meth:`analysis_target` of
+        :meth:`classify_error`'s type); None when that is None."""
 
 
 def get(name: str) -> World:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mel_core.problems import DataError, Problem
+from mel_core.worlds.compact import compact_analysis, first_difference  # noqa: F401 (first_difference: part of this module's API)
 
 NAME = "arithmetic"
 
@@ -305,48 +306,42 @@ def classify_error(wrong_line: str, right_line: str) -> str | None:
     return None
 
 
-def first_difference(incorrect_lines: list[str], correct_lines: list[str]) -> int:
-    """1-based index of the first line where the two solutions part (the bifurcation step)."""
-    for k, (w, r) in enumerate(zip(incorrect_lines, correct_lines), start=1):
-        if w.strip() != r.strip():
-            return k
-    if len(incorrect_lines) == len(correct_lines):
-        raise ValueError("the two solutions are identical: there is no bifurcation step")
-    return min(len(incorrect_lines), len(correct_lines)) + 1
-
-
 def analysis_target(incorrect_lines: list[str], correct_lines: list[str], error_type: str) -> str:
     """The compact analysis the tiny model learns: bifurcation step, critique, digit-free heuristic.
 
     ``Bifurcation: step 2`` / ``Critique: 12+21=34 should be 12+21=33.`` /
     ``Heuristic: If an addition passes a ten, then carry one to the tens.``
     """
-    k = first_difference(incorrect_lines, correct_lines)
-    wrong = incorrect_lines[k - 1].strip() if k <= len(incorrect_lines) else "(nothing)"
-    right = correct_lines[k - 1].strip() if k <= len(correct_lines) else "(nothing)"
-    return (f"Bifurcation: step {k}\n"
-            f"Critique: {wrong} should be {right}.\n"
-            f"Heuristic: {ERROR_TYPES[error_type]}")
+    return compact_analysis(incorrect_lines, correct_lines, ERROR_TYPES[error_type])
+
+
+def classify_first_error(question: str, incorrect_lines: list[str]) -> str | None:
+    """The error type of an incorrect solution's first step that parts from the correct one; None when the
+    solutions do not part at a step, or that step is no error type of the model (a slip)."""
+    right = solution_lines(question)
+    wrong = [line.strip() for line in incorrect_lines if line.strip()]
+    try:
+        k = first_difference(wrong, right)
+    except ValueError:
+        return None
+    return classify_error(wrong[k - 1], right[k - 1]) if k <= min(len(wrong), len(right)) else None
 
 
 def oracle_analysis(question: str, incorrect_lines: list[str]) -> str | None:
     """The correct compact analysis of a real incorrect solution: its first wrong step, the critique, and the
     lesson of the error type that step shows; None when the step is no error type of the model (a slip)."""
-    right = solution_lines(question)
-    try:
-        k = first_difference(incorrect_lines, right)
-    except ValueError:
+    error_type = classify_first_error(question, incorrect_lines)
+    if error_type is None:
         return None
-    if k > min(len(incorrect_lines), len(right)):
-        return None
-    error_type = classify_error(incorrect_lines[k - 1], right[k - 1])
-    return analysis_target(incorrect_lines, right, error_type) if error_type else None
+    return analysis_target([line.strip() for line in incorrect_lines if line.strip()], solution_lines(question),
+                           error_type)
 
 
 class ArithmeticWorld:
     """The world's functions behind the mel_core.worlds.World interface."""
     name = NAME
     error_types = ERROR_TYPES
+    subsets: tuple[str, ...] = ()
 
     def problems(self, cfg, split: str) -> list[Problem]:
         return synthetic_problems(cfg, split)
@@ -357,11 +352,18 @@ class ArithmeticWorld:
     def solution_lines(self, question: str) -> list[str]:
         return solution_lines(question)
 
+    def taught_solution_lines(self, cfg, question: str, rng: random.Random,
+                              stated_rule: str | None = None) -> list[str]:
+        return solution_lines(question)  # no weak rules: the warm start teaches the correct solution
+
     def inject_error(self, question: str, error_type: str, rng: random.Random) -> tuple[list[str], int] | None:
         return inject_error(question, error_type, rng)
 
     def analysis_target(self, incorrect_lines: list[str], correct_lines: list[str], error_type: str) -> str:
         return analysis_target(incorrect_lines, correct_lines, error_type)
+
+    def classify_error(self, question: str, incorrect_lines: list[str]) -> str | None:
+        return classify_first_error(question, incorrect_lines)
 
     def oracle_analysis(self, question: str, incorrect_lines: list[str]) -> str | None:
         return oracle_analysis(question, incorrect_lines)
