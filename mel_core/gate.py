@@ -183,9 +183,9 @@ def weak_decisions(rt: Runtime, world, problems: list, weak: tuple[str, ...]) ->
 def decision_scores(rt: Runtime, decisions: list[tuple]) -> dict:
     """Per decision: was the right option the most probable, and the log-probability of the right option."""
     contexts = [rt.model_input(rt.prompts.render_solve(p.question)) for p, _ in decisions]
-    scores = option_logprobs(rt, contexts, [d.prefix for _, d in decisions], [d.options for _, d in decisions])
-    right = [s[d.options.index(d.right)] for (_, d), s in zip(decisions, scores)]
-    correct = [float(max(range(len(s)), key=s.__getitem__) == d.options.index(d.right))
+    scores = option_logprobs(rt, contexts, [d.prefix for _, d in decisions], [d.continuations for _, d in decisions])
+    right = [s[d.choices.index(d.right)] for (_, d), s in zip(decisions, scores)]
+    correct = [float(max(range(len(s)), key=s.__getitem__) == d.choices.index(d.right))
                for (_, d), s in zip(decisions, scores)]
     return {"right_logp": right, "correct": correct, "rules": [d.right for _, d in decisions]}
 

@@ -10,9 +10,21 @@ picks one by name.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Protocol
 
 WORLD_NAMES = ("arithmetic", "rules")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One choice a solution makes: after `prefix` (the correct solution text up to the choice), the solver writes
+    one of `continuations`, each naming one of `choices` (the world's rules); `right` is the correct choice."""
+    step: int
+    prefix: str
+    choices: tuple[str, ...]
+    continuations: tuple[str, ...]
+    right: str
 
 
 class World(Protocol):

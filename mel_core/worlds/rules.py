@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from mel_core.problems import DataError, Problem
+from mel_core.worlds import Decision
 from mel_core.worlds.compact import compact_analysis, first_difference
 
 NAME = "rules"
@@ -342,6 +343,23 @@ def oracle_analysis(question: str, incorrect_lines: list[str]) -> str | None:
     return analysis_target(wrong, solution_lines(question), error_type)
 
 
+def decision_points(question: str) -> list[Decision]:
+    """Every step of the correct solution as a decision among the seven rules: the text up to the tag (the step's
+    number, command and digit before) and each rule's tag as its continuation (one token with tokenizer: words)."""
+    lines = solution_lines(question)
+    out = []
+    for i, step in enumerate(solve(question)):
+        head = "".join(f"{line}\n" for line in lines[:i])
+        out.append(Decision(step.number, f"{head}{step.number} {step.command} {DIGITS[step.before]}",
+                            tuple(ERROR_TYPES), tuple(f" {tag}" for tag in ERROR_TYPES), step.tag))
+    return out
+
+
+def weak_rules(cfg) -> tuple[str, ...]:
+    """The rules the warm start teaches only part of the time (data.synthetic.rules.weak_rules)."""
+    return tuple(cfg.rules.weak_rules)
+
+
 class RulesWorld:
     """The world's functions behind the mel_core.worlds.World interface."""
     name = NAME
@@ -372,6 +390,12 @@ class RulesWorld:
 
     def oracle_analysis(self, question: str, incorrect_lines: list[str]) -> str | None:
         return oracle_analysis(question, incorrect_lines)
+
+    def decision_points(self, question: str) -> list[Decision]:
+        return decision_points(question)
+
+    def weak_rules(self, cfg) -> tuple[str, ...]:
+        return weak_rules(cfg)
 
 
 WORLD = RulesWorld()
