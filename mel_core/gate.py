@@ -267,8 +267,8 @@ def _pairs(rt: Runtime, groups: list[tuple], seed: int) -> list[tuple]:
     for pair in experience.make_pairs(rewards, rt.cfg.experience.pairs_per_group, seed,
                                       strategy=rt.cfg.experience.pairing):
         problem, _, rollouts = ids[pair.prompt_id]
-        text = lambda rid: rollouts[int(rid.split(":")[1])][0]
-        out.append((problem, text(pair.incorrect_rollout_id), text(pair.correct_rollout_id)))
+        text = {rid: rollouts[int(rid.split(":")[1])][0] for rid in (pair.incorrect_rollout_id, pair.correct_rollout_id)}
+        out.append((problem, text[pair.incorrect_rollout_id], text[pair.correct_rollout_id]))
     return out
 
 
@@ -376,8 +376,7 @@ def coupling(rt: Runtime, world, ckpt: Checkpoint, decisions: list[tuple], s: Ga
     per_rule = {}
     for rule in sorted(set(before["rules"])):
         idx = [i for i, r in enumerate(before["rules"]) if r == rule]
-        pick = lambda xs: [xs[i] for i in idx]
-        per_rule[rule] = _difference(pick(lp["right"]), pick(lp["mismatched"]), s)
+        per_rule[rule] = _difference([lp["right"][i] for i in idx], [lp["mismatched"][i] for i in idx], s)
     return {
         "steps": s.kappa_steps, "lr": rt.cfg.optim.lr, "nll_coef": rt.cfg.loss.nll_coef,
         "lessons_per_step": [len(r.prompts) for _, r, _ in batches],
@@ -434,8 +433,8 @@ def _diff(d: dict | None, scale: float = 100.0, unit: str = " pts") -> str:
 def format_gate(r: dict) -> str:
     """The gate's report as markdown: one table per measurement, the verdict last."""
     lines = [f"# Gate: {r['world']} world, checkpoint {r['checkpoint']['path']}", "",
-             f"{r['heldout_problems']} held-out problems; weak rules: {', '.join(r['weak_rules'])}. 95% intervals "
-             "(Wilson for rates, paired bootstrap for differences).", "",
+             (f"{r['heldout_problems']} held-out problems; weak rules: {', '.join(r['weak_rules'])}. 95% intervals "
+             "(Wilson for rates, paired bootstrap for differences)."), "",
              "| measurement | value |", "|---|---|",
              f"| solve accuracy, no weak rule applies | {_pct(r['solve']['no_weak_rule'])} |"]
     lines += [f"| solve accuracy, subset {k} | {_pct(v)} |" for k, v in r["solve"]["by_subset"].items()]
@@ -455,15 +454,15 @@ def format_gate(r: dict) -> str:
               f"| **D**: own analysis names the broken rule | {_pct(d['D'])} |"]
     lines += [f"| D, {k} | {_pct(v)} |" for k, v in d.get("by_rule", {}).items()]
     c = r["coupling"]
-    lines += [f"| kappa updates | {c['steps']} steps at lr {c['lr']:g}, lambda {c['nll_coef']:g}; lessons per step "
-              f"{c['lessons_per_step']}; {c['rollouts_per_step']} rollouts per step |",
+    lines += [(f"| kappa updates | {c['steps']} steps at lr {c['lr']:g}, lambda {c['nll_coef']:g}; lessons per step "
+              f"{c['lessons_per_step']}; {c['rollouts_per_step']} rollouts per step |"),
               f"| **kappa**: d log p(right tag), right - mismatched lessons | {_diff(c['kappa'], 1.0, ' nats')} |",
               f"| right lessons - RL only | {_diff(c['right_vs_rl_only'], 1.0, ' nats')} |",
               f"| mismatched lessons - RL only | {_diff(c['mismatched_vs_rl_only'], 1.0, ' nats')} |"]
     lines += [f"| kappa, {k} | {_diff(v, 1.0, ' nats')} |" for k, v in c["kappa_by_rule"].items()]
     acc = c["decision_accuracy"]
-    lines += [f"| decision accuracy before / RL only / right / mismatched | {acc['before']:.3f} / {acc['rl_only']:.3f}"
-              f" / {acc['right']:.3f} / {acc['mismatched']:.3f} |"]
+    lines += [(f"| decision accuracy before / RL only / right / mismatched | {acc['before']:.3f} / {acc['rl_only']:.3f}"
+              f" / {acc['right']:.3f} / {acc['mismatched']:.3f} |")]
     v = r["verdict"]
     lines += ["", f"Verdict: D > 0: **{'yes' if v['D_above_zero'] else 'no'}**; kappa > 0: "
               f"**{'yes' if v['kappa_above_zero'] else 'no'}** (lower 95% bound above zero). "
