@@ -20,11 +20,13 @@ only, so at each seed all arms train on the same problems in the same order (:fu
 
 Statistics. Endpoints are fixed before any run: for every arm other than grpo and every held-out dataset, the
 greedy Pass@1 difference (arm - GRPO) **at equal steps** (the final checkpoint) and **at equal wall time** (each
-arm's last evaluation whose cumulative training seconds do not exceed GRPO's total, seed by seed). Each
-difference has a paired, crossed bootstrap CI (:func:`paired_bootstrap`: per-(seed, problem) differences, seeds
-and problems resampled independently) and a bootstrap p-value (twice the smaller tail of the resampled means
-around 0); the p-values of all endpoints are Holm-corrected together, and each CI is also given at the
-Bonferroni level 1 - alpha/m, which covers simultaneously. The crossed bootstrap is conservative when seed and
+arm's last evaluation whose cumulative training seconds do not exceed GRPO's total, seed by seed). The first
+of eval.datasets is the **primary** dataset: its endpoints (arms x 2 read-outs) form the family that is
+Holm-corrected; the others (e.g. the rules world's per-rule subsets) are secondary, reported with their CIs and
+uncorrected p-values. Each difference has a paired, crossed bootstrap CI (:func:`paired_bootstrap`: per-(seed,
+problem) differences, seeds and problems resampled independently) and a bootstrap p-value (twice the smaller
+tail of the resampled means around 0); each CI is also given at the Bonferroni level 1 - alpha/m of the primary
+family (m endpoints), which covers the family simultaneously. The crossed bootstrap is conservative when seed and
 problem effects are small (on simulated binary outcomes, 3 seeds x 100-400 problems, a nominal 95% interval
 covered the true difference 98-100% of the time); with S = 3 its seed part is coarse: an honest, rough bound.
 """
@@ -38,7 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from mel_core import config as config_mod
+from mel_core import records as records_mod
+from mel_core import worlds
 from mel_core.config import ConfigError, MelConfig
+from mel_core.metrics import newcombe_difference, wilson
 from mel_core.stage_names import STAGES
 from mel_core.store import StoreReader
 from mel_core.summary import step_summary
@@ -185,7 +190,8 @@ def _run_records(run: ArmRun) -> dict:
         greedy = _greedy_rewards(store, run.run_id)
         prompts = store.query("SELECT step, position, problem_id FROM prompts WHERE run_id = ? ORDER BY step, "
                               "position", [run.run_id])
-    return {"steps": per_step, "heldout": heldout, "greedy": greedy,
+        lessons = records_mod.replayed_lessons(store, run.run_id) if run.arm != BASELINE else []
+    return {"steps": per_step, "heldout": heldout, "greedy": greedy, "lessons": lessons,
             "prompts": [(p["step"], p["position"], p["problem_id"]) for p in prompts]}
 
 
@@ -267,6 +273,23 @@ def _difference(records: dict, seeds: list[int], arm: str, dataset: str, readout
             "bootstrap": boot, "diff_matrix": (a - g).tolist()}
 
 
+def filter_selectivity(records: dict, arm: str, seeds: list[int], world) -> dict | None:
+    """How the replay filter treats right and wrong lessons, pooled over seeds: acceptance when the analysis
+    names the rule its incorrect rollout broke (World.classify_error) minus when it names another (or none), with
+    Newcombe's interval. None for a world that cannot classify errors (no way to tell a right lesson)."""
+    if world is None:
+        return None
+    judged = {True: [0, 0], False: [0, 0]}  # lesson right? -> [accepted, reached the replay]
+    for s in seeds:
+        for row in records[(arm, s)]["lessons"]:
+            true_rule = world.classify_error(row["question"], row["incorrect"].splitlines())
+            right = true_rule is not None and true_rule in worlds.named_rules(world, list(row["heuristics"]))
+            judged[right][0] += bool(row["accepted"])
+            judged[right][1] += 1
+    right, wrong = wilson(*judged[True]), wilson(*judged[False])
+    return {"right_lessons": right, "wrong_lessons": wrong, "selectivity": newcombe_difference(right, wrong)}
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values (same order as given)."""
     m = len(p_values)
@@ -294,17 +317,21 @@ def build_report(runs: list[ArmRun], *, name: str, command: str, config: MelConf
     missing = [(a, s) for a in arms for s in seeds if (a, s) not in records]
     if missing or BASELINE not in arms:
         raise ValueError(f"compare: runs missing (every arm at every seed, and grpo): {missing}")
-    endpoints = [_difference(records, seeds, arm, ds, readout, n_resamples)
+    endpoints = [{**_difference(records, seeds, arm, ds, readout, n_resamples), "primary": ds == datasets[0]}
                  for arm in arms if arm != BASELINE for ds in datasets for readout in ("equal_steps", "equal_time")]
-    for e, p_holm in zip(endpoints, holm([e["p"] for e in endpoints])):
+    primary = [e for e in endpoints if e["primary"]]
+    for e, p_holm in zip(primary, holm([e["p"] for e in primary])):
         e["p_holm"] = p_holm
         e["significant"] = p_holm < alpha
-    m = max(1, len(endpoints))
-    for e, bonf in zip(endpoints, [paired_bootstrap(np.array(e.pop("diff_matrix")), n_resamples, 1 - alpha / m)
-                                   for e in endpoints]):
+    m = max(1, len(primary))
+    for e in endpoints:  # secondary endpoints keep their simultaneous CI at the primary family's level too
+        bonf = paired_bootstrap(np.array(e.pop("diff_matrix")), n_resamples, 1 - alpha / m)
         e["ci_low_simultaneous"], e["ci_high_simultaneous"] = bonf["ci_low"], bonf["ci_high"]
+        e.setdefault("p_holm", None)
+        e.setdefault("significant", None)
     wall = {arm: _wall_time(records, arm, seeds) for arm in arms}
     g = wall[BASELINE]["seconds_per_step"]
+    world = (worlds.get(config.data.synthetic.world) if config.data.source == "synthetic" else None)
     return {
         "name": name, "command": command, "arms": list(arms), "seeds": seeds, "steps": config.run.steps,
         "prompts_per_step": config.sampling.prompts_per_step, "group_size": config.sampling.group_size,
@@ -316,6 +343,7 @@ def build_report(runs: list[ArmRun], *, name: str, command: str, config: MelConf
         "curves": {arm: _curves(records, arm, seeds) for arm in arms},
         "heldout": {ds: {arm: _heldout_curve(records, arm, seeds, ds) for arm in arms} for ds in datasets},
         "endpoints": endpoints, "alpha": alpha, "correction": "holm",
+        "filter": {arm: filter_selectivity(records, arm, seeds, world) for arm in arms if arm != BASELINE},
         "wall_time": {**wall, "over_grpo": {a: (wall[a]["seconds_per_step"] / g) if g and wall[a]["seconds_per_step"]
                                             else None for a in arms}},
     }
@@ -326,6 +354,10 @@ def build_report(runs: list[ArmRun], *, name: str, command: str, config: MelConf
 
 def _f(x, fmt="{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
+
+
+def _rate(w: dict) -> str:
+    return "-" if not w["n"] else f"{w['rate']:.3f} ({w['successes']}/{w['n']})"
 
 
 def write_plots(report: dict, out_dir: str | Path, stem: str) -> dict[str, str]:
@@ -367,7 +399,8 @@ def format_markdown(report: dict) -> str:
              (f"Held-out: {', '.join(r['eval']['datasets'])} (greedy Pass@1; Avg@{r['eval']['k']} / "
              f"Pass@{r['eval']['k']} at T={r['eval']['temperature']}; "
              f"{r['eval']['max_problems'] or 'all'} problems per dataset)."), "",
-             f"## Differences to GRPO (endpoints fixed in advance; Holm across all {len(r['endpoints'])})", "",
+             (f"## Differences to GRPO (endpoints fixed in advance; Holm across the "
+             f"{sum(e['primary'] for e in r['endpoints'])} on {r['eval']['datasets'][0]})"), "",
              ("| arm | dataset | read-out | arm Pass@1 | GRPO Pass@1 | difference | 95% CI | simultaneous CI | "
              "p | p (Holm) |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for e in r["endpoints"]:
@@ -375,7 +408,7 @@ def format_markdown(report: dict) -> str:
                      f"{_f(e['arm_pass_at_1'])} | {_f(e['grpo_pass_at_1'])} | **{e['difference']:+.3f}** | "
                      f"[{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] | "
                      f"[{e['ci_low_simultaneous']:+.3f}, {e['ci_high_simultaneous']:+.3f}] | {e['p']:.3f} | "
-                     f"{e['p_holm']:.3f}{' *' if e['significant'] else ''} |")
+                     + (f"{e['p_holm']:.3f}{' *' if e['significant'] else ''}" if e["primary"] else "secondary") + " |")
     if r["endpoints"]:
         b = r["endpoints"][0]["bootstrap"]
         lines += ["", (f"{b['n_seeds']} seeds x {b['n_problems']} problems, {b['n_resamples']} resamples; "
@@ -383,6 +416,19 @@ def format_markdown(report: dict) -> str:
                   f"is at level 1 - alpha/{len(r['endpoints'])} (Bonferroni)."), ""]
     if r.get("plots"):
         lines += ["## Plots", ""] + [f"![{what}]({name})" for what, name in r["plots"].items()] + [""]
+    if any(r.get("filter", {}).values()):
+        lines += ["## The replay filter: acceptance of right and wrong lessons (pooled over seeds)", "",
+                  ("A lesson is right when the analysis names the rule its incorrect rollout broke (the world's "
+                  "classification)."), "",
+                  "| arm | accepted, right lessons | accepted, wrong lessons | selectivity (right - wrong) |",
+                  "|---|---|---|---|"]
+        for arm, f in r["filter"].items():
+            if f:
+                sel = f["selectivity"]
+                lines.append(f"| {arm} | {_rate(f['right_lessons'])} | {_rate(f['wrong_lessons'])} | "
+                             + (f"{sel['difference']:+.3f} [{sel['ci_low']:+.3f}, {sel['ci_high']:+.3f}]"
+                                if sel["difference"] is not None else "-") + " |")
+        lines.append("")
     lines += ["## Per-step training curves (mean over seeds)", "",
               "| step | " + " | ".join(f"{a} reward" for a in r["arms"]) + " | "
               + " | ".join(f"{a} accepted" for a in r["arms"] if a != BASELINE) + " |",

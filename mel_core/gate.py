@@ -31,7 +31,6 @@ intervals. The settings below are ours [C]: the paper has no such measurement.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -41,6 +40,7 @@ from mel_core import analysts, experience, losses, meta_experience, worlds
 from mel_core.compare import paired_bootstrap
 from mel_core.config import ConfigError
 from mel_core.engines.base import SamplingParams
+from mel_core.metrics import wilson
 from mel_core.policy import NLLBatch, RLBatch
 from mel_core.runtime import Checkpoint, Runtime, derive_seed
 from mel_core.solving import solve_and_verify
@@ -58,18 +58,6 @@ class GateSettings:
     kappa_volume: int = 0  # lessons per kappa step (0: one per pair of the step, MEL's volume at 100% acceptance)
     resamples: int = 2000  # bootstrap resamples per CI
     seed: int = 0  # seeds injected errors and the gate's sampling (with run.seed)
-
-
-def wilson(successes: int, n: int, level: float = CI_LEVEL) -> dict:
-    """A rate with its Wilson score interval (sound at rates near 0 or 1, where the normal one is not)."""
-    if n == 0:
-        return {"rate": None, "ci_low": None, "ci_high": None, "n": 0, "successes": 0}
-    z = {0.95: 1.959964, 0.99: 2.575829}.get(level) or 1.959964
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"rate": p, "ci_low": max(0.0, centre - half), "ci_high": min(1.0, centre + half), "n": n,
-            "successes": successes}
 
 
 def _difference(a: list[float], b: list[float], s: GateSettings) -> dict:
@@ -277,13 +265,6 @@ def _analysis_prompt(rt: Runtime, problem, incorrect: str, correct: str) -> str 
                                 incorrect, correct).prompt
 
 
-def named_rules(world, heuristics: list[str]) -> list[str]:
-    """The world's rules whose lesson a parsed analysis states (normalised text equality)."""
-    norm = lambda t: " ".join(t.lower().rstrip(".").split())
-    by_text = {norm(lesson): rule for rule, lesson in world.error_types.items()}
-    return [by_text[norm(h)] for h in heuristics if norm(h) in by_text]
-
-
 def discovery(rt: Runtime, world, problems: list, s: GateSettings) -> dict:
     """D: the share of the policy's own errors (in mixed groups) whose own analysis names the broken rule."""
     seed = derive_seed(rt.cfg.run.seed, s.seed, "gate-discovery")
@@ -303,7 +284,7 @@ def discovery(rt: Runtime, world, problems: list, s: GateSettings) -> dict:
     for (problem, true_rule, _), c in zip(jobs, outs):
         m = meta_experience.parse_analysis(c.text, gold_answer=problem.answer, question=problem.question,
                                            max_heuristics=rt.cfg.experience.max_heuristics)
-        named = named_rules(world, m.heuristics) if m.ok and c.finish_reason != "length" else []
+        named = worlds.named_rules(world, m.heuristics) if m.ok and c.finish_reason != "length" else []
         parsed += m.ok
         hit = true_rule in named
         hits += hit

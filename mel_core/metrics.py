@@ -12,7 +12,7 @@ A sample counts as correct when its reward is > 0 (the same rule as a mixed grou
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -42,3 +42,26 @@ def avg_at_k(rewards_per_problem: Sequence[Sequence[float]]) -> float:
     if not rewards_per_problem or any(len(r) == 0 for r in rewards_per_problem):
         raise ValueError("every problem needs at least one sample")
     return sum(correct_count(r) / len(r) for r in rewards_per_problem) / len(rewards_per_problem)
+
+
+def wilson(successes: int, n: int, level: float = 0.95) -> dict:
+    """A rate with its Wilson score interval (sound at rates near 0 or 1, where the normal one is not)."""
+    if n == 0:
+        return {"rate": None, "ci_low": None, "ci_high": None, "n": 0, "successes": 0}
+    z = {0.95: 1.959964, 0.99: 2.575829}.get(level) or 1.959964
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"rate": p, "ci_low": max(0.0, centre - half), "ci_high": min(1.0, centre + half), "n": n,
+            "successes": successes}
+
+
+def newcombe_difference(a: dict, b: dict) -> dict:
+    """rate(a) - rate(b) of two independent Wilson rates with Newcombe's hybrid score interval (his method 10),
+    which keeps the Wilson interval's good behaviour near 0 and 1."""
+    if not a["n"] or not b["n"]:
+        return {"difference": None, "ci_low": None, "ci_high": None}
+    d = a["rate"] - b["rate"]
+    low = d - math.sqrt((a["rate"] - a["ci_low"]) ** 2 + (b["ci_high"] - b["rate"]) ** 2)
+    high = d + math.sqrt((a["ci_high"] - a["rate"]) ** 2 + (b["rate"] - b["ci_low"]) ** 2)
+    return {"difference": d, "ci_low": low, "ci_high": high}

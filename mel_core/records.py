@@ -79,6 +79,18 @@ def analyses_to_replay(store, run_id: str, step: int) -> list[dict]:
         "GROUP BY ALL ORDER BY a.analysis_id", [run_id, step])
 
 
+def replayed_lessons(store, run_id: str) -> list[dict]:
+    """Every analysis of the run that reached the replay, with its question, its pair's incorrect rollout, its
+    heuristics and its verdict: what a world that knows its error types needs to judge the filter."""
+    return store.query(
+        "SELECT a.analysis_id, a.step, pr.question, ri.text AS incorrect, a.status = 'accepted' AS accepted, "
+        "list(h.text ORDER BY h.position) AS heuristics FROM analyses a JOIN pairs pa USING (pair_id) "
+        "JOIN prompts pr ON pr.prompt_id = pa.prompt_id JOIN rollouts ri ON ri.rollout_id = pa.incorrect_rollout_id "
+        "JOIN heuristics h ON h.analysis_id = a.analysis_id WHERE a.run_id = ? "
+        "AND (a.status = 'accepted' OR a.reject_reason IN ('replay_failed', 'transfer_failed')) "
+        "GROUP BY ALL ORDER BY a.step, a.analysis_id", [run_id])
+
+
 def prompt_reward_means(store, run_id: str, step: int) -> dict[str, float]:
     """prompt_id -> the mean reward of its rollouts at this step (how often the policy solves it unaided)."""
     rows = store.query("SELECT prompt_id, avg(reward) AS mean FROM rollouts WHERE run_id = ? AND step = ? "

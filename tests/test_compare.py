@@ -126,6 +126,12 @@ def test_compare_end_to_end(prefect_harness, tmp_path, capsys, micro_model):
         assert e["ci_low_simultaneous"] <= e["ci_low"] and e["ci_high"] <= e["ci_high_simultaneous"]
         assert e["p"] <= e["p_holm"] <= 1
     assert report["endpoints"][0]["steps"] == [1]
+    assert all(e["primary"] for e in report["endpoints"])  # one held-out dataset: every endpoint is primary
+    # the filter's view: every analysis that reached the replay is judged right or wrong by the world
+    f = report["filter"]["mel"]
+    reached = Store(report["runs"][1]["db"]).query(
+        "SELECT count(*) AS n FROM analyses WHERE status = 'accepted' OR reject_reason = 'replay_failed'")[0]["n"]
+    assert f["right_lessons"]["n"] + f["wrong_lessons"]["n"] == reached > 0
     assert [c["step"] for c in report["curves"]["grpo"]] == [1]
     g1, m1 = report["curves"]["grpo"][0], report["curves"]["mel"][0]
     assert g1["mixed_groups"] is not None and (g1["reward_mean"], g1["mixed_groups"]) == (m1["reward_mean"], m1["mixed_groups"])

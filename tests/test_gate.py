@@ -11,8 +11,9 @@ import torch
 
 from mel_core import config as C
 from mel_core import gate
+from mel_core.metrics import newcombe_difference
 from mel_core.runtime import Runtime
-from mel_core.worlds import rules
+from mel_core.worlds import named_rules, rules
 from tests.scripted import Script, ScriptedEngine
 
 
@@ -122,15 +123,18 @@ def test_the_gate_refuses_a_world_without_decisions(tmp_path, micro_model):
     assert not (tmp_path / rt.cfg.run.name / "mel.duckdb").exists()  # measuring creates no store
 
 
-def test_named_rules_and_wilson():
+def test_named_rules_wilson_and_newcombe():
     world = rules.WORLD
-    assert gate.named_rules(world, ["If inc meets an odd digit, then jump.", "if INC meets an odd digit, then jump",
+    assert named_rules(world, ["If inc meets an odd digit, then jump.", "if INC meets an odd digit, then jump",
                                     "If in doubt, then stop."]) == ["jump", "jump"]
     w = gate.wilson(0, 20)
     assert w["rate"] == 0.0 and w["ci_low"] == 0.0 and w["ci_high"] == pytest.approx(0.161, abs=1e-3)
     w = gate.wilson(10, 20)
     assert w["ci_low"] == pytest.approx(0.299, abs=1e-3) and w["ci_high"] == pytest.approx(0.701, abs=1e-3)
     assert gate.wilson(0, 0)["rate"] is None
+    # Newcombe (1998), Stat Med 17:873, method 10 on 56/70 vs 48/80: 0.0524 to 0.3339
+    d = newcombe_difference(gate.wilson(56, 70), gate.wilson(48, 80))
+    assert d["difference"] == pytest.approx(0.2) and (round(d["ci_low"], 4), round(d["ci_high"], 4)) == (0.0524, 0.3339)
 
 
 def test_decision_points_name_the_rule_each_step_applies():

@@ -62,6 +62,14 @@ class World(Protocol):
         :meth:`classify_error`'s type); None when that is None."""
 
 
+def named_rules(world: World, heuristics: list[str]) -> list[str]:
+    """The world's error types whose lesson a parsed analysis states, in order (text equality up to case,
+    spacing and a final period): how a measurement tells whether an analysis names the true rule."""
+    norm = lambda t: " ".join(t.lower().rstrip(".").split())
+    by_text = {norm(lesson): rule for rule, lesson in world.error_types.items()}
+    return [by_text[norm(h)] for h in heuristics if norm(h) in by_text]
+
+
 def get(name: str) -> World:
     if name not in WORLD_NAMES:
         raise ValueError(f"unknown world {name!r}; one of {', '.join(WORLD_NAMES)}")
