@@ -21,7 +21,7 @@ def synthetic(**rules) -> SyntheticConfig:
 
 def _parse(line: str) -> tuple[str, int, str, int]:
     """``"2 dec seven down six"`` -> ("dec", 7, "down", 6)."""
-    number, command, before, tag, after = line.split()
+    _, command, before, tag, after = line.split()
     return command, R.DIGITS.index(before), tag, R.DIGITS.index(after)
 
 
@@ -177,7 +177,7 @@ def test_injected_errors_break_their_rule_and_classify_back(error_type):
         # after the broken step every step follows the rules from the wrong digit
         _, commands = R.parse_question(q)
         for i in range(k, len(commands)):
-            c, before, tag, after = _parse(wrong[i])
+            c, before, tag, _ = _parse(wrong[i])
             assert before == _parse(wrong[i - 1])[3]
             assert tag == R.rule_for(c, commands[i - 1], before)
     assert applied >= 20, f"{error_type} should recur across problems"
@@ -317,3 +317,18 @@ def test_evaluating_a_subset_measures_accuracy_on_that_rule(micro_model, tmp_pat
     samples = rt.store.query("SELECT DISTINCT dataset, problem_id FROM eval_samples WHERE dataset = 'synthetic:jump'")
     jump_ids = {p.problem_id for p in evaluate.load_dataset(cfg, "synthetic:jump").problems}
     assert {s["problem_id"] for s in samples} == jump_ids
+
+
+def test_the_tags_at_the_bifurcation_step_tell_which_rule_was_broken():
+    """No two error types share a pair {wrong tag, right tag}: an analysis can name the rule from the two tags
+    whichever solution each comes from."""
+    rng = random.Random(0)
+    pairs: dict[frozenset, set[str]] = {}
+    for p in R.problems(synthetic(), "train"):
+        for error_type in R.ERROR_TYPES:
+            injected = R.inject_error(p.question, error_type, rng)
+            if injected is not None:
+                wrong, k = injected
+                tags = frozenset({_parse(wrong[k - 1])[2], _parse(R.solution_lines(p.question)[k - 1])[2]})
+                pairs.setdefault(tags, set()).add(error_type)
+    assert len(pairs) >= 10 and all(len(types) == 1 for types in pairs.values()), pairs

@@ -73,10 +73,10 @@ def test_tokenizer_round_trip_after_reload_from_qwen2_folder(tmp_path, tokenizer
 RULES_TEXTS = [
     "Q: five: inc dec dec neg\n",
     "1 inc five jump seven\n2 dec seven down six\n3 dec six skip six\n4 neg six mirror three\nAnswer: three",
-    "Bifurcation: step 2\nCritique: 2 dec seven stay seven should be 2 dec seven down six.\n"
-    "Heuristic: If dec meets a digit above the lowest, then go down.",
-    "Hint: Bifurcation: step 1\nCritique: 1 inc three up four should be 1 inc three jump five.\n"
-    "Heuristic: If inc meets an odd digit, then jump.\nQ: three: inc neg dbl dec\n",
+    ("Bifurcation: step 2\nCritique: 2 dec seven stay seven should be 2 dec seven down six.\n"
+     "Heuristic: If dec meets a digit above the lowest, then go down."),
+    ("Hint: Bifurcation: step 1\nCritique: 1 inc three up four should be 1 inc three jump five.\n"
+     "Heuristic: If inc meets an odd digit, then jump.\nQ: three: inc neg dbl dec\n"),
 ]
 
 

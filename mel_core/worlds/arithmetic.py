@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mel_core.problems import DataError, Problem
-from mel_core.worlds.compact import compact_analysis, first_difference  # noqa: F401 (first_difference: part of this module's API)
+from mel_core.worlds.compact import compact_analysis, first_difference
 
 NAME = "arithmetic"
 
