@@ -95,6 +95,7 @@ def cmd_run(args) -> int:
     with StoreReader(db) as store:
         hid = records.latest_accepted_heuristic(store, result["run_id"])
     print(f"\nmel: done in {time.time() - t0:.0f}s")
+    _print_before_after(result["evals"])
     print(f"  DuckDB:      {db}")
     print(f"  checkpoints: {Path(result['final_checkpoint']['path']).parent}")
     print(f"  final:       {result['final_checkpoint']['path']}")
@@ -108,6 +109,22 @@ def cmd_run(args) -> int:
     if point is not None:  # what the final checkpoint learned, its parent's steps included
         print(f"  .venv/bin/mel lineage --db {db} --checkpoint {result['final_checkpoint']['checkpoint_id']} --history")
     return 0
+
+
+def _print_before_after(evals: list[dict]) -> None:
+    """Held-out greedy Pass@1 of the campaign's first and last evaluation, per dataset: did it learn?"""
+    by_dataset: dict[str, list[dict]] = {}
+    for e in evals:
+        if "pass@1" in e["metrics"]:
+            by_dataset.setdefault(e["dataset"], []).append(e)
+    if not by_dataset:
+        return
+    print("  held-out greedy Pass@1, first -> last evaluation:")
+    for dataset, rows in by_dataset.items():
+        first, last = min(rows, key=lambda e: e["step"]), max(rows, key=lambda e: e["step"])
+        change = last["metrics"]["pass@1"] - first["metrics"]["pass@1"]
+        print(f"    {dataset:<20} {first['metrics']['pass@1']:.3f} (step {first['step']}) -> "
+              f"{last['metrics']['pass@1']:.3f} (step {last['step']})   {100 * change:+.1f} points")
 
 
 def _announce_fork(point, cfg) -> None:

@@ -22,18 +22,19 @@ def prefect_harness():
 
 
 def build_micro_model(path: Path, num_layers: int = 1, chat_template: str | None = None, corpus_size: int = 200,
-                      context: int = 512) -> Path:
+                      context: int = 512, config: str = "configs/tiny.yaml") -> Path:
     """A freshly initialised micro Qwen2 model + tokenizer saved at `path` (no warm start): for tests of
-    the update step, the engine and the wiring, where what the model says does not matter."""
+    the update step, the engine and the wiring, where what the model says does not matter. The tokenizer is
+    learned from `config`'s world (its tokenizer kind and vocabulary ceiling too)."""
     import torch
 
     from mel_core import config as C
     from mel_core import tiny
     from mel_core.prompts import PromptSet
 
-    cfg = C.load("configs/tiny.yaml", ["model.tiny.hidden_size=32", f"model.tiny.num_layers={num_layers}",
-                                       "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
-                                       f"model.tiny.max_position_embeddings={context}"])
+    vocab = [] if config != "configs/tiny.yaml" else ["model.tiny.vocab_size=300"]
+    cfg = C.load(config, ["model.tiny.hidden_size=32", f"model.tiny.num_layers={num_layers}",
+                          "model.tiny.intermediate_size=64", f"model.tiny.max_position_embeddings={context}", *vocab])
     prompts = PromptSet.load(cfg.prompts.dir)
     tok = tiny.build_tokenizer(cfg.model.tiny, tiny.tokenizer_corpus(prompts, cfg.data.synthetic, corpus_size, 0))
     tok.chat_template = chat_template

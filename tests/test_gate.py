@@ -14,6 +14,7 @@ from mel_core import gate
 from mel_core.metrics import newcombe_difference
 from mel_core.runtime import Runtime
 from mel_core.worlds import named_rules, rules
+from tests.conftest import build_micro_model
 from tests.scripted import Script, ScriptedEngine
 
 
@@ -46,20 +47,7 @@ class RulesScript(Script):
 def rules_model(tmp_path_factory):
     """A micro Qwen2 with the rules world's word-level tokenizer (untrained: what it computes is real, what it
     prefers is not the point)."""
-    from mel_core import tiny
-    from mel_core.prompts import PromptSet
-
-    path = tmp_path_factory.mktemp("rules-micro")
-    cfg = C.load("configs/tiny-rules.yaml", ["model.tiny.hidden_size=32", "model.tiny.num_layers=1",
-                                             "model.tiny.intermediate_size=64"])
-    tok = tiny.build_tokenizer(cfg.model.tiny, tiny.tokenizer_corpus(PromptSet.load(cfg.prompts.dir),
-                                                                     cfg.data.synthetic, 200, 0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = tiny.build_model(cfg.model.tiny, tok)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return build_micro_model(tmp_path_factory.mktemp("rules-micro"), config="configs/tiny-rules.yaml")
 
 
 def _runtime(tmp_path, model, script):

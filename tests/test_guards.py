@@ -127,3 +127,22 @@ def test_unparsable_analysis_is_rejected_with_its_reason_and_the_step_goes_on(pr
     assert acceptance == {"analyses": len(analyses), "unparsed": len(analyses), "accepted": 0}
     assert s.query("SELECT count(*) AS n FROM updates WHERE step = 1")[0]["n"] == 1  # the step went on
     assert Path(result["final_checkpoint"]["path"]).is_dir()
+
+
+@pytest.mark.slow
+def test_mel_run_ends_with_heldout_accuracy_before_and_after(prefect_harness, tmp_path, capsys, cli_env, micro_model):
+    """The last lines of `mel run` say whether the campaign learned: greedy Pass@1 at its first and last
+    evaluation, per dataset, as the store holds them."""
+    script_says_right = lambda q, i: i == 0 and len(q) % 2 == 0  # greedy solves exactly the even-length questions
+    from tests.scripted import Script
+
+    with scripted_runtimes(Script(solved=script_says_right)):
+        assert _mel_run(tmp_path, "before-after", f"model.name_or_path={micro_model}", "eval.every_n_steps=1",
+                        "eval.max_problems=8", "eval.k=0", "eval.datasets=[synthetic]") == 0
+    out = capsys.readouterr().out
+    rows = Store(tmp_path / "before-after" / "mel.duckdb").query(
+        "SELECT step, pass_at_1 FROM heldout_accuracy WHERE dataset = 'synthetic' ORDER BY step")
+    assert [r["step"] for r in rows] == [0, 1]
+    line = next(x for x in out.splitlines() if x.strip().startswith("synthetic "))
+    assert f"{rows[0]['pass_at_1']:.3f} (step 0) -> {rows[1]['pass_at_1']:.3f} (step 1)" in line
+    assert "held-out greedy Pass@1, first -> last evaluation:" in out

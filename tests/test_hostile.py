@@ -300,7 +300,7 @@ def test_problems_longer_than_the_context_are_named_before_step_one(prefect_harn
                           env=dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value()), timeout=300)
     rc, line = done.returncode, one_line(done.stderr)
     assert rc == 2 and f"{data}:2: the solve prompt is" in line and "data.too_long=skip" in line, line
-    store = tmp_path / "runs" / "tiny-demo" / "mel.duckdb"
+    store = tmp_path / "runs" / "tiny-arithmetic" / "mel.duckdb"
     assert Store(store).query("SELECT count(*) AS n FROM rollouts")[0]["n"] == 0  # no step ran
 
 

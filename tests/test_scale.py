@@ -7,50 +7,30 @@ the same seeds and one torch thread per process: every record and the final weig
 and the server must have seen the chunk tasks run by the workers.
 """
 
-import os
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 pytest.importorskip("prefect_ray", reason="prefect-ray not installed: run make test-scale")
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import torch
+from safetensors.torch import load_file
 
-from mel_app import serve  # noqa: E402
-from mel_core.store import Store  # noqa: E402
+from mel_core.store import Store
+from tests.servers import MEL, standalone_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-MEL = [sys.executable, "-m", "mel_app.cli"]
 CAMPAIGN = ["run.name=scale", "run.steps=2", "run.torch_threads=1", "sampling.prompts_per_step=8",
             "sampling.chunk_sequences=16",  # 64 rollouts = 4 chunks, so both workers get some
             "eval.every_n_steps=2", "eval.max_problems=8", "eval.k=2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect")
-    port = _free_port()
-    url = serve.api_url("127.0.0.1", port)
-    env = dict(os.environ, PREFECT_HOME=str(home))
-    env.pop("PREFECT_API_URL", None)
-    proc = serve.start_server("127.0.0.1", port, env, stdout=(home / "server.log").open("w"),
-                              stderr=subprocess.STDOUT)
-    try:
-        serve.wait_healthy(url, 240, proc)
+    with standalone_server(tmp_path_factory.mktemp("prefect")) as (url, env):
         yield url, env
-    finally:
-        serve.stop(proc)
 
 
 def _campaign(server, root, runner: str) -> tuple[Store, float]:
@@ -109,10 +89,9 @@ def test_the_server_saw_the_workers_chunk_tasks(runs, server):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url, _ = server
-    with temporary_settings({PREFECT_API_URL: url}):
-        with get_client(sync_client=True) as client:
-            chunk_runs = client.read_task_runs(
-                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="generate-chunk")), limit=200)
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        chunk_runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="generate-chunk")), limit=200)
     # per step: 4 rollout chunks, analyses and replays; plus greedy and sampled evaluation at steps 0 and 2
     assert len(chunk_runs) >= 2 * 4 + 2
     assert all(r.state is not None and r.state.is_completed() for r in chunk_runs)

@@ -3,37 +3,20 @@ temporary PREFECT_HOME), prefect.yaml's campaign deployed to it, and a one-step 
 worker to COMPLETED."""
 
 import os
-import socket
 import subprocess
-import sys
-import time
 
 import pytest
 
 from mel_app import serve
 from mel_core.store import Store
+from tests.servers import MEL, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
-MEL = [sys.executable, "-m", "mel_app.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(path, text, proc, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while text not in path.read_text():
-        assert proc.poll() is None, f"mel serve exited with {proc.returncode}:\n{path.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no '{text}' after {timeout_s}s:\n{path.read_text()[-3000:]}"
-        time.sleep(0.5)
 
 
 def test_serve_deploy_and_run_a_campaign(tmp_path, micro_model):
-    port = _free_port()
+    port = free_port()
     url = serve.api_url("127.0.0.1", port)
     # The worker looks for new flow runs every 2 s instead of 10.
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_WORKER_QUERY_SECONDS="2")
@@ -42,7 +25,7 @@ def test_serve_deploy_and_run_a_campaign(tmp_path, micro_model):
     server = subprocess.Popen([*MEL, "serve", "--port", str(port), "--limit", "1"], env=env, stdout=log.open("w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(log, "mel: ready", server, 240)
+        wait_for(log, "mel: ready", server, 240)
         assert (tmp_path / "prefect" / "prefect.db").exists()  # state under PREFECT_HOME, not $HOME
 
         # a misspelled override fails before anything reaches the server

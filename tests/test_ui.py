@@ -8,49 +8,27 @@ Only under `make test-ui` (it installs Chromium and sets MEL_UI_TEST=1); screens
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from mel_app import serve
+from tests.servers import mel_serve
 
 pytestmark = [pytest.mark.ui, pytest.mark.slow]
 
-MEL = [sys.executable, "-m", "mel_app.cli"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1600,1000", "--virtual-time-budget=20000"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`mel serve` on a free port with its own Prefect state; yields (UI base URL, API URL)."""
-    port = _free_port()
-    home = tmp_path_factory.mktemp("prefect")
-    env = dict(os.environ, PREFECT_HOME=str(home))
-    env.pop("PREFECT_API_URL", None)
-    log = home / "serve.log"
-    proc = subprocess.Popen([*MEL, "serve", "--port", str(port)], env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while "mel: ready" not in log.read_text():
-            assert proc.poll() is None, f"mel serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+    with mel_serve(tmp_path_factory.mktemp("prefect")) as (port, _, _):
         yield f"http://127.0.0.1:{port}", serve.api_url("127.0.0.1", port)
-    finally:
-        serve.stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -8,36 +8,21 @@ server), as `mel serve` runs one for the UI.
 """
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from mel_app import serve
+from tests.servers import standalone_server
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A standalone Prefect server with its own state; yields its API URL."""
-    port = _free_port()
-    url = serve.api_url("127.0.0.1", port)
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path_factory.mktemp("prefect")))
-    env.pop("PREFECT_API_URL", None)
-    proc = serve.start_server("127.0.0.1", port, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        serve.wait_healthy(url, 240, proc)
+    with standalone_server(tmp_path_factory.mktemp("prefect")) as (url, _):
         yield url
-    finally:
-        serve.stop(proc)
 
 
 def _campaign(url, root, model, *more):
