@@ -933,6 +933,13 @@ def check_read_only(sql: str) -> None:
         inner = duckdb.extract_statements(_EXPLAIN.sub("", statements[0].query, count=1))
         inner_kind = str(inner[0].type).split(".")[-1] if len(inner) == 1 else "MULTI"
         if inner_kind != "SELECT":
-            raise ReadOnlyViolation(f"EXPLAIN of {inner_kind} refused: {_READ_ONLY_HELP}")
+            raise ReadOnlyViolation(f"EXPLAIN of {_verb(inner[0].query) if len(inner) == 1 else 'several statements'}"
+                                    f" refused: {_READ_ONLY_HELP}")
     elif kind != "SELECT":
-        raise ReadOnlyViolation(f"{kind} statement refused: {_READ_ONLY_HELP}")
+        raise ReadOnlyViolation(f"{_verb(statements[0].query)} statement refused: {_READ_ONLY_HELP}")
+
+
+def _verb(statement: str) -> str:
+    """The statement's own first word (INSTALL, RESET, CHECKPOINT): DuckDB's types lump them (LOAD, SET, CALL)."""
+    words = statement.split()
+    return words[0].upper() if words else "empty"
