@@ -129,7 +129,9 @@ class ModelConfig:
     device: str = doc("auto", "Where the policy trains and the HF engine generates: auto (cuda when torch sees a GPU, "
                       "else cpu) | cpu | cuda | cuda:N.")
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward (GPU memory for long contexts).")
-    max_seq_len: int = doc(512, "Longest prompt+completion the update sees; longer retrospective contexts are left-truncated in the prompt part.", ge=16)
+    max_seq_len: int = doc(512, "Longest prompt+completion any sequence may have. Nothing is cut at update time: "
+                           "problems that do not fit are refused before step 1 and retrospective contexts "
+                           "follow experience.long_context.", ge=16)
     lora: LoraSettings = section(LoraSettings, "LoRA instead of full fine-tuning.")
     tiny: TinyModelConfig = section(TinyModelConfig, "Shape of the embedded tiny model.")
 
