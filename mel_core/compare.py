@@ -356,6 +356,11 @@ def _f(x, fmt="{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    values = [x[key] for x in rows if x.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _rate(w: dict) -> str:
     return "-" if not w["n"] else f"{w['rate']:.3f} ({w['successes']}/{w['n']})"
 
@@ -373,7 +378,7 @@ def write_plots(report: dict, out_dir: str | Path, stem: str) -> dict[str, str]:
         return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
 
     def draw(what, title, ylabel, lines, ylim=None):
-        path = out_dir / f"{stem}-{what}.png"
+        path = out_dir / f"{stem}-{what.replace(':', '-')}.png"  # "synthetic:skip": no ':' in a link or on Windows
         if line_plot(path, title, ylabel, lines, ylim):
             plots[what] = path.name
 
@@ -396,9 +401,10 @@ def format_markdown(report: dict) -> str:
              (f"{len(r['seeds'])} seed(s) {r['seeds']} x {len(r['arms'])} arms; {r['steps']} steps of "
              f"B={r['prompts_per_step']} prompts x G={r['group_size']}; every arm starts from the same checkpoint. "
              f"Identical problems per step in every arm at every seed: **{'yes' if r['identical_problems'] else 'NO'}**."),
-             (f"Held-out: {', '.join(r['eval']['datasets'])} (greedy Pass@1; Avg@{r['eval']['k']} / "
-             f"Pass@{r['eval']['k']} at T={r['eval']['temperature']}; "
-             f"{r['eval']['max_problems'] or 'all'} problems per dataset)."), "",
+             (f"Held-out: {', '.join(r['eval']['datasets'])} (greedy Pass@1; "
+             + (f"Avg@{r['eval']['k']} / Pass@{r['eval']['k']} at T={r['eval']['temperature']}; "
+                if r["eval"]["k"] else "no sampled metrics, eval.k = 0; ")
+             + f"{r['eval']['max_problems'] or 'all'} problems per dataset)."), "",
              (f"## Differences to GRPO (endpoints fixed in advance; Holm across the "
              f"{sum(e['primary'] for e in r['endpoints'])} on {r['eval']['datasets'][0]})"), "",
              ("| arm | dataset | read-out | arm Pass@1 | GRPO Pass@1 | difference | 95% CI | simultaneous CI | "
@@ -438,6 +444,14 @@ def format_markdown(report: dict) -> str:
         lines.append(f"| {step} | " + " | ".join(_f(by_arm[a].get(step, {}).get("reward_mean")) for a in r["arms"])
                      + " | " + " | ".join(_f(by_arm[a].get(step, {}).get("accepted"), "{:.1f}")
                                           for a in r["arms"] if a != BASELINE) + " |")
+    nll_parts = ("bifurcation", "critique", "heuristics")
+    nll_arms = [a for a in r["arms"] if any(c.get("nll_loss") is not None for c in r["curves"][a])]
+    if nll_arms:
+        lines += ["", "## NLL per part of M (nats per token, mean over seeds and the steps that had an NLL term)", "",
+                  "| arm | NLL (trained target) | " + " | ".join(nll_parts) + " |", "|---|---|" + "---|" * len(nll_parts)]
+        for a in nll_arms:
+            lines.append(f"| {a} | {_f(_mean_of(r['curves'][a], 'nll_loss'))} | "
+                         + " | ".join(_f(_mean_of(r["curves"][a], f"nll_{p}")) for p in nll_parts) + " |")
     for ds, arms in r["heldout"].items():
         lines += ["", f"## Held-out greedy Pass@1 at evaluation points: {ds} (mean over seeds)", "",
                   "| step | " + " | ".join(r["arms"]) + " |", "|---|" + "---|" * len(r["arms"])]

@@ -141,6 +141,14 @@ def test_compare_end_to_end(prefect_harness, tmp_path, capsys, micro_model):
     assert {"reward", "heldout-synthetic", "acceptance"} <= set(report["plots"])
     for name in report["plots"].values():
         assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in out.read_text()
+    assert "## NLL per part of M" in out.read_text()  # the MEL arm trained on M: its loss per part is reported
+    # a subset's name ("synthetic:skip") makes no ':' in a file name or link; eval.k = 0 says there is no Avg@k
+    subset = dict(report, eval={**report["eval"], "k": 0}, heldout={"synthetic:skip": report["heldout"]["synthetic"]})
+    (tmp_path / "plots").mkdir()
+    plots = cmp.write_plots(subset, tmp_path / "plots", "x")
+    assert plots["heldout-synthetic:skip"] == "x-heldout-synthetic-skip.png" and ":" not in "".join(plots.values())
+    text = cmp.format_markdown({**subset, "plots": plots})
+    assert "no sampled metrics, eval.k = 0" in text and "Avg@0" not in text
 
     runs = {r["arm"]: r for r in report["runs"]}
     grpo, mel = Store(runs["grpo"]["db"]), Store(runs["mel"]["db"])
