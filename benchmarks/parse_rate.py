@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from test_meta_experience import _mismatches, load_fixtures  # noqa: E402
 
+from benchmarks._doc import write_section  # noqa: E402
 from mel_core import meta_experience  # noqa: E402
 
 
@@ -59,14 +60,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", default="main")
     ap.add_argument("--path", default="mel_core/experience.py")
+    ap.add_argument("--no-doc", action="store_true", help="print only; do not rewrite docs/BENCHMARKS.md")
     args = ap.parse_args()
     fixtures = load_fixtures()
-    for label, parser in ((f"before ({args.rev}:{args.path})", load_revision(args.rev, args.path)),
-                          ("after (mel_core/meta_experience.py)", meta_experience)):
+    rows = []
+    for label, parser in ((f"before (`{args.rev}:{args.path}`)", load_revision(args.rev, args.path)),
+                          ("after (`mel_core/meta_experience.py`)", meta_experience)):
         s = score(parser, fixtures)
         print(f"{label}: well-formed parsed {s['good_ok']}/{s['good']} "
               f"(all fields right {s['good_right']}/{s['good']}), "
               f"malformed rejected with the expected reason {s['bad_right']}/{s['bad']}")
+        rows.append(f"| {label} | {s['good_ok']}/{s['good']} | {s['good_right']}/{s['good']} | "
+                    f"{s['bad_right']}/{s['bad']} |")
+    if not args.no_doc:
+        write_section("parse_rate.py", f"python benchmarks/parse_rate.py --rev {args.rev} --path {args.path}", [
+            f"The fixture corpus `tests/fixtures/analyses` ({len(fixtures)} analyses in the paper's format as real "
+            "models lay it out, with expected parses).", "",
+            "| parser | well-formed parsed | well-formed, every field right | malformed rejected for the expected "
+            "reason |", "|---|---|---|---|", *rows])
 
 
 if __name__ == "__main__":

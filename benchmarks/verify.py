@@ -2,7 +2,8 @@
 
 Prints the pool's start-up (first verdict from a cold pool), items/s for each extraction (median of --repeats
 batches of 500 on a warm pool), and the wall time of a 40-item batch in which one item is stuck past its deadline
-(it costs one worker kill and restart). Prints only; numbers on a shared machine vary by tens of percent.
+(it costs one worker kill and restart), and writes them to docs/BENCHMARKS.md; numbers on a shared machine vary by
+tens of percent.
 
     .venv/bin/python benchmarks/verify.py [--workers 2 --repeats 5]
 """
@@ -15,16 +16,19 @@ import os
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks._doc import write_section  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2, help="MEL_VERIFY_WORKERS for this run")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-doc", action="store_true", help="print only; do not rewrite docs/BENCHMARKS.md")
     args = ap.parse_args()
     os.environ["MEL_VERIFY_WORKERS"] = str(args.workers)
     from mel_core import verify as V
@@ -54,6 +58,16 @@ def main() -> None:
     print(f"workers {args.workers}: start {start:.2f} s; " + "; ".join(f"{k} {v:.0f} items/s" for k, v in rates.items())
           + f"; {n} items with one stuck past a 1 s deadline {stuck:.2f} s")
     print(f"verify_items_per_s: {rates[V.DEFAULT_EXTRACTION]:.0f}")
+    if not args.no_doc:
+        write_section("verify.py", f"python benchmarks/verify.py --workers {args.workers} --repeats {args.repeats}", [
+            f"MATH-500's {len(rows)} reference solutions scored against their gold answers through the verify pool "
+            f"({args.workers} worker processes); every one verifies correct under each extraction (asserted).", "",
+            "| measurement | value |", "|---|---|",
+            f"| pool start-up (first verdict, cold) | {start:.2f} s |",
+            *[f"| `{k}` extraction, warm pool (median of {args.repeats} batches of {len(rows)}) | {v:.0f} items/s |"
+              for k, v in rates.items()],
+            f"| {n} items, one stuck past a 1 s deadline (one worker killed and restarted) | {stuck:.2f} s |"],
+            f"math-verify {version('math-verify')}")
 
 
 if __name__ == "__main__":
