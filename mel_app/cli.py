@@ -664,6 +664,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("mel: interrupted (a campaign resumes where it stopped when run again)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`mel runs | head -3`): stop quietly, as cat does; stdout goes to
+        # devnull so the interpreter's own flush at exit does not raise again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (redirected in-process)
+            pass
+        return 141
     except Exception as e:
         if debug:
             raise

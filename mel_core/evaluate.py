@@ -83,6 +83,12 @@ def _synthetic_subset(dataset: str) -> str | None:
     return subset.strip() if sep and head.strip().lower() == SYNTHETIC and subset.strip() else None
 
 
+def reward_kind(dataset: str) -> str:
+    """How a dataset's answers are verified: 'synthetic' for the embedded world's held-out split or a named part of
+    it ('synthetic:stay'), 'math' (math-verify) for a file."""
+    return "synthetic" if _synthetic_subset(dataset) is not None else "math"
+
+
 def dataset_name(dataset: str) -> str:
     """The store's name of a configured dataset: 'synthetic', 'synthetic:<subset>' (a named part of the held-out
     split, e.g. the rules world's 'synthetic:stay'), or the file's source name ('data/math500/test.jsonl' ->
@@ -114,14 +120,14 @@ def load_dataset(cfg: MelConfig, dataset: str) -> EvalDataset:
     subset = _synthetic_subset(dataset)
     if subset == "":
         problems = worlds.get(cfg.data.synthetic.world).problems(cfg.data.synthetic, "eval")[:cap]
-        return EvalDataset(SYNTHETIC, problems, "synthetic")
+        return EvalDataset(SYNTHETIC, problems, reward_kind(dataset))
     if subset is not None:
-        return EvalDataset(f"{SYNTHETIC}:{subset}", synthetic_subset_problems(cfg, subset)[:cap], "synthetic")
+        return EvalDataset(f"{SYNTHETIC}:{subset}", synthetic_subset_problems(cfg, subset)[:cap], reward_kind(dataset))
     path = resolve_path(dataset)
     if not path.is_file():
         load_jsonl(path)  # raises its (permanent) missing-file error, naming the file
     problems = load_jsonl(path, *_jsonl_fields(path, cfg))[:cap]
-    return EvalDataset(dataset_name(dataset), problems, "math")
+    return EvalDataset(dataset_name(dataset), problems, reward_kind(dataset))
 
 
 def eval_config_hash(cfg: MelConfig, dataset: str) -> str:

@@ -275,7 +275,8 @@ def runs_with_parent(reader) -> list[dict]:
     copied into a fork's store as lineage references (runs.copied_from) are not the store's own and are left out."""
     columns = {r["column_name"] for r in reader.query(
         "SELECT column_name FROM duckdb_columns() WHERE table_name = 'runs' AND database_name = current_database()")}
-    parent = "parent_run_id" if "parent_run_id" in columns else "NULL AS parent_run_id"
+    parent = ("parent_run_id, parent_step" if "parent_step" in columns
+              else "NULL AS parent_run_id, NULL AS parent_step")
     own = "WHERE copied_from IS NULL" if "copied_from" in columns else ""
     return reader.query(f"SELECT run_id, name, config_json, created_at, {parent} FROM runs {own} "
                         "ORDER BY created_at, run_id")

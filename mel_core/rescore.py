@@ -22,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from mel_core import config as config_mod
+from mel_core import evaluate
 from mel_core import records
 from mel_core.config import ConfigError, MelConfig
 from mel_core.verify import Verifier, reward_kind_for_source
@@ -61,7 +62,7 @@ def reward_kind(record: dict, run_kind: str) -> str:
     """Rollouts and replays are of the run's training data; an evaluation sample is of its dataset."""
     if record["record_kind"] != "eval_sample":
         return run_kind
-    return "synthetic" if record["dataset"] == "synthetic" else "math"
+    return evaluate.reward_kind(record["dataset"])  # 'synthetic:stay' is the world's too, not math
 
 
 def verdict_rows(todo: list[dict], verifiers: dict[str, Verifier], run_kind: str, run_id: str) -> list[dict]:

@@ -48,7 +48,7 @@ class RunSummary:
     name: str
     run_id: str
     status: str
-    steps: str          # "done/planned"
+    steps: str          # "done/planned" (a fork plans run.steps - its fork step)
     last_checkpoint: str
     heldout: str        # greedy Pass@1 per dataset at the latest evaluated step
     parent: str         # the run this one was forked from, or "-"
@@ -106,10 +106,11 @@ def summarize_store(reader: StoreReader, lock_held: bool) -> list[RunSummary]:
     out = []
     for r in runs:
         planned, updated = planned_steps(r["config_json"]), records.updated_steps(reader, r["run_id"])
+        own_steps = None if planned is None else planned - (r["parent_step"] or 0)  # a fork runs STEP+1..run.steps
         out.append(RunSummary(
             name=r["name"] or NONE, run_id=r["run_id"],
             status=run_status(lock_held and r["run_id"] == active, executions[r["run_id"]], planned, updated),
-            steps=f"{len(updated)}/{planned if planned is not None else '?'}",
+            steps=f"{len(updated)}/{own_steps if own_steps is not None else '?'}",
             last_checkpoint=checkpoint_text(records.last_checkpoint(reader, r["run_id"])),
             heldout=heldout_text(records.last_heldout_accuracy(reader, r["run_id"])),
             parent=r["parent_run_id"] or NONE))

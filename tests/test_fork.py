@@ -79,6 +79,17 @@ def test_fork_steps_continue_the_parents_numbering(parent, child):
     assert rt.store.query(order, [rt.run_id]) == prt.store.query(order, [prt.run_id])
 
 
+def test_mel_runs_counts_a_forks_own_steps(parent, child):
+    """A fork at step 2 of a 3-step config plans one step of its own: `mel runs` says 1/1, not 1/3."""
+    from mel_core.runs import summarize_store
+    from mel_core.store import StoreReader
+
+    rt, *_ = child
+    with StoreReader(rt.run_dir) as reader:
+        (line,) = [r for r in summarize_store(reader, lock_held=False) if r.run_id == rt.run_id]
+    assert line.steps == "1/1" and line.status == "finished" and line.parent == parent[1].run_id
+
+
 def test_the_parents_steps_are_not_copied(parent, child):
     _, prt, checkpoints = parent
     rt, *_ = child

@@ -115,3 +115,20 @@ def test_bad_options_are_one_line_and_write_nothing(db, tmp_path, argv, says):
 def test_a_refused_statement_writes_no_out_file(db, tmp_path):
     rc, out, err = mel("query", "--db", db, "DELETE FROM heuristics", "--out", tmp_path / "x.parquet")
     assert rc == 2 and out == "" and "refused" in one_line(err) and list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_goes_away_stops_the_output_quietly(db):
+    """`mel query ... | head -1`: when the pipe closes under mel, it stops without an error line (exit 141, as a
+    shell reports a process ended by SIGPIPE). The closed pipe is a stdout whose write fails as a real one does."""
+    import contextlib
+
+    from mel_app import cli
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(ClosedPipe()), contextlib.redirect_stderr(err):
+        rc = cli.main(["query", "--db", str(db), "--format", "csv", "SELECT range AS n FROM range(1000)"])
+    assert rc == 141 and err.getvalue() == "", err.getvalue()

@@ -131,3 +131,20 @@ def test_rescore_refuses_bad_input_in_one_line(math_run, capsys, tmp_path):
         assert cli.main(["rescore", run, "verify.extraction=boxed_last"]) == 2
         assert "in use by a campaign" in capsys.readouterr().err
     assert math_run.store.query("SELECT count(*) AS n FROM rewards")[0]["n"] == 0
+
+
+def test_a_world_subset_is_rescored_by_the_world_verifier_not_math_verify():
+    """Evaluations of 'synthetic:<subset>' (the rules world's per-rule sets) are the world's answers: rescoring
+    them with math-verify would turn every correct `Answer: nine` into no_answer."""
+    from mel_core import rescore
+
+    cfg = C.load("configs/tiny-rules.yaml")
+    verifiers = {kind: Verifier.from_config(cfg.verify, kind) for kind in ("synthetic", "math")}
+    text = "1 neg eight mirror one\n2 dec one down zero\nAnswer: zero"
+    records = [{"record_id": f"e{i}", "record_kind": "eval_sample", "dataset": ds, "text": text, "answer": "zero",
+                "finish_reason": "stop"} for i, ds in enumerate(("synthetic", "synthetic:plain", "synthetic:stay"))]
+    assert [rescore.reward_kind(r, "synthetic") for r in records] == ["synthetic"] * 3
+    assert rescore.reward_kind({"record_kind": "eval_sample", "dataset": "math500"}, "synthetic") == "math"
+    rows = rescore.verdict_rows(records, verifiers, "synthetic", "run_x")
+    assert [r["reward"] for r in rows] == [1.0, 1.0, 1.0]
+    assert {r["verifier_hash"] for r in rows} == {verifiers["synthetic"].identity_hash}
