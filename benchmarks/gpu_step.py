@@ -12,7 +12,10 @@ update's seconds and MFU, peak GPU memory, and MEL step seconds / GRPO step seco
 
 The GPU defaults are sized to finish both shapes within 5 minutes on one H200 by estimate (HF generate at
 ~20-30 ms per decoding step, four generations of 512 steps per shape, plus model set-up and checkpoint
-writes); not measured yet. ``--shape 1.7b`` alone, or fewer ``--max-new-tokens``, if it runs long.
+writes). Measured on an H200 (docs/BENCHMARKS.md): 1.7B at 256 new tokens takes ~2 minutes; 4B at 512 tokens took
+over 5 minutes (the session's device time cut it before its table): ``--shape 1.7b`` alone, or fewer
+``--max-new-tokens``, in a short lease. The first generation of the process (the GRPO arm's sample) includes CUDA
+warm-up: compare the arms' sample stages before reading the MEL / GRPO ratio.
 
 What is real and what is scripted. A random model writes random tokens: its rollouts would never verify,
 its analyses never parse, and without an eos every generation runs to its token limit. So the *compute* is
