@@ -10,12 +10,13 @@ update's seconds and MFU, peak GPU memory, and MEL step seconds / GRPO step seco
     python benchmarks/gpu_step.py                       # GPU: --shape 1.7b 4b, B=16 G=8, 512 new tokens
     python benchmarks/gpu_step.py --shape micro --device cpu   # a 3.7M-parameter Qwen3 on CPU, ~15 s
 
-The GPU defaults are sized to finish both shapes within 5 minutes on one H200 by estimate (HF generate at
+The GPU defaults were sized by estimate to finish both shapes within 5 minutes on one H200 (HF generate at
 ~20-30 ms per decoding step, four generations of 512 steps per shape, plus model set-up and checkpoint
 writes). Measured on an H200 (docs/BENCHMARKS.md): 1.7B at 256 new tokens takes ~2 minutes; 4B at 512 tokens took
 over 5 minutes (the session's device time cut it before its table): ``--shape 1.7b`` alone, or fewer
-``--max-new-tokens``, in a short lease. The first generation of the process (the GRPO arm's sample) includes CUDA
-warm-up: compare the arms' sample stages before reading the MEL / GRPO ratio.
+``--max-new-tokens``, in a short lease. The first generation of the process (the GRPO arm's sample) included CUDA
+warm-up: those numbers were taken with a 4-token warm-up, and the script now generates the first arm's batch at
+full length once before timing (``_warm_up``; not yet re-measured on a GPU).
 
 What is real and what is scripted. A random model writes random tokens: its rollouts would never verify,
 its analyses never parse, and without an eos every generation runs to its token limit. So the *compute* is
@@ -311,11 +312,21 @@ def arm_config(a, shape: str, arm: str, model_dir: Path, root: Path):
     return C.load(TINY_CONFIG, ov)
 
 
+_WARM_DEVICES: set[str] = set()  # devices whose first full-length generation this process has done
+
+
 def _warm_up(rt: Runtime, engine: HFEngine) -> None:
     """Outside the timing: what a campaign does once before step 1 (the usable problems: their prompts
-    tokenized) and a process's first kernels (allocator, cuBLAS, generate's setup: the step's batch, 4 tokens)."""
+    tokenized) and a process's first kernels (allocator, cuBLAS, generate's setup). The first arm of a process
+    also generates the step's batch at full length once: on an H200 the first full-length generation of a process
+    took 2.2-2.9x as long as the same generation later (1.7B: 20.2 s vs 8.9 s; 4B: 58.2 s vs 26.6 s, with only a
+    4-token warm-up), which charged the GRPO arm (it runs first) for the process's warm-up."""
     prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in rt.step_problems(1)]
-    engine.generate(prompts, SamplingParams(n=rt.cfg.sampling.group_size, max_new_tokens=4, seed=0))
+    device = str(rt.policy.device)
+    full = device not in _WARM_DEVICES
+    engine.generate(prompts, SamplingParams(n=rt.cfg.sampling.group_size, seed=0,
+                                            max_new_tokens=rt.cfg.sampling.max_new_tokens if full else 4))
+    _WARM_DEVICES.add(device)
     model = rt.policy.model
     ids = torch.randint(1, len(rt.policy.tokenizer), (2, 32), device=rt.policy.device)
     model.train()
