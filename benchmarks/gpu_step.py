@@ -312,21 +312,15 @@ def arm_config(a, shape: str, arm: str, model_dir: Path, root: Path):
     return C.load(TINY_CONFIG, ov)
 
 
-_WARM_DEVICES: set[str] = set()  # devices whose first full-length generation this process has done
-
-
-def _warm_up(rt: Runtime, engine: HFEngine) -> None:
+def _warm_up(rt: Runtime, engine: HFEngine, full_length: bool) -> None:
     """Outside the timing: what a campaign does once before step 1 (the usable problems: their prompts
-    tokenized) and a process's first kernels (allocator, cuBLAS, generate's setup). The first arm of a process
-    also generates the step's batch at full length once: on an H200 the first full-length generation of a process
+    tokenized) and a process's first kernels (allocator, cuBLAS, generate's setup). The first arm of a shape
+    (`full_length`) also generates the step's batch at full length once: on an H200 the first full-length generation of a process
     took 2.2-2.9x as long as the same generation later (1.7B: 20.2 s vs 8.9 s; 4B: 58.2 s vs 26.6 s, with only a
     4-token warm-up), which charged the GRPO arm (it runs first) for the process's warm-up."""
     prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in rt.step_problems(1)]
-    device = str(rt.policy.device)
-    full = device not in _WARM_DEVICES
     engine.generate(prompts, SamplingParams(n=rt.cfg.sampling.group_size, seed=0,
-                                            max_new_tokens=rt.cfg.sampling.max_new_tokens if full else 4))
-    _WARM_DEVICES.add(device)
+                                            max_new_tokens=rt.cfg.sampling.max_new_tokens if full_length else 4))
     model = rt.policy.model
     ids = torch.randint(1, len(rt.policy.tokenizer), (2, 32), device=rt.policy.device)
     model.train()
@@ -335,8 +329,9 @@ def _warm_up(rt: Runtime, engine: HFEngine) -> None:
     _sync(rt.policy.device)
 
 
-def run_arm(a, shape: str, arm: str, model_dir: Path, root: Path, log) -> dict:
-    """One step (step 1) of `arm` from the base model; seconds per stage and what the update trained."""
+def run_arm(a, shape: str, arm: str, model_dir: Path, root: Path, log, first: bool) -> dict:
+    """One step (step 1) of `arm` from the base model; seconds per stage and what the update trained. The shape's
+    `first` arm warms up at full length (_warm_up)."""
     rt = Runtime(arm_config(a, shape, arm, model_dir, root))
     base = rt.base_checkpoint
     rt.ensure_version(base)
@@ -348,7 +343,7 @@ def run_arm(a, shape: str, arm: str, model_dir: Path, root: Path, log) -> dict:
     rt.use_engine(engine)
     rt.ensure_version(base)
     bookkeeping.register_run(rt, base)
-    _warm_up(rt, inner)
+    _warm_up(rt, inner, full_length=first)
 
     policy = rt.policy
     trained: dict = {}
@@ -424,8 +419,8 @@ def run_shape(a, shape: str, work: Path, log) -> dict:
     log(f"{shape}: {counts['parameters'] / 1e6:,.1f}M parameters ({counts['embedding'] / 1e6:,.1f}M embedding, tied), "
         f"built and saved in {time.perf_counter() - t0:.1f}s")
     arms = {}
-    for arm in ("grpo", "mel"):
-        arms[arm] = run_arm(a, shape, arm, model_dir, work / "runs", log)
+    for i, arm in enumerate(("grpo", "mel")):
+        arms[arm] = run_arm(a, shape, arm, model_dir, work / "runs", log, first=i == 0)
         _free(device)  # one policy and optimizer on the device at a time
     shutil.rmtree(model_dir, ignore_errors=True)
     mel, grpo = arms["mel"], arms["grpo"]

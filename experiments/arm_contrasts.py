@@ -18,17 +18,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mel_core.compare import paired_bootstrap  # noqa: E402
+from mel_core.compare import greedy_rewards, paired_bootstrap  # noqa: E402
 from mel_core.store import StoreReader  # noqa: E402
 
 
 def final_greedy(db: str, run_id: str, dataset: str) -> dict[str, float]:
     """problem_id -> greedy reward at the run's last evaluation of `dataset`."""
     with StoreReader(db) as r:
-        rows = r.query("SELECT problem_id, reward FROM eval_samples WHERE run_id = ? AND greedy AND dataset = ? AND "
-                       "step = (SELECT max(step) FROM eval_samples WHERE run_id = ? AND dataset = ?)",
-                       [run_id, dataset, run_id, dataset])
-    return {x["problem_id"]: x["reward"] for x in rows}
+        by_eval = greedy_rewards(r, run_id)
+    return by_eval[(dataset, max(step for ds, step in by_eval if ds == dataset))]
 
 
 def contrasts(report: dict, pairs: list[tuple[str, str]], dataset: str | None = None) -> list[dict]:

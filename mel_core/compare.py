@@ -165,7 +165,7 @@ def paired_bootstrap(diff, n_resamples: int = BOOTSTRAP_RESAMPLES, level: float 
 # -------------------------------------------------------------------------------- reading the runs
 
 
-def _greedy_rewards(store: StoreReader, run_id: str) -> dict[tuple[str, int], dict[str, float]]:
+def greedy_rewards(store: StoreReader, run_id: str) -> dict[tuple[str, int], dict[str, float]]:
     """(dataset, step) -> {problem_id: greedy reward} of every evaluation of the run."""
     out: dict[tuple[str, int], dict[str, float]] = {}
     for r in store.query("SELECT dataset, step, problem_id, reward FROM eval_samples WHERE run_id = ? AND greedy",
@@ -187,7 +187,7 @@ def _run_records(run: ArmRun) -> dict:
                              "stage_seconds": {st: secs[st] for st in STAGES if st in secs}})
         heldout = store.query("SELECT dataset, step, pass_at_1, avg_at_k, pass_at_k, k, num_problems "
                               "FROM heldout_accuracy WHERE run_id = ? ORDER BY dataset, step", [run.run_id])
-        greedy = _greedy_rewards(store, run.run_id)
+        greedy = greedy_rewards(store, run.run_id)
         prompts = store.query("SELECT step, position, problem_id FROM prompts WHERE run_id = ? ORDER BY step, "
                               "position", [run.run_id])
         lessons = records_mod.replayed_lessons(store, run.run_id) if run.arm != BASELINE else []
@@ -356,11 +356,6 @@ def _f(x, fmt="{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
-def _mean_of(rows: list[dict], key: str) -> float | None:
-    values = [x[key] for x in rows if x.get(key) is not None]
-    return sum(values) / len(values) if values else None
-
-
 def _rate(w: dict) -> str:
     return "-" if not w["n"] else f"{w['rate']:.3f} ({w['successes']}/{w['n']})"
 
@@ -450,8 +445,8 @@ def format_markdown(report: dict) -> str:
         lines += ["", "## NLL per part of M (nats per token, mean over seeds and the steps that had an NLL term)", "",
                   "| arm | NLL (trained target) | " + " | ".join(nll_parts) + " |", "|---|---|" + "---|" * len(nll_parts)]
         for a in nll_arms:
-            lines.append(f"| {a} | {_f(_mean_of(r['curves'][a], 'nll_loss'))} | "
-                         + " | ".join(_f(_mean_of(r["curves"][a], f"nll_{p}")) for p in nll_parts) + " |")
+            lines.append(f"| {a} | {_f(_mean(c.get('nll_loss') for c in r['curves'][a]))} | "
+                         + " | ".join(_f(_mean(c.get(f"nll_{p}") for c in r["curves"][a])) for p in nll_parts) + " |")
     for ds, arms in r["heldout"].items():
         lines += ["", f"## Held-out greedy Pass@1 at evaluation points: {ds} (mean over seeds)", "",
                   "| step | " + " | ".join(r["arms"]) + " |", "|---|" + "---|" * len(r["arms"])]
