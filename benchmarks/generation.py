@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import write_section  # noqa: E402
-from mel_core import config as C  # noqa: E402
-from mel_core.engines.base import SamplingParams  # noqa: E402
-from mel_core.runtime import Runtime  # noqa: E402
+from mel_core import config as C
+from mel_core.model.engines.base import SamplingParams
+from mel_core.step.runtime import Runtime
 
 
 def raw_generate(model, tok, prompts: list[str], params: SamplingParams) -> int:

@@ -1,6 +1,6 @@
 """One MEL step and one GRPO step at a real model size on one GPU: where the time and the memory go.
 
-Both steps run through the stage functions (``mel_core.stages``, no Prefect) on a randomly initialised Qwen3
+Both steps run through the stage functions (``mel_core.step.stages``, no Prefect) on a randomly initialised Qwen3
 of the real 1.7B or 4B shape (``transformers.Qwen3Config``, the shapes of the published config.json files:
 vocab 151936, tied embeddings, head_dim 128, 8 KV heads), bf16, gradient checkpointing, generation by the HF
 engine (``model.engine: hf``, ``transformers.generate`` on the training module itself). Printed per shape:
@@ -90,14 +90,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import write_section  # noqa: E402
-from mel_core import bookkeeping, stages, tiny  # noqa: E402
-from mel_core import config as C  # noqa: E402
-from mel_core.engines.base import Completion, SamplingParams  # noqa: E402
-from mel_core.engines.hf import HFEngine  # noqa: E402
-from mel_core.prompts import PromptSet  # noqa: E402
-from mel_core.runtime import Runtime  # noqa: E402
-from mel_core.stage_names import STAGES  # noqa: E402
-from mel_core.worlds import arithmetic  # noqa: E402
+from mel_core import config as C
+from mel_core.model import tiny
+from mel_core.model.engines.base import Completion, SamplingParams
+from mel_core.model.engines.hf import HFEngine
+from mel_core.problems.prompts import PromptSet
+from mel_core.problems.worlds import arithmetic
+from mel_core.run import executions
+from mel_core.step import stages
+from mel_core.step.runtime import Runtime
+from mel_core.vocabulary import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -342,7 +344,7 @@ def run_arm(a, shape: str, arm: str, model_dir: Path, root: Path, log, first: bo
     engine = BenchEngine(inner, Script(rt.policy.tokenizer), device)
     rt.use_engine(engine)
     rt.ensure_version(base)
-    bookkeeping.register_run(rt, base)
+    executions.register_run(rt, base)
     _warm_up(rt, inner, full_length=first)
 
     policy = rt.policy
@@ -577,7 +579,7 @@ def main(argv=None) -> dict:
         write_section("gpu_step.py", cmd, [
             where, "",
             "One GRPO step (sample, verify, update) and one MEL step (all seven stages), each from the same randomly "
-            "initialised Qwen3 of the named shape, through `mel_core.stages` (no Prefect), HF engine. Generation and "
+            "initialised Qwen3 of the named shape, through `mel_core.step.stages` (no Prefect), HF engine. Generation and "
             "update are real compute at real shapes; the text each sequence returns is scripted (a solution, right for "
             "half of each group; an analysis that parses; a replay that verifies) at the length the model generated, "
             "so every stage runs with realistic lengths (module docstring). MFU: model FLOPs 6N per trained token "

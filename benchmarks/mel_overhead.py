@@ -24,13 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import write_section  # noqa: E402
-from mel_core import (
-    bookkeeping,
-    stages,  # noqa: E402
-)
-from mel_core import config as C  # noqa: E402
-from mel_core.runtime import Runtime  # noqa: E402
-from mel_core.stage_names import STAGES
+from mel_core import config as C
+from mel_core.run import executions
+from mel_core.step import stages
+from mel_core.step.runtime import Runtime
+from mel_core.vocabulary import STAGES
 
 GRPO_STAGES = ("sample", "verify", "update")
 
@@ -41,7 +39,7 @@ def make_runtime(root: Path, prompts: int, mel: bool) -> Runtime:
     if not mel:
         overrides += ["experience.enabled=false", "loss.nll_coef=0"]
     rt = Runtime(C.load("configs/tiny.yaml", overrides))
-    bookkeeping.register_run(rt, rt.base_checkpoint)
+    executions.register_run(rt, rt.base_checkpoint)
     return rt
 
 

@@ -3,7 +3,7 @@
 1. Overhead. A standalone Prefect server is started (state in a temporary PREFECT_HOME) and warmed up.
    In this one process the same micro step (tiny model, B prompts x G rollouts, always from the
    warm-start policy) then runs, interleaved, in four arms:
-     bare  - the seven mel_core.stages functions called directly;
+     bare  - the seven mel_core.step.stages functions called directly;
      plain - the same through stages.execute, which records each execution in `stage_runs`, as the
              Prefect tasks do (the bookkeeping resume and the fault tests read);
      flow  - the `mel-iteration` flow: seven cached Prefect tasks against the server, as the campaign
@@ -35,11 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import write_section  # noqa: E402
 from mel_app import serve  # noqa: E402
-from mel_core import bookkeeping, stages  # noqa: E402
-from mel_core import config as C  # noqa: E402
-from mel_core.runtime import get_runtime  # noqa: E402
-from mel_core.stage_names import STAGES  # noqa: E402
-from mel_core.store import Store, StoreReader  # noqa: E402
+from mel_core import config as C
+from mel_core.run import executions
+from mel_core.step import stages
+from mel_core.step.runtime import get_runtime
+from mel_core.store.reader import StoreReader
+from mel_core.store.writer import Store
+from mel_core.vocabulary import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,7 +65,7 @@ def run_bare(rt, step, ckpt):
 
 def run_plain(rt, step, ckpt):
     for name, (fn, args) in stage_calls(step, ckpt).items():
-        bookkeeping.execute(rt, name, step, fn, *args)
+        executions.execute(rt, name, step, fn, *args)
 
 
 def run_flow(rt, step, ckpt):
@@ -91,7 +93,7 @@ def overhead(root: Path, prompts: int, reps: int, log) -> dict:
         rt = get_runtime(C.load("configs/tiny.yaml", [f"run.name=orch-{arm}-b{prompts}", f"run.root_dir={root}",
                                                       f"sampling.prompts_per_step={prompts}"]))
         base = rt.base_checkpoint
-        bookkeeping.register_run(rt, base)
+        executions.register_run(rt, base)
         runtimes[arm] = (rt, base)
     seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for step in range(0, reps + 1):  # step 0 warms up every arm (first generate/backward, first flow run)

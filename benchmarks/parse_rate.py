@@ -1,8 +1,8 @@
 """Parse rate of the meta-experience parser on the fixture corpus, before and after: an older revision's
-parser (default: ``main:mel_core/experience.py``, where parsing lived before mel_core/meta_experience.py)
-against this checkout's ``mel_core.meta_experience``.
+parser, one file (default: ``bb9e215:mel_core/meta_experience.py``, the parser before the wings move and the paper's
+section titles) against this checkout's ``mel_core.algorithm.meta_experience``.
 
-    .venv/bin/python benchmarks/parse_rate.py [--rev main] [--path mel_core/experience.py]
+    .venv/bin/python benchmarks/parse_rate.py [--rev bb9e215] [--path mel_core/meta_experience.py]
 
 For each parser: well-formed analyses parsed (ok), well-formed ones with every expected field right (for
 the old parser, which has no target_text or heuristic_names, every field it has), and malformed ones
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from test_meta_experience import _mismatches, load_fixtures  # noqa: E402
 
 from benchmarks._doc import write_section  # noqa: E402
-from mel_core import meta_experience  # noqa: E402
+from mel_core.algorithm import meta_experience  # noqa: E402
 
 
 def load_revision(rev: str, path: str):
@@ -58,14 +58,14 @@ def score(parser, fixtures: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rev", default="main")
-    ap.add_argument("--path", default="mel_core/experience.py")
+    ap.add_argument("--rev", default="bb9e215")
+    ap.add_argument("--path", default="mel_core/meta_experience.py")
     ap.add_argument("--no-doc", action="store_true", help="print only; do not rewrite docs/BENCHMARKS.md")
     args = ap.parse_args()
     fixtures = load_fixtures()
     rows = []
     for label, parser in ((f"before (`{args.rev}:{args.path}`)", load_revision(args.rev, args.path)),
-                          ("after (`mel_core/meta_experience.py`)", meta_experience)):
+                          ("after (`mel_core/algorithm/meta_experience.py`)", meta_experience)):
         s = score(parser, fixtures)
         print(f"{label}: well-formed parsed {s['good_ok']}/{s['good']} "
               f"(all fields right {s['good_right']}/{s['good']}), "

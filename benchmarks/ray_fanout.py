@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from benchmarks._doc import load_average, write_section  # noqa: E402
-from mel_core import config as C  # noqa: E402
-from mel_core.engines.base import SamplingParams  # noqa: E402
-from mel_core.runtime import Runtime  # noqa: E402
+from mel_core import config as C
+from mel_core.model.engines.base import SamplingParams
+from mel_core.step.runtime import Runtime
 
 
 def measure(rt: Runtime, prompts, a) -> tuple[float, list[float]]:

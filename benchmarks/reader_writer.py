@@ -2,7 +2,7 @@
 
 Two campaigns of the same config (the embedded tiny model, `mel run` in a subprocess each): arm `alone`,
 and arm `with_reader`, during which another process opens the run's store as `mel query` does
-(mel_core.store.StoreReader: the published snapshot, read-only) and keeps an analytic query running over
+(mel_core.store.reader.StoreReader: the published snapshot, read-only) and keeps an analytic query running over
 it for `--query-s` seconds: one analytic scan-and-join of the rollouts, sized on the store to last that long.
 The campaign is pinned to core 0 and the reader to core 1 (each one thread), so the ratio measures what
 the reader does to the writer through the store, not the two sharing a core.
@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._doc import write_section  # noqa: E402
-from mel_core.store import StoreReader, snapshot_path  # noqa: E402
+from mel_core.store.database import snapshot_path
+from mel_core.store.reader import StoreReader
 
 REPO = Path(__file__).resolve().parent.parent
 READER = r"""

@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mel_core import config as C  # noqa: E402
-from mel_core import meta_experience, tiny  # noqa: E402
-from mel_core.engines.base import SamplingParams  # noqa: E402
-from mel_core.prompts import PromptSet  # noqa: E402
-from mel_core.verify import verify_synthetic  # noqa: E402
-from mel_core.worlds import rules as R  # noqa: E402
+from mel_core import config as C
+from mel_core.algorithm import meta_experience
+from mel_core.algorithm.rewards.synthetic import verify_synthetic
+from mel_core.model import tiny
+from mel_core.model.engines.base import SamplingParams
+from mel_core.problems.prompts import PromptSet
+from mel_core.problems.worlds import rules as R
 
 HINTS = ("none", "correct analysis", "analysis of another rule", "critique + wrong lesson", "correct lesson alone",
          "wrong lesson alone")
@@ -93,7 +94,7 @@ def main() -> None:
     greedy_decisions = {p.problem_id: decision_right(t, p.question) for t, p in zip(texts, held_out)
                         if p.meta["subset"] in R.EXCEPTION_RULES}
 
-    from mel_core.engines.hf import HFEngine
+    from mel_core.model.engines.hf import HFEngine
     sampled = HFEngine(model, tok).generate([prompts.render_solve(p.question) for p in weak],
                                             SamplingParams(n=args.samples, temperature=1.0, max_new_tokens=budget,
                                                            seed=0))

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/store.py --quick               # 50k rollouts / 5k heuristics (smoke run)
     .venv/bin/python benchmarks/store.py --rollouts 200000 --heuristics 20000 --no-doc
 
-In a temporary directory it builds a corpus through the real :class:`mel_core.store.Store` API, shaped
+In a temporary directory it builds a corpus through the real :class:`mel_core.store.writer.Store` API, shaped
 like what `mel run` writes with the paper's settings (B=128 prompts x G=8 rollouts per step, one pair
 per mixed group, 4 of 5 groups mixed): runs, steps, prompts, rollouts, pairs, analyses, heuristics,
 replays, checkpoints, updates, internalized and metrics rows, ids from :func:`make_id`, foreign keys
@@ -59,14 +59,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._doc import DOC, load_average, machine, update_doc  # noqa: E402
-from mel_core.store import (  # noqa: E402
-    TABLES,
-    Store,
-    StoreReader,
-    Writer,
-    make_id,
-    release_connections,
-)
+from mel_core.ids import make_id
+from mel_core.store.reader import StoreReader
+from mel_core.store.schema import TABLES
+from mel_core.store.writer import Store, Writer, release_connections
 
 G = 8  # rollouts per prompt (group size)
 B = 128  # prompts per step

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import write_section  # noqa: E402
-from mel_core import config as C  # noqa: E402
-from mel_core import tiny  # noqa: E402
-from mel_core.policy import Policy, RLBatch  # noqa: E402
-from mel_core.prompts import PromptSet  # noqa: E402
+from mel_core import config as C
+from mel_core.model import tiny
+from mel_core.model.policy import Policy, RLBatch
+from mel_core.problems.prompts import PromptSet
 
 
 def build(workdir: Path, micro: int = 0):

@@ -31,33 +31,33 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true", help="print only; do not rewrite docs/BENCHMARKS.md")
     args = ap.parse_args()
     os.environ["MEL_VERIFY_WORKERS"] = str(args.workers)
-    from mel_core import verify as V
+    from mel_core.algorithm import rewards
 
     rows = [json.loads(line) for line in (REPO / "data" / "math500" / "test.jsonl").open(encoding="utf-8")]
     texts, golds = [r["solution"] for r in rows], [r["answer"] for r in rows]
-    V.shutdown_pool()
+    rewards.shutdown_pool()
     t0 = time.perf_counter()
-    V.verify_math_batch([r"$\boxed{1}$"] * args.workers, ["1"] * args.workers, 60)
+    rewards.verify_math_batch([r"$\boxed{1}$"] * args.workers, ["1"] * args.workers, 60)
     start = time.perf_counter() - t0
     rates = {}
-    for extraction in V.EXTRACTIONS:
+    for extraction in rewards.EXTRACTIONS:
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            verdicts = V.verify_math_batch(texts, golds, 20, extraction=extraction)
+            verdicts = rewards.verify_math_batch(texts, golds, 20, extraction=extraction)
             times.append(time.perf_counter() - t0)
             assert sum(v.reward for v in verdicts) == len(rows), extraction
         rates[extraction] = len(rows) / statistics.median(times)
     n = 40
     t0 = time.perf_counter()
-    verdicts = V.verify_math_batch([rf"$\boxed{{{i}}}$" for i in range(n)], [str(i) for i in range(n)], 1.0,
+    verdicts = rewards.verify_math_batch([rf"$\boxed{{{i}}}$" for i in range(n)], [str(i) for i in range(n)], 1.0,
                                    _test_delay_s=[30.0 if i == 5 else 0.0 for i in range(n)])
     stuck = time.perf_counter() - t0
     assert [v.reason for v in verdicts].count("timeout") == 1 and sum(v.reward for v in verdicts) == n - 1
-    V.shutdown_pool()
+    rewards.shutdown_pool()
     print(f"workers {args.workers}: start {start:.2f} s; " + "; ".join(f"{k} {v:.0f} items/s" for k, v in rates.items())
           + f"; {n} items with one stuck past a 1 s deadline {stuck:.2f} s")
-    print(f"verify_items_per_s: {rates[V.DEFAULT_EXTRACTION]:.0f}")
+    print(f"verify_items_per_s: {rates[rewards.DEFAULT_EXTRACTION]:.0f}")
     if not args.no_doc:
         write_section("verify.py", f"python benchmarks/verify.py --workers {args.workers} --repeats {args.repeats}", [
             f"MATH-500's {len(rows)} reference solutions scored against their gold answers through the verify pool "

@@ -22,12 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import write_section  # noqa: E402
-from mel_core import config as C  # noqa: E402
-from mel_core import data, tiny  # noqa: E402
-from mel_core.engines.base import SamplingParams  # noqa: E402
-from mel_core.engines.hf import HFEngine  # noqa: E402
-from mel_core.policy import Policy  # noqa: E402
-from mel_core.prompts import PromptSet  # noqa: E402
+from mel_core import config as C
+from mel_core.model import tiny
+from mel_core.model.engines.base import SamplingParams
+from mel_core.model.engines.hf import HFEngine
+from mel_core.model.policy import Policy
+from mel_core.problems import sources
+from mel_core.problems.prompts import PromptSet
 
 
 def bare_generate(llm, prompt_ids: list[list[int]], params: SamplingParams, eos: int) -> int:
@@ -44,7 +45,7 @@ def bare_generate(llm, prompt_ids: list[list[int]], params: SamplingParams, eos:
 def main(argv=None) -> dict:
     import vllm
 
-    from mel_core.engines.vllm import VLLMEngine
+    from mel_core.model.engines.vllm import VLLMEngine
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=32)
@@ -60,7 +61,7 @@ def main(argv=None) -> dict:
     cfg = C.load("configs/tiny.yaml")
     path = tiny.ensure_warm_start(cfg)
     ps = PromptSet.load(cfg.prompts.dir)
-    prompts = [ps.render_solve(p.question) for p in data.load_problems(cfg.data, "train")[:a.prompts]]
+    prompts = [ps.render_solve(p.question) for p in sources.load_problems(cfg.data, "train")[:a.prompts]]
     policy = Policy(cfg, path)
     tok = policy.tokenizer
     hf = HFEngine(policy.model, tok)

@@ -2,7 +2,7 @@
 
 The report's JSON lists every arm's run and store; this reads each run's greedy held-out rewards per problem at
 its last evaluation (read-only, as `mel query` does), pairs the two arms seed by seed and problem by problem, and
-applies the report's paired crossed bootstrap (mel_core.compare.paired_bootstrap). These contrasts are secondary
+applies the report's paired crossed bootstrap (mel_core.study.ab_test.paired_bootstrap). These contrasts are secondary
 (descriptive, not in the report's Holm family).
 
     .venv/bin/python experiments/arm_contrasts.py docs/results/rules-lambda1.json mel-oracle:mel mel:mel-mismatched
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mel_core.compare import greedy_rewards, paired_bootstrap  # noqa: E402
-from mel_core.store import StoreReader  # noqa: E402
+from mel_core.store.reader import StoreReader
+from mel_core.study.ab_test import greedy_rewards, paired_bootstrap
 
 
 def final_greedy(db: str, run_id: str, dataset: str) -> dict[str, float]:

@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mel_core import config as config_mod  # noqa: E402
-from mel_core import gate  # noqa: E402
-from mel_core.runtime import clear_runtimes, get_runtime  # noqa: E402
+from mel_core import config as config_mod
+from mel_core.step.runtime import clear_runtimes, get_runtime
+from mel_core.study import gate
 
 
 def main() -> int:

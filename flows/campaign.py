@@ -4,7 +4,7 @@ base, every eval.every_n_steps steps and the last step (if eval.every_n_steps > 
 STEP+1 .. run.steps.
 
 Each step's metrics and stage seconds and each evaluation also go to the trackers of logging.report_to
-(mel_core.tracking), and the end of the campaign publishes its report's link and a summary artifact. The
+(mel_core.study.tracking), and the end of the campaign publishes its report's link and a summary artifact. The
 campaign's flow run id is in the run lock's record: a campaign that takes the lock over from a dead one marks
 the dead one's flow runs Crashed (tasks/flow_runs.py).
 
@@ -17,21 +17,21 @@ from __future__ import annotations
 from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-from flows.evaluate import evaluate_if_due
+from flows.evaluate_checkpoint import evaluate_if_due
 from flows.iteration import iteration
 from flows.workers import generation_workers
-from mel_core.bookkeeping import register_run
-from mel_core.config import from_dict
-from mel_core.report import write_report
-from mel_core.runlock import run_lock
-from mel_core.runs import RunRef
-from mel_core.runtime import Checkpoint, get_runtime, run_dir_of
-from mel_core.summary import format_step, step_summary
-from mel_core.tracking import Tracking
+from mel_core.config import from_dict, to_dict
+from mel_core.run.executions import register_run
+from mel_core.run.lock import run_lock
+from mel_core.run.refs import RunRef
+from mel_core.step.runtime import get_runtime, run_dir_of
+from mel_core.study.report import write_report
+from mel_core.study.summary import format_step, step_summary
+from mel_core.study.tracking import Tracking
 from tasks.artifacts import publish_campaign_summary, publish_report_link, publish_step
 from tasks.common import configured
 from tasks.flow_runs import crash_orphans, this_flow_run
-from tasks.warm_start import warm_start_task
+from tasks.warm_start import warm_start
 
 
 def without_flow_heartbeat():
@@ -51,13 +51,14 @@ def announce(line: str) -> None:
 
 @flow(name="mel-campaign")
 def campaign(config: dict) -> dict:
-    """`config` is a plain dict (mel_core.config.to_dict); it is validated before any work starts."""
+    """`config` is a plain dict (mel_core.config.to_dict; what a deployment passes): validated once here, before
+    any work starts; everything below takes the runtime's handle."""
     cfg = from_dict(config)
     # One campaign per run directory, before its first record; the lock's record names this flow run for
     # the campaign that takes over if this process dies.
     with run_lock(run_dir_of(cfg), log=announce, extra={"prefect": this_flow_run()},
                   on_takeover=crash_dead_flow_runs):
-        return _campaign(config, cfg)
+        return _campaign(get_runtime(cfg))
 
 
 def crash_dead_flow_runs(dead: dict, me: dict) -> None:
@@ -79,40 +80,37 @@ def crash_dead_flow_runs(dead: dict, me: dict) -> None:
         announce(f"mel: marked Crashed what the dead campaign left unfinished: {', '.join(marked)}")
 
 
-def _campaign(config: dict, cfg) -> dict:
-    rt = get_runtime(cfg)
+def _campaign(rt) -> dict:
     rt.train_problems  # loaded first: a missing, malformed or empty dataset fails here, before any work
 
-    if cfg.run.fork.run_id:  # a fork starts from its parent's checkpoint: nothing to build
-        checkpoint = rt.start_checkpoint.as_dict()
-    else:
-        checkpoint = configured(warm_start_task, "warm_start", config)(config)
-    base = Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"])
+    # A fork starts from its parent's checkpoint: nothing to build.
+    base = rt.start_checkpoint if rt.cfg.run.fork.run_id else configured(warm_start, rt.handle)(rt.handle)
     register_run(rt, base)
     with generation_workers(rt):  # orchestration.runner: where the generation runs, for the whole campaign
         rt.ensure_version(base)
         rt.usable_problems  # problems that do not fit the context are refused (or skipped) here, before step 1
-        return _steps(config, cfg, rt, checkpoint)
+        return _steps(rt, base)
 
 
-def _steps(config: dict, cfg, rt, checkpoint: dict) -> dict:
+def _steps(rt, checkpoint) -> dict:
+    cfg = rt.cfg
     # A resumed campaign walks its finished steps again (cache hits): the tracking ledger logs each one once.
     tracking = Tracking(cfg.logging, rt.run_id, rt.run_dir)
     finished = False
     try:
-        tracking.log_config(config)
+        tracking.log_config(to_dict(cfg))
         # held-out accuracy of the starting policy (a fork's: its parent's checkpoint, at the parent's step)
-        evals = evaluate_if_due(config, rt.start_step, checkpoint, announce)
+        evals = evaluate_if_due(rt, rt.start_step, checkpoint, announce)
         tracking.log_evals(evals)
         summaries = []
         with without_flow_heartbeat():
             for step in range(rt.start_step + 1, cfg.run.steps + 1):  # a fork's step numbers continue its parent's
-                checkpoint = iteration(config, step, checkpoint)
+                checkpoint = iteration(rt.handle, step, checkpoint)
                 summaries.append(step_summary(rt.store, rt.run_id, step))
                 announce(format_step(summaries[-1]))
                 publish_step(rt, step, summaries[-1])
                 tracking.log_step(summaries[-1])
-                due = evaluate_if_due(config, step, checkpoint, announce)  # every eval.every_n_steps, and the last
+                due = evaluate_if_due(rt, step, checkpoint, announce)  # every eval.every_n_steps, and the last
                 tracking.log_evals(due)
                 evals += due
         finished = True

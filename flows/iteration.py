@@ -2,37 +2,35 @@
 
     sample -> verify -> pair -> diagnose -> abstract -> replay -> update
 
-Each stage is a cached task keyed by ids; each hands the next a small manifest, never tensors.
+Each stage is a cached task keyed by ids; each reads its inputs from the store and hands the next a small manifest,
+never tensors. `wait_for` draws the DAG's edges in the UI (the data itself flows through the store).
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from mel_core.runtime import get_runtime
-from mel_core.stage_names import STAGES
-from tasks.common import configured
-from tasks.stages import STAGE_TASKS
+from mel_core.model.checkpoints import Checkpoint
+from mel_core.step.runtime import RunHandle, runtime_of
+from tasks import stage_tasks
 
 
-@flow(name="mel-iteration", flow_run_name="step-{step}", log_prints=True)
-def iteration(config: dict, step: int, checkpoint: dict) -> dict:
-    """One step from policy version `checkpoint`; returns the next checkpoint's manifest."""
-    cfg = get_runtime(config).cfg  # the process's runtime: validated once, not per step
-    sample, verify, pair, diagnose, abstract, replay, update = (
-        configured(STAGE_TASKS[name], name, config) for name in STAGES)
+@flow(name="mel-iteration", flow_run_name="step-{step}", log_prints=True, validate_parameters=False)
+def iteration(run: RunHandle, step: int, checkpoint: Checkpoint) -> Checkpoint:
+    """One step from policy version `checkpoint`; returns the policy version it trained."""
+    task = stage_tasks.for_run(run)  # each stage's task with this campaign's result storage and retry policy
 
     # 1-2. G rollouts per prompt from pi_old, scored by a verifiable reward.
-    rollouts = sample(config, step, checkpoint)
-    rewards = verify(config, step, checkpoint, upstream=rollouts)
+    rollouts = task.sample(run, step, checkpoint)
+    rewards = task.verify(run, step, checkpoint, wait_for=[rollouts])
     experience = rewards
-    if cfg.experience.enabled:
+    if runtime_of(run).cfg.experience.enabled:
         # 3. Contrast a correct and an incorrect rollout of the same (mixed) group.
-        pairs = pair(config, step, checkpoint, upstream=rewards)
+        pairs = task.pair(run, step, checkpoint, wait_for=[rewards])
         # 4-5. The policy locates the bifurcation point, critiques, and abstracts If/Then heuristics.
-        analyses = diagnose(config, step, checkpoint, upstream=pairs)
-        heuristics = abstract(config, step, checkpoint, upstream=analyses)
+        analyses = task.diagnose(run, step, checkpoint, wait_for=[pairs])
+        heuristics = task.abstract(run, step, checkpoint, wait_for=[analyses])
         # 6. Keep a meta-experience only if a replay with it in context solves the problem.
-        experience = replay(config, step, checkpoint, upstream=heuristics)
+        experience = task.replay(run, step, checkpoint, wait_for=[heuristics])
     # 7. theta <- theta - lr * grad(L_RL + lambda * L_NLL over the accepted meta-experience).
-    return update(config, step, checkpoint, upstream=experience)
+    return task.update(run, step, checkpoint, wait_for=[experience])["checkpoint"]

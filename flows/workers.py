@@ -3,7 +3,7 @@ workers (``ray``), each chunk a Prefect task on prefect-ray's RayTaskRunner.
 
 The flow owns the runner for as long as it runs: joining a cluster costs seconds, so a campaign starts it once,
 not per step, and shuts it down at its end. Within it the runtime generates with a ShardedEngine whose chunks
-go to the workers (mel_core/engines/sharded.py).
+go to the workers (mel_core/model/engines/sharded.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from mel_core.runtime import Runtime
+from mel_core.step.runtime import Runtime
 
 
 def _worker_env() -> dict:
@@ -36,7 +36,7 @@ def generation_workers(rt: Runtime):
         return
     from prefect_ray import RayTaskRunner
 
-    from mel_core.engines.sharded import ShardedEngine
+    from mel_core.model.engines.sharded import ShardedEngine
     from tasks.generation import ray_dispatch
 
     r = rt.cfg.orchestration.ray

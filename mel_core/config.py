@@ -21,18 +21,32 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mel_core.errors import PermanentError
-from mel_core.meta_experience import REPLAY_CONTEXTS
-from mel_core.retrospective import LONG_CONTEXT_MODES
-from mel_core.tracker_names import TRACKERS, missing_package
-from mel_core.verify import (  # the standard library only, at import time
+from mel_core.vocabulary import (
+    ADVANTAGES,
+    ALL_STAGES,
+    ANALYSTS,
     EXTRACTIONS,
+    LONG_CONTEXT_MODES,
+    POLICY_LOSSES,
+    REPLAY_CONTEXTS,
+    RULES_EXCEPTION_RULES,
+    TRACKERS,
     TRUNCATED_REWARDS,
+    WORLDS,
+    missing_tracker_package,
 )
-from mel_core.worlds import WORLD_NAMES
-from mel_core.worlds.rules import EXCEPTION_RULES as RULES_EXCEPTION_RULES
 
 PAPER = "paper"
 CHOICE = "choice"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(p: str | Path) -> Path:
+    """Paths in configs are relative to the working directory, else to the repository root."""
+    p = Path(p)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
 
 
 def doc(default: Any, help: str, source: str = CHOICE, *, ge: float | None = None, gt: float | None = None,
@@ -163,10 +177,10 @@ class RulesWorldConfig:
 
 @dataclass
 class SyntheticConfig:
-    world: str = doc("arithmetic", "The embedded world (mel_core.worlds) of data.source: synthetic: arithmetic "
+    world: str = doc("arithmetic", "The embedded world (mel_core.problems.worlds) of data.source: synthetic: arithmetic "
                      "(step-by-step integer expressions; shaped by min_ops .. operators) | rules (a dial stepped by "
                      "commands, each step a choice of rule; shaped by the `rules` section). train_size, eval_size "
-                     "and seed apply to both.", one_of=WORLD_NAMES)
+                     "and seed apply to both.", one_of=WORLDS)
     min_ops: int = doc(1, "Fewest operators per synthetic problem.", ge=1)
     max_ops: int = doc(2, "Most operators per synthetic problem.", ge=1)
     max_number: int = doc(20, "Operands are drawn from 1..max_number (20: the tiny warm start reaches ~30-70% greedy accuracy).", ge=1)
@@ -222,7 +236,7 @@ class ExperienceConfig:
                               "Eq. 6 and validation prompt) | heuristics = the kept If/Then rules alone (our option: "
                               "a stricter test, since a critique often names this problem's answer).", PAPER,
                               one_of=REPLAY_CONTEXTS)
-    analyst: str = doc("policy", "Who writes the meta-experience (mel_core.analysts): policy = the policy itself "
+    analyst: str = doc("policy", "Who writes the meta-experience (mel_core.step.analysts): policy = the policy itself "
                        "(the paper) | model:<path> = a fixed teacher checkpoint | oracle = the embedded world writes "
                        "the correct analysis of each incorrect rollout (uses world knowledge: a calibration arm) | "
                        "mismatched = the oracle's analysis with its lesson swapped for another rule's (the "
@@ -237,7 +251,7 @@ class ExperienceConfig:
                       "filter selects).", PAPER, one_of=("replay", "none"))
     transfer_replays: int = doc(0, "Our acceptance rule beyond the paper: also keep M only if, with M in context, the "
                                 "policy does no worse on up to k other problems of the step whose heuristics share a "
-                                "cluster with M's (mel_core.library) than their rollouts did. 0 = off (the paper).",
+                                "cluster with M's (mel_core.store.library) than their rollouts did. 0 = off (the paper).",
                                 ge=0)
     long_context: str = doc("shorten", "When the retrospective context [I, x, y-, y+] and an analysis do not fit "
                             "model.max_seq_len: shorten = cut both solutions from the middle with a visible marker, "
@@ -252,8 +266,8 @@ class ExperienceConfig:
 
 @dataclass
 class LossConfig:
-    advantage: str = doc("grpo", "Advantage estimator by name (mel_core.losses.ADVANTAGES).", PAPER)
-    policy_loss: str = doc("grpo", "Policy loss / aggregation by name (mel_core.losses.POLICY_LOSSES); grpo = per-sequence token mean, then mean (Eq. 10).", PAPER)
+    advantage: str = doc("grpo", "Advantage estimator by name (mel_core.algorithm.losses.ADVANTAGES).", PAPER)
+    policy_loss: str = doc("grpo", "Policy loss / aggregation by name (mel_core.algorithm.losses.POLICY_LOSSES); grpo = per-sequence token mean, then mean (Eq. 10).", PAPER)
     epsilon: float = doc(0.2, "PPO ratio clip range (the paper does not state it).", gt=0)
     epsilon_high: Optional[float] = doc(None, "Upper clip for DAPO clip-higher; None uses epsilon.", gt=0)
     beta: float = doc(0.0, "KL coefficient to the reference policy (k3); 0 as in the paper.", PAPER, ge=0)
@@ -269,7 +283,7 @@ class OptimConfig:
     mini_batch_size: int = doc(0, "Sequences per optimizer step; 0 = the whole batch (paper: mini-batch 128 = batch 128, one step).", PAPER, ge=0)
     epochs_per_step: int = doc(1, "PPO-style passes over the step's batch (ratios against pi_old log-probs); paper: 1.", ge=1)
     fsdp_processes: int = doc(1, "Processes the update stage trains in (one per GPU), its model sharded with FSDP2 "
-                              "(fully_shard) and launched by torchrun (mel_core/distributed.py); 1 = in the flow's "
+                              "(fully_shard) and launched by torchrun (mel_core/model/distributed.py); 1 = in the flow's "
                               "process. The step is the same either way, to float reduction order.", ge=1)
     micro_batch_size: int = doc(0, "Sequences per forward/backward (gradient accumulation, aggregation kept exact; sequences are grouped by length, so each computes less padding); 0 = whole mini-batch.", ge=0)
 
@@ -312,7 +326,7 @@ class EvalConfig:
 
 @dataclass
 class LibraryConfig:
-    similarity_threshold: float = doc(0.7, "Cosine of text features (mel_core.library) at which a heuristic joins a cluster: "
+    similarity_threshold: float = doc(0.7, "Cosine of text features (mel_core.store.library) at which a heuristic joins a cluster: "
                                       "lexical paraphrases score 0.75-1.0, rules sharing only a condition 0.63-0.68. "
                                       "Bookkeeping only: not part of the config hash; a change re-clusters the run.", gt=0, le=1)
 
@@ -504,7 +518,7 @@ def to_dict(cfg: MelConfig) -> dict:
 # What does not change a campaign's results, and so stays out of its identity (run id, cache keys):
 # its length (extending a campaign keeps it), where it lives on disk, threads, the heuristic library's
 # clustering (bookkeeping over the results, rebuilt when it changes), evaluation (keyed on its own, see
-# mel_core.evaluate.eval_config_hash), orchestration (retries, timeouts, injected faults), logging (where the
+# mel_core.study.evaluation.eval_config_hash), orchestration (retries, timeouts, injected faults), logging (where the
 # numbers are also sent: turning a tracker on for a running campaign resumes it and backfills) and the generation
 # engine: HF and vLLM sample the same distributions with other random streams and kernels, as other threads
 # reduce in another order, so a campaign can be resumed on the other engine.
@@ -571,9 +585,6 @@ def _origin(key: str, origins: dict[str, str], default: str) -> str:
 def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_origin: str = "defaults") -> None:
     """Every field's documented range, then the cross-field rules types and ranges cannot express. The
     first problem raises ConfigError naming the key and where its value came from (file or override)."""
-    from mel_core import losses  # local: losses imports torch
-    from mel_core.stage_names import ALL_STAGES
-
     origins = origins or {}
 
     def need(cond: bool, key: str, msg: str) -> None:
@@ -595,8 +606,8 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
          "LoRA updates train in one process (only the adapters train): set it to 1")
     need(cfg.orchestration.runner == "local" or cfg.model.engine == "hf", "orchestration.runner",
          "ray workers run the HF engine: use model.engine: hf with it (vLLM workers are not built yet)")
-    need(cfg.loss.advantage in losses.ADVANTAGES, "loss.advantage", f"unknown estimator; one of {sorted(losses.ADVANTAGES)}")
-    need(cfg.loss.policy_loss in losses.POLICY_LOSSES, "loss.policy_loss", f"unknown loss; one of {sorted(losses.POLICY_LOSSES)}")
+    need(cfg.loss.advantage in ADVANTAGES, "loss.advantage", f"unknown estimator; one of {sorted(ADVANTAGES)}")
+    need(cfg.loss.policy_loss in POLICY_LOSSES, "loss.policy_loss", f"unknown loss; one of {sorted(POLICY_LOSSES)}")
     need(cfg.loss.epsilon_high is None or cfg.loss.epsilon_high >= cfg.loss.epsilon, "loss.epsilon_high",
          "must be >= loss.epsilon (clip-higher widens the upper clip)")
     need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
@@ -604,7 +615,7 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
     need(cfg.experience.accept_min_correct <= cfg.experience.replays_per_experience,
          "experience.accept_min_correct", "must be between 1 and experience.replays_per_experience")
     analyst = cfg.experience.analyst
-    need(analyst in ("policy", "oracle", "mismatched") or (analyst.startswith("model:") and len(analyst) > 6),
+    need(analyst in ANALYSTS or (analyst.startswith("model:") and len(analyst) > 6),
          "experience.analyst", f"policy, model:<path>, oracle or mismatched, got {analyst!r}")
     need(analyst in ("policy",) or not analyst.startswith(("oracle", "mismatched")) or cfg.data.source == "synthetic",
          "experience.analyst", "oracle and mismatched analysts need an embedded world (data.source: synthetic)")
@@ -619,9 +630,8 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
     need(ws.analysis_fraction + ws.validation_fraction < 1, "warm_start.analysis_fraction",
          "analysis_fraction + validation_fraction must leave room for solve examples (sum < 1)")
     if cfg.experience.enabled and cfg.experience.analysis_mode == "two_pass":
-        from mel_core.prompts import PromptSet, resolve_path
-        need(PromptSet.load(cfg.prompts.dir).abstract is not None, "experience.analysis_mode",
-             f"two_pass needs {resolve_path(cfg.prompts.dir) / 'abstract.txt'}")
+        abstract = resolve_path(cfg.prompts.dir) / "abstract.txt"
+        need(abstract.is_file(), "experience.analysis_mode", f"two_pass needs {abstract}")
     need(cfg.data.synthetic.min_ops <= cfg.data.synthetic.max_ops, "data.synthetic.min_ops", "must be <= max_ops")
     rules = cfg.data.synthetic.rules
     need(rules.min_commands <= rules.max_commands, "data.synthetic.rules.min_commands", "must be <= max_commands")
@@ -634,7 +644,7 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
     for i, name in enumerate(cfg.logging.report_to):
         need(name in TRACKERS, f"logging.report_to[{i}]", f"unknown tracker {name!r}; one of {', '.join(TRACKERS)}")
         need(name not in cfg.logging.report_to[:i], f"logging.report_to[{i}]", f"{name} is listed twice")
-        missing = missing_package(name)
+        missing = missing_tracker_package(name)
         need(missing is None, "logging.report_to", missing or "")
     for name in cfg.orchestration.stages:
         need(name in ALL_STAGES, f"orchestration.stages.{name}", f"unknown stage; one of {list(ALL_STAGES)}")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from mel_core import library, records
-from mel_core.runtime import Runtime
-from mel_core.summary import campaign_markdown, format_step
+from mel_core.step.runtime import Runtime
+from mel_core.store import library, run_reads
+from mel_core.study.summary import campaign_markdown, format_step
 
 
 def _key(rt: Runtime, what: str) -> str:
@@ -19,7 +19,7 @@ def _key(rt: Runtime, what: str) -> str:
 
 
 def publish_step(rt: Runtime, step: int, summary: dict) -> None:
-    heuristics = records.accepted_heuristics_of_step(rt.store, rt.run_id, step)
+    heuristics = run_reads.accepted_heuristics_of_step(rt.store, rt.run_id, step)
     create_table_artifact(key=_key(rt, "accepted-heuristics"), table=heuristics or [{"heuristic_id": "", "text": "(none)"}],
                           description=f"Heuristics accepted at step {step} of run {rt.run_id}")
     clusters = library.top_clusters(rt.store, rt.run_id, limit=10)

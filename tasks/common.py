@@ -1,33 +1,27 @@
-"""What every stage task shares: the cache key and the recording of executions.
+"""What every stage task shares: the cache key, the retry and timeout policy, and the recording of executions.
 
-Cache keys are built from ids — stage + stage version, run id, the DuckDB file's epoch, step and
-policy version — never from Prefect's RUN_ID or from hashed tensors, so a *new* flow run of the same
-campaign reuses every finished stage, and a deleted store invalidates its cache.
+Cache keys are built from ids — stage + stage version, run id, config hash, the DuckDB file's epoch, step and
+policy version — never from Prefect's RUN_ID or from hashed tensors, so a *new* flow run of the same campaign
+reuses every finished stage, and a deleted store invalidates its cache.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import lru_cache
 
-from mel_core.bookkeeping import execute
 from mel_core.errors import is_transient
-from mel_core.runtime import Checkpoint, get_runtime
-from mel_core.stage_names import STAGE_VERSIONS
+from mel_core.run.executions import execute
+from mel_core.step.runtime import RunHandle, runtime_of
+from mel_core.step.stages import STAGE_VERSIONS
 
 
 def stage_cache_key(stage: str):
     def key(context, parameters: dict) -> str:
-        rt = get_runtime(parameters["config"])
-        ckpt = parameters.get("checkpoint") or {}
-        parts = [stage, f"v{STAGE_VERSIONS[stage]}", rt.run_id, rt.config_hash, rt.epoch,
-                 str(parameters.get("step", "")), ckpt.get("checkpoint_id", "")]
-        return "-".join(parts)
+        rt = runtime_of(parameters["run"])
+        ckpt = parameters.get("checkpoint")
+        return "-".join([stage, f"v{STAGE_VERSIONS[stage]}", rt.run_id, rt.config_hash, rt.epoch,
+                         str(parameters.get("step", "")), ckpt.checkpoint_id if ckpt else ""])
     return key
-
-
-def results_dir(config: dict) -> Path:
-    """Task results (small manifests) live with the run, so deleting the run clears its cache."""
-    return get_runtime(config).run_dir / "prefect-results"
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -39,22 +33,26 @@ def _retry_transient(task, task_run, state) -> bool:
     return False
 
 
-def configured(task, stage: str, config: dict):
-    """The task with this campaign's result storage and the stage's retry/timeout policy."""
-    orch = get_runtime(config).cfg.orchestration
-    policy = orch.stages.get(stage, orch.default)
+@lru_cache(maxsize=None)
+def configured(task, run: RunHandle):
+    """The task with this campaign's result storage (its run directory: deleting the run clears its cache) and its
+    stage's retry and timeout policy (orchestration.stages[task.name], else orchestration.default); made once per
+    (task, run) in a process."""
+    rt = runtime_of(run)
+    orch = rt.cfg.orchestration
+    policy = orch.stages.get(task.name, orch.default)
     delays = [policy.retry_delay_s * policy.retry_backoff ** i for i in range(policy.retries)]
-    return task.with_options(result_storage=results_dir(config), retries=policy.retries,
+    return task.with_options(result_storage=rt.run_dir / "prefect-results", retries=policy.retries,
                              retry_delay_seconds=delays or 0, timeout_seconds=policy.timeout_s,
                              retry_condition_fn=_retry_transient)
 
 
-def run_stage(stage: str, config: dict, step: int, fn, *args, checkpoint: dict | None = None) -> dict:
-    """Resolve the runtime, run the stage body with its execution recorded in stage_runs."""
+def run_stage(run: RunHandle, stage: str, step: int, body, *args):
+    """The stage body on this process's runtime, its execution recorded in stage_runs under the task's cache key."""
     from prefect.context import TaskRunContext
 
-    rt = get_runtime(config)
     ctx = TaskRunContext.get()
     key = ctx.task_run.cache_key if ctx and ctx.task_run else None
-    extra = (Checkpoint(checkpoint["checkpoint_id"], checkpoint["path"]),) if checkpoint is not None else ()
-    return execute(rt, stage, step, fn, step, *extra, *args, cache_key=key)
+    return execute(runtime_of(run), stage, step, body, step, *args, cache_key=key)
+
+

@@ -5,7 +5,7 @@ and that one's running task stay "Running" in the Prefect UI forever. Prefect's 
 flow-run heartbeats, does not fit: it needs a server that outlives the process (a `mel run` campaign's
 temporary server dies with it), and every step flow run would have to send heartbeats, which costs up to
 1 s per step (flows/campaign.py, without_flow_heartbeat). Instead the campaign writes its flow run id into
-the run lock's record (mel_core.runlock); the process that takes the lock over after a death reads it and
+the run lock's record (mel_core.run.lock); the process that takes the lock over after a death reads it and
 marks that flow run, its sub flow runs and their task runs that are not in a final state Crashed, with a
 message naming the flow run that took over.
 """

@@ -29,8 +29,8 @@ def build_micro_model(path: Path, num_layers: int = 1, chat_template: str | None
     import torch
 
     from mel_core import config as C
-    from mel_core import tiny
-    from mel_core.prompts import PromptSet
+    from mel_core.model import tiny
+    from mel_core.problems.prompts import PromptSet
 
     vocab = [] if config != "configs/tiny.yaml" else ["model.tiny.vocab_size=300"]
     cfg = C.load(config, ["model.tiny.hidden_size=32", f"model.tiny.num_layers={num_layers}",

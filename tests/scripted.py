@@ -3,7 +3,7 @@
 A test about what the pipeline does *with* a situation (no mixed group, nothing parsed, nothing accepted,
 a truncated analysis, ...) must not hope that the warm-started tiny model happens to produce it: its warm
 start differs slightly across machines. :class:`ScriptedEngine` implements the engine interface
-(``mel_core.engines.base.Engine``) and answers each prompt with the text a :class:`Script` chooses, encoded by
+(``mel_core.model.engines.base.Engine``) and answers each prompt with the text a :class:`Script` chooses, encoded by
 the policy's real tokenizer (with eos when it fits, cut at ``max_new_tokens`` as a real engine would). The
 policy still loads, trains and saves for real; only what it "says" is decided by the test.
 """
@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from mel_core import bookkeeping
-from mel_core.engines.base import Completion, SamplingParams
-from mel_core.worlds import arithmetic
+from mel_core.model.engines.base import Completion, SamplingParams
+from mel_core.problems.worlds import arithmetic
+from mel_core.run import executions
 
 RIGHT_RULE = "If a step uses an earlier result, then copy that result exactly."
 
@@ -121,20 +121,20 @@ class ScriptedEngine:
 def scripted_runtime(cfg, script: Script):
     """A runtime for `cfg` whose generations follow `script`, registered with the checkpoint it starts from (its
     base, or for a fork its parent's checkpoint)."""
-    from mel_core.runtime import Runtime
+    from mel_core.step.runtime import Runtime
 
     rt = Runtime(cfg)
     base = rt.start_checkpoint
     rt.ensure_version(base)
     rt.use_engine(ScriptedEngine(rt.policy.tokenizer, script))
     rt.ensure_version(base)
-    bookkeeping.register_run(rt, base)
+    executions.register_run(rt, base)
     return rt, base
 
 
 def run_step(rt, step: int, ckpt, experience_stages: bool = True) -> dict:
     """One step through the stage functions (no orchestrator); returns update's manifest."""
-    from mel_core import stages
+    from mel_core.step import stages
 
     stages.sample(rt, step, ckpt)
     stages.verify(rt, step)
@@ -149,19 +149,19 @@ def run_step(rt, step: int, ckpt, experience_stages: bool = True) -> dict:
 @contextlib.contextmanager
 def scripted_runtimes(script: Script | None = None):
     """Every runtime built inside the block (by flows, tasks, `mel` in this process) generates per `script`."""
-    from mel_core import runtime as runtime_mod
+    from mel_core.step import runtime
 
-    original = runtime_mod.Runtime.__init__
+    original = runtime.Runtime.__init__
     script = script or Script()
 
     def init(self, cfg):
         original(self, cfg)
         self.use_engine(ScriptedEngine(lambda: self.policy.tokenizer, script))
 
-    runtime_mod.clear_runtimes()
-    runtime_mod.Runtime.__init__ = init
+    runtime.clear_runtimes()
+    runtime.Runtime.__init__ = init
     try:
         yield script
     finally:
-        runtime_mod.Runtime.__init__ = original
-        runtime_mod.clear_runtimes()
+        runtime.Runtime.__init__ = original
+        runtime.clear_runtimes()

@@ -8,10 +8,10 @@ writes) *and* a constructed situation: every runtime the process builds generate
 import sys
 
 from mel_app import cli
-from mel_core import runtime as runtime_mod
+from mel_core.step import runtime
 from tests.scripted import Script, ScriptedEngine
 
-_init = runtime_mod.Runtime.__init__
+_init = runtime.Runtime.__init__
 
 
 def _scripted_init(self, cfg):
@@ -20,5 +20,5 @@ def _scripted_init(self, cfg):
 
 
 if __name__ == "__main__":
-    runtime_mod.Runtime.__init__ = _scripted_init
+    runtime.Runtime.__init__ = _scripted_init
     sys.exit(cli.main(sys.argv[1:]))

@@ -5,10 +5,10 @@ constructed step (tests/scripted.py), with the real parser, replay, store and up
 import pytest
 import torch
 
-from mel_core import losses
 from mel_core import config as C
-from mel_core.policy import Policy
-from mel_core.worlds import arithmetic
+from mel_core.algorithm import losses
+from mel_core.model.policy import Policy
+from mel_core.problems.worlds import arithmetic
 from tests.conftest import build_micro_model
 from tests.scripted import Script, run_step, scripted_runtime, typed_error
 

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from mel_core import config as config_mod
-from mel_core.runtime import clear_runtimes
-from mel_core.store import TABLES, Store
+from mel_core.step.runtime import clear_runtimes
+from mel_core.store.schema import TABLES
+from mel_core.store.writer import Store
 from tests.scripted import scripted_runtimes
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ def test_the_campaign_evaluates_the_base_and_every_step(campaign_run):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(r["checkpoint_step"] == r["step"] and r["num_problems"] == 8 for r in rows)
     assert [e["checkpoint_id"] for e in result["evals"]] == [r["checkpoint_id"] for r in rows]
-    assert rows[-1]["checkpoint_id"] == result["final_checkpoint"]["checkpoint_id"]
+    assert rows[-1]["checkpoint_id"] == result["final_checkpoint"].checkpoint_id
 
 
 def test_checkpoint_after_update_differs(campaign_run):
@@ -157,7 +158,7 @@ def test_a_fork_campaign_runs_the_steps_after_its_fork_point(campaign_run, micro
     """`mel run --fork e2e@1` as the flow runs it: no warm start, the parent's checkpoint evaluated as step 1, one
     step numbered 2 whose update trains on from the parent's step-1 checkpoint."""
     from flows.campaign import campaign
-    from mel_core import fork
+    from mel_core.run import fork
 
     cfg, result = campaign_run
     point = fork.find_fork_point(f"{result['run_dir']}@1", cfg.run.root_dir)
@@ -173,9 +174,9 @@ def test_a_fork_campaign_runs_the_steps_after_its_fork_point(campaign_run, micro
     evals = s.query("SELECT step, checkpoint_id FROM heldout_accuracy WHERE run_id = ? ORDER BY step",
                     [child["run_id"]])
     assert [(e["step"], e["checkpoint_id"]) for e in evals] == [(1, point.checkpoint_id),
-                                                                (2, child["final_checkpoint"]["checkpoint_id"])]
+                                                                (2, child["final_checkpoint"].checkpoint_id)]
     final = s.query("SELECT step, parent_checkpoint_id FROM checkpoints WHERE checkpoint_id = ?",
-                    [child["final_checkpoint"]["checkpoint_id"]])[0]
+                    [child["final_checkpoint"].checkpoint_id])[0]
     assert (final["step"], final["parent_checkpoint_id"]) == (2, point.checkpoint_id)
 
 def test_trackers_hold_each_step_once_after_the_rerun(campaign_run):

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from mel_core import compare as cmp
 from mel_core import config as C
-from mel_core.store import Store
+from mel_core.store.writer import Store
+from mel_core.study import ab_test as cmp
 from tests.scripted import scripted_runtimes
 
 

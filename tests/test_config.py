@@ -74,3 +74,29 @@ def test_round_trip_and_hash_stability():
                     "orchestration.runner=ray", "orchestration.ray.address=auto"):
         assert C.config_hash(C.load("configs/tiny.yaml", [neutral])) == C.config_hash(cfg), neutral
     assert C.config_hash(C.load("configs/tiny.yaml", ["experience.analysis_mode=two_pass"])) != C.config_hash(cfg)
+
+
+def test_the_vocabulary_names_exactly_what_is_implemented():
+    """config.py validates against mel_core.vocabulary alone; each implementation covers its names exactly."""
+    from mel_core import vocabulary as V
+    from mel_core.algorithm import losses
+    from mel_core.problems import worlds
+    from mel_core.problems.worlds import rules
+    from mel_core.step.stages import STAGE_VERSIONS
+
+    assert set(losses.ADVANTAGES) == set(V.ADVANTAGES)
+    assert set(losses.POLICY_LOSSES) == set(V.POLICY_LOSSES)
+    assert [worlds.get(name).name for name in V.WORLDS] == list(V.WORLDS)
+    assert set(V.RULES_EXCEPTION_RULES) <= set(rules.ERROR_TYPES)
+    assert set(STAGE_VERSIONS) == set(V.ALL_STAGES)
+
+
+def test_config_imports_only_its_leaves():
+    """The config is a leaf: loading it imports no module of what it configures (no torch, no parser, no world)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mel_core.config; "
+            "print(sorted(m for m in sys.modules if m.startswith('mel_core.') or m == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(out) == ["mel_core.config", "mel_core.errors", "mel_core.vocabulary"]

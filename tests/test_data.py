@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from mel_core import data as D
 from mel_core.config import DataConfig, SyntheticConfig
-from mel_core.worlds import arithmetic as A
+from mel_core.problems import sources as D
+from mel_core.problems.worlds import arithmetic as A
 
 # ------------------------------------------------------------------------------------ solving
 

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from mel_core import config as C
-from mel_core import distributed
-from mel_core.policy import NLLBatch, Policy, RLBatch
+from mel_core.model import distributed
+from mel_core.model.policy import NLLBatch, Policy, RLBatch
 from tests.conftest import build_micro_model
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # torchrun
@@ -81,9 +81,9 @@ def test_a_mel_step_with_an_fsdp_update_records_what_a_single_process_step_recor
         results[n] = (out, rt.store.query("SELECT update_id, num_sequences, num_nll_sequences FROM updates"),
                       rt.store.query("SELECT * FROM internalized ORDER BY heuristic_id"), served)
     (one, one_rows, one_links, _), (two, two_rows, two_links, two_served) = results[1], results[2]
-    assert two["checkpoint_id"] == one["checkpoint_id"] and two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two["checkpoint"].checkpoint_id == one["checkpoint"].checkpoint_id and two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert one_rows == two_rows and one_links == two_links and len(one_links) == 4  # one accepted M per prompt
-    a, b = _weights(one["path"]), _weights(two["path"])
+    a, b = _weights(one["checkpoint"].path), _weights(two["checkpoint"].path)
     assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
     # the flow's policy moved to the checkpoint the torchrun group wrote
     assert all(torch.equal(two_served[n], b[n]) for n in b)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 
 from mel_app import cli
-from mel_core import evaluate as ev
-from mel_core.config import ConfigError
-from mel_core.prompts import resolve_path
-from mel_core.runtime import clear_runtimes
+from mel_core.config import ConfigError, resolve_path
+from mel_core.step.runtime import clear_runtimes
+from mel_core.study import evaluation as ev
 
 HEADINGS = ["AIME 2024", "AIME 2025", "AMC 2023", "MATH 500", "OlympiadBench", "Average"]
 NAMES = ["aime24", "aime25", "amc23", "math500", "olympiadbench"]

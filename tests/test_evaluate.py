@@ -3,10 +3,10 @@ scores ~0, but every sample and its verify reason is recorded, and the metrics a
 
 import pytest
 
-from mel_core import bookkeeping
 from mel_core import config as C
-from mel_core import evaluate as ev
-from mel_core.runtime import Runtime, clear_runtimes
+from mel_core.run import executions
+from mel_core.step.runtime import Runtime, clear_runtimes
+from mel_core.study import evaluation as ev
 
 
 def _spy_prompts(rt: Runtime) -> list[str]:
@@ -28,7 +28,7 @@ def tiny_rt(tmp_path_factory, micro_model):
                                        f"model.name_or_path={micro_model}", "eval.max_problems=12", "eval.k=3"])
     rt = Runtime(cfg)
     base = rt.base_checkpoint
-    bookkeeping.register_run(rt, base)
+    executions.register_run(rt, base)
     rt.ensure_version(base)
     return rt, base
 

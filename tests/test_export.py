@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from mel_core import config as C
-from mel_core.export import READS
-from mel_core.files import write_file_atomically
-from mel_core.store import StoreReader, release_connections
+from mel_core.atomic_files import write_file_atomically
+from mel_core.store.export import READS
+from mel_core.store.reader import StoreReader
+from mel_core.store.writer import release_connections
 from tests.scripted import Script, run_step, scripted_runtime
 from tests.test_hostile import mel, one_line
 

@@ -9,8 +9,8 @@ import pytest
 
 from mel_core import config as config_mod
 from mel_core.errors import InjectedPermanentFault
-from mel_core.stage_names import STAGES
-from mel_core.store import Store
+from mel_core.store.writer import Store
+from mel_core.vocabulary import STAGES
 from tests.scripted import scripted_runtimes
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def test_one_transient_fault_in_every_stage_is_retried_without_duplicates(prefec
     for stage, r in by_stage.items():  # failed once after writing, then retried to completion
         assert r["statuses"] == ["failed", "completed"], (stage, r)
         assert r["errors"][0].startswith("InjectedFault: injected transient fault in " + stage), r["errors"]
-    assert result["steps"][0]["step"] == 1 and result["final_checkpoint"]["checkpoint_id"]
+    assert result["steps"][0]["step"] == 1 and result["final_checkpoint"].checkpoint_id
 
     # No duplicates: every table holds exactly the rows its ids imply, once.
     n = lambda sql: s.query(sql)[0]["n"]

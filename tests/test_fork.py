@@ -12,9 +12,10 @@ import pytest
 
 from mel_app import cli
 from mel_core import config as C
-from mel_core import fork, records
-from mel_core.runtime import Checkpoint
-from mel_core.store import VIEWS, StoreReader
+from mel_core.run import fork
+from mel_core.store import lineage
+from mel_core.store.reader import StoreReader
+from mel_core.store.schema import VIEWS
 from tests.scripted import Script, run_step, scripted_runtime
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ def parent(tmp_path_factory, micro_model):
     checkpoints = {0: ckpt.checkpoint_id}
     for step in (1, 2, 3):
         out = run_step(rt, step, ckpt)
-        ckpt = Checkpoint(out["checkpoint_id"], out["path"])
+        ckpt = out["checkpoint"]
         checkpoints[step] = ckpt.checkpoint_id
     rt.store.publish()  # a fork reads its parent's published snapshot
     return overrides, rt, checkpoints
@@ -49,7 +50,7 @@ def child(parent):
 
 
 def _parent_heuristics(prt, checkpoint_id) -> set[str]:
-    return {h["heuristic_id"] for h in records.checkpoint_heuristics(prt.store, checkpoint_id)}
+    return {h["heuristic_id"] for h in lineage.checkpoint_heuristics(prt.store, checkpoint_id)}
 
 
 def test_the_fork_records_its_parent_and_starts_from_its_checkpoint(parent, child):
@@ -62,10 +63,10 @@ def test_the_fork_records_its_parent_and_starts_from_its_checkpoint(parent, chil
         (prt.run_id, 2, checkpoints[2], None)
     assert start.checkpoint_id == checkpoints[2]
     # its start is the parent's own row (run, step 2), and its first checkpoint names it as parent
-    assert records.checkpoint(rt.store, checkpoints[2])["run_id"] == prt.run_id
+    assert lineage.checkpoint(rt.store, checkpoints[2])["run_id"] == prt.run_id
     own = rt.store.query("SELECT step, parent_checkpoint_id FROM checkpoints WHERE run_id = ?", [rt.run_id])
     assert own == [{"step": 3, "parent_checkpoint_id": checkpoints[2]}]
-    assert out["checkpoint_id"] not in checkpoints.values()
+    assert out["checkpoint"].checkpoint_id not in checkpoints.values()
     # the parent's optimizer moments continue, at the fork's own learning rate
     assert lr == 1e-5 and moments > 0
 
@@ -81,8 +82,8 @@ def test_fork_steps_continue_the_parents_numbering(parent, child):
 
 def test_mel_runs_counts_a_forks_own_steps(parent, child):
     """A fork at step 2 of a 3-step config plans one step of its own: `mel runs` says 1/1, not 1/3."""
-    from mel_core.runs import summarize_store
-    from mel_core.store import StoreReader
+    from mel_core.run.listing import summarize_store
+    from mel_core.store.reader import StoreReader
 
     rt, *_ = child
     with StoreReader(rt.run_dir) as reader:
@@ -109,14 +110,14 @@ def test_the_parents_steps_are_not_copied(parent, child):
 def test_a_step_1_heuristic_is_on_the_history_of_the_forks_last_checkpoint(parent, child, capsys):
     _, prt, checkpoints = parent
     rt, _, out, _ = child
-    last = out["checkpoint_id"]
-    chain = records.checkpoint_chain(rt.store, last)
+    last = out["checkpoint"].checkpoint_id
+    chain = lineage.checkpoint_chain(rt.store, last)
     assert [(c["step"], c["run_id"]) for c in chain] == \
         [(0, prt.run_id), (1, prt.run_id), (2, prt.run_id), (3, rt.run_id)]
 
     step1 = _parent_heuristics(prt, checkpoints[1])
     hid = sorted(step1)[0]
-    history = records.checkpoint_history_heuristics(rt.store, last)
+    history = lineage.checkpoint_history_heuristics(rt.store, last)
     by_id = {h["heuristic_id"]: h for h in history}
     assert step1 | _parent_heuristics(prt, checkpoints[2]) <= set(by_id)
     assert (by_id[hid]["internalized_in_checkpoint"], by_id[hid]["heuristic_run_id"], by_id[hid]["heuristic_step"]) == \
@@ -126,10 +127,10 @@ def test_a_step_1_heuristic_is_on_the_history_of_the_forks_last_checkpoint(paren
     view = rt.store.query("SELECT heuristic_id FROM checkpoint_history_heuristics WHERE checkpoint_id = ?", [last])
     assert {r["heuristic_id"] for r in view} == set(by_id)  # the view and the reader's inline SQL agree
 
-    lineage = records.heuristic_lineage(rt.store, hid)  # complete, from the fork's own file
-    assert lineage["run_name"] == "parent" and lineage["internalized_in_checkpoint"] == checkpoints[1]
+    row = lineage.heuristic_lineage(rt.store, hid)  # complete, from the fork's own file
+    assert row["run_name"] == "parent" and row["internalized_in_checkpoint"] == checkpoints[1]
     for col in ("analysis_id", "pair_id", "correct_text", "incorrect_text", "question", "answer", "policy_version_id"):
-        assert lineage[col] is not None, col
+        assert row[col] is not None, col
 
     assert cli.main(["lineage", "--db", str(rt.run_dir), "--checkpoint", last, "--history"]) == 0
     printed = capsys.readouterr().out
@@ -152,8 +153,8 @@ def test_the_history_reads_a_store_written_before_the_views_existed(child, tmp_p
     with StoreReader(older) as reader:
         assert "checkpoint_history" in VIEWS and not reader.query(
             "SELECT 1 FROM duckdb_views() WHERE view_name = 'checkpoint_history'")
-        assert records.checkpoint_history_heuristics(reader, out["checkpoint_id"]) == \
-            records.checkpoint_history_heuristics(rt.store, out["checkpoint_id"])
+        assert lineage.checkpoint_history_heuristics(reader, out["checkpoint"].checkpoint_id) == \
+            lineage.checkpoint_history_heuristics(rt.store, out["checkpoint"].checkpoint_id)
 
 
 def test_a_fork_is_refused_in_one_line(parent, capsys):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mel_core import config as C
-from mel_core import gate
-from mel_core.metrics import newcombe_difference
-from mel_core.runtime import Runtime
-from mel_core.worlds import named_rules, rules
+from mel_core.problems.worlds import named_rules, rules
+from mel_core.step.runtime import Runtime
+from mel_core.study import gate
+from mel_core.study.metrics import newcombe_difference
 from tests.conftest import build_micro_model
 from tests.scripted import Script, ScriptedEngine
 

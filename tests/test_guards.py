@@ -9,10 +9,11 @@ import torch
 from mel_app import cli
 from mel_core import config as config_mod
 from mel_core.config import ConfigError
-from mel_core.data import MissingDataFile
-from mel_core.policy import NonFiniteLoss
-from mel_core.runtime import Checkpoint, get_runtime
-from mel_core.store import Store
+from mel_core.model.checkpoints import Checkpoint
+from mel_core.model.policy import NonFiniteLoss
+from mel_core.problems.sources import MissingDataFile
+from mel_core.step.runtime import get_runtime
+from mel_core.store.writer import Store
 from tests.scripted import scripted_runtimes
 
 B = 8
@@ -126,7 +127,7 @@ def test_unparsable_analysis_is_rejected_with_its_reason_and_the_step_goes_on(pr
     acceptance = s.query("SELECT analyses, unparsed, accepted FROM step_acceptance WHERE step = 1")[0]
     assert acceptance == {"analyses": len(analyses), "unparsed": len(analyses), "accepted": 0}
     assert s.query("SELECT count(*) AS n FROM updates WHERE step = 1")[0]["n"] == 1  # the step went on
-    assert Path(result["final_checkpoint"]["path"]).is_dir()
+    assert Path(result["final_checkpoint"].path).is_dir()
 
 
 @pytest.mark.slow

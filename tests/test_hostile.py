@@ -24,9 +24,11 @@ import pytest
 
 from mel_app import cli
 from mel_core import config as C
-from mel_core import runlock
-from mel_core.files import remove_stale_temps
-from mel_core.store import ForeignStore, Store, StoreReader, snapshot_path
+from mel_core.atomic_files import remove_stale_temps
+from mel_core.run import lock
+from mel_core.store.database import ForeignStore, snapshot_path
+from mel_core.store.reader import StoreReader
+from mel_core.store.writer import Store
 from tests.scripted import Script, run_step, scripted_runtime
 
 
@@ -61,7 +63,7 @@ def run(tmp_path_factory, micro_model):
     rt, base = scripted_runtime(cfg, Script())
     run_step(rt, 1, base)
     rt.store.publish()  # the stage functions called directly: publish as the campaign's bookkeeping does
-    from mel_core.store import release_connections
+    from mel_core.store.writer import release_connections
     release_connections()
     return rt.run_dir
 
@@ -178,7 +180,7 @@ def test_a_truncated_store_is_refused_by_mel_run_and_never_written(tmp_path, mic
                                        "sampling.prompts_per_step=2", "sampling.group_size=4"])
     rt, base = scripted_runtime(cfg, Script())
     run_step(rt, 1, base)
-    from mel_core.store import _VERIFIED, release_connections
+    from mel_core.store.writer import _VERIFIED, release_connections
     release_connections()
     _VERIFIED.clear()  # a new process would check the file afresh
     db = rt.run_dir / "mel.duckdb"
@@ -320,7 +322,7 @@ def test_a_second_campaign_on_a_live_run_directory_is_refused_naming_the_holder(
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while runlock.holder(tmp_path / "busy") is None:
+        while lock.holder(tmp_path / "busy") is None:
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
             time.sleep(0.1)
         rc, out, err = mel(*args)
@@ -338,12 +340,12 @@ def test_a_second_campaign_on_a_live_run_directory_is_refused_naming_the_holder(
 
 
 def test_the_lock_is_exclusive_in_one_process_too(tmp_path):
-    with runlock.run_lock(tmp_path / "r", log=lambda s: None) as me:
-        assert runlock.holder(tmp_path / "r")["pid"] == me["pid"] == os.getpid()
-        with pytest.raises(runlock.RunLocked, match=f"pid {os.getpid()}"):
-            with runlock.run_lock(tmp_path / "r"):
+    with lock.run_lock(tmp_path / "r", log=lambda s: None) as me:
+        assert lock.holder(tmp_path / "r")["pid"] == me["pid"] == os.getpid()
+        with pytest.raises(lock.RunLocked, match=f"pid {os.getpid()}"):
+            with lock.run_lock(tmp_path / "r"):
                 pass
-    assert runlock.holder(tmp_path / "r") is None
+    assert lock.holder(tmp_path / "r") is None
 
 
 def test_temp_cleanup_removes_only_its_own_or_dead_processes_leftovers(tmp_path):

@@ -1,4 +1,6 @@
-"""The layers import downward only, and no module imports itself back: mel_core < tasks < flows < mel_app.
+"""The layers import downward only, and no module imports itself back: mel_core < tasks < flows < mel_app; inside
+mel_core, the wings import downward only too: the root leaves < problems < algorithm < model < store < step < run
+< study.
 
 Every import statement counts, also one inside a function (a deferred import is still a dependency). mel_core
 is plain Python and torch: no Prefect, no Ray. The check reads the source with `ast`; it runs in milliseconds.
@@ -10,6 +12,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = ("mel_core", "tasks", "flows", "mel_app")  # lowest first
 ORCHESTRATION = ("prefect", "prefect_ray", "ray")
+# mel_core's sub-packages, lowest first; "" is the root's leaves (config, vocabulary, errors, ids, ...).
+WINGS = ("", "problems", "algorithm", "model", "store", "step", "run", "study")
 
 
 def _modules() -> dict[str, Path]:
@@ -49,6 +53,20 @@ def _layer(module: str) -> int:
 def test_every_import_goes_downward():
     against = [(m, d) for m, deps in _graph().items() for d in deps if _layer(d) > _layer(m)]
     assert against == [], f"imports against the layers (importer, imported): {against}"
+
+
+def _wing(module: str) -> str:
+    """mel_core.store.writer and mel_core.store (the package) -> store; mel_core.config (a root leaf) -> ""."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (REPO / "mel_core" / parts[1]).is_dir() else ""
+
+
+def test_every_wing_of_mel_core_imports_downward():
+    modules = {m for m in _modules() if m.startswith("mel_core.")}
+    assert {_wing(m) for m in modules} == set(WINGS), "a wing of mel_core is not in WINGS (or one is gone)"
+    against = [(m, d) for m, deps in _graph().items() if m in modules for d in deps
+               if d in modules and WINGS.index(_wing(d)) > WINGS.index(_wing(m))]
+    assert against == [], f"imports against mel_core's wings (importer, imported): {against}"
 
 
 def test_mel_core_imports_no_orchestrator():
@@ -92,5 +110,6 @@ def test_no_import_cycle():
 def test_the_check_sees_what_it_checks():
     """The graph is not empty: imports inside functions are read, and a known downward edge is there."""
     graph = _graph()
-    assert "mel_core.stages" in graph["tasks.stages"]
-    assert "flows.deploy" in graph["mel_app.cli"]  # imported inside cmd_deploy, counted all the same
+    assert "mel_core.step.stages" in graph["tasks.stage_tasks"]
+    assert "flows.deploy" in graph["mel_app.server_commands"]  # imported inside cmd_deploy, counted all the same
+    assert "mel_core.store.writer" in graph["mel_core.step.runtime"]  # a downward edge between wings

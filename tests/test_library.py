@@ -2,9 +2,9 @@
 
 import pytest
 
-from mel_core import library
 from mel_core.config import LibraryConfig
-from mel_core.store import Store
+from mel_core.store import library
+from mel_core.store.writer import Store
 
 THRESHOLD = LibraryConfig().similarity_threshold
 

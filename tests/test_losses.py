@@ -1,4 +1,4 @@
-"""Hand-computed cases for mel_core.losses (advantages, clipped PG + aggregations, NLL, log-probs)."""
+"""Hand-computed cases for mel_core.algorithm.losses (advantages, clipped PG + aggregations, NLL, log-probs)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mel_core import losses
+from mel_core.algorithm import losses
+
+
+def group_ids(num_prompts: int, group_size: int) -> torch.Tensor:
+    """Group ids of contiguous groups of rollouts, as the update stage builds them: [0,0,..,1,1,..]. # [N]"""
+    return torch.arange(num_prompts, dtype=torch.long).repeat_interleave(group_size)
 
 EPS = losses.GRPO_STD_EPS
 
@@ -38,17 +43,9 @@ def test_unknown_names_list_the_known_ones():
 # ------------------------------------------------------------------------------------ advantages
 
 
-def test_group_ids_for():
-    assert losses.group_ids_for(2, 3).tolist() == [0, 0, 0, 1, 1, 1]
-    assert losses.group_ids_for(2, 3).dtype == torch.long
-    assert losses.group_ids_for(0, 4).numel() == 0
-    with pytest.raises(ValueError):
-        losses.group_ids_for(2, 0)
-
-
 def test_grpo_advantage_bessel_std_and_constant_groups():
     r = t([1, 0, 0, 1, 1, 1, 1, 1])
-    adv = losses.ADVANTAGES["grpo"](r, losses.group_ids_for(2, 4))
+    adv = losses.ADVANTAGES["grpo"](r, group_ids(2, 4))
     # group 0: mean 0.5, Bessel std = sqrt((4 * 0.25) / 3) = sqrt(1/3) (population std would be 0.5)
     a = 0.5 / (math.sqrt(1 / 3) + EPS)
     assert adv.tolist() == pytest.approx([a, -a, -a, a, 0, 0, 0, 0], abs=1e-6)
@@ -68,28 +65,28 @@ def test_grpo_advantage_graded_rewards_and_singleton_group():
 
 
 def test_dr_grpo_advantage_no_std():
-    adv = losses.ADVANTAGES["dr_grpo"](t([1, 0, 0, 1, 1, 1, 1, 0]), losses.group_ids_for(2, 4))
+    adv = losses.ADVANTAGES["dr_grpo"](t([1, 0, 0, 1, 1, 1, 1, 0]), group_ids(2, 4))
     assert adv.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75])
 
 
 def test_batch_advantage_group_mean_batch_std():
     # group means 0.5 and 1 -> centred [0.5, -0.5, 0, 0]; batch mean 0.75, Bessel var 0.75 / 3 = 0.25 -> std 0.5
-    adv = losses.ADVANTAGES["batch"](t([1, 0, 1, 1]), losses.group_ids_for(2, 2))
+    adv = losses.ADVANTAGES["batch"](t([1, 0, 1, 1]), group_ids(2, 2))
     assert adv.tolist() == pytest.approx([0.5 / (0.5 + EPS), -0.5 / (0.5 + EPS), 0, 0], abs=1e-6)
 
 
 def test_reinforce_pp_global_batch_normalisation():
     # batch mean 0.25, Bessel std sqrt((0.5625 + 3 * 0.0625) / 3) = 0.5
     r = t([1, 0, 0, 0])
-    for gids in (losses.group_ids_for(2, 2), losses.group_ids_for(1, 4)):  # groups are ignored
+    for gids in (group_ids(2, 2), group_ids(1, 4)):  # groups are ignored
         adv = losses.ADVANTAGES["reinforce_pp"](r, gids)
         assert adv.tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-6)
 
 
 def test_rft_advantage_is_correctness_indicator():
-    adv = losses.ADVANTAGES["rft"](t([1, 0, 0.5, 1]), losses.group_ids_for(1, 4))
+    adv = losses.ADVANTAGES["rft"](t([1, 0, 0.5, 1]), group_ids(1, 4))
     assert adv.tolist() == [1.0, 0.0, 0.0, 1.0]
-    adv = losses.ADVANTAGES["rft"](t([1, 0, 0.5, 1]), losses.group_ids_for(1, 4), correct_threshold=0.5)
+    adv = losses.ADVANTAGES["rft"](t([1, 0, 0.5, 1]), group_ids(1, 4), correct_threshold=0.5)
     assert adv.tolist() == [1.0, 0.0, 1.0, 1.0]
 
 
@@ -184,7 +181,7 @@ def test_rft_trains_nll_on_correct_samples_only():
     torch.manual_seed(0)
     logp = (-torch.rand(4, 5)).requires_grad_()  # [B, T]
     mask = t([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
-    adv = losses.ADVANTAGES["rft"](t([1, 0, 1, 0]), losses.group_ids_for(1, 4))
+    adv = losses.ADVANTAGES["rft"](t([1, 0, 1, 0]), group_ids(1, 4))
     loss, _ = losses.policy_loss("grpo", logp, logp.detach(), adv, mask)
     (g_pg,) = torch.autograd.grad(loss, logp)
     correct = adv.unsqueeze(1)

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from mel_core import meta_experience as M
+from mel_core.algorithm import meta_experience
 
 
 def test_parse_tiny_format():
     text = ("Bifurcation: step 2\nCritique: 12+21=34 should be 12+21=33.\n"
             "Heuristic: If an addition passes a ten, then carry one to the tens.")
-    p = M.parse_analysis(text, gold_answer="28", question="12+7*3-5")
+    p = meta_experience.parse_analysis(text, gold_answer="28", question="12+7*3-5")
     assert p.ok and p.bifurcation_step == 2 and p.critique.startswith("12+21")
     assert p.heuristics == ["If an addition passes a ten, then carry one to the tens."]
 
@@ -19,7 +19,7 @@ def test_parse_tiny_format():
 def test_parse_markdown_format():
     text = ("**Bifurcation point:** Step 3\n\n## Critique\nI dropped the sign.\n\n### Subject Heuristics\n"
             "1. If you subtract a larger number, then the result is negative.\n2. If a product follows a sum, then multiply first.")
-    p = M.parse_analysis(text)
+    p = meta_experience.parse_analysis(text)
     assert p.ok and p.bifurcation_step == 3 and len(p.heuristics) == 2
 
 
@@ -34,26 +34,26 @@ def test_reject_reasons():
         "Bifurcation: step 1\nCritique: x\nHeuristic: If you see 12, then add it.": "heuristic_has_problem_numbers",
     }
     for text, reason in cases.items():
-        assert M.parse_analysis(text, gold_answer=gold, question=q).reject_reason == reason, text
+        assert meta_experience.parse_analysis(text, gold_answer=gold, question=q).reject_reason == reason, text
 
 
 def test_garbage_is_rejected_not_raised():
     for text in ["", "\x00\x01", "Bifurcation: step", "Heuristic:\n\n"]:
-        assert not M.parse_analysis(text).ok
+        assert not meta_experience.parse_analysis(text).ok
 
 
 def test_diagnosis_part_stops_before_the_heuristics():
     compact = "Bifurcation: step 2\nCritique: 3+9=11 should be 3+9=12.\nHeuristic: If a sum passes ten, then carry."
-    assert M.diagnosis_part(compact) == "Bifurcation: step 2\nCritique: 3+9=11 should be 3+9=12."
+    assert meta_experience.diagnosis_part(compact) == "Bifurcation: step 2\nCritique: 3+9=11 should be 3+9=12."
     paper = ("<think>compare them</think>\n## Failure Point & Latent Cognitive Pattern\nBifurcation step: 3\nI dropped a sign.\n\n"
              "## Success Factors\nB kept the sign.\n\n## First-Person Reflective Summary\nI will check signs.\n\n"
              "## Subject Heuristics\n- If a term moves across the equals sign, then flip its sign.")
-    part = M.diagnosis_part(paper)
+    part = meta_experience.diagnosis_part(paper)
     assert part.startswith("## Failure Point") and part.endswith("I will check signs.")
     assert "think" not in part and "Subject Heuristics" not in part
-    assert M.parse_diagnosis(part).ok  # what two_pass conditions on still parses as s*, C
+    assert meta_experience.parse_diagnosis(part).ok  # what two_pass conditions on still parses as s*, C
     only_diagnosis = "Bifurcation: step 1\nCritique: wrong order."
-    assert M.diagnosis_part(only_diagnosis) == only_diagnosis
+    assert meta_experience.diagnosis_part(only_diagnosis) == only_diagnosis
 
 
 # --------------------------------------------------------------------------- the fixture corpus
@@ -77,7 +77,7 @@ def _after_thinking(text: str) -> str:
     return text[text.rfind("</think>") + len("</think>"):] if "</think>" in text else text
 
 
-def _mismatches(p: M.ParsedAnalysis, fx: dict) -> list[str]:
+def _mismatches(p: meta_experience.ParsedAnalysis, fx: dict) -> list[str]:
     """What differs from the fixture's expected parse (empty when all is right)."""
     e = fx["expect"]
     got = {"reject_reason": p.reject_reason}
@@ -99,7 +99,7 @@ def test_fixture_corpus_parse_rate_and_fields():
     good = [fx for fx in fixtures if fx["expect"]["reject_reason"] is None]
     bad = [fx for fx in fixtures if fx["expect"]["reject_reason"] is not None]
     assert len(good) >= 30 and len(bad) >= 10
-    results = {fx["name"]: M.parse_analysis(fx["text"], gold_answer=fx["gold_answer"], question=fx["question"],
+    results = {fx["name"]: meta_experience.parse_analysis(fx["text"], gold_answer=fx["gold_answer"], question=fx["question"],
                                             max_heuristics=fx["max_heuristics"]) for fx in fixtures}
     parsed = [fx for fx in good if results[fx["name"]].ok]
     print(f"\nmeta_experience on tests/fixtures/analyses: well-formed parsed {len(parsed)}/{len(good)}, "
@@ -111,15 +111,15 @@ def test_fixture_corpus_parse_rate_and_fields():
 
 def test_fixture_targets_hold_the_whole_meta_experience_and_nothing_after():
     for fx in load_fixtures():
-        p = M.parse_analysis(fx["text"], gold_answer=fx["gold_answer"], question=fx["question"])
+        p = meta_experience.parse_analysis(fx["text"], gold_answer=fx["gold_answer"], question=fx["question"])
         if not p.ok:
             assert p.target_text is None
             continue
         assert p.target_text == p.target_text.strip() and "<think>" not in p.target_text
         for part in (p.failure or p.critique, p.success_factors, p.reflection):
             assert part is None or part[:40] in p.target_text, (fx["name"], part)
-        assert M.render_experience(p, "full") == p.target_text
-        assert M.render_experience(p, "heuristics") == " ".join(p.heuristics)
+        assert meta_experience.render_experience(p, "full") == p.target_text
+        assert meta_experience.render_experience(p, "heuristics") == " ".join(p.heuristics)
 
 
 # --------------------------------------------------------------------------------- rule forms
@@ -165,7 +165,7 @@ RULE_FORMS = {
 
 
 def test_rule_forms():
-    wrong = {rule: want for rule, want in RULE_FORMS.items() if M.is_rule(rule) != want}
+    wrong = {rule: want for rule, want in RULE_FORMS.items() if meta_experience.is_rule(rule) != want}
     assert not wrong, wrong
 
 
@@ -176,7 +176,7 @@ def test_pattern_names_are_recorded_and_removed_from_the_rule():
              "- **Symmetry** If two outcomes differ in order, then count both.",
              "- Cycle Check - Before using a period, verify it on one cycle.",
              "- Rule 4: If a result looks odd, then recheck the previous step."]
-    p = M.parse_analysis(paper("\n".join(items)), max_heuristics=10)
+    p = meta_experience.parse_analysis(paper("\n".join(items)), max_heuristics=10)
     assert p.ok, p.reject_reason
     assert p.heuristic_names == ["Domain Guard", "Sign Tracking", "Case Split", "Symmetry", "Cycle Check", None]
     assert p.heuristics == ["If a log appears, then check its argument.",
@@ -205,16 +205,16 @@ STEPS = {
 
 def test_step_index_read_from_the_failure_prose():
     for failure, step in STEPS.items():
-        p = M.parse_analysis(paper(failure=failure))
+        p = meta_experience.parse_analysis(paper(failure=failure))
         assert p.ok and p.bifurcation_step == step, (failure, p.bifurcation_step, p.reject_reason)
         assert p.bifurcation == p.failure and p.failure.startswith(failure.split("\n")[0])
 
 
 def test_compact_layout_still_requires_its_step_line():
-    assert M.parse_analysis("Critique: x\nHeuristic: If a, then b.").reject_reason == "missing_bifurcation"
-    assert M.parse_analysis("Bifurcation: none\nCritique: x\nHeuristic: If a, then b.").reject_reason == \
+    assert meta_experience.parse_analysis("Critique: x\nHeuristic: If a, then b.").reject_reason == "missing_bifurcation"
+    assert meta_experience.parse_analysis("Bifurcation: none\nCritique: x\nHeuristic: If a, then b.").reject_reason == \
         "missing_bifurcation"
-    p = M.parse_analysis("Bifurcation: step 4\nCritique: x\nHeuristic: If a, then b.")
+    p = meta_experience.parse_analysis("Bifurcation: step 4\nCritique: x\nHeuristic: If a, then b.")
     assert p.ok and p.layout == "compact" and p.bifurcation == "step 4"
 
 
@@ -241,7 +241,7 @@ def test_every_documented_title_opens_its_section():
     for section, titles in TITLES.items():
         for title in titles:
             text = "\n\n".join(f"{title if s == section else default[s]}\n{bodies[s]}" for s in default)
-            p = M.parse_analysis(text)
+            p = meta_experience.parse_analysis(text)
             assert p.ok and p.layout == "paper", (title, p.reject_reason)
             field = {"failure": p.failure, "success_factors": p.success_factors, "reflection": p.reflection,
                      "heuristic": p.heuristics and p.heuristics[0]}[section]
@@ -250,15 +250,15 @@ def test_every_documented_title_opens_its_section():
 
 def test_a_document_title_is_not_the_heuristics_section():
     text = "# Meta-Experience Analysis\n\nHere is my comparison.\n\n" + paper()
-    assert M.parse_analysis(text).ok
-    assert M.diagnosis_part(text).startswith("# Meta-Experience Analysis")
-    assert M.diagnosis_part(text).endswith("I skipped the check.")
+    assert meta_experience.parse_analysis(text).ok
+    assert meta_experience.diagnosis_part(text).startswith("# Meta-Experience Analysis")
+    assert meta_experience.diagnosis_part(text).endswith("I skipped the check.")
 
 
 # ------------------------------------------------------------------------------------ leak rule
 
 def _reason(rule: str, gold: str, question: str = "Solve the problem.") -> str | None:
-    return M.parse_analysis(paper(f"- {rule}"), gold_answer=gold, question=question).reject_reason
+    return meta_experience.parse_analysis(paper(f"- {rule}"), gold_answer=gold, question=question).reject_reason
 
 
 LEAKS = [  # (rule, gold answer, leaks?)
@@ -295,8 +295,8 @@ def test_problem_numbers_but_not_structural_ones():
     assert _reason("If a base like 7 is reduced modulo n, then list its powers.", "3", q) is None  # 7 is structural
     # only the kept rules are checked: a fourth rule past max_heuristics is neither kept nor checked
     rules = "\n".join(f"- If case {i} holds, then check it." for i in range(1, 4)) + "\n- If 2024, then 13."
-    assert M.parse_analysis(paper(rules), gold_answer="3", question=q, max_heuristics=3).ok
-    assert M.parse_analysis(paper(rules), gold_answer="3", question=q, max_heuristics=4).reject_reason == \
+    assert meta_experience.parse_analysis(paper(rules), gold_answer="3", question=q, max_heuristics=3).ok
+    assert meta_experience.parse_analysis(paper(rules), gold_answer="3", question=q, max_heuristics=4).reject_reason == \
         "heuristic_has_problem_numbers"
 
 
@@ -305,7 +305,7 @@ def test_problem_numbers_but_not_structural_ones():
 def test_target_stops_at_the_last_kept_rule():
     rules = "\n".join(f"- If case {i} holds, then check case {i + 1}." for i in range(1, 6))
     text = "<think>\nhmm\n</think>\n\n" + paper(rules + "\n\nThese rules generalise.\n\nProblem: Find x if x^2 = 9.")
-    p = M.parse_analysis(text, max_heuristics=2)
+    p = meta_experience.parse_analysis(text, max_heuristics=2)
     assert p.target_text.startswith("## Failure Point") and p.target_text.endswith("then check case 3.")
     assert text[text.index("</think>") + 8:].lstrip().startswith(p.target_text)
     assert "case 3 holds" not in p.target_text and "Problem" not in p.target_text
@@ -313,43 +313,43 @@ def test_target_stops_at_the_last_kept_rule():
 
 def test_runaway_text_is_cut_but_a_problem_preamble_is_kept():
     text = paper() + "\n<|im_end|>\n<|im_start|>user\nSolve: if x = 2, then what is 3x?"
-    assert M.parse_analysis(text).heuristics == ["If a parameter can vanish, then treat that case separately."]
+    assert meta_experience.parse_analysis(text).heuristics == ["If a parameter can vanish, then treat that case separately."]
     preamble = "Problem: we must compare two attempts.\n\n" + paper()
-    p = M.parse_analysis(preamble)
+    p = meta_experience.parse_analysis(preamble)
     assert p.ok and p.target_text.startswith("Problem: we must compare")
     # with nothing but a new problem after its header, the heuristics section is empty
     empty = paper("\nProblem: If x = 2, then what is x + 1?")
-    assert M.parse_analysis(empty).reject_reason == "missing_heuristic"
+    assert meta_experience.parse_analysis(empty).reject_reason == "missing_heuristic"
 
 
 def test_compact_target_drops_the_runaway_line():
     text = "Bifurcation: step 2\nCritique: 1+9=11 should be 1+9=10.\nHeuristic: If a sum passes ten, then carry.\nQ: 3+4"
-    p = M.parse_analysis(text, gold_answer="10", question="1+9")
+    p = meta_experience.parse_analysis(text, gold_answer="10", question="1+9")
     assert p.target_text == text[:text.index("\nQ:")]
 
 
 def test_two_pass_targets_and_combine():
     diagnosis_gen = paper().split("## Subject Heuristics")[0] + "## Subject Heuristics\n- If a, then b."
-    d = M.parse_diagnosis(diagnosis_gen)
-    assert d.ok and d.target_text == M.diagnosis_part(diagnosis_gen) and d.target_text.endswith("I skipped the check.")
+    d = meta_experience.parse_diagnosis(diagnosis_gen)
+    assert d.ok and d.target_text == meta_experience.diagnosis_part(diagnosis_gen) and d.target_text.endswith("I skipped the check.")
     abstract_gen = ("Sure. Here are the rules.\n\n## Subject Heuristics\n- If a parameter can vanish, then split.\n"
                     "- If a divisor is symbolic, then check it is non-zero.\n\nProblem: next one")
-    h = M.parse_heuristics(abstract_gen, max_heuristics=1)
+    h = meta_experience.parse_heuristics(abstract_gen, max_heuristics=1)
     assert h.ok and h.target_text == "Sure. Here are the rules.\n\n## Subject Heuristics\n- If a parameter can vanish, then split."
-    m = M.combine(d, h)
+    m = meta_experience.combine(d, h)
     assert m.ok and m.bifurcation_step == 2 and m.heuristics == ["If a parameter can vanish, then split."]
     assert m.target_text == d.target_text + "\n\n" + h.target_text
-    assert M.render_experience(m, "full") == m.target_text
-    rejected = M.combine(d, M.parse_heuristics("## Subject Heuristics\nNothing general here."))
+    assert meta_experience.render_experience(m, "full") == m.target_text
+    rejected = meta_experience.combine(d, meta_experience.parse_heuristics("## Subject Heuristics\nNothing general here."))
     assert rejected.reject_reason == "heuristic_not_if_then" and rejected.target_text is None
 
 
 def test_render_experience_contexts():
-    p = M.parse_analysis(paper("- If a, then b.\n- When c, check d."))
-    assert M.render_experience(p, "heuristics") == "If a, then b. When c, check d." == M.render_heuristics(p.heuristics)
-    full = M.render_experience(p, "full")
+    p = meta_experience.parse_analysis(paper("- If a, then b.\n- When c, check d."))
+    assert meta_experience.render_experience(p, "heuristics") == "If a, then b. When c, check d." == meta_experience.render_heuristics(p.heuristics)
+    full = meta_experience.render_experience(p, "full")
     assert full == p.target_text and "Failure Point" in full and "When c, check d." in full
     with pytest.raises(ValueError):
-        M.render_experience(p, "rules")
+        meta_experience.render_experience(p, "rules")
     with pytest.raises(ValueError):
-        M.render_experience(M.parse_analysis("nothing"), "full")
+        meta_experience.render_experience(meta_experience.parse_analysis("nothing"), "full")

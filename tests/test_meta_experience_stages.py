@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mel_core import config as C
-from mel_core import meta_experience, retrospective
+from mel_core.algorithm import meta_experience, retrospective
 from tests.scripted import Script, compact_analysis, run_step, scripted_runtime
 
 FIXTURES = Path(__file__).parent / "fixtures" / "analyses"
@@ -136,8 +136,8 @@ def test_a_long_retrospective_context_keeps_its_head(tmp_path, micro_model, mode
 
 
 def test_fit_cuts_the_middle_of_the_longer_solution_first():
-    from mel_core import tiny
-    from mel_core.prompts import PromptSet
+    from mel_core.model import tiny
+    from mel_core.problems.prompts import PromptSet
 
     cfg = C.load("configs/tiny.yaml")
     prompts = PromptSet.load(cfg.prompts.dir)
@@ -159,9 +159,9 @@ def test_one_tokenization_path_with_a_bos_adding_tokenizer(tmp_path, micro_model
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
-    from mel_core.engines.base import Chunk, SamplingParams
-    from mel_core.engines.hf import HFEngine
-    from mel_core.policy import Policy
+    from mel_core.model.engines.base import Chunk, SamplingParams
+    from mel_core.model.engines.hf import HFEngine
+    from mel_core.model.policy import Policy
     from mel_core.tokens import encode_completions, encode_prompts
 
     tok = AutoTokenizer.from_pretrained(micro_model)

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from mel_core.metrics import avg_at_k, mean_pass_at_k, pass_at_k
+from mel_core.study.metrics import avg_at_k, mean_pass_at_k, pass_at_k
 
 
 @pytest.mark.parametrize("n,c,k,expected", [

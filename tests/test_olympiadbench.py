@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from mel_core import config as C
-from mel_core import data as D
-from mel_core import evaluate as ev
-from mel_core.verify import verify_math_batch
+from mel_core.algorithm.rewards.math_answers import verify_math_batch
+from mel_core.problems import sources as D
+from mel_core.study import evaluation as ev
 
 FILE = Path(__file__).resolve().parent.parent / "data" / "olympiadbench" / "test.jsonl"
 

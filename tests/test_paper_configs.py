@@ -4,11 +4,11 @@ standing in for the Qwen3 weights (nothing can be downloaded here)."""
 import pytest
 
 from mel_core import config as C
-from mel_core import losses
-from mel_core.engines.base import SamplingParams
-from mel_core.engines.hf import HFEngine
-from mel_core.runtime import Runtime
-from mel_core.verify import reward_kind_for_source
+from mel_core.algorithm import losses
+from mel_core.algorithm.rewards.verifier import reward_kind_for_source
+from mel_core.model.engines.base import SamplingParams
+from mel_core.model.engines.hf import HFEngine
+from mel_core.step.runtime import Runtime
 
 CONFIGS = ["configs/qwen3-4b-base.yaml", "configs/qwen3-8b-base.yaml", "configs/qwen3-14b-base.yaml"]
 

@@ -1,6 +1,6 @@
 """The parser on analyses as real instruction/base models write them for the paper's analysis prompt."""
 
-from mel_core import meta_experience as E
+from mel_core.algorithm import meta_experience
 
 Q_QUAD = "Find the sum of all real values of $k$ for which $kx^2 + 12x + 9 = 0$ has exactly one real solution."
 GOLD_QUAD = "4"  # k = 4 (double root); k = 0 (linear) is a trap: the sum is 4
@@ -42,7 +42,7 @@ These rules should transfer to other parameterised equations.
 
 
 def test_qwen3_thinking_preamble_and_markdown_headers():
-    p = E.parse_analysis(QWEN3_THINKING, gold_answer=GOLD_QUAD, question=Q_QUAD)
+    p = meta_experience.parse_analysis(QWEN3_THINKING, gold_answer=GOLD_QUAD, question=Q_QUAD)
     assert p.ok, p.reject_reason
     assert p.layout == "paper" and p.bifurcation_step == 3
     assert p.failure.startswith("Bifurcation step: 3") and "template matching" in p.failure
@@ -77,7 +77,7 @@ I reached for the familiar formula without checking its definition.
 
 
 def test_bold_headers_ordinal_step_and_wrapped_bold_rules():
-    p = E.parse_analysis(BOLD_HEADERS, gold_answer=GOLD_TRAIN, question=Q_TRAIN)
+    p = meta_experience.parse_analysis(BOLD_HEADERS, gold_answer=GOLD_TRAIN, question=Q_TRAIN)
     assert p.ok, p.reject_reason
     assert p.bifurcation_step == 3 and p.layout == "paper"
     assert p.heuristics == [
@@ -107,7 +107,7 @@ I listed outcomes from memory and stopped too early.
 
 
 def test_numbered_sections_and_labelled_rules():
-    p = E.parse_analysis(NUMBERED, gold_answer=GOLD_PROB, question=Q_PROB)
+    p = meta_experience.parse_analysis(NUMBERED, gold_answer=GOLD_PROB, question=Q_PROB)
     assert p.ok, p.reject_reason
     assert p.bifurcation_step == 2
     assert p.heuristics == [
@@ -129,19 +129,19 @@ I divided without checking the sign.
 
 
 def test_missing_success_factors_is_rejected():
-    p = E.parse_analysis(MISSING_SUCCESS)
+    p = meta_experience.parse_analysis(MISSING_SUCCESS)
     assert p.layout == "paper" and p.reject_reason == "missing_success_factors"
     assert p.bifurcation_step == 4
 
 
 def test_missing_reflection_and_failure_are_rejected():
     no_reflection = MISSING_SUCCESS.replace("### First-Person Reflective Summary", "### Success Factors")
-    assert E.parse_analysis(no_reflection).reject_reason == "missing_reflection"
+    assert meta_experience.parse_analysis(no_reflection).reject_reason == "missing_reflection"
     no_failure = ("**Success Factors:** checked the domain.\n**Reflection:** I forgot the domain.\n"
                   "**Subject Heuristics:**\n- If a log appears, then check its argument is positive.")
-    assert E.parse_analysis(no_failure).reject_reason == "missing_failure_point"
+    assert meta_experience.parse_analysis(no_failure).reject_reason == "missing_failure_point"
     empty_section = MISSING_SUCCESS.replace("### First-Person", "### Success Factors\n\n### First-Person")
-    assert E.parse_analysis(empty_section).reject_reason == "missing_success_factors"
+    assert meta_experience.parse_analysis(empty_section).reject_reason == "missing_success_factors"
 
 
 # 5. All sections, but the failure section never says which step.
@@ -158,11 +158,11 @@ I rushed.
 
 def test_no_bifurcation_step_index_is_recorded_as_none():
     # the failure section's prose is s*; a step index is recorded when stated, and no longer required
-    p = E.parse_analysis(NO_STEP)
+    p = meta_experience.parse_analysis(NO_STEP)
     assert p.ok and p.bifurcation_step is None
     assert p.bifurcation == p.failure and p.failure.startswith("The incorrect solution misread")
     worded = NO_STEP.replace("misread the problem", "misread the problem at step five")
-    p = E.parse_analysis(worded)
+    p = meta_experience.parse_analysis(worded)
     assert p.ok and p.bifurcation_step == 5
 
 
@@ -180,11 +180,11 @@ I stopped counting too early.
 
 
 def test_heuristic_leaking_the_answer_is_rejected():
-    assert E.parse_analysis(LEAK, gold_answer=GOLD_PROB, question=Q_PROB).reject_reason == "heuristic_leaks_answer"
+    assert meta_experience.parse_analysis(LEAK, gold_answer=GOLD_PROB, question=Q_PROB).reject_reason == "heuristic_leaks_answer"
     latex = LEAK.replace("1/6", "$\\frac{1}{6}$")
-    assert E.parse_analysis(latex, gold_answer=GOLD_PROB, question=Q_PROB).reject_reason == "heuristic_leaks_answer"
+    assert meta_experience.parse_analysis(latex, gold_answer=GOLD_PROB, question=Q_PROB).reject_reason == "heuristic_leaks_answer"
     other = LEAK.replace("the probability is 1/6", "count the complement")
-    assert E.parse_analysis(other, gold_answer=GOLD_PROB, question=Q_PROB).ok
+    assert meta_experience.parse_analysis(other, gold_answer=GOLD_PROB, question=Q_PROB).ok
 
 
 def test_numeric_answer_leak_and_small_structural_answers():
@@ -192,16 +192,16 @@ def test_numeric_answer_leak_and_small_structural_answers():
         "- If two dice must sum to at least ten, then the probability is 1/6.", "- {rule}")
     q = Q_QUAD
     leak = base.format(rule="If the equation is quadratic in k, then the answer is 4.")
-    assert E.parse_analysis(leak, gold_answer="4", question=q).reject_reason == "heuristic_leaks_answer"
+    assert meta_experience.parse_analysis(leak, gold_answer="4", question=q).reject_reason == "heuristic_leaks_answer"
     # a structural number equal to the answer is fine outside an answer context
     fine = base.format(rule="If a quadratic has a double root, then its discriminant is 0 and it has 2 equal roots.")
-    assert E.parse_analysis(fine, gold_answer="2", question=q).ok
+    assert meta_experience.parse_analysis(fine, gold_answer="2", question=q).ok
     # a non-structural number equal to the answer counts only when the rule states it as a result
     big = base.format(rule="If you are unsure, then check that the sum 780 is divisible.")
-    assert E.parse_analysis(big, gold_answer="780", question="x").ok
+    assert meta_experience.parse_analysis(big, gold_answer="780", question="x").ok
     stated = base.format(rule="If you are unsure, then the sum is 780.")
-    assert E.parse_analysis(stated, gold_answer="780", question="x").reject_reason == "heuristic_leaks_answer"
-    assert E.parse_analysis(stated, gold_answer="1,780", question="x").ok  # 780 is not 1780
+    assert meta_experience.parse_analysis(stated, gold_answer="780", question="x").reject_reason == "heuristic_leaks_answer"
+    assert meta_experience.parse_analysis(stated, gold_answer="1,780", question="x").ok  # 780 is not 1780
 
 
 # 7. A heuristic copying the problem's numbers (and the other side: small structural numbers pass).
@@ -214,18 +214,18 @@ PROBLEM_NUMBERS = """**Failure Point & Latent Cognitive Pattern**: The error is 
 
 
 def test_heuristic_with_problem_numbers_is_rejected_but_structural_numbers_pass():
-    p = E.parse_analysis(PROBLEM_NUMBERS, gold_answer=GOLD_QUAD, question=Q_QUAD)
+    p = meta_experience.parse_analysis(PROBLEM_NUMBERS, gold_answer=GOLD_QUAD, question=Q_QUAD)
     assert p.bifurcation_step == 1 and p.reject_reason == "heuristic_has_problem_numbers"
     decimal = PROBLEM_NUMBERS.replace("- If the linear coefficient is 12, then its square is 144.",
                                       "- If a leg takes 2.5 hours, then convert it to minutes.")
-    assert E.parse_analysis(decimal, gold_answer=GOLD_TRAIN, question=Q_TRAIN).reject_reason == \
+    assert meta_experience.parse_analysis(decimal, gold_answer=GOLD_TRAIN, question=Q_TRAIN).reject_reason == \
         "heuristic_has_problem_numbers"
     # 2, 4 and 10 are structural: general rules use them, even though the question holds 9 / x^2 / 10
     structural = PROBLEM_NUMBERS.replace(
         "- If the linear coefficient is 12, then its square is 144.",
         "- If a quadratic ax^2 + bx + c has one root, then b^2 - 4ac = 0 (use powers of 10 to check the arithmetic).\n"
         "- If the leading coefficient can be 0, then also solve the resulting linear equation.")
-    p = E.parse_analysis(structural, gold_answer=GOLD_QUAD, question=Q_QUAD + " Use base 10.")
+    p = meta_experience.parse_analysis(structural, gold_answer=GOLD_QUAD, question=Q_QUAD + " Use base 10.")
     assert p.ok, p.reject_reason
     assert len(p.heuristics) == 2
 
@@ -245,15 +245,15 @@ of this kind, and it is worth the extra time.
 
 
 def test_prose_only_heuristics_are_rejected():
-    assert E.parse_analysis(PROSE_ONLY).reject_reason == "heuristic_not_if_then"
+    assert meta_experience.parse_analysis(PROSE_ONLY).reject_reason == "heuristic_not_if_then"
     no_then = PROSE_ONLY.replace("- Be careful with degenerate cases.", "- If a parameter appears, be careful.")
-    assert E.parse_analysis(no_then).heuristics == ["If a parameter appears, be careful."]  # "If ..., ..." is a rule
+    assert meta_experience.parse_analysis(no_then).heuristics == ["If a parameter appears, be careful."]  # "If ..., ..." is a rule
     no_condition = PROSE_ONLY.replace("- Be careful with degenerate cases.", "- If in doubt be careful.")
-    assert E.parse_analysis(no_condition).reject_reason == "heuristic_not_if_then"
+    assert meta_experience.parse_analysis(no_condition).reject_reason == "heuristic_not_if_then"
     placeholder = PROSE_ONLY.replace("- Be careful with degenerate cases.", "- If [condition], then [action].")
-    assert E.parse_analysis(placeholder).reject_reason == "heuristic_not_if_then"
+    assert meta_experience.parse_analysis(placeholder).reject_reason == "heuristic_not_if_then"
     missing = PROSE_ONLY[:PROSE_ONLY.index("## Subject Heuristics")]
-    assert E.parse_analysis(missing).reject_reason == "missing_heuristic"
+    assert meta_experience.parse_analysis(missing).reject_reason == "missing_heuristic"
 
 
 # 9. Bullets of every kind, mixed prose kept out, max_heuristics, "Heuristic 1:" sub-headers.
@@ -280,7 +280,7 @@ Here are the rules I derived:
 
 
 def test_mixed_bullets_and_max_heuristics():
-    p = E.parse_analysis(MIXED_BULLETS, max_heuristics=3)
+    p = meta_experience.parse_analysis(MIXED_BULLETS, max_heuristics=3)
     assert p.ok and p.bifurcation_step == 5
     assert p.heuristics == [
         "If an expression can be simplified symbolically, then simplify it before substituting values.",
@@ -288,7 +288,7 @@ def test_mixed_bullets_and_max_heuristics():
         "shortens the arithmetic.",
         "If two expressions share a factor, then cancel it only after checking it is non-zero.",
     ]
-    assert len(E.parse_analysis(MIXED_BULLETS, max_heuristics=10).heuristics) == 4
+    assert len(meta_experience.parse_analysis(MIXED_BULLETS, max_heuristics=10).heuristics) == 4
 
 
 # 10. Base model (no chat template) that puts the bifurcation line above the sections, and an
@@ -304,7 +304,7 @@ Subject Heuristics: If a variable appears on both sides of an equation, then fac
 
 
 def test_base_model_plain_colon_headers():
-    p = E.parse_analysis(BASE_MODEL, question="Solve x^2 = 7x.", gold_answer="0, 7")
+    p = meta_experience.parse_analysis(BASE_MODEL, question="Solve x^2 = 7x.", gold_answer="0, 7")
     assert p.ok, p.reject_reason
     assert p.bifurcation_step == 4
     assert p.reflection == "I cancelled a variable that could be zero."
@@ -314,20 +314,20 @@ def test_base_model_plain_colon_headers():
 
 def test_unfinished_thinking_and_prose_lines_are_not_headers():
     truncated = "<think>\nLet me see. ## Failure Point\nBifurcation step: 2 ... the attempt"
-    assert E.parse_analysis(truncated).reject_reason == "unfinished_thinking"
-    h = E.parse_heuristics(truncated)
+    assert meta_experience.parse_analysis(truncated).reject_reason == "unfinished_thinking"
+    h = meta_experience.parse_heuristics(truncated)
     assert h.heuristics == [] and h.reject_reason == "unfinished_thinking" and h.target_text is None
     # "Success factors were..." at the start of a prose line does not open a section
     prose = NO_STEP.replace("It reread the question.", "It reread the question.\nSuccess factors were few.")
     prose = prose.replace("misread the problem", "misread the problem in Step 2")
-    p = E.parse_analysis(prose)
+    p = meta_experience.parse_analysis(prose)
     assert p.ok and p.success_factors == "It reread the question.\nSuccess factors were few."
 
 
 def test_parse_diagnosis_and_heuristics_separately_on_paper_layout():
-    d = E.parse_diagnosis(QWEN3_THINKING)
+    d = meta_experience.parse_diagnosis(QWEN3_THINKING)
     assert d.ok and d.heuristics == [] and d.bifurcation_step == 3
-    h = E.parse_heuristics(QWEN3_THINKING, gold_answer=GOLD_QUAD, question=Q_QUAD, max_heuristics=1)
+    h = meta_experience.parse_heuristics(QWEN3_THINKING, gold_answer=GOLD_QUAD, question=Q_QUAD, max_heuristics=1)
     assert h.ok and len(h.heuristics) == 1
     assert h.target_text.endswith("then treat the case where it equals zero separately.")
 
@@ -335,15 +335,15 @@ def test_parse_diagnosis_and_heuristics_separately_on_paper_layout():
 def test_tiny_format_keeps_parsing_and_ignores_a_runaway_line():
     text = ("Bifurcation: step 2\nCritique: 12+21=34 should be 12+21=33.\n"
             "Heuristic: If an addition passes a ten, then carry one to the tens.\nQ: 31+47")
-    p = E.parse_analysis(text, gold_answer="28", question="12+7*3-5+31+47")
+    p = meta_experience.parse_analysis(text, gold_answer="28", question="12+7*3-5+31+47")
     assert p.ok and p.layout == "compact" and p.failure is None and p.success_factors is None
     assert p.heuristics == ["If an addition passes a ten, then carry one to the tens."]
 
 
 def test_step_numeral_preferred_over_ordinal_word_and_word_answers():
     text = NO_STEP.replace("misread the problem", "did the first step well but misread the problem in step 3")
-    assert E.parse_analysis(text).bifurcation_step == 3
+    assert meta_experience.parse_analysis(text).bifurcation_step == 3
     rule = LEAK.replace("the probability is 1/6", "it must be a Monday")
-    assert E.parse_analysis(rule, gold_answer="\\text{Monday}").reject_reason == "heuristic_leaks_answer"
-    assert E.parse_analysis(rule.replace("Monday", "Mondays"), gold_answer="Monday").ok
-    assert E.parse_analysis(rule, gold_answer="B").ok  # single letters are too short to call a leak
+    assert meta_experience.parse_analysis(rule, gold_answer="\\text{Monday}").reject_reason == "heuristic_leaks_answer"
+    assert meta_experience.parse_analysis(rule.replace("Monday", "Mondays"), gold_answer="Monday").ok
+    assert meta_experience.parse_analysis(rule, gold_answer="B").ok  # single letters are too short to call a leak

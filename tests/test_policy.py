@@ -7,9 +7,9 @@ import torch
 from conftest import build_micro_model
 
 from mel_core import config as C
-from mel_core.engines.base import SamplingParams
-from mel_core.engines.hf import HFEngine
-from mel_core.policy import NLLBatch, NonFiniteLoss, Policy, RLBatch
+from mel_core.model.engines.base import SamplingParams
+from mel_core.model.engines.hf import HFEngine
+from mel_core.model.policy import NLLBatch, NonFiniteLoss, Policy, RLBatch
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(micro_path, tmp_pa
 
 
 def test_a_sequence_longer_than_the_window_is_refused_not_cut(micro_path):
-    """The stages make every sequence fit (mel_core.retrospective); one that does not is a bug, never trained on a
+    """The stages make every sequence fit (mel_core.algorithm.retrospective); one that does not is a bug, never trained on a
     context with its head cut off."""
     p = Policy(_cfg("model.max_seq_len=16"), micro_path)
     with pytest.raises(ValueError, match="longer than model.max_seq_len=16"):

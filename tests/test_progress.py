@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from mel_core import config as C
-from mel_core import progress, tiny
+from mel_core import progress
 from mel_core.config import SyntheticConfig, TinyModelConfig
-from mel_core.engines.base import SamplingParams
-from mel_core.engines.hf import HFEngine
-from mel_core.prompts import PromptSet
+from mel_core.model import tiny
+from mel_core.model.engines.base import SamplingParams
+from mel_core.model.engines.hf import HFEngine
+from mel_core.problems.prompts import PromptSet
 
 MICRO = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=300,
              max_position_embeddings=256)

@@ -1,6 +1,6 @@
 import pytest
 
-from mel_core.prompts import PromptSet
+from mel_core.problems.prompts import PromptSet
 
 
 def test_tiny_prompts_render_incorrect_first():

@@ -14,7 +14,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from mel_core.store import Store, release_connections
+from mel_core.store.writer import Store, release_connections
 from tests.test_hostile import mel, one_line
 
 LONG = "If a step uses an earlier result, then copy that result exactly, " * 3  # 195 characters

@@ -17,7 +17,8 @@ import time
 import pytest
 
 from mel_app import cli
-from mel_core.store import VIEWS, StoreReader
+from mel_core.store.reader import StoreReader
+from mel_core.store.schema import VIEWS
 
 pytestmark = pytest.mark.slow
 

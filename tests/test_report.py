@@ -12,8 +12,12 @@ import pytest
 
 from mel_app.cli import main as mel
 from mel_core import config as C
-from mel_core import report
-from mel_core.store import PRIMARY_KEYS, TABLES, Store, StoreReader, make_id
+from mel_core.ids import make_id
+from mel_core.store import run_reads
+from mel_core.store.reader import StoreReader
+from mel_core.store.schema import PRIMARY_KEYS, TABLES
+from mel_core.store.writer import Store
+from mel_core.study import report
 from tests.scripted import Script, scripted_runtimes
 
 pytestmark = pytest.mark.slow
@@ -151,7 +155,7 @@ def test_report_shows_recorded_evaluations_and_tolerates_a_missing_table(micro_r
     con.execute("DROP TABLE evals")
     con.close()
     with StoreReader(older) as reader:
-        assert report._evals(reader, result["run_id"]) == []
+        assert run_reads.evaluation_curves(reader, result["run_id"]) == []
 
 
 def test_mel_report_finds_a_run_by_name_id_dir_or_file(micro_run, tmp_path, capsys):

@@ -12,10 +12,11 @@ import pytest
 
 from mel_app import cli
 from mel_core import config as C
-from mel_core import evaluate, runlock
-from mel_core.runtime import Checkpoint
-from mel_core.store import Store, StoreReader
-from mel_core.verify import Verifier
+from mel_core.algorithm.rewards.verifier import Verifier
+from mel_core.run import lock
+from mel_core.store.reader import StoreReader
+from mel_core.store.writer import Store
+from mel_core.study import evaluation
 from tests.scripted import Script, run_step, scripted_runtime
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def math_run(tmp_path, micro_model):
         "eval.k=0", f"eval.datasets=[{data}]"])
     rt, base = scripted_runtime(cfg, math_script())
     out = run_step(rt, 1, base)
-    evaluate.evaluate(rt, Checkpoint(out["checkpoint_id"], out["path"]), str(data))
+    evaluation.evaluate(rt, out["checkpoint"], str(data))
     rt.store.publish()
     return rt
 
@@ -127,7 +128,7 @@ def test_rescore_refuses_bad_input_in_one_line(math_run, capsys, tmp_path):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
-    with runlock.run_lock(math_run.run_dir, log=lambda _: None):  # as a campaign holds it
+    with lock.run_lock(math_run.run_dir, log=lambda _: None):  # as a campaign holds it
         assert cli.main(["rescore", run, "verify.extraction=boxed_last"]) == 2
         assert "in use by a campaign" in capsys.readouterr().err
     assert math_run.store.query("SELECT count(*) AS n FROM rewards")[0]["n"] == 0
@@ -136,7 +137,7 @@ def test_rescore_refuses_bad_input_in_one_line(math_run, capsys, tmp_path):
 def test_a_world_subset_is_rescored_by_the_world_verifier_not_math_verify():
     """Evaluations of 'synthetic:<subset>' (the rules world's per-rule sets) are the world's answers: rescoring
     them with math-verify would turn every correct `Answer: nine` into no_answer."""
-    from mel_core import rescore
+    from mel_core.study import rescore
 
     cfg = C.load("configs/tiny-rules.yaml")
     verifiers = {kind: Verifier.from_config(cfg.verify, kind) for kind in ("synthetic", "math")}

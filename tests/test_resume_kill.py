@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mel_core.store import Store, StoreReader
+from mel_core.store.reader import StoreReader
+from mel_core.store.writer import Store
 
 pytestmark = pytest.mark.slow
 

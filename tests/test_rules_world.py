@@ -1,4 +1,4 @@
-"""The rules world (mel_core/worlds/rules.py): solving, splits by rule, the warm start's weak rules, the error model,
+"""The rules world (mel_core/problems/worlds/rules.py): solving, splits by rule, the warm start's weak rules, the error model,
 its analyses as the parser reads them, the oracle analyst, and evaluation datasets of one rule."""
 
 import random
@@ -8,11 +8,15 @@ from collections import Counter
 import pytest
 
 from mel_core import config as config_mod
-from mel_core import evaluate, meta_experience, tiny, worlds
+from mel_core import vocabulary
+from mel_core.algorithm import meta_experience
+from mel_core.algorithm.rewards.synthetic import verify_synthetic
 from mel_core.config import ConfigError, RulesWorldConfig, SyntheticConfig
-from mel_core.prompts import PromptSet
-from mel_core.verify import verify_synthetic
-from mel_core.worlds import rules as R
+from mel_core.model import tiny
+from mel_core.problems import worlds
+from mel_core.problems.prompts import PromptSet
+from mel_core.problems.worlds import rules as R
+from mel_core.study import evaluation
 
 
 def synthetic(**rules) -> SyntheticConfig:
@@ -105,7 +109,7 @@ def test_a_subset_exercises_exactly_its_rule_and_breaking_it_changes_the_answer(
 
 
 def test_too_small_question_space_is_a_data_error():
-    from mel_core.problems import DataError
+    from mel_core.problems.problem import DataError
 
     with pytest.raises(DataError, match="lower the split size"):
         R.problems(SyntheticConfig(world="rules", eval_size=400, rules=RulesWorldConfig(min_commands=1,
@@ -255,7 +259,7 @@ def test_oracle_analysis_of_a_slip_is_none_and_of_a_rule_error_names_the_true_ru
 
 
 def test_registered_and_configured():
-    assert "rules" in worlds.WORLD_NAMES and worlds.get("rules") is R.WORLD
+    assert "rules" in vocabulary.WORLDS and worlds.get("rules") is R.WORLD
     cfg = config_mod.load("configs/tiny-rules.yaml")
     assert cfg.data.synthetic.world == "rules" and cfg.model.tiny.tokenizer == "words"
     assert cfg.data.synthetic.rules.weak_rules == ["skip", "jump", "stay"]
@@ -269,21 +273,21 @@ def test_registered_and_configured():
 
 def test_held_out_subsets_are_named_evaluation_datasets():
     cfg = config_mod.load("configs/tiny-rules.yaml", ["data.synthetic.eval_size=40", "eval.max_problems=0"])
-    whole = evaluate.load_dataset(cfg, "synthetic")
-    parts = {s: evaluate.load_dataset(cfg, f"synthetic:{s}") for s in R.SUBSETS}
+    whole = evaluation.load_dataset(cfg, "synthetic")
+    parts = {s: evaluation.load_dataset(cfg, f"synthetic:{s}") for s in R.SUBSETS}
     assert whole.name == "synthetic" and len(whole.problems) == 40
     for name, ds in parts.items():
-        assert ds.name == evaluate.dataset_name(f"synthetic:{name}") == f"synthetic:{name}"
+        assert ds.name == evaluation.dataset_name(f"synthetic:{name}") == f"synthetic:{name}"
         assert ds.reward_kind == "synthetic" and len(ds.problems) == 10
         assert {p.meta["subset"] for p in ds.problems} == {name}
     assert sorted(p.problem_id for ds in parts.values() for p in ds.problems) == sorted(p.problem_id for p in whole.problems)
     capped = config_mod.load("configs/tiny-rules.yaml", ["data.synthetic.eval_size=40", "eval.max_problems=3"])
-    assert [p.problem_id for p in evaluate.load_dataset(capped, "synthetic:stay").problems] == \
+    assert [p.problem_id for p in evaluation.load_dataset(capped, "synthetic:stay").problems] == \
         [p.problem_id for p in parts["stay"].problems[:3]]
     with pytest.raises(ConfigError, match="no subset 'carry'"):
-        evaluate.load_dataset(cfg, "synthetic:carry")
+        evaluation.load_dataset(cfg, "synthetic:carry")
     with pytest.raises(ConfigError, match="subsets: none"):
-        evaluate.load_dataset(config_mod.load("configs/tiny.yaml"), "synthetic:stay")  # arithmetic has none
+        evaluation.load_dataset(config_mod.load("configs/tiny.yaml"), "synthetic:stay")  # arithmetic has none
 
 
 class _SolvesOneRule:
@@ -308,14 +312,14 @@ def test_evaluating_a_subset_measures_accuracy_on_that_rule(micro_model, tmp_pat
         "eval.max_new_tokens=400",  # the micro model's tokenizer spells the words in pieces
         "data.synthetic.eval_size=24", "data.synthetic.train_size=24"])
     rt, base = scripted_runtime(cfg, _SolvesOneRule("jump"))
-    results = {d: evaluate.evaluate(rt, base, d) for d in ["synthetic", "synthetic:jump", "synthetic:stay"]}
+    results = {d: evaluation.evaluate(rt, base, d) for d in ["synthetic", "synthetic:jump", "synthetic:stay"]}
     assert results["synthetic"]["metrics"]["pass@1"] == pytest.approx(0.25)
     assert results["synthetic:jump"]["metrics"]["pass@1"] == 1.0 and results["synthetic:jump"]["num_problems"] == 6
     assert results["synthetic:stay"]["metrics"]["pass@1"] == 0.0
     view = {r["dataset"]: r["pass_at_1"] for r in rt.store.query("SELECT * FROM heldout_accuracy")}
     assert view == {"synthetic": 0.25, "synthetic:jump": 1.0, "synthetic:stay": 0.0}
     samples = rt.store.query("SELECT DISTINCT dataset, problem_id FROM eval_samples WHERE dataset = 'synthetic:jump'")
-    jump_ids = {p.problem_id for p in evaluate.load_dataset(cfg, "synthetic:jump").problems}
+    jump_ids = {p.problem_id for p in evaluation.load_dataset(cfg, "synthetic:jump").problems}
     assert {s["problem_id"] for s in samples} == jump_ids
 
 

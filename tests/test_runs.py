@@ -1,6 +1,6 @@
 """`mel runs` over a root of constructed run directories, one per status, through the real bookkeeping.
 
-finished: a whole step executed stage by stage (`bookkeeping.execute`, as the tasks do) with run.steps=1, plus
+finished: a whole step executed stage by stage (`executions.execute`, as the tasks do) with run.steps=1, plus
 an evaluation; failed: an injected permanent fault in verify; interrupted: a stage left `running` (what a
 killed process leaves) and a stage stopped by Ctrl-C; running: the run lock held by this test process. Also:
 the parent of a forked run (a store with `runs.parent_run_id`), a foreign file named without stopping the
@@ -12,11 +12,12 @@ import hashlib
 import duckdb
 import pytest
 
-from mel_core import bookkeeping, runlock, stages
 from mel_core import config as C
-from mel_core.records import now
-from mel_core.runs import run_status
-from mel_core.store import make_id, release_connections
+from mel_core.ids import make_id, now
+from mel_core.run import executions, lock
+from mel_core.run.listing import run_status
+from mel_core.step import stages
+from mel_core.store.writer import release_connections
 from tests.scripted import Script, scripted_runtime
 from tests.test_hostile import mel, one_line
 
@@ -33,8 +34,8 @@ def execute_step(rt, step, ckpt) -> dict:
     """One step with every stage's execution recorded in stage_runs, as tasks.common.run_stage records it."""
     for stage in ("sample", "verify", "pair", "diagnose", "abstract", "replay"):
         extra = () if stage in ("verify", "pair") else (ckpt,)
-        bookkeeping.execute(rt, stage, step, getattr(stages, stage), step, *extra)
-    return bookkeeping.execute(rt, "update", step, stages.update, step, ckpt)
+        executions.execute(rt, stage, step, getattr(stages, stage), step, *extra)
+    return executions.execute(rt, "update", step, stages.update, step, ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +54,13 @@ def root(tmp_path_factory, micro_model):
 
     rt, base = make_run(root, micro_model, "broken", "run.steps=2",
                         "orchestration.faults=[{stage: verify, step: 1, when: before, kind: permanent}]")
-    bookkeeping.execute(rt, "sample", 1, stages.sample, 1, base)
+    executions.execute(rt, "sample", 1, stages.sample, 1, base)
     with pytest.raises(Exception, match="injected permanent fault"):
-        bookkeeping.execute(rt, "verify", 1, stages.verify, 1)
+        executions.execute(rt, "verify", 1, stages.verify, 1)
     ids["broken"] = (rt.run_id, base.checkpoint_id)
 
     rt, base = make_run(root, micro_model, "killed", "run.steps=2")
-    bookkeeping.execute(rt, "sample", 1, stages.sample, 1, base)
+    executions.execute(rt, "sample", 1, stages.sample, 1, base)
     # what execute writes before a stage body; the process is then killed, so nothing closes the row
     rt.store.insert("stage_runs", [{"stage_run_id": "killed-verify", "run_id": rt.run_id, "step": 1, "stage": "verify",
                                     "started_at": now(), "status": "running"}])
@@ -72,7 +73,7 @@ def root(tmp_path_factory, micro_model):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        bookkeeping.execute(rt, "sample", 1, ctrl_c, 1, base)
+        executions.execute(rt, "sample", 1, ctrl_c, 1, base)
     ids["stopped"] = (rt.run_id,)
 
     rt, base = make_run(root, micro_model, "live", "run.steps=2")
@@ -121,14 +122,14 @@ def test_each_run_has_its_status_steps_checkpoint_accuracy_and_parent(root):
 
 def test_a_held_run_lock_is_running(root):
     root, _ = root
-    with runlock.run_lock(root / "live", log=lambda s: None):
+    with lock.run_lock(root / "live", log=lambda s: None):
         assert listing(root)[0]["live"]["status"] == "running"
         assert listing(root)[0]["broken"]["status"] == "failed"  # only the held directory
     assert listing(root)[0]["live"]["status"] == "interrupted"
 
 
 def test_a_directory_held_before_its_store_exists_is_running(tmp_path):
-    with runlock.run_lock(tmp_path / "warming", log=lambda s: None):
+    with lock.run_lock(tmp_path / "warming", log=lambda s: None):
         rows, _ = listing(tmp_path)
     assert rows["warming"]["status"] == "running" and rows["warming"]["run id"] == "-"
 

@@ -17,7 +17,7 @@ pytest.importorskip("prefect_ray", reason="prefect-ray not installed: run make t
 import torch
 from safetensors.torch import load_file
 
-from mel_core.store import Store
+from mel_core.store.writer import Store
 from tests.servers import MEL, standalone_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from mel_app import serve
-from mel_core.store import Store
+from mel_core.store.writer import Store
 from tests.servers import MEL, free_port, wait_for
 
 pytestmark = pytest.mark.slow

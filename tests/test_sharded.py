@@ -5,11 +5,11 @@ and after an update (the worker must load the version a job names)."""
 import torch
 
 from mel_core import config as C
-from mel_core.engines import worker
-from mel_core.engines.base import SamplingParams
-from mel_core.engines.hf import HFEngine
-from mel_core.engines.sharded import ChunkJob, ShardedEngine
-from mel_core.policy import Policy, RLBatch
+from mel_core.model.engines import worker
+from mel_core.model.engines.base import SamplingParams
+from mel_core.model.engines.hf import HFEngine
+from mel_core.model.engines.sharded import ChunkJob, ShardedEngine
+from mel_core.model.policy import Policy, RLBatch
 
 PROMPTS = ["Q: 3+4*2 =", "Q: 12-5 =", "Q: 7*6 =", "Q: 9+9-1 =", "Q: 40/8 ="]
 

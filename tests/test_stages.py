@@ -4,9 +4,11 @@ import pytest
 import torch
 from conftest import build_micro_model
 
-from mel_core import bookkeeping, meta_experience, stages
 from mel_core import config as C
-from mel_core.runtime import Runtime
+from mel_core.algorithm import meta_experience
+from mel_core.run import executions
+from mel_core.step import stages
+from mel_core.step.runtime import Runtime
 from tests.scripted import Script, run_step, scripted_runtime
 
 pytestmark = pytest.mark.slow
@@ -40,7 +42,7 @@ def test_two_pass_generates_heuristics_from_the_diagnosis(tmp_path, micro_model)
     accepted = rt.store.query("SELECT count(*) AS n FROM analyses WHERE status = 'accepted'")[0]["n"]
     update = rt.store.query("SELECT num_nll_sequences FROM updates")[0]
     assert update["num_nll_sequences"] == 2 * accepted  # M spans two generations, each an NLL target
-    assert out["checkpoint_id"] != base.checkpoint_id
+    assert out["checkpoint"].checkpoint_id != base.checkpoint_id
 
 
 def test_chat_template_wraps_what_is_generated_stored_and_trained(tmp_path):
@@ -53,7 +55,7 @@ def test_chat_template_wraps_what_is_generated_stored_and_trained(tmp_path):
                                        "prompts.chat_template=true"])
     rt = Runtime(cfg)
     base = rt.base_checkpoint
-    bookkeeping.register_run(rt, base)
+    executions.register_run(rt, base)
     run_step(rt, 1, base, experience_stages=False)
     rows = rt.store.query("SELECT question, prompt_text FROM prompts")
     assert len(rows) == 2
@@ -75,8 +77,8 @@ def test_update_killed_after_its_checkpoint_resumes_from_it(tmp_path, monkeypatc
     checkpoint and its stats instead of training again."""
     from safetensors.torch import load_file
 
-    from mel_core.checkpoint_files import saved_update_stats
-    from mel_core.policy import Policy
+    from mel_core.model.checkpoints import saved_update_stats
+    from mel_core.model.policy import Policy
 
     cfg = C.load("configs/tiny.yaml", ["run.name=resume-ckpt", f"run.root_dir={tmp_path}", "sampling.prompts_per_step=4",
                                        f"model.name_or_path={micro_model}", "experience.enabled=false", "loss.nll_coef=0"])
@@ -84,7 +86,7 @@ def test_update_killed_after_its_checkpoint_resumes_from_it(tmp_path, monkeypatc
     stages.sample(rt, 1, base)
     stages.verify(rt, 1)
     out = stages.update(rt, 1, base)
-    saved = saved_update_stats(out["path"])
+    saved = saved_update_stats(out["checkpoint"].path)
     assert saved and saved["num_sequences"] == 4 * cfg.sampling.group_size
     # the crash: the checkpoint is on disk, its rows are not; a new process starts from the base policy
     rt.store.execute("DELETE FROM updates")
@@ -92,9 +94,9 @@ def test_update_killed_after_its_checkpoint_resumes_from_it(tmp_path, monkeypatc
     rt.ensure_version(base)
     monkeypatch.setattr(Policy, "train_step", lambda *a, **k: pytest.fail("the update trained again"))
     again = stages.update(rt, 1, base)
-    assert again["checkpoint_id"] == out["checkpoint_id"]
+    assert again["checkpoint"].checkpoint_id == out["checkpoint"].checkpoint_id
     row = rt.store.query("SELECT loss, num_sequences FROM updates")[0]
     assert row == {"loss": saved["loss"], "num_sequences": saved["num_sequences"]}
-    weights = load_file(f"{out['path']}/model.safetensors")
+    weights = load_file(f"{out['checkpoint'].path}/model.safetensors")
     served = dict(rt.policy.model.named_parameters())
     assert all(torch.equal(served[k], v) for k, v in weights.items() if k in served)

@@ -1,14 +1,10 @@
 import pytest
 
-from mel_core.store import (
-    ReadOnlyViolation,
-    Store,
-    StoreReader,
-    check_read_only,
-    make_id,
-    release_connections,
-)
-from mel_core.tabular import format_table
+from mel_core.ids import make_id
+from mel_core.store.database import ReadOnlyViolation
+from mel_core.store.query_output import format_table
+from mel_core.store.reader import StoreReader, check_read_only
+from mel_core.store.writer import Store, release_connections
 
 
 def test_ids_are_deterministic():
@@ -109,7 +105,7 @@ def test_writer_shares_one_connection_per_burst_and_lets_go_when_idle(tmp_path):
     import subprocess
     import sys
 
-    from mel_core.store import _shared
+    from mel_core.store.writer import _shared
 
     s = Store(tmp_path / "m.duckdb")
     shared = _shared(s.path, Store.IDLE_RELEASE_S)
@@ -119,7 +115,7 @@ def test_writer_shares_one_connection_per_burst_and_lets_go_when_idle(tmp_path):
     assert con is not None and shared.con is con  # the burst reused the open connection
     # idle: the lock goes back, so another writer process (mel eval adding evaluations) gets in
     reader = subprocess.run([sys.executable, "-c", (
-        "import sys; from mel_core.store import Store; "
+        "import sys; from mel_core.store.writer import Store; "
         "print(Store(sys.argv[1], lock_wait_s=5).query('SELECT count(*) AS n FROM metrics')[0]['n'])"),
         str(s.path)], capture_output=True, text=True, timeout=60)
     assert reader.returncode == 0, reader.stderr

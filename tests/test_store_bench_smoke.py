@@ -53,7 +53,8 @@ def test_writer_insert_paths_match_insert_or_ignore(tmp_path):
     batches): whatever path it takes, the table must end up exactly as INSERT OR IGNORE leaves it."""
     import pyarrow as pa
 
-    from mel_core.store import TABLES, Store
+    from mel_core.store.schema import TABLES
+    from mel_core.store.writer import Store
 
     batches = [
         ("rollouts", [{"rollout_id": f"r{i}", "text": f"t{i}", "token_ids": [i, i + 1]} for i in range(50)]),

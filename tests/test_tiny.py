@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mel_core import config as config_mod
-from mel_core import tiny
 from mel_core.config import SyntheticConfig, TinyModelConfig
-from mel_core.prompts import PromptSet
-from mel_core.worlds import arithmetic, rules
+from mel_core.model import tiny
+from mel_core.problems.prompts import PromptSet
+from mel_core.problems.worlds import arithmetic, rules
 
 torch.set_num_threads(2)
 
@@ -130,7 +130,7 @@ def test_examples_mask_the_prompt(prompts, tokenizer):
                 tiny.validation_example(prompts, world, SyntheticConfig(), "12+7*3-5", rng)]
     assert examples[1].target.startswith("Bifurcation: step ") and "Wrong:" in examples[1].prompt
     assert examples[2].prompt.startswith("Hint: Bifurcation: step ")  # the whole M of an error (replay_context full)
-    input_ids, attention, labels = tiny.encode_examples(tokenizer, examples)
+    input_ids, attention, labels = tiny.pad_sequences(tiny.tokenize_examples(tokenizer, examples), tokenizer.pad_token_id)
     for row, ex in enumerate(examples):
         target = labels[row][labels[row] != -100].tolist()
         assert target[-1] == tokenizer.eos_token_id

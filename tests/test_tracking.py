@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from mel_core import config as C
-from mel_core import tracker_names, tracking
-from mel_core.summary import acceptance, base_and_last, campaign_markdown
+from mel_core import vocabulary
+from mel_core.study import tracking
+from mel_core.study.summary import acceptance, base_and_last, campaign_markdown
 from tests import wandb_files
 
 RUN_ID = "run_0123456789abcdef"
@@ -48,8 +49,8 @@ def test_a_bad_tracker_is_one_line_naming_the_key(value, message):
 
 
 def test_a_missing_package_names_the_key_and_the_pip_install(monkeypatch):
-    real = tracker_names.importlib.util.find_spec
-    monkeypatch.setattr(tracker_names.importlib.util, "find_spec", lambda m: None if m == "mlflow" else real(m))
+    real = vocabulary.importlib.util.find_spec
+    monkeypatch.setattr(vocabulary.importlib.util, "find_spec", lambda m: None if m == "mlflow" else real(m))
     with pytest.raises(C.ConfigError) as e:
         C.load("configs/tiny.yaml", ["logging.report_to=[mlflow]"])
     assert str(e.value) == ("override 'logging.report_to=[mlflow]': config key 'logging.report_to': mlflow needs "
@@ -58,7 +59,7 @@ def test_a_missing_package_names_the_key_and_the_pip_install(monkeypatch):
 
 def test_an_import_that_fails_when_the_tracker_opens_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
-    monkeypatch.setattr(tracker_names.importlib.util, "find_spec", lambda m: None)
+    monkeypatch.setattr(vocabulary.importlib.util, "find_spec", lambda m: None)
     settings = C.LoggingConfig(report_to=["wandb"])
     with pytest.raises(C.ConfigError, match=r"'logging.report_to': wandb needs the package wandb: pip install wandb"):
         tracking.Tracking(settings, RUN_ID, tmp_path)

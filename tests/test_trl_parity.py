@@ -1,4 +1,4 @@
-"""Parity of mel_core.losses with TRL 1.16's GRPOTrainer on a tiny Qwen2 (CPU, fp32, no downloads).
+"""Parity of mel_core.algorithm.losses with TRL 1.16's GRPOTrainer on a tiny Qwen2 (CPU, fp32, no downloads).
 
 * Policy losses: TRL's private ``GRPOTrainer._compute_loss(model, inputs)`` on hand-made ragged inputs
   (left-padded prompts, right-padded completions, pi_old far from pi_theta so that clipping is active)
@@ -14,7 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mel_core import losses
+from mel_core.algorithm import losses
+
+
+def group_ids(num_prompts: int, group_size: int) -> torch.Tensor:
+    """Group ids of contiguous groups of rollouts, as the update stage builds them: [0,0,..,1,1,..]. # [N]"""
+    return torch.arange(num_prompts, dtype=torch.long).repeat_interleave(group_size)
 
 trl = pytest.importorskip("trl")
 assert trl.__version__ == "1.16.0", f"parity pinned to trl 1.16.0, found {trl.__version__}"
@@ -185,7 +190,7 @@ def test_advantages_match_trl(trainer, scale_rewards, name):
         out = trainer._generate_and_score_completions(inputs)
     trainer.scale_rewards = "group"
     theirs = out["advantages"]
-    ours = losses.ADVANTAGES[name](torch.tensor(REWARDS), losses.group_ids_for(n_prompts, G))
+    ours = losses.ADVANTAGES[name](torch.tensor(REWARDS), group_ids(n_prompts, G))
     delta = (ours - theirs).abs().max().item()
     MEASURED[f"advantage {name}"] = delta
     print(f"advantage {name} (scale_rewards={scale_rewards}): max|Δ|={delta:.2e}")

@@ -67,7 +67,7 @@ def _one_process(tmp_path_factory, micro, situation: str) -> tuple[dict, dict]:
     """(update row, weights) of the situation's step in one process, computed once per test session."""
     if situation not in _REFERENCE:
         rt, _, out = _run_step(tmp_path_factory.mktemp(f"ref-{situation}"), micro, situation, "one_process")
-        _REFERENCE[situation] = (rt.store.query("SELECT * FROM updates")[0], _weights(out["path"]))
+        _REFERENCE[situation] = (rt.store.query("SELECT * FROM updates")[0], _weights(out["checkpoint"].path))
     return _REFERENCE[situation]
 
 
@@ -86,11 +86,11 @@ def test_every_update_path_records_every_kind_of_step(tmp_path, tmp_path_factory
     assert update["num_sequences"] == prompts * 4
     assert update["num_nll_sequences"] == accepted and links == accepted
     assert (update["nll_loss"] is None) == (accepted == 0)  # the NLL of nothing is undefined, not 0
-    assert update["checkpoint_out"] == out["checkpoint_id"] != base.checkpoint_id
-    weights = _weights(out["path"])
+    assert update["checkpoint_out"] == out["checkpoint"].checkpoint_id != base.checkpoint_id
+    weights = _weights(out["checkpoint"].path)
     assert all(torch.isfinite(t).all() for t in weights.values())
     if path == "lora":
-        assert not (Path(out["path"]) / "model.safetensors").exists(), "a LoRA checkpoint holds adapters only"
+        assert not (Path(out["checkpoint"].path) / "model.safetensors").exists(), "a LoRA checkpoint holds adapters only"
         start = {k: torch.zeros_like(v) for k, v in weights.items() if "lora_B" in k}  # B starts at 0
         moved = any(not torch.equal(weights[k], v) for k, v in start.items())
     else:

@@ -1,4 +1,4 @@
-"""Tests for mel_core.verify: synthetic rewards, math-verify in worker processes, MATH-500 and Math-Verify's cases.
+"""Tests for mel_core.algorithm.rewards: synthetic rewards, math-verify in worker processes, MATH-500 and Math-Verify's cases.
 
 The data come from the repository's own ``data/`` folder (copies of the offline data set, see data/SOURCES.md).
 """
@@ -19,22 +19,12 @@ from pathlib import Path
 import pytest
 
 from mel_core import config as C
-from mel_core import verify as V
-from mel_core.verify import (
-    Verdict,
-    Verifier,
-    compare,
-    compare_batch,
-    extract_synthetic_answer,
-    extract_synthetic_text,
-    last_boxed_answer,
-    normalize_gold,
-    reward_kind_for_source,
-    verify_batch,
-    verify_math,
-    verify_math_batch,
-    verify_synthetic,
-)
+from mel_core.algorithm.rewards import pool as verify_pool
+from mel_core.algorithm.rewards.boxed import last_boxed_answer
+from mel_core.algorithm.rewards.math_answers import compare, compare_batch, verify_math, verify_math_batch
+from mel_core.algorithm.rewards.synthetic import extract_synthetic_answer, extract_synthetic_text, verify_synthetic
+from mel_core.algorithm.rewards.verdicts import Verdict, normalize_gold
+from mel_core.algorithm.rewards.verifier import Verifier, reward_kind_for_source, verify_batch
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -107,10 +97,10 @@ def test_synthetic_answers_that_are_not_integers_match_exactly():
 
 
 def test_verify_batch_synthetic_runs_inline():
-    V.shutdown_pool()
+    verify_pool.shutdown_pool()
     vs = verify_batch("synthetic", ["Answer: 1", "Answer: 2", "nothing"], [1, "3", 0], timeout_s=1)
     assert [v.reason for v in vs] == ["correct", "wrong_answer", "no_answer"]
-    assert V._POOL is None  # no worker pool involved
+    assert verify_pool._POOL is None  # no worker pool involved
 
 
 def test_verify_batch_validates_arguments():
@@ -317,7 +307,7 @@ def test_verifier_from_config_and_identity():
     assert Verifier("math", "boxed_last", "zero", 5).identity_hash == v.identity_hash
     import subprocess
     import sys
-    code = "from mel_core.verify import Verifier; print(Verifier('math').identity_hash)"
+    code = "from mel_core.algorithm.rewards import Verifier; print(Verifier('math').identity_hash)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == v.identity_hash
@@ -392,7 +382,7 @@ def test_math_from_a_thread_pool(main_thread_verdicts):
 
 
 def test_timeout_via_test_hook_then_next_items_still_verify():
-    pool = V._pool()
+    pool = verify_pool.shared_pool()
     killed = pool.stats["killed_timeout"]
     texts = [r"$\boxed{1}$", r"$\boxed{2}$", r"$\boxed{3}$"]
     t0 = time.monotonic()
@@ -418,22 +408,22 @@ def test_timeout_on_a_pathological_answer_from_a_thread():
 
 def test_worker_killed_while_idle_is_replaced():
     verify_math(r"$\boxed{1}$", "1", timeout_s=20)
-    pids = V._pool().worker_pids()
+    pids = verify_pool.shared_pool().worker_pids()
     assert pids
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     # at once (pebble has not noticed yet and takes the batch) and again once it has (it declared the pool broken)
     assert verify_math(r"$\boxed{3}$", "3", timeout_s=20) == Verdict(1.0, "3", "correct")
-    for pid in V._pool().worker_pids():
+    for pid in verify_pool.shared_pool().worker_pids():
         os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
     assert verify_math_batch([r"$\boxed{1}$", r"$\boxed{2}$"], ["1", "2"], 20) == [
         Verdict(1.0, "1", "correct"), Verdict(1.0, "2", "correct")]
-    assert not set(pids) & set(V._pool().worker_pids())
+    assert not set(pids) & set(verify_pool.shared_pool().worker_pids())
 
 
 def test_worker_crash_mid_item_costs_that_item_only():
-    pool = V._pool()
+    pool = verify_pool.shared_pool()
     crashed = pool.stats["crashed"]
     out = pool.run([("math", (r"\boxed{1}", "1")), ("_test_crash", ()), ("math", (r"\boxed{2}", "3"))], 20)
     assert out == [("ok", (1.0, "1", "correct")), ("err", "error: WorkerCrashed"), ("ok", (0.0, "2", "wrong_answer"))]
@@ -443,7 +433,7 @@ def test_worker_crash_mid_item_costs_that_item_only():
 
 def test_memory_cap_fails_the_item_not_the_machine():
     """Workers run under RLIMIT_AS (MEL_VERIFY_MEMORY_MB, default 4096): a larger allocation is a MemoryError."""
-    out = V._pool().run([("_test_alloc", (8 << 30,)), ("_test_alloc", (1 << 20,))], 20)
+    out = verify_pool.shared_pool().run([("_test_alloc", (8 << 30,)), ("_test_alloc", (1 << 20,))], 20)
     assert out == [("err", "error: MemoryError"), ("ok", 1 << 20)]
 
 
@@ -451,15 +441,15 @@ def test_memory_cap_fails_the_item_not_the_machine():
 def test_workers_are_spawned_not_forked():
     """No fork of this (threaded) process: each worker is a fresh interpreter running multiprocessing's spawn_main."""
     verify_math(r"$\boxed{1}$", "1", timeout_s=20)
-    pids = V._pool().worker_pids()
+    pids = verify_pool.shared_pool().worker_pids()
     assert pids
     for pid in pids:
         assert b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def test_shutdown_and_restart():
-    V.shutdown_pool()
-    assert V._POOL is None
+    verify_pool.shutdown_pool()
+    assert verify_pool._POOL is None
     assert verify_math(r"$\boxed{3}$", "3", timeout_s=20).reward == 1.0
 
 
@@ -476,7 +466,7 @@ def test_math500_reference_solutions_all_verify():
                                               ["stop"] * len(rows))
     elapsed = time.perf_counter() - t0
     print(f"\nMATH-500: 500 reference solutions verified in {elapsed:.2f} s "
-          f"with {V._pool().max_workers} worker(s)")
+          f"with {verify_pool.shared_pool().max_workers} worker(s)")
     bad = [(r["unique_id"], v) for r, v in zip(rows, vs) if v.reason != "correct"]
     assert not bad, bad[:5]
 
@@ -523,11 +513,11 @@ def test_compare_single():
 
 
 def test_module_import_is_light():
-    """mel_core.verify imports only the standard library (pebble loads on first use, math_verify/sympy in the
+    """mel_core.algorithm.rewards imports only the standard library (pebble loads on first use, math_verify/sympy in the
     workers; no prefect)."""
     import subprocess
     import sys
 
-    code = ("import sys, mel_core.verify; bad = [m for m in ('prefect', 'math_verify', 'sympy', 'torch', 'pebble') "
+    code = ("import sys, mel_core.algorithm.rewards; bad = [m for m in ('prefect', 'math_verify', 'sympy', 'torch', 'pebble') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)

@@ -15,15 +15,18 @@ pytest.importorskip("vllm", reason="vllm not installed: run make test-vllm")
 
 import torch  # noqa: E402
 
-from mel_core import bookkeeping, losses, stages, tiny  # noqa: E402
-from mel_core import config as C  # noqa: E402
-from mel_core.engines.base import SamplingParams  # noqa: E402
-from mel_core.engines.hf import HFEngine  # noqa: E402
-from mel_core.engines.vllm import VLLMEngine  # noqa: E402
-from mel_core.policy import Policy, RLBatch  # noqa: E402
-from mel_core.prompts import PromptSet  # noqa: E402
-from mel_core.runtime import Runtime  # noqa: E402
-from mel_core.worlds import arithmetic  # noqa: E402
+from mel_core import config as C
+from mel_core.algorithm import losses
+from mel_core.model import tiny
+from mel_core.model.engines.base import SamplingParams
+from mel_core.model.engines.hf import HFEngine
+from mel_core.model.engines.vllm import VLLMEngine
+from mel_core.model.policy import Policy, RLBatch
+from mel_core.problems.prompts import PromptSet
+from mel_core.problems.worlds import arithmetic
+from mel_core.run import executions
+from mel_core.step import stages
+from mel_core.step.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -208,7 +211,7 @@ def test_runtime_with_vllm_serves_every_update(tmp_path, prompts, base_greedy):
     rt = Runtime(cfg)
     try:
         base = rt.base_checkpoint
-        bookkeeping.register_run(rt, base)
+        executions.register_run(rt, base)
         stages.sample(rt, 1, base)
         assert isinstance(rt.engine, VLLMEngine) and rt.engine.version == base.checkpoint_id
         _assert_same_greedy(_greedy(rt.engine, prompts), base_greedy)
@@ -219,7 +222,7 @@ def test_runtime_with_vllm_serves_every_update(tmp_path, prompts, base_greedy):
         assert verified["mixed_groups"] > 0  # else the update has no signal and nothing to test
         out = stages.update(rt, 1, base)
 
-        assert rt.engine.version == out["checkpoint_id"]
+        assert rt.engine.version == out["checkpoint"].checkpoint_id
         trained = _greedy(HFEngine(rt.policy.model, rt.policy.tokenizer), prompts)
         assert sum(a != b for a, b in zip(trained, base_greedy)) >= len(prompts) // 2
         _assert_same_greedy(_greedy(rt.engine, prompts), trained)

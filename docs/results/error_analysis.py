@@ -10,8 +10,8 @@ import collections
 import re
 import sys
 
-from mel_core.store import StoreReader
-from mel_core.worlds import arithmetic
+from mel_core.problems.worlds import arithmetic
+from mel_core.store.reader import StoreReader
 
 
 def lines(text: str) -> list[str]:

@@ -1,7 +1,7 @@
 """The rules world's MEL runs: what the policy's wrong rollouts broke, and whether its own analyses name it
 (docs/results/world.md).
 
-For every analysed pair: the true error of the incorrect rollout (mel_core.worlds.rules.classify_error: the rule
+For every analysed pair: the true error of the incorrect rollout (mel_core.problems.worlds.rules.classify_error: the rule
 that applies where it first parts from the correct solution, or none for a slip), whether the analysis states
 that rule's lesson and names its bifurcation step, and how often an analysis was accepted by the replay, split
 by whether it named the true rule.
@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's mel_core, not an installed one
-from mel_core.store import StoreReader  # noqa: E402
-from mel_core.worlds import rules  # noqa: E402
+from mel_core.problems.worlds import rules
+from mel_core.store.reader import StoreReader
 
 
 def _question(prompt: str) -> str:

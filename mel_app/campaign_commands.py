@@ -1,0 +1,285 @@
+"""`mel run`, `mel eval`, `mel gate`, `mel compare`: the commands that train or evaluate a policy."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from mel_app.common import find_db, prefect_env
+from mel_core.store import lineage, run_reads
+from mel_core.study.ab_test import ARMS, DEFAULT_ARMS, command_line
+
+
+def cmd_run(args) -> int:
+    from mel_core import config as config_mod
+    from mel_core.problems.sources import load_problems
+    from mel_core.run import lock
+    from mel_core.step.runtime import run_dir_of
+
+    # Everything that can be refused is refused here, before Prefect starts or any file is created.
+    cfg = config_mod.load(args.config, args.overrides)
+    point = None
+    if args.fork:  # the parent's checkpoint of that step, then the config with run.fork set
+        from mel_core.run import fork as fork_mod
+        point = fork_mod.find_fork_point(args.fork, cfg.run.root_dir)
+        cfg = fork_mod.fork_config(args.config, args.overrides, point)
+    load_problems(cfg.data)  # a missing, malformed or empty dataset is reported before Prefect starts
+    run_dir = run_dir_of(cfg)
+    held = lock.holder(run_dir)
+    if held:
+        raise lock.RunLocked(f"run directory {run_dir} is in use by another campaign: pid {held.get('pid')} on "
+                                f"{held.get('host')}, started {held.get('started_at')}; wait for it to end, "
+                                f"or stop it, then run again (it resumes)")
+    lock.ensure_writable(run_dir)
+    if (run_dir / "mel.duckdb").exists():  # a foreign or damaged store is named before Prefect starts
+        from mel_core.store.database import verify_store
+        verify_store(run_dir / "mel.duckdb")
+    prefect_env(args.verbose)
+    from flows.campaign import campaign
+
+    t0 = time.time()
+    if point is not None:
+        _announce_fork(point, cfg)
+    first = point.step + 1 if point else 1
+    print(f"mel: campaign '{cfg.run.name}' — steps {first}..{cfg.run.steps}, model {cfg.model.name_or_path}, "
+          f"B={cfg.sampling.prompts_per_step} G={cfg.sampling.group_size}", flush=True)
+    result = campaign(config_mod.to_dict(cfg))
+    db = result["db"]
+    from mel_core.store.reader import StoreReader
+    with StoreReader(db) as store:
+        hid = run_reads.latest_accepted_heuristic(store, result["run_id"])
+    print(f"\nmel: done in {time.time() - t0:.0f}s")
+    _print_before_after(result["evals"])
+    print(f"  DuckDB:      {db}")
+    print(f"  checkpoints: {Path(result['final_checkpoint'].path).parent}")
+    print(f"  final:       {result['final_checkpoint'].path}")
+    print("Try:")
+    print(f"  .venv/bin/mel query --db {db} \"SELECT * FROM step_summary ORDER BY step\"")
+    print(f"  .venv/bin/mel report {result['run_dir']}")
+    if hid:
+        print(f"  .venv/bin/mel lineage --db {db} {hid}")
+    else:
+        print(f"  .venv/bin/mel query --db {db} \"SELECT status, reject_reason, count(*) FROM analyses GROUP BY ALL\"")
+    if point is not None:  # what the final checkpoint learned, its parent's steps included
+        print(f"  .venv/bin/mel lineage --db {db} --checkpoint {result['final_checkpoint'].checkpoint_id} --history")
+    return 0
+
+
+
+def _print_before_after(evals: list[dict]) -> None:
+    """Held-out greedy Pass@1 of the campaign's first and last evaluation, per dataset: did it learn?"""
+    by_dataset: dict[str, list[dict]] = {}
+    for e in evals:
+        if "pass@1" in e["metrics"]:
+            by_dataset.setdefault(e["dataset"], []).append(e)
+    if not by_dataset:
+        return
+    print("  held-out greedy Pass@1, first -> last evaluation:")
+    for dataset, rows in by_dataset.items():
+        first, last = min(rows, key=lambda e: e["step"]), max(rows, key=lambda e: e["step"])
+        change = last["metrics"]["pass@1"] - first["metrics"]["pass@1"]
+        print(f"    {dataset:<20} {first['metrics']['pass@1']:.3f} (step {first['step']}) -> "
+              f"{last['metrics']['pass@1']:.3f} (step {last['step']})   {100 * change:+.1f} points")
+
+
+
+def _announce_fork(point, cfg) -> None:
+    from mel_core import config as config_mod
+    from mel_core.run.fork import config_changes
+
+    changes = config_changes(point.config, config_mod.to_dict(cfg))
+    print(f"mel: fork of run {point.run_name} ({point.run_id}) at step {point.step}: starts from its checkpoint "
+          f"{point.checkpoint_id} and optimizer state; the parent's steps 1..{point.step} are not copied", flush=True)
+    print("mel:   changes: " + ("; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
+                                if changes else "none (the parent's config from that step on)"), flush=True)
+
+
+
+def _checkpoint_db(args, as_path: Path) -> Path | None:
+    """The DuckDB file that knows the checkpoint: --db, else the run directory holding a checkpoint path,
+    else (for an id) the latest run under ./runs."""
+    if args.db:
+        return find_db(args.db)
+    if as_path.exists():
+        return next((d / "mel.duckdb" for d in as_path.resolve().parents if (d / "mel.duckdb").exists()), None)
+    return find_db(None)
+
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from mel_core import config as config_mod
+    from mel_core.ids import make_id
+    from mel_core.model.checkpoints import Checkpoint, checkpoint_problem
+    from mel_core.step.runtime import get_runtime
+    from mel_core.store.database import DB_FILE
+    from mel_core.store.query_output import format_table
+    from mel_core.store.reader import StoreReader
+    from mel_core.study.evaluation import (
+        SUITES,
+        dataset_name,
+        format_suite_table,
+        load_dataset,
+        metrics_by_dataset,
+        suite_datasets,
+    )
+
+    # `--datasets a b key=value`: argparse hands the trailing overrides to --datasets; take them back.
+    args.overrides = [d for d in args.datasets or [] if "=" in d] + args.overrides
+    args.datasets = [d for d in args.datasets or [] if "=" not in d]
+    as_path = Path(args.checkpoint)
+    db = _checkpoint_db(args, as_path)
+    row = None
+    if db is not None:
+        with StoreReader(db) as reader:
+            row = lineage.find_checkpoint(reader, args.checkpoint, str(as_path.resolve()))
+    if row is None and not as_path.is_dir():
+        print(f"mel: {args.checkpoint} is neither a checkpoint directory nor a checkpoint id in {db}", file=sys.stderr)
+        return 1
+    problem = checkpoint_problem(Path(row["path"]) if row else as_path)
+    if problem:
+        print(f"mel: {row['path'] if row else as_path} is not a checkpoint: {problem}", file=sys.stderr)
+        return 2
+    # One load: the run's own config (same model, prompts and data settings) unless --config names another, with the
+    # run's directory as where the evaluations are written (the runtime's store is <root_dir>/<name>/mel.duckdb).
+    base = json.loads(row["config_json"]) if not args.config and row and row["config_json"] else None
+    where = []
+    if db is not None:
+        if db.name != DB_FILE:
+            raise config_mod.ConfigError(f"--db: expected a run directory or its {DB_FILE}, got {db}")
+        where = [f"run.root_dir={db.parent.parent.resolve()}", f"run.name={db.parent.name}"]
+    cfg = config_mod.load(args.config or (None if base else "configs/tiny.yaml"), [*args.overrides, *where], base=base)
+    # --suite adds its benchmarks before any --datasets (both are evaluated; the table shows the suite's)
+    datasets = (suite_datasets(args.suite, args.datasets or []) if args.suite else
+                args.datasets or list(cfg.eval.datasets))
+    if not datasets:
+        raise config_mod.ConfigError("no datasets: pass --datasets or set eval.datasets")
+    for d in datasets:  # a missing or malformed file fails here, before Prefect starts
+        load_dataset(cfg, d)
+    prefect_env(args.verbose)
+    checkpoint = (Checkpoint(row["checkpoint_id"], row["path"]) if row else
+                  Checkpoint(make_id("ckpt", "path", str(as_path.resolve())), str(as_path.resolve())))
+    from flows.evaluate_checkpoint import evaluate_checkpoint
+
+    print(f"mel: evaluating {checkpoint.checkpoint_id} ({checkpoint.path}) on {', '.join(datasets)}", flush=True)
+    rt = get_runtime(cfg)
+    evaluate_checkpoint(rt.handle, checkpoint, datasets, row["run_id"] if row else None, row["step"] if row else None)
+    run_id = row["run_id"] if row else rt.run_id
+    names = [dataset_name(d) for d in datasets]
+    rows = run_reads.evaluation_results(rt.store, run_id, checkpoint.checkpoint_id, names)
+    print(format_table(list(rows[0]) if rows else ["dataset"], [tuple(r.values()) for r in rows]))
+    print(f"Failures: .venv/bin/mel query --db {rt.store.path} \"SELECT problem_id, answer, verify_reason, text "
+          f"FROM eval_samples WHERE checkpoint_id = '{checkpoint.checkpoint_id}' AND greedy AND reward = 0 LIMIT 10\"")
+    if args.suite:  # one line, named after the checkpoint's directory
+        table = {Path(checkpoint.path).name: metrics_by_dataset(rows)}
+        print("\n" + format_suite_table(table, cfg.eval.k, cfg.eval.temperature, SUITES[args.suite]))
+    return 0
+
+
+
+def cmd_gate(args) -> int:
+    import json
+
+    from mel_core import config as config_mod
+    from mel_core.ids import make_id
+    from mel_core.model.checkpoints import Checkpoint, checkpoint_problem
+    from mel_core.step.runtime import get_runtime
+    from mel_core.study import gate
+
+    cfg = config_mod.load(args.config, args.overrides)
+    settings = gate.GateSettings(max_problems=args.problems, kappa_steps=args.kappa_steps,
+                                 kappa_volume=args.kappa_volume, resamples=args.resamples, seed=args.seed)
+    rt = get_runtime(cfg)
+    gate.world_of(rt)  # a world the gate cannot measure is refused before the warm start
+    if args.checkpoint:
+        path = Path(args.checkpoint).resolve()
+        problem = checkpoint_problem(path)
+        if problem:
+            print(f"mel: {args.checkpoint} is not a checkpoint: {problem}", file=sys.stderr)
+            return 2
+        ckpt = Checkpoint(make_id("ckpt", "path", str(path)), str(path))
+    else:
+        ckpt = rt.base_checkpoint  # the config's starting policy (the tiny warm start, built if needed)
+    report = gate.run_gate(rt, ckpt, settings)
+    report["command"] = command_line(args.argv)
+    text = gate.format_gate(report)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        print(f"mel: wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+
+def cmd_compare(args) -> int:
+    from mel_core import config as config_mod
+    from mel_core.study import ab_test
+
+    command = ab_test.command_line(args.argv)
+    print(f"mel: {command}", flush=True)
+    cfg = config_mod.load(args.config, args.overrides)
+    arms = ab_test.parse_arms(args.arms)
+    ab_test.plan(cfg, args.name, args.seeds, arms)  # every arm's config validates before any work
+    prefect_env(args.verbose)
+    from flows.compare import compare
+
+    report = compare(config_mod.to_dict(cfg), args.name, args.seeds, command, args.out, arms)
+    print("\n" + ab_test.format_markdown(report))
+    print(f"mel: wrote {report['markdown_path']} and {report['json_path']}")
+    return 0
+
+
+def register(sub) -> None:
+    """The subcommands of this module on `mel`'s parser."""
+    r = sub.add_parser("run", help="run a MEL campaign")
+    r.add_argument("--config", required=True, help="YAML config (see configs/)")
+    r.add_argument("--fork", metavar="RUN@STEP",
+                   help="start from the checkpoint and optimizer state RUN (a run directory, a name under "
+                        "run.root_dir or a run id) had after STEP; steps STEP+1..run.steps run with this config, in a "
+                        "run of its own")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=10")
+    r.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
+    r.set_defaults(fn=cmd_run)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: greedy Pass@1, Avg@k / Pass@k (no experience in context)")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint id (checkpoints table) or directory; rows go to the run that "
+                                                       "holds it, else to the config's run")
+    ev.add_argument("--datasets", nargs="+", help="'synthetic', 'synthetic:<subset>' and/or JSONL paths (default: eval.datasets)")
+    ev.add_argument("--suite", help="a fixed benchmark list, then its table: 'paper' = AIME24, AIME25, AMC23, "
+                                    "MATH-500, OlympiadBench in the paper's Table 1 layout; --datasets adds more "
+                                    "(evaluated, not in the table)")
+    ev.add_argument("--db", help="the run's DuckDB file or directory (default: the run holding the checkpoint)")
+    ev.add_argument("--config", help="config to evaluate with (default: the checkpoint's run config, else tiny.yaml)")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.k=4 eval.max_problems=50")
+    ev.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
+    ev.set_defaults(fn=cmd_eval)
+    gp = sub.add_parser("gate", help="before an A/B: can the policy discover its lessons (D) and do they reach "
+                                     "the solver (kappa)? measured on an embedded world's held-out split")
+    gp.add_argument("--config", required=True, help="the campaign config (e.g. configs/tiny-rules.yaml)")
+    gp.add_argument("--checkpoint", help="checkpoint directory to measure (default: the config's starting policy)")
+    gp.add_argument("--out", help="markdown report path; the numbers go to the same path with .json")
+    gp.add_argument("--problems", type=int, default=0, help="held-out problems per subset (default: all)")
+    gp.add_argument("--kappa-steps", type=int, default=3, help="MEL updates per kappa arm (default 3)")
+    gp.add_argument("--kappa-volume", type=int, default=0,
+                    help="lessons per kappa step (default: one per pair, MEL's volume at full acceptance)")
+    gp.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per CI")
+    gp.add_argument("--seed", type=int, default=0, help="seed of the gate's sampling and injected errors")
+    gp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 loss.nll_coef=2")
+    gp.set_defaults(fn=cmd_gate)
+    cp = sub.add_parser("compare", help="A/B: GRPO vs MEL (and control arms) on identical data and seeds, "
+                                        "with bootstrap CIs")
+    cp.add_argument("--config", required=True, help="the shared config (every arm; see configs/)")
+    cp.add_argument("--name", default="ab", help="runs are named <name>-<arm>-s<seed>")
+    cp.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                    help=f"comma-separated arms, grpo always included: {', '.join(ARMS)} "
+                         "(see mel_core/study/compare.py for what each changes)")
+    cp.add_argument("--seeds", type=int, default=3, help="seeds per arm (run.seed, run.seed+1, ...)")
+    cp.add_argument("--out", help="markdown report path; the numbers go to the same path with .json "
+                                  "(default: <run.root_dir>/<name>-compare.md)")
+    cp.add_argument("overrides", nargs="*", help="key=value overrides for both arms, e.g. run.steps=20")
+    cp.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
+    cp.set_defaults(fn=cmd_compare)

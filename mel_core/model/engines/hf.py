@@ -1,0 +1,67 @@
+"""Batched sampling with transformers' `generate`, sharing the trainable model in-process.
+
+On one host the engine and the trainer hold the *same* module: an optimizer step is visible to the
+next generation with no copy, which is the in-place refresh. `load_version` is for a process that
+starts mid-campaign (resume) and must first move the shared model to a saved checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from mel_core import progress
+from mel_core.model.engines.base import Chunk, Completion, SamplingParams, chunked, regroup
+from mel_core.tokens import encode_prompts, left_pad
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, *, max_batch_sequences: int = 256,
+                 loader: Callable[[str], None] | None = None, progress: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_sequences = max_batch_sequences
+        self.version: str | None = None
+        self._loader = loader  # moves the shared model to a checkpoint path (owned by the Policy)
+        self.progress = progress
+
+    def load_version(self, version: str, path: str) -> None:
+        if version == self.version:
+            return
+        if self._loader is None:
+            raise RuntimeError("this engine has no loader; construct it with loader=")
+        self._loader(path)
+        self.version = version
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, desc: str = "") -> list[list[Completion]]:
+        chunks = chunked(prompts, params.n, self.max_batch_sequences)
+        if self.progress and len(chunks) > 1:
+            chunks = progress.bar(chunks, desc=desc or "generate")  # drawn on a terminal only
+        out = [c for chunk in chunks for c in self.generate_chunk(chunk, params)]
+        return regroup(out, len(prompts), params.n)
+
+    @torch.no_grad()
+    def generate_chunk(self, chunk: Chunk, params: SamplingParams) -> list[Completion]:
+        """One chunk's completions, sampled with seed params.seed + chunk.index."""
+        tok = self.tokenizer
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            input_ids, attention = left_pad(encode_prompts(tok, chunk.prompts), tok.pad_token_id)  # [b, L_prompt]
+            enc = {"input_ids": input_ids.to(self.model.device), "attention_mask": attention.to(self.model.device)}
+            torch.manual_seed((int(params.seed) + chunk.index) % (2**63 - 1))
+            kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)
+            if params.temperature > 0:
+                kwargs.update(do_sample=True, temperature=params.temperature, top_k=0, top_p=params.top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+            seqs = self.model.generate(**enc, **kwargs)  # [b, L_prompt + L_new]
+        finally:
+            self.model.train(was_training)
+        new = [ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids  # keep eos: the
+               for ids in seqs[:, enc["input_ids"].shape[1]:].tolist()]                 # update learns to stop
+        texts = tok.batch_decode(new, skip_special_tokens=True)  # one call per chunk, not per completion
+        return [Completion(text=text, token_ids=ids, finish_reason="stop" if ids[-1:] == [tok.eos_token_id] else "length")
+                for ids, text in zip(new, texts)]

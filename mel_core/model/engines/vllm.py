@@ -1,0 +1,170 @@
+"""Generation with vLLM, behind the same interface as the HF engine (mel_core/model/engines/base.py).
+
+vLLM is an optional dependency: it is imported here, lazily, when an engine is built (``model.engine:
+vllm``); the project installs and tests without it. On a machine without a GPU, ``make test-vllm``
+builds a separate environment with vLLM's CPU build and runs ``tests/test_vllm_engine.py`` there.
+
+The engine runs beside the trainable policy, not on it: the policy trains in-process with transformers
+and writes a checkpoint after every update; :meth:`VLLMEngine.load_version` then moves the engine to it:
+
+- full fine-tuning: the weights are reloaded in place from the checkpoint directory
+  (``reload_weights`` on the workers, given the path, so it works with vLLM's multiprocess engine
+  too), and the prefix cache is dropped: its KV blocks were computed by the old weights.
+  vLLM's reload does not re-tie embeddings, so the model must have an untied lm_head (the tiny
+  model does);
+- LoRA: the engine serves the base model, and every adapter checkpoint becomes a new
+  ``LoRARequest`` (new name and id, so vLLM loads it instead of reusing a cached adapter); the base
+  checkpoint (no adapter) is served with no request.
+
+What the pipeline sees is what the HF engine returns: prompts are tokenized and completions decoded
+with the policy's own tokenizer (vLLM's tokenizer is never initialised, so prompt ids are the ids the
+update trains on), the eos token ends ``token_ids`` when generation stopped on it (the update learns
+to stop), and the model's generation_config sampling defaults (repetition penalties, top_k) are
+ignored, as the log-probs of the update do not include them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from mel_core.model.engines.base import Completion, SamplingParams
+from mel_core.tokens import encode_prompts
+
+# vLLM's INFO lines (one per stage of engine start, per request batch) would bury the campaign's
+# per-step output; a user who wants them sets VLLM_LOGGING_LEVEL themselves.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+# Sequence seeds stay below 2**63: vLLM hands each to a torch.Generator.
+_SEED_MODULUS = 2**62
+
+
+class _NoChatTemplateWarmup(logging.Filter):
+    """vLLM 0.32 warms up chat-template rendering at start even with skip_tokenizer_init, fails for want of
+    a tokenizer and logs the traceback as a warning. Prompts reach the engine already rendered and
+    tokenized, so nothing is lost: the record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Chat template warmup failed")
+
+
+_CHAT_TEMPLATE_WARMUP_FILTER = _NoChatTemplateWarmup()
+
+
+def _location(path: str | Path) -> str:
+    """A local checkpoint as an absolute path (the same checkpoint compares equal however it was named);
+    anything else (a hub name) as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
+def lora_rank_bound(r: int) -> int:
+    """The smallest rank vLLM accepts as ``max_lora_rank`` that holds adapters of rank `r`."""
+    for bound in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if r <= bound:
+            return bound
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest max_lora_rank (512)")
+
+
+class VLLMEngine:
+    """A vLLM ``LLM`` serving one policy version at a time.
+
+    `path` is the checkpoint the engine starts from: the full model, or with `lora_rank` the base model
+    the adapters apply to. `version` starts as None; the runtime calls :meth:`load_version` with the
+    version it serves (a no-op reload when that is the checkpoint at `path`).
+    """
+
+    def __init__(self, path: str | Path, tokenizer, *, dtype: str = "float32", seed: int = 0,
+                 lora_rank: int | None = None, kv_cache_gib: float = 0.0, progress: bool = False,
+                 **llm_kwargs):
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.tokenizer = tokenizer
+        self.progress = progress
+        self.version: str | None = None
+        self.lora = lora_rank is not None
+        self._weights_path = _location(path)  # the full weights the engine holds now
+        self._lora_request = None  # the adapter served now (LoRA mode); None = the base model
+        self._lora_ids = 0
+        kwargs = dict(model=self._weights_path, dtype=dtype, seed=seed, skip_tokenizer_init=True,
+                      generation_config="vllm", logprobs_mode="processed_logprobs")
+        if current_platform.is_cpu():
+            # No CUDA graphs to capture on CPU, and torch.compile of the model takes minutes on few cores.
+            kwargs["enforce_eager"] = True
+        if kv_cache_gib > 0:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if self.lora:
+            # One adapter at a time: each version replaces the previous one.
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank_bound(lora_rank), max_loras=1)
+        kwargs.update(llm_kwargs)
+        logging.getLogger("vllm.renderers.base").addFilter(_CHAT_TEMPLATE_WARMUP_FILTER)  # once: same object
+        self.llm = LLM(**kwargs)
+
+    # ------------------------------------------------------------------------------ versions
+
+    def load_version(self, version: str, path: str) -> None:
+        """Serve the policy saved at `path` from now on: reload full weights, or switch the LoRA adapter."""
+        if version == self.version:
+            return
+        path_ = _location(path)
+        if self.lora:
+            if (Path(path_) / "adapter_config.json").exists():
+                from vllm.lora.request import LoRARequest
+                self._lora_ids += 1
+                self._lora_request = LoRARequest(lora_name=version, lora_int_id=self._lora_ids, lora_path=path_)
+            else:  # the base checkpoint: adapters at their initialisation are the base model itself
+                self._lora_request = None
+        elif path_ != self._weights_path:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path_})
+            self.llm.reset_prefix_cache()  # cached KV blocks hold activations of the old weights
+            self._weights_path = path_
+        self.version = version
+
+    # ------------------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, desc: str = "") -> list[list[Completion]]:
+        """`params.n` completions per prompt, all prompts in one ``LLM.generate`` call; each token's log-prob
+        too with `params.logprobs` (the update recomputes its own, so the stages do not ask: on a small model
+        vLLM's per-token log-prob objects cost ~15% of its throughput).
+
+        Sequence j of prompt i is drawn with seed ``params.seed + i*n + j`` (vLLM seeds a request's
+        j-th sample with its seed + j): reproducible whatever else is in the batch, and no two
+        sequences of a call share a random stream, even for identical prompts.
+        """
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        n = params.n
+        prompt_ids = encode_prompts(tok, prompts)  # as the HF engine and the trainer encode them (mel_core.tokens)
+        greedy = params.temperature <= 0
+        base_seed = int(params.seed) % _SEED_MODULUS
+        # vLLM refuses n > 1 for greedy requests: one sequence, repeated n times (what sampling it n times gives).
+        drawn = 1 if greedy else n
+        requests = [VSamplingParams(
+            n=drawn, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+            top_k=0, max_tokens=params.max_new_tokens, seed=None if greedy else base_seed + i * n,
+            stop_token_ids=[eos], logprobs=0 if params.logprobs else None, detokenize=False)
+            for i in range(len(prompts))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], requests,
+                                    lora_request=self._lora_request,
+                                    use_tqdm=self.progress and sys.stderr.isatty())
+        seqs = [sorted(out.outputs, key=lambda c: c.index) * (n // drawn) for out in outputs]  # [P][n]
+        new = [list(c.token_ids) for group in seqs for c in group]
+        texts = tok.batch_decode(new, skip_special_tokens=True)  # one call, as the HF engine decodes
+        flat = []
+        for c, ids, text in zip((c for group in seqs for c in group), new, texts):
+            logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs)] if c.logprobs is not None else None
+            flat.append(Completion(text=text, token_ids=ids,
+                                   finish_reason="stop" if ids[-1:] == [eos] else "length", logprobs=logprobs))
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes (they also stop when this process exits)."""
+        self.llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,89 @@
+"""Run bookkeeping around the stages: the run's registration, one `stage_runs` row per stage execution, and
+the fault drills of ``orchestration.faults``.
+
+The algorithm (mel_core.step.stages) does not know about any of it: ``execute`` wraps a stage body, records its
+start and end (or its failure, with the error) and publishes the store for readers after each, and
+``register_run`` runs once per campaign process, under the run lock (mel_core.run.lock).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+
+from mel_core.config import to_dict
+from mel_core.errors import InjectedFault, InjectedPermanentFault, is_transient
+from mel_core.ids import now
+from mel_core.model.checkpoints import Checkpoint
+from mel_core.step.runtime import Runtime
+from mel_core.store import lineage, stage_records
+
+_log = logging.getLogger("mel")
+
+
+def execute(rt: Runtime, stage: str, step: int, fn, *args, cache_key: str | None = None, **kwargs):
+    """Run one stage body and record the execution in `stage_runs` (one row per execution)."""
+    row_id = uuid.uuid4().hex
+    t0 = time.perf_counter()
+    rt.store.insert("stage_runs", [{"stage_run_id": row_id, "run_id": rt.run_id, "step": step, "stage": stage,
+                                    "cache_key": cache_key, "started_at": now(), "status": "running"}])
+    rt.store.publish()  # readers (mel runs, monitoring) see which stage is live
+    try:
+        _inject_fault(rt, stage, step, "before")
+        out = fn(rt, *args, **kwargs)
+        _inject_fault(rt, stage, step, "after")
+    except BaseException as e:
+        retry = "a transient failure: retried if the stage's retries allow" if is_transient(e) else "not retried"
+        _log.warning("step %s %s failed (%s: %s); %s", step, stage, type(e).__name__,
+                     (str(e).splitlines() or [""])[0][:300], retry)
+        rt.store.update("stage_runs", "stage_run_id", [{
+            "stage_run_id": row_id, "finished_at": now(), "seconds": time.perf_counter() - t0,
+            "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}])
+        rt.store.publish()
+        raise
+    rt.store.update("stage_runs", "stage_run_id", [{
+        "stage_run_id": row_id, "finished_at": now(), "seconds": time.perf_counter() - t0, "status": "completed"}])
+    rt.store.publish()  # readers see the state as of the last committed stage
+    return out
+
+
+def _inject_fault(rt: Runtime, stage: str, step: int, when: str) -> None:
+    """Fail as `orchestration.faults` asks; counted from stage_runs, so it holds across processes."""
+    for f in rt.cfg.orchestration.faults:
+        if (f.stage, f.step, f.when) != (stage, step, when):
+            continue
+        if f.kind == "kill":  # no exception, no bookkeeping: the process group is gone, as on a pre-emption
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        failed = stage_records.injected_failures(rt.store, rt.run_id, step, stage)
+        if failed < f.times:
+            cls = InjectedFault if f.kind == "transient" else InjectedPermanentFault
+            raise cls(f"injected {f.kind} fault in {stage} at step {step} ({when} its body), #{failed + 1}")
+
+
+def register_run(rt: Runtime, base: Checkpoint) -> None:
+    """At the start of a campaign process (under the run lock): the run row and the checkpoint it starts from (the
+    base or warm-started model, version 0), and executions a dead process left 'running' marked 'interrupted'.
+
+    A fork (run.fork) records its parent run, step and checkpoint on its run row; its starting checkpoint is the
+    parent's own row, copied with the parent's checkpoint chain and the lineage of what that chain internalized
+    (mel_core.run.fork.references) the first time it registers, so lineage queries cross the fork in this store."""
+    fork = rt.cfg.run.fork
+    copies = {}
+    if fork.run_id and lineage.checkpoint(rt.store, fork.checkpoint_id) is None:  # a resumed fork has them already
+        from mel_core.run import fork as fork_mod
+        copies = fork_mod.references(rt.cfg)
+    with rt.store.transaction() as w:
+        for table, rows in copies.items():
+            w.insert(table, rows)
+        w.insert("runs", [{"run_id": rt.run_id, "name": rt.cfg.run.name, "config_hash": rt.config_hash,
+                           "config_json": json.dumps(to_dict(rt.cfg), sort_keys=True), "created_at": now(),
+                           "parent_run_id": fork.run_id or None, "parent_step": fork.step if fork.run_id else None,
+                           "parent_checkpoint_id": fork.checkpoint_id or None}])
+        w.insert("checkpoints", [{"checkpoint_id": base.checkpoint_id, "run_id": rt.run_id, "step": rt.start_step,
+                                  "path": base.path, "parent_checkpoint_id": None, "created_at": now()}])
+        stage_records.mark_interrupted(w, rt.run_id)
+    rt.store.publish()

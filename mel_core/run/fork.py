@@ -1,0 +1,155 @@
+"""Forking a campaign: a new run that starts from the checkpoint (and optimizer state) another run had after one
+of its steps, with a changed config — `mel run --config FILE --fork RUN@STEP key=value ...` (a different λ, another
+estimator, MEL switched off).
+
+What a fork is (docs/DESIGN.md, "Forks"):
+
+- **Identity.** The fork point is config: ``run.fork`` (parent run id, step, checkpoint id; where the checkpoint and
+  the parent's store are on disk is not identity). So the fork's run id, checkpoint directory and cache keys differ
+  from its parent's even when nothing else changed, and resuming a fork is running the same command again.
+- **Step numbering continues the parent's.** A fork of step S runs steps S+1 .. run.steps: ``run.steps`` is the
+  number of the last step, as in its parent, so a fork of step 2 of a 3-step run with ``run.steps=3`` trains one
+  step, step 3, on the problems and seeds its parent's step 3 had — the counterfactual the fork is for.
+- **Its own store.** A fork writes its own run directory, never its parent's; when the config keeps the parent's
+  name it is named ``<parent name>-fork<S>``. The data of steps <= S is not copied.
+- **Lineage crosses the fork by copying references.** When the fork registers, it copies from the parent's
+  published snapshot the checkpoint chain up to the fork point and the lineage of every heuristic internalized on
+  it (mel_core.store.lineage.lineage_references), marked ``runs.copied_from``. Its first update names the parent's
+  checkpoint as ``parent_checkpoint_id``, so ``checkpoint_history`` and ``heuristic_lineage`` walk from the fork's
+  last checkpoint into its parent's steps inside one file. Readers keep their rules: they never write, and never
+  ATTACH another file (their connection cannot), so the rows a query needs must be in the file it reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mel_core import config as config_mod
+from mel_core.config import MelConfig
+from mel_core.errors import PermanentError
+from mel_core.model.checkpoints import checkpoint_problem
+from mel_core.run import refs
+from mel_core.store import lineage
+from mel_core.store.reader import StoreReader
+
+# What a checkpoint's weights are weights of: a fork must keep them (a LoRA checkpoint holds adapters only, a tiny
+# model's shape is its config).
+MODEL_KEYS = ("model.name_or_path", "model.tiny.", "model.lora.")
+# Keys a fork's config may differ in without it being a change worth printing: identity and locations.
+_NOT_A_CHANGE = ("run.name", "run.fork.")
+
+
+class ForkError(PermanentError, ValueError):
+    """A fork that cannot start (no checkpoint at that step, checkpoint files gone, another model)."""
+
+
+@dataclass(frozen=True)
+class ForkPoint:
+    """Where a fork starts: the parent run, its step, that step's checkpoint, and the parent's store and config."""
+    run_id: str
+    run_name: str
+    step: int
+    checkpoint_id: str
+    checkpoint_path: str
+    store: str
+    config: dict
+
+    def overrides(self) -> list[str]:
+        """The run.fork section as key=value overrides (what `mel run --fork` adds to the user's)."""
+        return [f"run.fork.run_id={self.run_id}", f"run.fork.step={self.step}",
+                f"run.fork.checkpoint_id={self.checkpoint_id}", f"run.fork.checkpoint_path={self.checkpoint_path}",
+                f"run.fork.store={self.store}"]
+
+
+def parse_spec(spec: str) -> tuple[str, int]:
+    """'RUN@STEP' -> (RUN, STEP); the last '@' separates them (a path may hold one)."""
+    run, sep, step = spec.rpartition("@")
+    if not sep or not run or not step.isdigit():
+        raise ForkError(f"--fork: expected RUN@STEP (a run directory, run name or run id, then a step number, e.g. "
+                        f"tiny-demo@3), got {spec!r}")
+    return run, int(step)
+
+
+def find_fork_point(spec: str, runs_root: str | Path) -> ForkPoint:
+    """The run and checkpoint `spec` names, read from the run's published snapshot; ForkError in one line when
+    the run has no checkpoint at that step or its files are gone."""
+    run, step = parse_spec(spec)
+    ref = refs.resolve_run(run, runs_root)
+    with StoreReader(ref.db) as reader:
+        row = refs.pick_run(reader, ref)
+        had = lineage.run_checkpoints(reader, row["run_id"])
+    ckpt = next((c for c in had if c["step"] == step), None)
+    steps = sorted({c["step"] for c in had})
+    if ckpt is None:
+        have = f"it has checkpoints at steps {_ranges(steps)}" if steps else "it has no checkpoint yet"
+        raise ForkError(f"--fork {spec}: run {row['name']} ({row['run_id']}) has no checkpoint at step {step}; {have}")
+    problem = checkpoint_problem(ckpt["path"])
+    if problem:
+        raise ForkError(f"--fork {spec}: the checkpoint of step {step} ({ckpt['checkpoint_id']}) at {ckpt['path']} "
+                        f"cannot be loaded: {problem}")
+    return ForkPoint(row["run_id"], row["name"], step, ckpt["checkpoint_id"], str(Path(ckpt["path"]).resolve()),
+                     str(ref.db.resolve()), json.loads(row["config_json"] or "{}"))
+
+
+def _ranges(steps: list[int]) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3, 7'."""
+    out, start = [], None
+    for i, s in enumerate(steps):
+        start = s if start is None else start
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            out.append(f"{start}" if start == s else f"{start}-{s}")
+            start = None
+    return ", ".join(out)
+
+
+def fork_config(path: str | Path, overrides: list[str], point: ForkPoint) -> MelConfig:
+    """The fork's config: FILE <- overrides <- run.fork; named ``<parent>-fork<STEP>`` when it would otherwise
+    write into its parent's run directory; ForkError when it changes the model the checkpoint is of."""
+    from mel_core.step.runtime import run_dir_of
+
+    overrides = list(overrides) + point.overrides()
+    cfg = config_mod.load(path, overrides)
+    if run_dir_of(cfg) == Path(point.store).parent:
+        cfg = config_mod.load(path, overrides + [f"run.name={point.run_name}-fork{point.step}"])
+    changed = [(k, old, new) for k, old, new in config_changes(point.config, config_mod.to_dict(cfg))
+               if k.startswith(MODEL_KEYS)]
+    if changed:
+        k, old, new = changed[0]
+        raise ForkError(f"--fork: a fork trains on from its parent's checkpoint, so it keeps its model: {k} is "
+                        f"{old!r} in {point.run_name} and {new!r} here")
+    return cfg
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def config_changes(parent: dict, child: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, parent's value, child's value) of every result-changing key the child changes (keys one of
+    them lacks — a config written before the key existed — are left out)."""
+    neutral = tuple(f"{k}." for k in config_mod.RESULT_NEUTRAL_KEYS) + config_mod.RESULT_NEUTRAL_KEYS
+    a, b = _flatten(parent), _flatten(child)
+    return [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys())
+            if a[k] != b[k] and not k.startswith(neutral) and not k.startswith(_NOT_A_CHANGE)]
+
+
+def references(cfg: MelConfig) -> dict[str, list[dict]]:
+    """The parent's rows a fork's store holds as lineage references (mel_core.store.lineage.lineage_references), read
+    from the parent's published snapshot."""
+    fork = cfg.run.fork
+    try:
+        reader = StoreReader(fork.store)
+    except Exception as e:
+        raise ForkError(f"run.fork.store: cannot read the parent's store {fork.store}: {e}") from e
+    with reader:
+        rows = lineage.lineage_references(reader, fork.checkpoint_id, fork.store)
+    if not rows["checkpoints"]:
+        raise ForkError(f"run.fork.checkpoint_id: {fork.checkpoint_id} is not a checkpoint of {fork.store}")
+    return rows

@@ -1,0 +1,320 @@
+"""Process-level state of a campaign: config, store, problems, and the one loaded policy + engine.
+
+A Prefect task boundary must never mean reloading weights, so the policy and the engine live here,
+built once per process and moved between versions by :meth:`Runtime.ensure_version`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mel_core import config as config_mod
+from mel_core.algorithm.rewards import Verdict
+from mel_core.config import MelConfig
+from mel_core.ids import derive_seed, make_id
+from mel_core.model.checkpoints import Checkpoint, has_optimizer_state
+from mel_core.model.engines.base import Completion, SamplingParams
+from mel_core.problems.prompts import PromptSet
+from mel_core.store.database import DB_FILE
+from mel_core.store.writer import Store
+
+_log = logging.getLogger("mel")
+
+
+def run_dir_of(cfg: MelConfig) -> Path:
+    """The directory of a run: its store, checkpoints, lock and task results."""
+    return Path(cfg.run.root_dir).resolve() / cfg.run.name
+
+
+@dataclass(frozen=True)
+class Solved:
+    """One solution of :meth:`Runtime.solve`: its prompt's index, its sample index, the completion, its verdict."""
+    prompt_index: int
+    sample_index: int
+    completion: Completion
+    verdict: Verdict
+
+
+class Runtime:
+    handle: RunHandle  # set by get_runtime, which registers it
+
+    def __init__(self, cfg: MelConfig):
+        self.cfg = cfg
+        self.config_hash = config_mod.config_hash(cfg)
+        self.run_id = make_id("run", cfg.run.name, self.config_hash)
+        self.run_dir = run_dir_of(cfg)
+        self.checkpoint_dir = self.run_dir / "checkpoints" / self.config_hash
+        self.prompts = PromptSet.load(cfg.prompts.dir)
+        self._policy = None
+        self._policy_version: str | None = None  # the checkpoint the policy's weights equal; None = none
+        self._engine = None
+        self._given_engine = False  # an engine handed in by use_engine, kept instead of the configured one
+        if cfg.run.torch_threads:
+            torch.set_num_threads(cfg.run.torch_threads)
+
+    @cached_property
+    def store(self) -> Store:
+        """The run's DuckDB store, opened (and verified) on first use: a runtime that only measures a
+        checkpoint (mel gate) never creates one."""
+        return Store(self.run_dir / DB_FILE)
+
+    @cached_property
+    def epoch(self) -> str:
+        return self.store.epoch
+
+    # ------------------------------------------------------------------- version 0 of the policy
+
+    @cached_property
+    def base_checkpoint(self) -> Checkpoint:
+        """Version 0 of the policy: the warm-started tiny model (built once, cached on disk) or a real model."""
+        if self.cfg.model.name_or_path == "tiny":
+            from mel_core.model import tiny
+            path = tiny.ensure_warm_start(self.cfg)
+            return Checkpoint(make_id("ckpt", "tiny", tiny.warm_start_key(self.cfg)), str(path))
+        return Checkpoint(make_id("ckpt", "base", self.cfg.model.name_or_path), self.cfg.model.name_or_path)
+
+    @property
+    def start_step(self) -> int:
+        """The step a campaign's first step follows: 0, or for a fork the parent's step it starts from (step
+        numbers continue the parent's)."""
+        return self.cfg.run.fork.step if self.cfg.run.fork.run_id else 0
+
+    @cached_property
+    def start_checkpoint(self) -> Checkpoint:
+        """The policy version a campaign starts from: version 0 (:attr:`base_checkpoint`), or for a fork the
+        parent's checkpoint of run.fork.step, with its optimizer state. A LoRA fork still builds on the base model."""
+        fork = self.cfg.run.fork
+        return Checkpoint(fork.checkpoint_id, fork.checkpoint_path) if fork.run_id else self.base_checkpoint
+
+    @cached_property
+    def train_problems(self):
+        from mel_core.problems.sources import load_problems
+        return load_problems(self.cfg.data, split="train")
+
+    @cached_property
+    def reward_kind(self) -> str:
+        from mel_core.algorithm.rewards.verifier import reward_kind_for_source
+        return reward_kind_for_source(self.cfg.data.source)
+
+    @cached_property
+    def analyst_engine(self):
+        """experience.analyst: model:<path> — the teacher's own HF engine, on the policy's device, never trained."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mel_core.model.engines.hf import HFEngine
+        from mel_core.model.policy import resolve_device
+
+        path = self.cfg.experience.analyst.removeprefix("model:")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.model.dtype]
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(resolve_device(self.cfg.model.device))
+        model.eval().requires_grad_(False)
+        return HFEngine(model, tokenizer, max_batch_sequences=self.cfg.sampling.chunk_sequences)
+
+    @cached_property
+    def verifier(self):
+        """The training data's :class:`mel_core.algorithm.rewards.verifier.Verifier` (its reward kind with ``cfg.verify``)."""
+        from mel_core.algorithm.rewards.verifier import Verifier
+        return Verifier.from_config(self.cfg.verify, self.reward_kind)
+
+    def solve(self, prompts: Sequence[str], golds: Sequence[str], params: SamplingParams, desc: str = "",
+              verifier=None) -> list[Solved]:
+        """Generate `params.n` solutions per prompt in one engine call and score them all in one verifier call
+        (this run's verifier unless another is given): what replays, evaluations and the gate share. [P * n]
+        solutions in prompt order, each with its prompt's index, its sample index and its verdict."""
+        outs = self.engine.generate(list(prompts), params, desc=desc)
+        flat = [(j, i, c) for j, cs in enumerate(outs) for i, c in enumerate(cs)]
+        verdicts = (verifier or self.verifier).verify([c.text for *_, c in flat], [golds[j] for j, *_ in flat],
+                                                      [c.finish_reason for *_, c in flat])
+        return [Solved(j, i, c, v) for (j, i, c), v in zip(flat, verdicts)]
+
+    @property
+    def context_limit(self) -> int:
+        """Longest prompt + completion the policy takes: model.max_seq_len, within the model's own window."""
+        window = getattr(self.policy.model.config, "max_position_embeddings", None) or self.cfg.model.max_seq_len
+        return min(self.cfg.model.max_seq_len, int(window))
+
+    @cached_property
+    def usable_problems(self):
+        """The training problems whose solve prompt and a whole rollout fit the context (data.too_long decides
+        what happens to the others). Needs the policy (its tokenizer): the campaign asks before step 1."""
+        from mel_core.problems.sources import DataError
+
+        problems = self.train_problems
+        texts = [self.model_input(self.prompts.render_solve(p.question)) for p in problems]
+        lengths = [len(ids) for ids in self.policy.encode_prompts(texts)]
+        budget = self.context_limit - self.cfg.sampling.max_new_tokens
+        too_long = [(p, n) for p, n in zip(problems, lengths) if n > budget]
+        if not too_long:
+            return problems
+        p, n = too_long[0]
+        where = f"{self.cfg.data.source}:{p.meta['line']}" if "line" in p.meta else p.problem_id
+        if self.cfg.data.too_long == "error" or len(too_long) == len(problems):
+            raise DataError(f"{where}: the solve prompt is {n} tokens; with sampling.max_new_tokens="
+                            f"{self.cfg.sampling.max_new_tokens} it does not fit the context of {self.context_limit} "
+                            f"tokens ({len(too_long)} of {len(problems)} problems do not): raise model.max_seq_len, "
+                            f"shorten sampling.max_new_tokens, or set data.too_long=skip")
+        _log.warning("data.too_long=skip: %d of %d training problems do not fit the context of %d tokens with "
+                     "sampling.max_new_tokens=%d and are left out (first: %s)", len(too_long), len(problems),
+                     self.context_limit, self.cfg.sampling.max_new_tokens, where)
+        skipped = {id(q) for q, _ in too_long}
+        return [q for q in problems if id(q) not in skipped]
+
+    def step_problems(self, step: int):
+        """The B problems of a step: a seeded permutation of the (usable) training problems, cycled."""
+        problems = self.usable_problems
+        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "order")))
+        B = self.cfg.sampling.prompts_per_step
+        return [problems[int(order[(step * B + i) % len(problems)])] for i in range(B)]
+
+    def model_input(self, text: str) -> str:
+        """A rendered prompt as the model reads it: inside its chat template when `prompts.chat_template`.
+
+        What is stored as a record's prompt text is this string, so the update trains on exactly the
+        context the generation saw.
+        """
+        p = self.cfg.prompts
+        tokenizer = self.policy.tokenizer
+        if p.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise config_mod.ConfigError(f"config key 'prompts.chat_template': the tokenizer of "
+                                         f"{self.cfg.model.name_or_path} has no chat template")
+        return PromptSet.to_model_input(text, tokenizer, p.chat_template, **p.chat_template_kwargs)
+
+    # --------------------------------------------------------------------- the loaded policy
+
+    def ensure_version(self, ckpt: Checkpoint) -> None:
+        """Load the policy and the engine on first use; afterwards move both to `ckpt` if they are elsewhere."""
+        from mel_core.model.policy import Policy
+
+        if self._policy is None:
+            # A LoRA checkpoint holds adapters only: build on the base model, then load them.
+            self._policy = Policy(self.cfg, self.base_checkpoint.path if self.cfg.model.lora.enabled else ckpt.path)
+            if has_optimizer_state(ckpt.path) or self.cfg.model.lora.enabled:
+                self._policy.load_checkpoint(ckpt.path)
+            self._policy_version = ckpt.checkpoint_id
+        elif self._policy_version != ckpt.checkpoint_id:
+            self._policy.load_checkpoint(ckpt.path)
+            self._policy_version = ckpt.checkpoint_id
+        if self._engine is None:
+            self._engine = self._build_engine(ckpt)
+        self._serve(ckpt)
+
+    def use_engine(self, engine) -> None:
+        """Generate with `engine` (any :class:`mel_core.model.engines.base.Engine`) instead of the configured one: Ray
+        workers (flows/workers.py), a backend of the user's own, or a test that decides what the model says to
+        construct a situation. The policy still trains for real; the engine is told each version it must serve."""
+        self._engine, self._given_engine = engine, True
+
+    def drop_engine(self) -> None:
+        """Forget an engine given with :meth:`use_engine` (its workers are gone): the next use builds the
+        configured one."""
+        self._engine, self._given_engine = None, False
+
+    @property
+    def has_given_engine(self) -> bool:
+        return self._given_engine
+
+    @property
+    def _engine_shares_policy(self) -> bool:
+        """The HF engine in this process generates with the policy's own module: no reload on a new version."""
+        return (not self._given_engine and self.cfg.model.engine == "hf"
+                and self.cfg.orchestration.runner == "local")
+
+    def _build_engine(self, ckpt: Checkpoint):
+        if self.cfg.orchestration.runner != "local":
+            raise config_mod.ConfigError(
+                f"config key 'orchestration.runner': {self.cfg.orchestration.runner} workers are started by a flow "
+                f"(flows/workers.py: the campaign and evaluation flows), not by the stage functions alone")
+        if self.cfg.model.engine == "vllm":
+            from mel_core.model.engines.vllm import VLLMEngine
+            m = self.cfg.model
+            # With LoRA, vLLM serves the base model and each version is an adapter on it.
+            return VLLMEngine(self.base_checkpoint.path if m.lora.enabled else ckpt.path,
+                              self._policy.tokenizer, dtype=m.dtype, seed=self.cfg.run.seed,
+                              lora_rank=m.lora.r if m.lora.enabled else None, kv_cache_gib=m.vllm.kv_cache_gib,
+                              progress=True)
+        from mel_core.model.engines.hf import HFEngine
+        return HFEngine(self._policy.model, self._policy.tokenizer, loader=self._policy.load_checkpoint,
+                        max_batch_sequences=self.cfg.sampling.chunk_sequences, progress=True)  # bars on a TTY only
+
+    def _serve(self, ckpt: Checkpoint) -> None:
+        """Point the engine at the policy's version `ckpt`. The HF engine generates with the policy's own
+        module, which holds it already; the vLLM engine loads the checkpoint's weights or adapter; workers
+        load it when a job names it."""
+        if self._engine_shares_policy:
+            self._engine.version = ckpt.checkpoint_id
+        else:
+            self._engine.load_version(ckpt.checkpoint_id, ckpt.path)
+
+    def trained_to(self, ckpt: Checkpoint) -> None:
+        """The update trained the policy in place and saved it as `ckpt`: generate from it from now on."""
+        self._policy_version = ckpt.checkpoint_id
+        self._serve(ckpt)
+
+    def forget_version(self) -> None:
+        """The policy's weights may have left every saved version (a failed update): the next
+        :meth:`ensure_version` reloads them. A vLLM engine or workers still hold the version they served."""
+        self._policy_version = None
+        if self._engine_shares_policy:
+            self._engine.version = None
+
+    @property
+    def policy(self):
+        if self._policy is None:
+            raise RuntimeError("policy not loaded: call ensure_version first")
+        return self._policy
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            raise RuntimeError("engine not loaded: call ensure_version first")
+        return self._engine
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """A campaign's runtime as flows and tasks pass it: three strings (Prefect records them as the flow run's
+    parameter), resolved to this process's :class:`Runtime` by one dict lookup (:func:`runtime_of`). The config is
+    parsed once per process, when the runtime is built; nothing below the campaign flow parses it again."""
+    run_id: str
+    name: str
+    key: str  # the process registry's key: the whole config's hash and the runs root
+
+
+_RUNTIMES: dict[str, Runtime] = {}
+
+
+def _registry_key(cfg: MelConfig) -> str:
+    return config_mod.config_hash(cfg, exclude=()) + ":" + str(Path(cfg.run.root_dir).resolve())
+
+
+def get_runtime(cfg: MelConfig) -> Runtime:
+    """The process's runtime for this config (built once); its :attr:`Runtime.handle` names it for flows and tasks."""
+    key = _registry_key(cfg)
+    rt = _RUNTIMES.get(key)
+    if rt is None:
+        rt = _RUNTIMES[key] = Runtime(cfg)
+        rt.handle = RunHandle(rt.run_id, cfg.run.name, key)
+    return rt
+
+
+def runtime_of(run: RunHandle) -> Runtime:
+    """The runtime `run` names, built in this process by :func:`get_runtime`."""
+    rt = _RUNTIMES.get(run.key)
+    if rt is None:
+        raise RuntimeError(f"run {run.name} ({run.run_id}) has no runtime in this process: flows and tasks take the "
+                           f"handle of a runtime built with get_runtime(cfg)")
+    return rt
+
+
+def clear_runtimes() -> None:
+    _RUNTIMES.clear()

@@ -1,0 +1,117 @@
+"""Lineage reads: where a heuristic came from and which checkpoints learned it, a checkpoint's history across
+forks, and what a fork copies from its parent's store so that lineage crosses into its own file.
+
+The recursive walk over ``parent_checkpoint_id`` is written out here rather than read from the
+``checkpoint_history`` views, so it reads stores written before those views existed.
+"""
+
+from __future__ import annotations
+
+
+def heuristic_lineage(store, heuristic_id: str) -> dict | None:
+    """Where a heuristic came from and which checkpoint learned it (the heuristic_lineage view)."""
+    rows = store.query("SELECT * FROM heuristic_lineage WHERE heuristic_id = ?", [heuristic_id])
+    return rows[0] if rows else None
+
+
+
+def checkpoint(store, checkpoint_id: str) -> dict | None:
+    rows = store.query("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
+    return rows[0] if rows else None
+
+
+
+def checkpoint_heuristics(store, checkpoint_id: str) -> list[dict]:
+    """Every heuristic the checkpoint internalized (the checkpoint_heuristics view)."""
+    return store.query("SELECT * FROM checkpoint_heuristics WHERE checkpoint_id = ? ORDER BY heuristic_step, "
+                       "heuristic_id", [checkpoint_id])
+
+
+
+def find_checkpoint(store, id_or_path: str, path: str) -> dict | None:
+    """A checkpoint by id or by directory, with its run's config (to evaluate it with the run's own settings)."""
+    rows = store.query("SELECT c.checkpoint_id, c.path, c.step, c.run_id, r.config_json FROM checkpoints c "
+                       "LEFT JOIN runs r USING (run_id) WHERE c.checkpoint_id = ? OR c.path = ? ORDER BY c.step LIMIT 1",
+                       [id_or_path, path])
+    return rows[0] if rows else None
+
+
+# The chain from one checkpoint up to its base, walking parent_checkpoint_id: only the tables that existed
+# before forks did, so it reads older stores as well (the checkpoint_history view is created by newer writers).
+_CHAIN = ("WITH RECURSIVE chain(checkpoint_id, depth) AS (SELECT CAST(? AS VARCHAR), 0 UNION ALL "
+          "SELECT c.parent_checkpoint_id, ch.depth + 1 FROM chain ch JOIN checkpoints c USING (checkpoint_id) "
+          "WHERE c.parent_checkpoint_id IS NOT NULL) ")
+
+
+
+def checkpoint_chain(store, checkpoint_id: str) -> list[dict]:
+    """The checkpoint and every one before it (its parent, the parent's parent, ... the base), base first, across
+    forks; [] when the store does not know the checkpoint."""
+    return store.query(_CHAIN + "SELECT c.*, chain.depth FROM chain JOIN checkpoints c USING (checkpoint_id) "
+                                "ORDER BY chain.depth DESC", [checkpoint_id])
+
+
+
+def checkpoint_history_heuristics(store, checkpoint_id: str) -> list[dict]:
+    """Every heuristic internalized on the checkpoint's history (its own update's and every earlier one's, across
+    forks), in the order they were learned (the checkpoint_history_heuristics view, for stores of any age)."""
+    return store.query(
+        _CHAIN + "SELECT chain.depth, u.checkpoint_out AS internalized_in_checkpoint, u.run_id AS internalized_in_run, "
+                 "u.update_id, u.step AS update_step, h.heuristic_id, h.text AS heuristic, h.step AS heuristic_step, "
+                 "h.run_id AS heuristic_run_id, h.analysis_id FROM chain "
+                 "JOIN updates u ON u.checkpoint_out = chain.checkpoint_id JOIN internalized i USING (update_id) "
+                 "JOIN heuristics h ON h.heuristic_id = i.heuristic_id ORDER BY chain.depth DESC, h.heuristic_id",
+        [checkpoint_id])
+
+
+
+def run_checkpoints(store, run_id: str) -> list[dict]:
+    """The checkpoints a run had, by step: those it wrote, and the one it started from (its base — whose row another
+    run of the same store may have written first — or, for a fork, its parent's)."""
+    started_from = "OR c.checkpoint_id IN (SELECT parent_checkpoint_id FROM runs WHERE run_id = ?)" \
+        if _has_column(store, "runs", "parent_checkpoint_id") else ""
+    return store.query(f"SELECT c.* FROM checkpoints c WHERE c.run_id = ? OR c.checkpoint_id IN "
+                       f"(SELECT checkpoint_in FROM updates WHERE run_id = ?) {started_from} ORDER BY c.step",
+                       [run_id, run_id] + ([run_id] if started_from else []))
+
+
+
+def _has_column(store, table: str, column: str) -> bool:
+    return bool(store.query("SELECT 1 FROM duckdb_columns() WHERE table_name = ? AND column_name = ? AND "
+                            "database_name = current_database()", [table, column]))
+
+
+
+def _rows_where_in(store, table: str, column: str, values) -> list[dict]:
+    values = sorted({v for v in values if v is not None})
+    if not values:
+        return []
+    return store.query(f"SELECT * FROM {table} WHERE list_contains(?, {column})", [values])
+
+
+
+def lineage_references(store, checkpoint_id: str, source: str) -> dict[str, list[dict]]:
+    """What a fork from `checkpoint_id` copies from its parent's store (`store`, a reader of its snapshot) so
+    that lineage crosses the fork inside the fork's own file: the checkpoint chain to the base, the updates
+    that wrote it, what they internalized, and each internalized heuristic's lineage (analysis, pair, both
+    rollouts, prompt), the verifiers of those rollouts and the runs all of it belongs to, marked
+    ``copied_from`` = where the row lives in full (`source`, or the file an earlier fork copied it from).
+    Nothing else of the parent is copied: no other rollout, replay, metric, evaluation or stage execution."""
+    chain = checkpoint_chain(store, checkpoint_id)
+    updates = _rows_where_in(store, "updates", "checkpoint_out", [c["checkpoint_id"] for c in chain])
+    internalized = _rows_where_in(store, "internalized", "update_id", [u["update_id"] for u in updates])
+    heuristics = _rows_where_in(store, "heuristics", "heuristic_id", [i["heuristic_id"] for i in internalized])
+    analyses = _rows_where_in(store, "analyses", "analysis_id", [h["analysis_id"] for h in heuristics])
+    pairs = _rows_where_in(store, "pairs", "pair_id", [a["pair_id"] for a in analyses])
+    rollouts = _rows_where_in(store, "rollouts", "rollout_id",
+                              [p[k] for p in pairs for k in ("correct_rollout_id", "incorrect_rollout_id")])
+    prompts = _rows_where_in(store, "prompts", "prompt_id", [p["prompt_id"] for p in pairs])
+    verifiers = (_rows_where_in(store, "verifiers", "verifier_hash", [r.get("verifier_hash") for r in rollouts])
+                 if _has_column(store, "verifiers", "verifier_hash") else [])
+    run_ids = {r["run_id"] for rows in (chain, updates, heuristics, analyses, pairs, rollouts, prompts) for r in rows}
+    runs = [{**r, "copied_from": r.get("copied_from") or source}
+            for r in _rows_where_in(store, "runs", "run_id", run_ids)]
+    chain = [{k: v for k, v in c.items() if k != "depth"} for c in chain]
+    return {"runs": runs, "checkpoints": chain, "updates": updates, "internalized": internalized,
+            "heuristics": heuristics, "analyses": analyses, "pairs": pairs, "rollouts": rollouts, "prompts": prompts,
+            "verifiers": verifiers}

@@ -1,0 +1,62 @@
+"""Per-step summaries read back from the store: what `mel run` prints and the flows return."""
+
+from __future__ import annotations
+
+from mel_core.store import run_reads
+from mel_core.store.writer import Store
+from mel_core.vocabulary import STAGES
+
+
+def step_summary(store: Store, run_id: str, step: int) -> dict:
+    """Metrics of one step plus seconds per stage (latest completed execution of each)."""
+    return {"step": step, **run_reads.step_metrics(store, run_id, step),
+            "stage_seconds": run_reads.stage_seconds_of_step(store, run_id, step)}
+
+
+def format_step(s: dict) -> str:
+    g = lambda k, fmt="{:.0f}": fmt.format(s[k]) if s.get(k) is not None else "-"
+    secs = s.get("stage_seconds", {})
+    stage_part = " ".join(f"{st}={secs[st]:.1f}" for st in STAGES if st in secs)
+    return (f"step {s['step']:>3} | reward {g('reward_mean', '{:.3f}')} | mixed {g('mixed_groups')}/{g('groups')} "
+            f"| analyses {g('analyses')} | accepted {g('accepted')} | retention {g('retention_ratio', '{:.2f}')} "
+            f"| nll {g('nll_loss', '{:.3f}')} | s/stage {stage_part}")
+
+
+def acceptance(summaries: list[dict]) -> tuple[int, int]:
+    """(accepted, candidates) summed over the steps (a GRPO-only step has neither: counted as 0)."""
+    return (int(sum(s.get("accepted") or 0 for s in summaries)),
+            int(sum(s.get("candidates") or 0 for s in summaries)))
+
+
+def base_and_last(evals: list[dict]) -> list[dict]:
+    """Per dataset and metric: the value at the earliest evaluated step (the base, step 0) and at the latest,
+    from evaluation manifests (mel_core.study.evaluation.evaluate) of one campaign."""
+    by: dict[tuple[str, str], dict[int, float]] = {}
+    for e in evals:
+        if e.get("step") is None:
+            continue
+        for metric, value in e["metrics"].items():
+            by.setdefault((e["dataset"], metric), {})[e["step"]] = value
+    rows = []
+    for (dataset, metric), at in sorted(by.items()):
+        first, last = min(at), max(at)
+        rows.append({"dataset": dataset, "metric": metric, "base_step": first, "base": at[first],
+                     "last_step": last, "last": at[last]})
+    return rows
+
+
+def campaign_markdown(name: str, run_id: str, summaries: list[dict], evals: list[dict]) -> str:
+    """The end-of-campaign summary: held-out accuracy, base vs last evaluation, and acceptance over the campaign."""
+    lines = [f"## Campaign `{name}`", "", f"Run `{run_id}`, {len(summaries)} steps.", "", "### Held-out accuracy", ""]
+    rows = base_and_last(evals)
+    if rows:
+        lines += ["| dataset | metric | base | last | change |", "|---|---|---|---|---|"]
+        lines += [f"| {r['dataset']} | {r['metric']} | {r['base']:.3f} (step {r['base_step']}) | {r['last']:.3f} "
+                  f"(step {r['last_step']}) | {r['last'] - r['base']:+.3f} |" for r in rows]
+    else:
+        lines.append("No evaluation in this campaign (eval.every_n_steps = 0).")
+    accepted, candidates = acceptance(summaries)
+    ratio = f"{accepted / candidates:.2f}" if candidates else "-"
+    lines += ["", "### Acceptance", "", "| accepted | candidates | retention (accepted / candidates) |",
+              "|---|---|---|", f"| {accepted} | {candidates} | {ratio} |"]
+    return "\n".join(lines)
