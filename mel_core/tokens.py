@@ -13,12 +13,18 @@ from typing import Sequence
 
 
 def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt, special tokens included as the tokenizer adds them to a document's start."""
+    """Token ids of each prompt, special tokens included as the tokenizer adds them to a document's start — unless
+    the text already begins with the BOS token (a prompt rendered inside a chat template that writes it), which
+    would otherwise be doubled."""
     if not texts:
         return []
     # verbose=False: a prompt longer than the tokenizer's nominal max length is the caller's to judge
     # (Runtime.usable_problems names it); the tokenizer's own warning would be a stray line on stderr.
-    return tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+    bos = tokenizer.bos_token
+    framed = [bool(bos) and t.startswith(bos) for t in texts]
+    if not any(framed):
+        return tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+    return [tokenizer(t, add_special_tokens=not f, verbose=False)["input_ids"] for t, f in zip(texts, framed)]
 
 
 def encode_completions(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -28,11 +34,43 @@ def encode_completions(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def encode_target(tokenizer, text: str, spans: Sequence[tuple[str, int, int]], parts: Sequence[str]):
-    """An NLL target: the ids of `text` (a completion) and the tokenizer's eos, and for each id the index in
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the tokenizer's chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, ...),
+    read off the template itself; None without a template or when it closes with plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "MEL_END_OF_TURN_PROBE"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "u"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    except Exception:  # a template that refuses this conversation: no end-of-turn token to read
+        return None
+    after = text[text.find(marker) + len(marker):] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False, verbose=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                                                 if getattr(t, "special", False)}
+    return next((i for i in ids if i in special), None)
+
+
+def stop_token_ids(tokenizer, chat: bool) -> list[int]:
+    """What ends a completion: eos, and with a chat template its end-of-turn token. The first is what a completion
+    keeps as its last id (the update learns to stop)."""
+    ids = []
+    turn = end_of_turn_id(tokenizer) if chat else None
+    for i in (turn, tokenizer.eos_token_id):
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def encode_target(tokenizer, text: str, spans: Sequence[tuple[str, int, int]], parts: Sequence[str],
+                  end_id: int | None = None):
+    """An NLL target: the ids of `text` (a completion) and the token that ends a completion (`end_id`: the chat
+    template's end of turn when prompts are framed by it; else the tokenizer's eos), and for each id the index in
     `parts` of the part of the text its first character lies in (`spans`: (part, start, end) character spans;
-    eos and uncovered text are part 0). Offsets come from the fast tokenizer; a slow one encodes span by span."""
-    eos = tokenizer.eos_token_id
+    the end token and uncovered text are part 0). Offsets come from the fast tokenizer; a slow one encodes span by
+    span."""
+    eos = tokenizer.eos_token_id if end_id is None else end_id
     index = {p: i for i, p in enumerate(parts)}
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)

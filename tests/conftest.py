@@ -64,3 +64,30 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         items[:] = [item for item in items if "ui" not in item.keywords]
         config.hook.pytest_deselected(items=deselected)
+
+
+def assert_adam_steps_agree(got: dict, reference: dict, start: dict, lr: float, steps: int = 1) -> None:
+    """Weights after `steps` AdamW steps from `start` (no weight decay) agree with a reference run of the same steps
+    to what the math fixes, not to the float reduction order.
+
+    Adam moves a weight by at most about lr per step: |m_hat / (sqrt(v_hat) + eps)| <= 1 at step 1 and, by
+    Cauchy-Schwarz over the bias-corrected moments, <= 1.0014 at step 2 (betas 0.9, 0.999). So two runs whose
+    gradients differ only in reduction order can differ anywhere by up to 2 * 1.0014 * lr per step: where a gradient
+    is ~0, its sign is the reduction order's to decide (seen: 2.6e-5 at lr 1e-3). Where the reference moved a weight by at least
+    0.9 * lr * steps, every step's gradient there was far above eps, so the direction and the size of the step are
+    fixed by the gradient: the two runs agree to 2% of a step. A wrong gradient (sign, part of the batch left out)
+    moves such weights elsewhere; the losses and grad norm, compared with a relative tolerance, catch a wrong scale."""
+    import torch
+
+    assert steps in (1, 2), "the bound below is derived for the first two Adam steps"
+    confident = 0
+    for name, ref in reference.items():
+        w, w0 = got[name].float(), start[name].float()
+        ref = ref.float()
+        ulp = 4 * torch.finfo(torch.float32).eps * torch.maximum(ref.abs(), w.abs())
+        assert ((w - ref).abs() <= 2 * 1.0014 * lr * steps + ulp).all(), f"{name}: moved further than Adam can"
+        sure = (ref - w0).abs() >= 0.9 * lr * steps
+        confident += int(sure.sum())
+        worst = ((w - ref).abs() - ulp)[sure].max().item() if sure.any() else 0.0
+        assert worst <= 0.02 * lr * steps, f"{name}: a weight with a clear gradient moved {worst:.2e} away"
+    assert confident, "no weight moved a full Adam step: nothing was compared"

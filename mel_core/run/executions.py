@@ -82,7 +82,8 @@ def register_run(rt: Runtime, base: Checkpoint) -> None:
         w.insert("runs", [{"run_id": rt.run_id, "name": rt.cfg.run.name, "config_hash": rt.config_hash,
                            "config_json": json.dumps(to_dict(rt.cfg), sort_keys=True), "created_at": now(),
                            "parent_run_id": fork.run_id or None, "parent_step": fork.step if fork.run_id else None,
-                           "parent_checkpoint_id": fork.checkpoint_id or None}])
+                           "parent_checkpoint_id": fork.checkpoint_id or None,
+                           "model_json": json.dumps(rt.model_provenance, sort_keys=True)}])
         w.insert("checkpoints", [{"checkpoint_id": base.checkpoint_id, "run_id": rt.run_id, "step": rt.start_step,
                                   "path": base.path, "parent_checkpoint_id": None, "created_at": now()}])
         stage_records.mark_interrupted(w, rt.run_id)

@@ -23,6 +23,7 @@ from mel_core.model.engines.base import Completion, SamplingParams
 from mel_core.problems.prompts import PromptSet
 from mel_core.store.database import DB_FILE
 from mel_core.store.writer import Store
+from mel_core.tokens import stop_token_ids
 
 _log = logging.getLogger("mel")
 
@@ -71,13 +72,28 @@ class Runtime:
     # ------------------------------------------------------------------- version 0 of the policy
 
     @cached_property
+    def model_source(self):
+        """Where the starting weights come from (mel_core.model.sources): a named model converted once under
+        run.cache_dir, a local folder or a hub name, with its provenance. Not for the embedded tiny model."""
+        from mel_core.model import sources
+        return sources.resolve(self.cfg.model.name_or_path, self.cfg.run.cache_dir)
+
+    @cached_property
     def base_checkpoint(self) -> Checkpoint:
         """Version 0 of the policy: the warm-started tiny model (built once, cached on disk) or a real model."""
         if self.cfg.model.name_or_path == "tiny":
             from mel_core.model import tiny
             path = tiny.ensure_warm_start(self.cfg)
             return Checkpoint(make_id("ckpt", "tiny", tiny.warm_start_key(self.cfg)), str(path))
-        return Checkpoint(make_id("ckpt", "base", self.cfg.model.name_or_path), self.cfg.model.name_or_path)
+        return Checkpoint(make_id("ckpt", "base", self.cfg.model.name_or_path), self.model_source.path)
+
+    @property
+    def model_provenance(self) -> dict:
+        """What the run records of its starting weights (runs.model_json)."""
+        if self.cfg.model.name_or_path == "tiny":
+            from mel_core.model import tiny
+            return {"source": "tiny", "warm_start_key": tiny.warm_start_key(self.cfg), "path": self.base_checkpoint.path}
+        return self.model_source.provenance
 
     @property
     def start_step(self) -> int:
@@ -118,7 +134,8 @@ class Runtime:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.model.dtype]
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(resolve_device(self.cfg.model.device))
         model.eval().requires_grad_(False)
-        return HFEngine(model, tokenizer, max_batch_sequences=self.cfg.sampling.chunk_sequences)
+        return HFEngine(model, tokenizer, max_batch_sequences=self.cfg.sampling.chunk_sequences,
+                        stop_ids=stop_token_ids(tokenizer, self.uses_chat_template))
 
     @cached_property
     def verifier(self):
@@ -176,18 +193,28 @@ class Runtime:
         B = self.cfg.sampling.prompts_per_step
         return [problems[int(order[(step * B + i) % len(problems)])] for i in range(B)]
 
+    @property
+    def uses_chat_template(self) -> bool:
+        """prompts.chat_template against the policy's tokenizer: auto uses its template when it has one."""
+        mode, has = self.cfg.prompts.chat_template, bool(getattr(self.policy.tokenizer, "chat_template", None))
+        if mode == "always" and not has:
+            raise config_mod.ConfigError(f"config key 'prompts.chat_template': always, but the tokenizer of "
+                                         f"{self.cfg.model.name_or_path} has no chat template")
+        return mode == "always" or (mode == "auto" and has)
+
+    @cached_property
+    def stop_ids(self) -> list[int]:
+        """What ends a completion: eos, and inside a chat template its end-of-turn token (mel_core.tokens)."""
+        return stop_token_ids(self.policy.tokenizer, self.uses_chat_template)
+
     def model_input(self, text: str) -> str:
-        """A rendered prompt as the model reads it: inside its chat template when `prompts.chat_template`.
+        """A rendered prompt as the model reads it: inside its chat template per `prompts.chat_template`.
 
         What is stored as a record's prompt text is this string, so the update trains on exactly the
         context the generation saw.
         """
-        p = self.cfg.prompts
-        tokenizer = self.policy.tokenizer
-        if p.chat_template and not getattr(tokenizer, "chat_template", None):
-            raise config_mod.ConfigError(f"config key 'prompts.chat_template': the tokenizer of "
-                                         f"{self.cfg.model.name_or_path} has no chat template")
-        return PromptSet.to_model_input(text, tokenizer, p.chat_template, **p.chat_template_kwargs)
+        return PromptSet.to_model_input(text, self.policy.tokenizer, self.uses_chat_template,
+                                        **self.cfg.prompts.chat_template_kwargs)
 
     # --------------------------------------------------------------------- the loaded policy
 
@@ -241,10 +268,11 @@ class Runtime:
             return VLLMEngine(self.base_checkpoint.path if m.lora.enabled else ckpt.path,
                               self._policy.tokenizer, dtype=m.dtype, seed=self.cfg.run.seed,
                               lora_rank=m.lora.r if m.lora.enabled else None, kv_cache_gib=m.vllm.kv_cache_gib,
-                              progress=True)
+                              progress=True, stop_ids=self.stop_ids)
         from mel_core.model.engines.hf import HFEngine
         return HFEngine(self._policy.model, self._policy.tokenizer, loader=self._policy.load_checkpoint,
-                        max_batch_sequences=self.cfg.sampling.chunk_sequences, progress=True)  # bars on a TTY only
+                        max_batch_sequences=self.cfg.sampling.chunk_sequences, progress=True,  # bars on a TTY only
+                        stop_ids=self.stop_ids)
 
     def _serve(self, ckpt: Checkpoint) -> None:
         """Point the engine at the policy's version `ckpt`. The HF engine generates with the policy's own

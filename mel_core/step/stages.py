@@ -174,8 +174,10 @@ def _skipped_analysis(rt: Runtime, step: int, ckpt: Checkpoint, p: dict) -> dict
 
 
 def _trained(rt: Runtime, parsed: meta_experience.ParsedAnalysis) -> tuple[list[int], list[int]]:
-    """The NLL target of a parsed generation: M*'s ids and eos, and the part of M each id belongs to."""
-    return encode_target(rt.policy.tokenizer, parsed.target_text, parsed.spans, meta_experience.PARTS)
+    """The NLL target of a parsed generation: M*'s ids and the token that ends a completion (eos, or the chat
+    template's end of turn: what the generation itself stopped on), and the part of M each id belongs to."""
+    return encode_target(rt.policy.tokenizer, parsed.target_text, parsed.spans, meta_experience.PARTS,
+                         end_id=rt.stop_ids[0])
 
 
 def abstract(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:

@@ -25,7 +25,8 @@ TABLES: dict[str, str] = {
         parent_run_id VARCHAR,
         parent_step INTEGER,
         parent_checkpoint_id VARCHAR,
-        copied_from VARCHAR""",
+        copied_from VARCHAR,
+        model_json VARCHAR""",
     "steps": """
         step_id VARCHAR PRIMARY KEY,
         run_id VARCHAR,

@@ -18,9 +18,12 @@ from mel_core.tokens import encode_prompts, left_pad
 
 class HFEngine:
     def __init__(self, model, tokenizer, *, max_batch_sequences: int = 256,
-                 loader: Callable[[str], None] | None = None, progress: bool = False):
+                 loader: Callable[[str], None] | None = None, progress: bool = False,
+                 stop_ids: Sequence[int] | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        # What ends a completion (mel_core.tokens.stop_token_ids): eos, and a chat template's end of turn.
+        self.stop_ids = list(stop_ids) if stop_ids else [tokenizer.eos_token_id]
         self.max_batch_sequences = max_batch_sequences
         self.version: str | None = None
         self._loader = loader  # moves the shared model to a checkpoint path (owned by the Policy)
@@ -52,7 +55,7 @@ class HFEngine:
             enc = {"input_ids": input_ids.to(self.model.device), "attention_mask": attention.to(self.model.device)}
             torch.manual_seed((int(params.seed) + chunk.index) % (2**63 - 1))
             kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id)
+                          eos_token_id=self.stop_ids)
             if params.temperature > 0:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_k=0, top_p=params.top_p)
             else:
@@ -60,8 +63,16 @@ class HFEngine:
             seqs = self.model.generate(**enc, **kwargs)  # [b, L_prompt + L_new]
         finally:
             self.model.train(was_training)
-        new = [ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids  # keep eos: the
-               for ids in seqs[:, enc["input_ids"].shape[1]:].tolist()]                 # update learns to stop
+        stops = set(self.stop_ids)
+        new = [_through_first(ids, stops) for ids in seqs[:, enc["input_ids"].shape[1]:].tolist()]
         texts = tok.batch_decode(new, skip_special_tokens=True)  # one call per chunk, not per completion
-        return [Completion(text=text, token_ids=ids, finish_reason="stop" if ids[-1:] == [tok.eos_token_id] else "length")
+        return [Completion(text=text, token_ids=ids, finish_reason="stop" if ids and ids[-1] in stops else "length")
                 for ids, text in zip(new, texts)]
+
+
+def _through_first(ids: list[int], stops: set[int]) -> list[int]:
+    """The ids up to and including the first stop token (kept: the update learns to stop); padding after it goes."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[: i + 1]
+    return ids

@@ -78,11 +78,12 @@ class VLLMEngine:
 
     def __init__(self, path: str | Path, tokenizer, *, dtype: str = "float32", seed: int = 0,
                  lora_rank: int | None = None, kv_cache_gib: float = 0.0, progress: bool = False,
-                 **llm_kwargs):
+                 stop_ids: Sequence[int] | None = None, **llm_kwargs):
         from vllm import LLM
         from vllm.platforms import current_platform
 
         self.tokenizer = tokenizer
+        self.stop_ids = list(stop_ids) if stop_ids else [tokenizer.eos_token_id]  # eos and a template's end of turn
         self.progress = progress
         self.version: str | None = None
         self.lora = lora_rank is not None
@@ -140,7 +141,7 @@ class VLLMEngine:
         if not prompts:
             return []
         tok = self.tokenizer
-        eos = tok.eos_token_id
+        stops = set(self.stop_ids)
         n = params.n
         prompt_ids = encode_prompts(tok, prompts)  # as the HF engine and the trainer encode them (mel_core.tokens)
         greedy = params.temperature <= 0
@@ -150,7 +151,7 @@ class VLLMEngine:
         requests = [VSamplingParams(
             n=drawn, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
             top_k=0, max_tokens=params.max_new_tokens, seed=None if greedy else base_seed + i * n,
-            stop_token_ids=[eos], logprobs=0 if params.logprobs else None, detokenize=False)
+            stop_token_ids=list(self.stop_ids), logprobs=0 if params.logprobs else None, detokenize=False)
             for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], requests,
                                     lora_request=self._lora_request,
@@ -162,7 +163,7 @@ class VLLMEngine:
         for c, ids, text in zip((c for group in seqs for c in group), new, texts):
             logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs)] if c.logprobs is not None else None
             flat.append(Completion(text=text, token_ids=ids,
-                                   finish_reason="stop" if ids[-1:] == [eos] else "length", logprobs=logprobs))
+                                   finish_reason="stop" if ids and ids[-1] in stops else "length", logprobs=logprobs))
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def close(self) -> None:
