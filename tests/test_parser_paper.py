@@ -347,3 +347,195 @@ def test_step_numeral_preferred_over_ordinal_word_and_word_answers():
     assert meta_experience.parse_analysis(rule, gold_answer="\\text{Monday}").reject_reason == "heuristic_leaks_answer"
     assert meta_experience.parse_analysis(rule.replace("Monday", "Mondays"), gold_answer="Monday").ok
     assert meta_experience.parse_analysis(rule, gold_answer="B").ok  # single letters are too short to call a leak
+
+
+# ------------------------------------------------------------- the paper's own titles (Appendix C)
+
+APPENDIX_C = """## 1. Failure Resolution Path & Error Pattern Recognition
+Bifurcation step: 2
+- **Failure Point:** in step 2 Attempt A divides both sides by k.
+- **Latent Cognitive Pattern:** treating a parameter as non-zero by default.
+
+## 2. Analysis of Success Factors
+- **Reasoning Pivot:** Attempt B split on k = 0 first.
+- **Robustness Factor:** each case was solved on its own.
+- **Reason for Effectiveness:** nothing was assumed about k.
+
+## 3. First-Person Reflective Summary
+- **Review:** I divided by k without a second thought.
+- **Insight:** a parameter can vanish.
+- **Action:** I will split on the parameter first.
+
+## 4. Subject Heuristics (Internalized Experience)
+- If a parameter can vanish, then treat that case separately.
+- If you divide by an expression, then check that it is non-zero.
+"""
+DIAGNOSIS_BODIES = {"failure": "Attempt A divided by k at step 2.", "success_factors": "Attempt B split the cases.",
+                    "reflection": "I skipped the check.", "heuristic": "- If a parameter can vanish, then split the cases."}
+
+
+def _four(titles: dict) -> str:
+    return "\n\n".join(f"{titles[s]}\n{body}" for s, body in DIAGNOSIS_BODIES.items())
+
+
+def _fields(p) -> dict:
+    return {"failure": p.failure, "success_factors": p.success_factors, "reflection": p.reflection,
+            "heuristic": p.heuristics and p.heuristics[0]}
+
+
+PAPER_TITLES = {  # each section: the paper's exact title, then paraphrases, each in some markup
+    "failure": ["## Failure Resolution Path & Error Pattern Recognition", "**1. Failure Resolution Path**",
+                "### Error Pattern Recognition", "Resolution Path:", "## Failure Path and Error Patterns",
+                "Section 1: Error Pattern Recognition & Failure Point"],
+    "success_factors": ["## Analysis of Success Factors", "**2. Analysis of the Success Factors**",
+                        "### Analysis of Success", "Success Analysis:", "(2) Success Factor Analysis"],
+    "reflection": ["## First-Person Reflective Summary", "**3. Reflective Summary**", "### First Person Summary",
+                   "Reflection (First-Person):", "## Self-Reflective Summary"],
+    "heuristic": ["## Subject Heuristics (Internalized Experience)", "**4. Internalized Experience**",
+                  "### Heuristics (Internalized Experience)", "Internalised Experience:", "## Internalized Heuristics",
+                  "IV. Subject-Level Heuristics"],
+}
+
+
+def test_the_papers_titles_and_their_paraphrases_open_their_sections():
+    default = {"failure": "## Failure Point", "success_factors": "## Success Factors",
+               "reflection": "## Reflection", "heuristic": "## Subject Heuristics"}
+    for section, titles in PAPER_TITLES.items():
+        for title in titles:
+            p = meta_experience.parse_analysis(_four({**default, section: title}))
+            assert p.ok and p.layout == "paper", (title, p.reject_reason)
+            field = _fields(p)[section]
+            assert field and field.endswith(DIAGNOSIS_BODIES[section].lstrip("- ")), (title, field)
+
+
+def test_the_papers_field_labels_stay_inside_their_sections():
+    p = meta_experience.parse_analysis(APPENDIX_C)
+    assert p.ok and p.bifurcation_step == 2
+    assert p.failure.startswith("Bifurcation step: 2") and p.failure.endswith("non-zero by default.")
+    assert "**Failure Point:**" in p.failure and "**Latent Cognitive Pattern:**" in p.failure
+    assert p.success_factors.startswith("- **Reasoning Pivot:**") and p.success_factors.endswith("about k.")
+    assert p.reflection.startswith("- **Review:**") and "**Insight:**" in p.reflection
+    assert p.reflection.endswith("split on the parameter first.")
+    assert len(p.heuristics) == 2
+    # the field labels as sub-headers of their own, in another markup, stay in their sections too
+    subheaders = APPENDIX_C.replace("- **", "### ").replace(":** ", "\n")
+    q = meta_experience.parse_analysis(subheaders)
+    assert q.ok and q.failure.startswith("Bifurcation step: 2") and "### Latent Cognitive Pattern" in q.failure
+    assert "### Reason for Effectiveness" in q.success_factors and "### Action" in q.reflection
+    # field labels alone, with no section title, still title the failure section (as before)
+    labels_only = APPENDIX_C.replace("## 1. Failure Resolution Path & Error Pattern Recognition\n", "")
+    r = meta_experience.parse_analysis(labels_only)
+    assert r.ok and r.failure.startswith("in step 2 Attempt A") and r.bifurcation_step == 2
+
+
+def test_a_named_rule_in_the_heuristics_is_not_a_diagnosis_header():
+    named = APPENDIX_C.replace("- If a parameter", "- **Error Pattern Awareness**: If a parameter").replace(
+        "- If you divide", "- **Root Cause Check**: If you divide")
+    p = meta_experience.parse_analysis(named)
+    assert p.ok and p.heuristic_names == ["Error Pattern Awareness", "Root Cause Check"]
+    assert p.failure.endswith("non-zero by default.")
+
+
+# ------------------------------------------------------------------- by number and by position
+
+def test_an_unusual_title_is_found_by_its_number():
+    text = APPENDIX_C.replace("## 2. Analysis of Success Factors", "## 2. The Turning Point in Attempt B")
+    p = meta_experience.parse_analysis(text)
+    assert p.ok and p.success_factors.startswith("- **Reasoning Pivot:**")
+    two = text.replace("## 4. Subject Heuristics (Internalized Experience)", "## 4. Distilled Wisdom")
+    p = meta_experience.parse_analysis(two)  # two unusual titles: the numbered ones left still fit the paper's
+    assert p.ok and p.success_factors.startswith("- **Reasoning Pivot:**") and len(p.heuristics) == 2
+    roman = two.replace("## 1.", "## I.").replace("## 2.", "## II.").replace("## 3.", "## III.").replace("## 4.", "## IV.")
+    assert meta_experience.parse_analysis(roman).ok
+
+
+def test_a_number_maps_only_where_it_fits():
+    text = APPENDIX_C.replace("## 2. Analysis of Success Factors", "## 2. The Turning Point in Attempt B")
+    # the header numbered 2 comes after the one numbered 3: no mapping
+    s2, s3 = text.index("## 2."), text.index("## 3.")
+    swapped = text[:s2] + text[s3:text.index("## 4.")] + text[s2:s3] + text[text.index("## 4."):]
+    assert meta_experience.parse_analysis(swapped).reject_reason == "missing_success_factors"
+    # another markup than the titled headers ("2." sub-item vs "## N."): no mapping
+    sub = text.replace("## 2. The Turning Point in Attempt B", "2. The Turning Point in Attempt B")
+    assert meta_experience.parse_analysis(sub).reject_reason == "missing_success_factors"
+    # out of the paper's order and renumbered in text order, the numbers are not the paper's: no mapping (and
+    # none by position either, the unusual header not being where the paper puts the missing section)
+    s = _sections(text)
+    renumbered = (s["reflection"].replace("## 3.", "## 1.") + s["failure"].replace("## 1.", "## 2.")
+                  + s["success_factors"].replace("## 2.", "## 3.") + s["heuristic"])
+    assert meta_experience.parse_analysis(renumbered).reject_reason == "missing_success_factors"
+    # a numbered sub-item in the failure section is not the success section, even numbered 2
+    listed = ("## 1. Failure Resolution Path & Error Pattern Recognition\n1. Attempt A divides by k.\n"
+              "2. Attempt B Checks First\n\n## 3. First-Person Reflective Summary\nI skipped it.\n\n"
+              "## 4. Subject Heuristics (Internalized Experience)\n- If a parameter can vanish, then split.")
+    assert meta_experience.parse_analysis(listed).reject_reason == "missing_success_factors"
+
+
+def test_an_unusual_title_is_found_by_its_position():
+    bold = _four({"failure": "**Failure Resolution Path & Error Pattern Recognition**",
+                  "success_factors": "**Analysis of Success Factors**", "reflection": "**Looking Back**",
+                  "heuristic": "**Subject Heuristics (Internalized Experience)**"})
+    p = meta_experience.parse_analysis(bold)
+    assert p.ok and p.reflection == "I skipped the check."
+    # conservative: a fifth header of the same markup, or the unusual one out of the paper's order, maps nothing
+    five = bold.replace("**Looking Back**", "**Looking Back**\nSo.\n\n**One More Thing**")
+    assert meta_experience.parse_analysis(five).reject_reason == "missing_reflection"
+    r, h = bold.index("**Looking Back**"), bold.index("**Subject Heuristics")
+    out_of_order = bold[:r] + bold[h:] + "\n\n" + bold[r:h].rstrip()
+    assert meta_experience.parse_analysis(out_of_order).reject_reason == "missing_reflection"
+    # a document title in the sections' markup is not the missing section: the heuristics stay missing
+    titled = "## Comparing the Two Attempts\nHere is my analysis.\n\n" + APPENDIX_C[:APPENDIX_C.index("## 4.")]
+    titled = titled.replace("## 1. ", "## ").replace("## 2. ", "## ").replace("## 3. ", "## ")
+    assert meta_experience.parse_analysis(titled).reject_reason == "missing_heuristic"
+    # never from prose: a plain line that is not marked up as a header opens nothing
+    prose = bold.replace("**Looking Back**", "Looking Back")
+    assert meta_experience.parse_analysis(prose).reject_reason == "missing_reflection"
+
+
+# ---------------------------------------------------------------------------- sections out of order
+
+def _sections(text: str) -> dict:
+    starts = {name: text.index(f"## {k}.") for k, name in enumerate(DIAGNOSIS_BODIES, start=1)}
+    ends = {name: min([s for s in starts.values() if s > start] + [len(text)]) for name, start in starts.items()}
+    return {name: text[starts[name]:ends[name]].rstrip() + "\n\n" for name in starts}
+
+
+def test_sections_out_of_order():
+    s = _sections(APPENDIX_C)
+    reflection_first = s["reflection"] + s["failure"] + s["success_factors"] + s["heuristic"]
+    p = meta_experience.parse_analysis(reflection_first)
+    assert p.ok and p.reflection.endswith("split on the parameter first.") and p.bifurcation_step == 2
+    assert p.target_text == reflection_first.strip()
+    # heuristics first or in the middle are found; M* still ends at the last kept rule, so the sections after
+    # it are parsed (and required) but not trained on
+    for order in (("heuristic", "failure", "success_factors", "reflection"),
+                  ("failure", "heuristic", "success_factors", "reflection")):
+        text = "".join(s[name] for name in order)
+        p = meta_experience.parse_analysis(text)
+        assert p.ok and len(p.heuristics) == 2 and p.success_factors.endswith("about k."), order
+        assert text.startswith(p.target_text) and p.target_text.endswith("check that it is non-zero.")
+        assert "Reasoning Pivot" not in p.target_text
+        missing = text.replace(s["reflection"], "")
+        assert meta_experience.parse_analysis(missing).reject_reason == "missing_reflection"
+    # heuristics first in another markup than the diagnosis headers stay a document title (as before)
+    title_first = "# Subject Heuristics\n- If a, then b.\n\n" + "".join(s[n] for n in DIAGNOSIS_BODIES if n != "heuristic")
+    assert meta_experience.parse_analysis(title_first).reject_reason == "missing_heuristic"
+
+
+def test_target_is_a_prefix_of_every_well_formed_fixture():
+    from tests.test_meta_experience import _after_thinking, load_fixtures
+
+    checked = 0
+    for fx in load_fixtures():
+        p = meta_experience.parse_analysis(fx["text"], gold_answer=fx["gold_answer"], question=fx["question"],
+                                           max_heuristics=fx["max_heuristics"])
+        if fx["expect"]["reject_reason"] is not None:
+            continue
+        after = _after_thinking(fx["text"]).lstrip()
+        assert p.ok and after.startswith(p.target_text), fx["name"]
+        assert p.target_text.endswith(fx["expect"]["target_ends_with"]), fx["name"]
+        covered = [(a, b) for _, a, b in p.spans]  # the parts tile M* exactly
+        assert covered[0][0] == 0 and covered[-1][1] == len(p.target_text), fx["name"]
+        assert all(b == c for (_, b), (c, _) in zip(covered, covered[1:])), fx["name"]
+        checked += 1
+    assert checked >= 57

@@ -28,8 +28,8 @@ class ParsedAnalysis:
     bifurcation_step: int | None = None  # the step index s* names, if any
     bifurcation: str | None = None       # s* as written: failure section (paper), bifurcation line (compact)
     critique: str | None = None          # C: the diagnosis text (paper: the three diagnosis sections joined)
-    failure: str | None = None           # paper: Failure Point & Latent Cognitive Pattern
-    success_factors: str | None = None   # paper: Success Factors
+    failure: str | None = None           # paper: Failure Resolution Path & Error Pattern Recognition
+    success_factors: str | None = None   # paper: Analysis of Success Factors
     reflection: str | None = None        # paper: First-Person Reflective Summary
     heuristics: list[str] = field(default_factory=list)              # H: the kept rules
     heuristic_names: list[str | None] = field(default_factory=list)  # their "[Pattern Name]", if any
