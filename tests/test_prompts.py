@@ -19,6 +19,14 @@ def test_missing_field_is_an_error(tmp_path):
         PromptSet.load(tmp_path)
 
 
+PAPER_SECTIONS = [
+    ("Failure Resolution Path & Error Pattern Recognition", ("Failure Point", "Latent Cognitive Pattern")),
+    ("Analysis of Success Factors", ("Reasoning Pivot", "Robustness Factor", "Reason for Effectiveness")),
+    ("First-Person Reflective Summary", ("Review", "Insight", "Action")),
+    ("Subject Heuristics (Internalized Experience)", ()),
+]
+
+
 def test_paper_prompts_render_with_boxed_and_sections():
     ps = PromptSet.load("configs/prompts/paper")
     solve = ps.render_solve("What is 2+3?")
@@ -27,10 +35,14 @@ def test_paper_prompts_render_with_boxed_and_sections():
     assert analysis.index("\\boxed{6}") < analysis.index("\\boxed{5}")  # incorrect first
     assert analysis.index("(incorrect)") < analysis.index("(correct)")
     assert "meta-cognitive reasoning analyst" in analysis
-    for section in ("Failure Point & Latent Cognitive Pattern", "Success Factors",
-                    "First-Person Reflective Summary", "Subject Heuristics", "Bifurcation step: N",
-                    "If [condition], then [action]"):
+    for section in ("Bifurcation step: N", "If [condition], then [action]"):
         assert section in analysis, section
+    # the paper's section titles (Appendix C), in its order, each with its fields named inside it
+    at = 0
+    for title, fields in PAPER_SECTIONS:
+        at = analysis.index(f"## {title}\n", at)
+        for name in fields:
+            assert f"\n{name}: " in analysis[at:analysis.find("\n## ", at + 1)], (title, name)
     validation = ps.render_validation("What is 2+3?", "If adding, then line up the digits.")
     assert "\\boxed{}" in validation
     assert validation.index("If adding, then line up the digits.") < validation.index("What is 2+3?")
@@ -92,3 +104,28 @@ def test_two_pass_templates_are_optional_and_rendered(tmp_path):
     with pytest.raises(C.ConfigError, match="abstract.txt"):
         C.load("configs/tiny.yaml", [f"prompts.dir={tmp_path}", "experience.analysis_mode=two_pass"])
     C.load("configs/tiny.yaml", [f"prompts.dir={tmp_path}"])  # single_pass does not need it
+
+
+def test_the_paper_prompts_headers_are_the_parsers():
+    """An analysis that follows a template — its headers, its fields — parses into the sections it asks for."""
+    from mel_core.algorithm import meta_experience
+
+    ps = PromptSet.load("configs/prompts/paper")
+    body = {"Failure Resolution": "Bifurcation step: 2\nFailure Point: divided by k.\nLatent Cognitive Pattern: haste.",
+            "Analysis of Success": "Reasoning Pivot: split on k.\nRobustness Factor: cases.\n"
+                                   "Reason for Effectiveness: nothing assumed.",
+            "First-Person": "Review: I divided.\nInsight: k can vanish.\nAction: I will split first.",
+            "Subject Heuristics": "- If a parameter can vanish, then treat that case separately."}
+
+    def follow(template: str) -> str:
+        headers = [line for line in template.splitlines() if line.startswith("## ")]
+        return "\n\n".join(h + "\n" + next(b for k, b in body.items() if h[3:].startswith(k)) for h in headers)
+
+    full = meta_experience.parse_analysis(follow(ps.analysis))
+    assert full.ok and full.bifurcation_step == 2 and full.failure.endswith("Latent Cognitive Pattern: haste.")
+    assert full.success_factors.endswith("nothing assumed.") and full.reflection.endswith("I will split first.")
+    diagnosis = follow(ps.diagnose)
+    assert meta_experience.parse_diagnosis(diagnosis).ok and "Subject Heuristics" not in diagnosis
+    abstract = meta_experience.parse_heuristics(follow(ps.abstract))
+    assert abstract.ok and abstract.heuristics == ["If a parameter can vanish, then treat that case separately."]
+    assert abstract.target_text.startswith("## Subject Heuristics")  # the template's one header, nothing else
