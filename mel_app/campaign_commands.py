@@ -25,6 +25,9 @@ def cmd_run(args) -> int:
         point = fork_mod.find_fork_point(args.fork, cfg.run.root_dir)
         cfg = fork_mod.fork_config(args.config, args.overrides, point)
     load_problems(cfg.data)  # a missing, malformed or empty dataset is reported before Prefect starts
+    if cfg.model.name_or_path != "tiny":  # a named model is fetched (once), a folder checked, before Prefect starts
+        from mel_core.model import sources
+        sources.resolve(cfg.model.name_or_path, cfg.run.cache_dir)
     run_dir = run_dir_of(cfg)
     held = lock.holder(run_dir)
     if held:
@@ -49,6 +52,9 @@ def cmd_run(args) -> int:
     from mel_core.store.reader import StoreReader
     with StoreReader(db) as store:
         hid = run_reads.latest_accepted_heuristic(store, result["run_id"])
+        shown = run_reads.analysis_to_show(store, result["run_id"])
+    if shown:
+        _print_analysis(shown)
     print(f"\nmel: done in {time.time() - t0:.0f}s")
     _print_before_after(result["evals"])
     print(f"  DuckDB:      {db}")
@@ -65,6 +71,25 @@ def cmd_run(args) -> int:
         print(f"  .venv/bin/mel lineage --db {db} --checkpoint {result['final_checkpoint'].checkpoint_id} --history")
     return 0
 
+
+
+def _print_analysis(a: dict) -> None:
+    """One analysis the policy wrote, in full, with what became of it: its parse, its replay, its verdict."""
+    verdict = {"accepted": "accepted (its replay solved the problem)", "candidate": "parsed, not replayed yet"}.get(
+        a["status"], f"rejected: {a['reject_reason']}")
+    print(f"\nmel: one analysis the policy wrote (step {a['step']}, {a['analysis_id']}) -- {verdict}")
+    print(f"  problem: {a['question']}  [gold {a['answer']}]")
+    print("  --- the analysis, as generated " + ("(cut at the length limit)" if a["finish_reason"] == "length" else "")
+          + " ---")
+    print("\n".join("  | " + line for line in (a["raw_text"] or "").splitlines()))
+    if a["parsed"]:
+        print(f"  --- parsed: bifurcation step {a['bifurcation_step']}; heuristics:")
+        for h in a["heuristics"] or []:
+            print(f"      - {h}")
+    for r in a["replays"] or []:
+        print(f"  --- replay with M in context: reward {r['reward']:g} ({r['verify_reason']}, answer "
+              f"{r['extracted_answer']!r}) ---")
+        print("\n".join("  | " + line for line in (r["text"] or "").splitlines()))
 
 
 def _print_before_after(evals: list[dict]) -> None:

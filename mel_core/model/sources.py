@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mel_core.atomic_files import write_dir_atomically
+from mel_core.config import ConfigError
 from mel_core.errors import PermanentError
 
 PROVENANCE_FILE = "mel_provenance.json"
@@ -81,13 +83,13 @@ def resolve(name_or_path: str, cache_dir: str | Path, log=print) -> ResolvedMode
     p = Path(name_or_path)
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise ModelSourceError(f"model.name_or_path {name_or_path}: a folder without config.json is not a Hugging "
-                                   f"Face model (expected config.json, the weights and the tokenizer files)")
+            raise ConfigError(f"config key 'model.name_or_path': {name_or_path} is a folder without config.json, not a "
+                              f"Hugging Face model (expected config.json, the weights and the tokenizer files)")
         return ResolvedModel(str(p.resolve()), {"source": "local folder", "path": str(p.resolve()),
                                                 "config_sha256": sha256_of(p / "config.json")})
     if p.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
-        raise ModelSourceError(f"model.name_or_path {name_or_path}: no such folder (a local model is a folder with "
-                               f"config.json; named models: {', '.join(sorted(PACKAGED))}; or 'tiny')")
+        raise ConfigError(f"config key 'model.name_or_path': no folder {name_or_path} (a local model is a folder with "
+                          f"config.json; named models: {', '.join(sorted(PACKAGED))}; or 'tiny')")
     return ResolvedModel(name_or_path, {"source": "hub", "name": name_or_path})
 
 
@@ -164,7 +166,11 @@ def convert_gguf(gguf_file: Path, out: Path) -> None:
         raise ModelSourceError("converting a GGUF model needs the package gguf: pip install gguf") from None
     src, name = str(gguf_file.parent), gguf_file.name
     hf_logging.disable_progress_bar()  # one line says what happens (ensure_packaged); no bars per tensor
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own tqdm bar
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    finally:
+        os.environ.pop("TQDM_DISABLE", None)
     config = AutoConfig.from_pretrained(src, gguf_file=name)
     config.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -167,3 +167,20 @@ def run_with_id(store, run_id: str) -> bool:
 def runs_by_creation(store) -> list[dict]:
     """Every runs row, oldest first."""
     return store.query("SELECT * FROM runs ORDER BY created_at")
+
+
+def analysis_to_show(store, run_id: str) -> dict | None:
+    """One analysis of the run to show whole: the latest accepted one, else the latest that reached the replay,
+    else the latest parsed one, else the latest of all; with its problem, its heuristics and its replays."""
+    rows = store.query(
+        "SELECT a.analysis_id, a.step, a.status, a.reject_reason, a.parsed, a.raw_text, a.finish_reason, "
+        "a.bifurcation_step, pr.question, pr.answer, "
+        "(SELECT list(h.text ORDER BY h.position) FROM heuristics h WHERE h.analysis_id = a.analysis_id) AS heuristics, "
+        "(SELECT list({'reward': r.reward, 'verify_reason': r.verify_reason, 'extracted_answer': r.extracted_answer, "
+        "'text': r.text} ORDER BY r.replay_index) FROM replays r WHERE r.analysis_id = a.analysis_id "
+        "AND r.kind = 'self') AS replays "
+        "FROM analyses a JOIN pairs pa USING (pair_id) JOIN prompts pr ON pr.prompt_id = pa.prompt_id "
+        "WHERE a.run_id = ? AND a.raw_text IS NOT NULL ORDER BY "
+        "a.status = 'accepted' DESC, a.reject_reason IN ('replay_failed', 'transfer_failed') DESC, a.parsed DESC, "
+        "a.step DESC, a.analysis_id LIMIT 1", [run_id])
+    return rows[0] if rows else None
