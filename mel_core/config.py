@@ -141,7 +141,7 @@ class ModelConfig:
                             "folder (config.json, weights, tokenizer: e.g. Qwen3 weights you downloaded) | a hub name "
                             "(GPU configs with network access). Where it came from is recorded in runs.model_json.")
     engine: str = doc("hf", "Generation engine: hf (transformers generate on the training module itself) | vllm (a vLLM "
-                      "engine beside it, refreshed from each update's checkpoint; optional dependency, see README 'Scaling').", one_of=("hf", "vllm"))
+                      "engine beside it, given each update's weights in memory; optional dependency, see README 'Scaling').", one_of=("hf", "vllm"))
     vllm: VLLMSettings = section(VLLMSettings, "Settings of the vLLM engine (model.engine: vllm).")
     dtype: str = doc("float32", "Parameter dtype: float32 | bfloat16.", one_of=("float32", "bfloat16"))
     device: str = doc("auto", "Where the policy trains and the HF engine generates: auto (cuda when torch sees a GPU, "

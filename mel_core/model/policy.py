@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -181,6 +181,16 @@ class Policy:
             state = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(self.cfg.model.dtype)).state_dict()
         if not self.lora:
             self.model.load_state_dict(state)
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full model's parameters as (name, tensor) pairs, named as in its checkpoint: what an engine beside the
+        trainer copies in memory after an update (:meth:`mel_core.model.engines.vllm.VLLMEngine.update_weights`).
+        The tensors are the module's own (no copy); a tied parameter comes once, under its first name (the input
+        embedding). Not for LoRA: its versions are served as adapter checkpoints."""
+        if self.lora:
+            raise RuntimeError("a LoRA policy's versions are adapter checkpoints, not full weights")
+        for name, param in self.model.named_parameters():
+            yield name, param.detach()
 
     def _reset_adapters(self) -> None:
         for module in self.model.modules():

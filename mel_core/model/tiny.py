@@ -177,7 +177,7 @@ def tokenizer_corpus(prompts: PromptSet, synthetic: SyntheticConfig, size: int, 
 
 
 def build_model(tiny_cfg: TinyModelConfig, tokenizer):
-    """A freshly initialised Qwen2ForCausalLM of the tiny shape; untied embeddings (vLLM reloads lm_head)."""
+    """A freshly initialised Qwen2ForCausalLM of the tiny shape; untied embeddings (the warm start is keyed on this shape)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     eos = tokenizer.eos_token_id

@@ -274,6 +274,12 @@ class Runtime:
                         max_batch_sequences=self.cfg.sampling.chunk_sequences, progress=True,  # bars on a TTY only
                         stop_ids=self.stop_ids)
 
+    @property
+    def _engine_takes_weights(self) -> bool:
+        """The vLLM engine in this process, full fine-tuning: an update's weights reach it in memory."""
+        return (not self._given_engine and self.cfg.model.engine == "vllm" and not self.cfg.model.lora.enabled
+                and self.cfg.orchestration.runner == "local")
+
     def _serve(self, ckpt: Checkpoint) -> None:
         """Point the engine at the policy's version `ckpt`. The HF engine generates with the policy's own
         module, which holds it already; the vLLM engine loads the checkpoint's weights or adapter; workers
@@ -284,9 +290,14 @@ class Runtime:
             self._engine.load_version(ckpt.checkpoint_id, ckpt.path)
 
     def trained_to(self, ckpt: Checkpoint) -> None:
-        """The update trained the policy in place and saved it as `ckpt`: generate from it from now on."""
+        """The update trained the policy in place and saved it as `ckpt`: generate from it from now on. The HF
+        engine's module is the policy's; the vLLM engine (full fine-tuning) is handed the trained module's weights
+        in memory, not the checkpoint just written; LoRA adapters and workers load the checkpoint."""
         self._policy_version = ckpt.checkpoint_id
-        self._serve(ckpt)
+        if self._engine_takes_weights:
+            self._engine.update_weights(ckpt.checkpoint_id, self._policy.named_weights())
+        else:
+            self._serve(ckpt)
 
     def forget_version(self) -> None:
         """The policy's weights may have left every saved version (a failed update): the next

@@ -404,7 +404,7 @@ def _train(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll) -> dict:
         # this process's policy, e.g. the retry, must reload `ckpt` instead of training on from them.
         rt.forget_version()
         raise
-    rt.trained_to(new)  # the HF engine's module holds the new weights already; vLLM reloads them
+    rt.trained_to(new)  # the HF engine's module holds the new weights already; vLLM is handed them in memory
     return stats
 
 

@@ -4,21 +4,28 @@ vLLM is an optional dependency: it is imported here, lazily, when an engine is b
 vllm``); the project installs and tests without it. On a machine without a GPU, ``make test-vllm``
 builds a separate environment with vLLM's CPU build and runs ``tests/test_vllm_engine.py`` there.
 
-The engine runs beside the trainable policy, not on it: the policy trains in-process with transformers
-and writes a checkpoint after every update; :meth:`VLLMEngine.load_version` then moves the engine to it:
+The engine runs beside the trainable policy, not on it: both stay resident (no sleep mode), the policy
+trains in-process with transformers, and the engine is moved to each new version:
 
-- full fine-tuning: the weights are reloaded in place from the checkpoint directory
-  (``reload_weights`` on the workers, given the path, so it works with vLLM's multiprocess engine
-  too), and the prefix cache is dropped: its KV blocks were computed by the old weights.
-  vLLM's reload does not re-tie embeddings, so the model must have an untied lm_head (the tiny
-  model does);
+- full fine-tuning, after an update: :meth:`VLLMEngine.update_weights` takes the trained module's
+  parameters as (name, tensor) pairs — no checkpoint is read — and vLLM's in-place reload
+  (``reload_weights(weights_iterator=...)`` on the worker, the model's own ``load_weights``) copies them
+  into its model, through ``LLM.collective_rpc`` with a function that runs on the worker, as TRL's
+  colocate mode does. That needs the worker in this process: the engine is built with vLLM's V1
+  multiprocessing off (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). A tied lm_head (SmolLM2, Qwen3-4B) follows
+  the embedding: the reload writes the shared tensor in place, but on CPU each layer's matmul runs on a
+  weight prepacked when it was processed, and a tied lm_head is not reloaded (it has no weight of its
+  own in the checkpoint), so every layer that shares a parameter with another is processed again.
+  The prefix cache is dropped: its KV blocks were computed by the old weights;
+- full fine-tuning, a process that starts mid-campaign (resume) or moves back to an older version:
+  :meth:`VLLMEngine.load_version` reloads the weights in place from the checkpoint directory;
 - LoRA: the engine serves the base model, and every adapter checkpoint becomes a new
   ``LoRARequest`` (new name and id, so vLLM loads it instead of reusing a cached adapter); the base
   checkpoint (no adapter) is served with no request.
 
 What the pipeline sees is what the HF engine returns: prompts are tokenized and completions decoded
 with the policy's own tokenizer (vLLM's tokenizer is never initialised, so prompt ids are the ids the
-update trains on), the eos token ends ``token_ids`` when generation stopped on it (the update learns
+update trains on), the stop token ends ``token_ids`` when generation stopped on it (the update learns
 to stop), and the model's generation_config sampling defaults (repetition penalties, top_k) are
 ignored, as the log-probs of the update do not include them.
 """
@@ -28,8 +35,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from mel_core.model.engines.base import Completion, SamplingParams
 from mel_core.tokens import encode_prompts
@@ -52,6 +60,47 @@ class _NoChatTemplateWarmup(logging.Filter):
 
 
 _CHAT_TEMPLATE_WARMUP_FILTER = _NoChatTemplateWarmup()
+
+
+class _NoExpectedReloadMisses(logging.Filter):
+    """vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer the weights did not cover and
+    puts that layer's tensors back as they were. Two are expected on every reload: the rotary embedding (a cache
+    computed at start, not a weight) and a tied lm_head (its weight is the embedding's, and
+    :func:`_reload_in_place` processes it again). A weight really missing from an update still shows: vLLM also
+    logs "Following weights were not loaded" for it."""
+
+    EXPECTED = ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith(self.EXPECTED)
+
+
+_RELOAD_MISSES_FILTER = _NoExpectedReloadMisses()
+
+
+def _reload_in_place(worker, weights: Iterable | None = None, path: str | None = None) -> None:
+    """Runs on the vLLM worker (``LLM.collective_rpc``): its in-place reload from (name, tensor) pairs in the
+    checkpoint's names, or from the checkpoint directory `path`; then every layer that shares a parameter with
+    another processed again (on CPU that prepacks its matmul weight anew; on GPU it is a no-op for unquantized
+    layers)."""
+    from vllm.config import set_current_vllm_config
+
+    if weights is not None:
+        worker.reload_weights(weights_iterator=weights)
+    else:
+        worker.reload_weights(weights_path=path)
+    model = worker.model_runner.get_model()
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    with set_current_vllm_config(worker.vllm_config):
+        for modules in owners.values():
+            if len(modules) > 1:  # tied: the reload processed the layer that loaded it, not the others
+                for module in modules:
+                    method = getattr(module, "quant_method", None)
+                    if method is not None:
+                        method.process_weights_after_loading(module)
 
 
 def _location(path: str | Path) -> str:
@@ -79,6 +128,9 @@ class VLLMEngine:
     def __init__(self, path: str | Path, tokenizer, *, dtype: str = "float32", seed: int = 0,
                  lora_rank: int | None = None, kv_cache_gib: float = 0.0, progress: bool = False,
                  stop_ids: Sequence[int] | None = None, **llm_kwargs):
+        # The worker in this process: update_weights hands it the trainer's tensors, which cannot cross to a
+        # worker process. Read when the engine is built (vLLM caches its environment afterwards).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -90,6 +142,7 @@ class VLLMEngine:
         self._weights_path = _location(path)  # the full weights the engine holds now
         self._lora_request = None  # the adapter served now (LoRA mode); None = the base model
         self._lora_ids = 0
+        self.last_refresh_s: float | None = None  # seconds the last update_weights / load_version reload took
         kwargs = dict(model=self._weights_path, dtype=dtype, seed=seed, skip_tokenizer_init=True,
                       generation_config="vllm", logprobs_mode="processed_logprobs")
         if current_platform.is_cpu():
@@ -102,12 +155,30 @@ class VLLMEngine:
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank_bound(lora_rank), max_loras=1)
         kwargs.update(llm_kwargs)
         logging.getLogger("vllm.renderers.base").addFilter(_CHAT_TEMPLATE_WARMUP_FILTER)  # once: same object
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RELOAD_MISSES_FILTER)
         self.llm = LLM(**kwargs)
+        if type(self.llm.llm_engine.engine_core).__name__ != "InprocClient":
+            raise RuntimeError("vLLM started its engine in another process (VLLM_ENABLE_V1_MULTIPROCESSING was read "
+                               "as 1 before this engine was built): update_weights needs it in this process")
 
     # ------------------------------------------------------------------------------ versions
 
+    def update_weights(self, version: str, weights: Iterable) -> None:
+        """Serve `weights` as `version` from now on: the trained module's parameters as (name, tensor) pairs in the
+        checkpoint's names (:meth:`mel_core.model.policy.Policy.named_weights`), copied into vLLM's model in memory,
+        tied parameters included. Full fine-tuning only: a LoRA engine serves adapter checkpoints (load_version)."""
+        if self.lora:
+            raise RuntimeError("a LoRA engine serves each version as an adapter checkpoint: use load_version")
+        t0 = time.perf_counter()
+        self.llm.collective_rpc(_reload_in_place, kwargs={"weights": weights})
+        self.llm.reset_prefix_cache()  # cached KV blocks hold activations of the old weights
+        self.last_refresh_s = time.perf_counter() - t0
+        self._weights_path = None  # weights of no directory: a later load_version reloads whatever it names
+        self.version = version
+
     def load_version(self, version: str, path: str) -> None:
-        """Serve the policy saved at `path` from now on: reload full weights, or switch the LoRA adapter."""
+        """Serve the policy saved at `path` from now on (a process that starts mid-campaign, or one moved to an older
+        version): reload full weights from the directory in place, or switch the LoRA adapter."""
         if version == self.version:
             return
         path_ = _location(path)
@@ -119,8 +190,10 @@ class VLLMEngine:
             else:  # the base checkpoint: adapters at their initialisation are the base model itself
                 self._lora_request = None
         elif path_ != self._weights_path:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path_})
+            t0 = time.perf_counter()
+            self.llm.collective_rpc(_reload_in_place, kwargs={"path": path_})
             self.llm.reset_prefix_cache()  # cached KV blocks hold activations of the old weights
+            self.last_refresh_s = time.perf_counter() - t0
             self._weights_path = path_
         self.version = version
 
