@@ -301,7 +301,8 @@ def _free(device: torch.device) -> None:
 
 def arm_config(a, shape: str, arm: str, model_dir: Path, root: Path):
     ov = [f"run.name=gpu-step-{shape}-{arm}", f"run.root_dir={root}", f"run.torch_threads={a.threads}",
-          f"model.name_or_path={model_dir}", f"model.dtype={a.dtype}", f"model.device={a.device}",
+          f"model.name_or_path={model_dir}", f"model.dtype={a.dtype}", f"model.master_dtype={a.master_dtype}",
+          f"model.device={a.device}",
           f"model.gradient_checkpointing={str(not a.no_gradient_checkpointing).lower()}",
           f"model.max_seq_len={a.max_seq_len}", f"prompts.dir={REPO / 'configs' / 'prompts' / 'tiny'}",
           f"sampling.prompts_per_step={a.prompts}", f"sampling.group_size={a.group_size}",
@@ -464,7 +465,8 @@ def table(res: dict, a) -> list[str]:
     mel, grpo = res["arms"]["mel"], res["arms"]["grpo"]
     c = res["counts"]
     lines = [f"### {res['shape']}: {c['parameters'] / 1e9:.3f}B parameters ({c['embedding'] / 1e9:.3f}B tied embedding), "
-             f"{a.dtype}, gradient checkpointing {'off' if a.no_gradient_checkpointing else 'on'}, {mel['device']}", "",
+             f"{a.dtype} compute over {a.master_dtype} master weights, "
+             f"gradient checkpointing {'off' if a.no_gradient_checkpointing else 'on'}, {mel['device']}", "",
              f"B={a.prompts} prompts x G={a.group_size}; new tokens: rollouts {a.max_new_tokens}, analyses "
              f"{a.analysis_max_new_tokens}, replays {a.replay_max_new_tokens}; model.max_seq_len {a.max_seq_len}; "
              f"optim.micro_batch_size {a.micro_batch_size}. MEL step: {mel['manifests']['pair']['pairs']} pairs, "
@@ -515,7 +517,10 @@ def parse_args(argv=None):
     ap.add_argument("--shape", nargs="+", choices=list(SHAPES),
                     help="model shapes, one after the other (default: 1.7b 4b on a GPU, micro on CPU)")
     ap.add_argument("--device", default="auto", help="auto (cuda when torch sees a GPU) | cuda | cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype (model.dtype)")
+    ap.add_argument("--master-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and AdamW state (model.master_dtype); the numbers of docs/BENCHMARKS.md before "
+                         "master weights were bfloat16")
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
     d = "(default: {gpu} on a GPU, {cpu} on CPU)"
     for name, help_ in (("prompts", "prompts per step B"), ("group_size", "rollouts per prompt G"),

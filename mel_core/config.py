@@ -143,7 +143,23 @@ class ModelConfig:
     engine: str = doc("hf", "Generation engine: hf (transformers generate on the training module itself) | vllm (a vLLM "
                       "engine beside it, given each update's weights in memory; optional dependency, see README 'Scaling').", one_of=("hf", "vllm"))
     vllm: VLLMSettings = section(VLLMSettings, "Settings of the vLLM engine (model.engine: vllm).")
-    dtype: str = doc("float32", "Parameter dtype: float32 | bfloat16.", one_of=("float32", "bfloat16"))
+    dtype: str = doc("float32", "Compute dtype: what forward passes (generation, log-probs, the update's forward and "
+                     "backward) run in: float32 | bfloat16. With master_dtype float32 and bfloat16 here, the weights "
+                     "stay float32 and each forward runs under torch.autocast to bfloat16 (mel_core.model.policy."
+                     "Policy.compute; FSDP2: MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)). "
+                     "Our choice; the vLLM engine serves in this dtype.", one_of=("float32", "bfloat16"))
+    master_dtype: str = doc("float32", "Master dtype: what the weights, their gradients and AdamW's moments are "
+                            "kept and saved in: float32 | bfloat16 (only with dtype bfloat16: autocast only "
+                            "narrows). Our choice, as verl's mixed precision (float32 parameters and optimizer, "
+                            "bfloat16 compute): at the paper's lr 1e-6 an AdamW step moves a weight by ~lr, far "
+                            "below half a bfloat16 ulp of a typical weight (6e-5 at |w| = 0.02; 2e-3 to 4e-3 for a "
+                            "norm weight near 1), so bfloat16 weights round most updates away. Memory: float32 "
+                            "weights + AdamW moments are 12 bytes per parameter, + 4 for gradients = 16 (on one "
+                            "process, autocast's bfloat16 copies of the weights it multiplies add up to 2 more), "
+                            "against 8 for pure bfloat16 (weights, gradients, moments at 2 each); checkpoints are "
+                            "float32 (4 bytes per parameter, + 8 of optimizer state). bfloat16 = pure bfloat16 "
+                            "training, the memory-saving option. No effect with LoRA: the frozen base is held in "
+                            "dtype and peft keeps the adapters float32.", one_of=("float32", "bfloat16"))
     device: str = doc("auto", "Where the policy trains and the HF engine generates: auto (cuda when torch sees a GPU, "
                       "else cpu) | cpu | cuda | cuda:N.")
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward (GPU memory for long contexts).")
@@ -288,7 +304,10 @@ class OptimConfig:
     epochs_per_step: int = doc(1, "PPO-style passes over the step's batch (ratios against pi_old log-probs); paper: 1.", ge=1)
     fsdp_processes: int = doc(1, "Processes the update stage trains in (one per GPU), its model sharded with FSDP2 "
                               "(fully_shard) and launched by torchrun (mel_core/model/distributed.py); 1 = in the flow's "
-                              "process. The step is the same either way, to float reduction order.", ge=1)
+                              "process. The step is the same either way, to float reduction order (float32 compute; "
+                              "with bfloat16 compute over float32 master weights, one process autocasts each op while "
+                              "FSDP2 casts every parameter to bfloat16 for the forward: the same step to bfloat16 "
+                              "rounding).", ge=1)
     micro_batch_size: int = doc(0, "Sequences per forward/backward (gradient accumulation, aggregation kept exact; sequences are grouped by length, so each computes less padding); 0 = whole mini-batch.", ge=0)
 
 
@@ -445,7 +464,13 @@ _CHAT_TEMPLATE_BOOLS = {True: "always", False: "never", "True": "always", "False
 
 
 def _legacy(node):
-    """A YAML node, dotlist or stored config with prompts.chat_template as a bool: the same node with its name."""
+    """A YAML node, dotlist or stored config with prompts.chat_template as a bool: the same node with its name. A
+    stored config (a whole `to_dict`) from before model.master_dtype trained its weights in model.dtype: it keeps
+    doing so (and hashing as it did, config_hash), so a deployment or run stored then resumes as itself. A YAML
+    file or override that leaves master_dtype out gets the default (float32 master weights)."""
+    if isinstance(node, dict) and isinstance(node.get("model"), dict) and "dtype" in node["model"] \
+            and "master_dtype" not in node["model"]:
+        node = {**node, "model": {**node["model"], "master_dtype": node["model"]["dtype"]}}
     if isinstance(node, DictConfig):
         value = OmegaConf.select(node, "prompts.chat_template", default=None)
         if isinstance(value, bool):
@@ -564,6 +589,10 @@ def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) 
         d["run"].pop("fork", None)
     legacy = {"always": True, "never": False}  # as the bool it was hashed as (_legacy)
     d["prompts"]["chat_template"] = legacy.get(d["prompts"]["chat_template"], d["prompts"]["chat_template"])
+    # Before model.master_dtype, weights were kept in model.dtype: a config that still does so trains as then and
+    # hashes as then (float32 configs keep their run ids); bfloat16 compute over float32 master weights is new.
+    if d["model"]["master_dtype"] == d["model"]["dtype"] or d["model"]["lora"]["enabled"]:  # LoRA: no effect
+        d["model"].pop("master_dtype")
     for dotted in exclude:
         *parents, leaf = dotted.split(".")
         node = d
@@ -632,6 +661,9 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
     need(not fork.run_id or cfg.run.steps > fork.step, "run.steps",
          f"a fork of step {fork.step} runs steps {fork.step + 1}..run.steps (step numbers continue the parent's): "
          f"must be > {fork.step}, got {cfg.run.steps}")
+    need(cfg.model.master_dtype == "float32" or cfg.model.dtype == "bfloat16", "model.master_dtype",
+         "bfloat16 master weights with float32 compute: autocast only narrows; set model.dtype: bfloat16 too "
+         "(pure bfloat16) or keep master_dtype float32")
     need(cfg.optim.fsdp_processes == 1 or not cfg.model.lora.enabled, "optim.fsdp_processes",
          "LoRA updates train in one process (only the adapters train): set it to 1")
     need(cfg.orchestration.runner == "local" or cfg.model.engine == "hf", "orchestration.runner",

@@ -76,6 +76,26 @@ def test_round_trip_and_hash_stability():
     assert C.config_hash(C.load("configs/tiny.yaml", ["experience.analysis_mode=two_pass"])) != C.config_hash(cfg)
 
 
+def test_master_dtype_joins_the_identity_only_where_it_changes_training():
+    """Weights kept in the compute dtype is how every config trained before model.master_dtype: such a config hashes
+    as it did (float32 configs keep their run ids). bfloat16 compute over float32 master weights trains otherwise:
+    a new identity. A stored config from before (a whole to_dict without the key) kept its weights in model.dtype,
+    and still does."""
+    fp32 = C.load("configs/tiny.yaml")
+    assert (fp32.model.dtype, fp32.model.master_dtype) == ("float32", "float32")
+    mixed = C.load("configs/tiny.yaml", ["model.dtype=bfloat16"])
+    pure = C.load("configs/tiny.yaml", ["model.dtype=bfloat16", "model.master_dtype=bfloat16"])
+    assert mixed.model.master_dtype == "float32" and C.config_hash(mixed) != C.config_hash(pure)
+    for cfg in (fp32, pure):
+        stored = C.to_dict(cfg)
+        del stored["model"]["master_dtype"]
+        again = C.from_dict(stored)
+        assert again.model.master_dtype == cfg.model.dtype and C.config_hash(again) == C.config_hash(cfg)
+        assert C.load(base=stored).model.master_dtype == cfg.model.dtype
+    with pytest.raises(C.ConfigError, match="model.master_dtype"):  # autocast only narrows
+        C.load("configs/tiny.yaml", ["model.master_dtype=bfloat16"])
+
+
 def test_the_vocabulary_names_exactly_what_is_implemented():
     """config.py validates against mel_core.vocabulary alone; each implementation covers its names exactly."""
     from mel_core import vocabulary as V

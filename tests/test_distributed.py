@@ -86,3 +86,32 @@ def test_a_mel_step_with_an_fsdp_update_records_what_a_single_process_step_recor
     assert_adam_steps_agree(b, a, _weights(model), lr=1e-3)
     # the flow's policy moved to the checkpoint the torchrun group wrote
     assert all(torch.equal(two_served[n], b[n]) for n in b)
+
+
+def test_fsdp_steps_float32_master_weights_under_bfloat16_compute(tmp_path):
+    """bfloat16 compute over float32 master weights on 2 processes (MixedPrecisionPolicy: bfloat16 all-gathers,
+    float32 gradient reduction): the shards, the saved weights and the saved AdamW state stay float32, so an lr-1e-6
+    step moves the weights one process moves. Not bit-equal to one process: there autocast keeps norm weights and
+    the residual stream float32 (mel_core/model/distributed.py), so the loss agrees to bfloat16 rounding."""
+    model = build_micro_model(tmp_path / "micro", num_layers=2)
+    cfg = C.load("configs/tiny.yaml", ["optim.lr=1e-6", "optim.micro_batch_size=4", "run.torch_threads=1",
+                                       "optim.fsdp_processes=2", "model.dtype=bfloat16", "model.master_dtype=float32"])
+    single = Policy(cfg, model)
+    rl, nll = _batch(single.tokenizer, 0)
+    expected = single.train_step(rl, nll)
+    reference = _weights(single.save_checkpoint(tmp_path / "single"))
+    got = distributed.launch(C.to_dict(cfg), str(model), rl, nll, tmp_path / "fsdp", 2)
+    assert got["loss"] == pytest.approx(expected["loss"], rel=2e-2)
+    weights, start = _weights(tmp_path / "fsdp"), _weights(model)
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    state = torch.load(tmp_path / "fsdp" / "optimizer.pt", weights_only=True)["state"]
+    assert {s["exp_avg"].dtype for s in state.values()} == {torch.float32}
+    moved = agree = 0
+    for name, ref in reference.items():
+        step_ref, step = ref - start[name], weights[name] - start[name]
+        clear = step_ref.abs() >= 0.9e-6  # one process moved it a full Adam step: a clear gradient
+        moved += int(clear.sum())
+        agree += int((torch.sign(step) == torch.sign(step_ref))[clear].sum())
+    print(f"loss {got['loss']:.6f} vs {expected['loss']:.6f}; same direction on {agree}/{moved} weights")
+    assert moved > 0.5 * sum(t.numel() for t in reference.values())
+    assert agree >= 0.95 * moved

@@ -21,7 +21,7 @@ def test_paper_settings(path):
     assert (cfg.loss.advantage, cfg.loss.policy_loss, cfg.loss.beta, cfg.loss.nll_coef) == ("grpo", "grpo", 0.0, 1.0)
     assert (cfg.experience.replays_per_experience, cfg.experience.accept_min_correct) == (1, 1)
     assert cfg.eval.greedy and cfg.eval.temperature == 0.6 and cfg.eval.k == 8
-    assert "Qwen3" in cfg.model.name_or_path and cfg.model.dtype == "bfloat16"
+    assert "Qwen3" in cfg.model.name_or_path and (cfg.model.dtype, cfg.model.master_dtype) == ("bfloat16", "float32")
 
 
 @pytest.mark.parametrize("path", CONFIGS)

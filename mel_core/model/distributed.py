@@ -15,6 +15,16 @@ We call ``fully_shard`` directly instead of accelerate's FSDP plugin, which wrap
 the loss aggregation stays the one in ``Policy.train_step``. NCCL on GPUs (one per rank,
 ``LOCAL_RANK``), gloo on CPU (how the tests run it). LoRA is not sharded (its trainable part is small:
 use one process).
+
+Precision: the shards are the master weights (``model.master_dtype``); with bfloat16 compute over float32
+master weights each module is sharded with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``,
+verl's mixed precision: the all-gathered parameters are bfloat16 for forward and backward, gradients are
+reduce-scattered in float32 into float32 shards, and AdamW steps those. Autocast over float32 shards alone would
+compute what one process computes, but it would all-gather float32 (twice the bytes) and keep its bfloat16 copy of
+every weight it casts until the forward ends (autograd, without gradient checkpointing, until the backward): the
+whole model's, unsharded, on every rank. So this step equals the single-process one to bfloat16 rounding (norm
+weights, embeddings and the residual stream are bfloat16 here, float32 under one process's autocast; the same
+direction for 99.9% of the weights in tests/test_distributed.py), and to float reduction order with float32 compute.
 """
 
 from __future__ import annotations
@@ -85,13 +95,15 @@ def _fqn_to_plain(model, state: dict) -> dict:
     return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
 
 
-def _shard(model) -> None:
-    from torch.distributed.fsdp import fully_shard
+def _shard(model, compute_dtype: torch.dtype) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # The all-gathered parameters in the compute dtype, gradients reduced in the shards' own (the master dtype).
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=next(model.parameters()).dtype)
     layers = getattr(getattr(model, "model", None), "layers", None)
     for layer in layers or []:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
 
 
 def rank_main(argv=None) -> None:
@@ -125,7 +137,9 @@ def rank_main(argv=None) -> None:
         cfg.model.device = f"cuda:{local_rank}" if cuda else "cpu"
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
-        policy = Policy(cfg, a.checkpoint, prepare=_shard)  # its optimizer is built over the sharded parameters
+        compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        # its optimizer is built over the sharded parameters
+        policy = Policy(cfg, a.checkpoint, prepare=lambda model: _shard(model, compute_dtype))
         optimizer_file = Path(a.checkpoint) / OPTIMIZER_FILE
         if optimizer_file.exists():  # the single-process layout, keyed by parameter name for the sharded model
             saved = _plain_to_fqn(policy.model, torch.load(optimizer_file, map_location="cpu", weights_only=True))

@@ -4,10 +4,17 @@ The same module serves generation (``mel_core.model.engines.hf``) and training, 
 the next generation without a copy. Checkpoints hold the HF model, the tokenizer and the optimizer
 state, written to a temporary directory and renamed into place, so a crash leaves either the whole
 checkpoint or none.
+
+Precision: the weights, their gradients and AdamW's moments are kept in ``model.master_dtype`` (float32 by
+default), and every forward — the update's, the log-probs of pi_old and pi_ref, generation — runs in
+``model.dtype`` through :meth:`Policy.compute` (``torch.autocast`` when the compute dtype is narrower). At lr 1e-6
+a step is far below half a bfloat16 ulp of most weights, so bfloat16 master weights would round it away.
+Checkpoints hold the master weights, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +136,12 @@ class Policy:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(cfg.model.dtype))
+        self.compute_dtype, self.master_dtype = _dtype(cfg.model.dtype), _dtype(cfg.model.master_dtype)
         self.lora = cfg.model.lora.enabled
+        # LoRA: the base never steps, so it is held in the compute dtype (a wider copy would only cost memory); peft
+        # keeps the adapters float32 whatever the base's dtype (its autocast_adapter_dtype), as before master_dtype.
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=self.compute_dtype if self.lora else self.master_dtype)
         if self.lora:
             from peft import LoraConfig, get_peft_model
             lc = cfg.model.lora
@@ -147,6 +158,15 @@ class Policy:
         self.optimizer = adamw(cfg, self.model)
         self._ref_model = None
         self._base_path = str(path)
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """Where every forward of this policy runs (training, log-probs, HF generation, scoring): under autocast to
+        the compute dtype when the master weights are wider (float32 weights, bfloat16 matmuls, as verl and AMP
+        do), else as the weights are. Backward runs outside it, as autocast asks. LoRA: as the weights are (the base
+        is in the compute dtype already, and peft runs the float32 adapters in theirs)."""
+        if self.lora or self.compute_dtype == self.master_dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
 
     # ------------------------------------------------------------------ versions and checkpoints
 
@@ -178,19 +198,22 @@ class Policy:
             from safetensors.torch import load_file
             state = load_file(str(weights))
         else:
-            state = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(self.cfg.model.dtype)).state_dict()
+            state = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.master_dtype).state_dict()
         if not self.lora:
             self.model.load_state_dict(state)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The full model's parameters as (name, tensor) pairs, named as in its checkpoint: what an engine beside the
         trainer copies in memory after an update (:meth:`mel_core.model.engines.vllm.VLLMEngine.update_weights`).
-        The tensors are the module's own (no copy); a tied parameter comes once, under its first name (the input
-        embedding). Not for LoRA: its versions are served as adapter checkpoints."""
+        In the compute dtype, which the engine serves in (model.dtype): the module's own tensors when the master
+        weights are that dtype, else a rounded copy made one tensor at a time (the rounding vLLM's loader would do
+        when it copies a wider tensor into its own; done here, no loader is relied on to accept it). A tied
+        parameter comes once, under its first name (the input embedding). Not for LoRA: its versions are served as
+        adapter checkpoints."""
         if self.lora:
             raise RuntimeError("a LoRA policy's versions are adapter checkpoints, not full weights")
         for name, param in self.model.named_parameters():
-            yield name, param.detach()
+            yield name, param.detach().to(self.compute_dtype)
 
     def _reset_adapters(self) -> None:
         for module in self.model.modules():
@@ -256,17 +279,16 @@ class Policy:
     def _reference(self):
         if self.lora:  # the reference is the base model: the same weights with adapters switched off
             return _AdaptersOff(self.model)
-        if self._ref_model is None:
+        if self._ref_model is None:  # held as the policy's weights are, so pi_ref = pi_theta at version 0 exactly
             from transformers import AutoModelForCausalLM
             self._ref_model = AutoModelForCausalLM.from_pretrained(
-                self._base_path, dtype=_dtype(self.cfg.model.dtype)).to(self.device).eval()
+                self._base_path, dtype=self.master_dtype).to(self.device).eval()
             self._ref_model.requires_grad_(False)
         return self._ref_model
 
-    @staticmethod
-    def _frozen_logps(model, ids, attn, mask, temperature: float, size: int) -> torch.Tensor:
+    def _frozen_logps(self, model, ids, attn, mask, temperature: float, size: int) -> torch.Tensor:
         """Completion log-probs of a whole batch without grad, `size` sequences at a time: pi_old or pi_ref."""
-        with torch.no_grad():
+        with torch.no_grad(), self.compute():
             return losses.per_token_logps(model, ids, attn, mask.size(1), temperature, batch_size=size)  # [N, T]
 
     def train_step(self, rl: RLBatch, nll: NLLBatch | None, data_parallel: DataParallel | None = None) -> dict:
@@ -335,7 +357,8 @@ class Policy:
         for part, keep in (dp.my_parts(parts) if dp else [(p, 1.0) for p in parts]):
             p_ids, p_attn, m_mask = self._rows(ids, attn, mask, part)  # [m, p+t], [m, p+t], [m, t]
             t = m_mask.size(1)
-            logps = losses.per_token_logps(self.model, p_ids, p_attn, t, self.cfg.sampling.temperature)  # [m, t]
+            with self.compute():
+                logps = losses.per_token_logps(self.model, p_ids, p_attn, t, self.cfg.sampling.temperature)  # [m, t]
             loss_part, met = losses.policy_loss(
                 L.policy_loss, logps, old[part, :t] if old is not None else logps.detach(),
                 advantages[part].to(logps.dtype), m_mask,
@@ -359,7 +382,8 @@ class Policy:
         parts = list(torch.split(nll_mb, micro))
         for part, keep in (dp.my_parts(parts) if dp else [(p, 1.0) for p in parts]):
             p_ids, p_attn, p_mask = self._rows(ids, attn, mask, part)  # [m, p+t], [m, p+t], [m, t]
-            n_logps = losses.per_token_logps(self.model, p_ids, p_attn, p_mask.size(1), 1.0)  # [m, t]
+            with self.compute():
+                n_logps = losses.per_token_logps(self.model, p_ids, p_attn, p_mask.size(1), 1.0)  # [m, t]
             nl, _ = losses.nll_loss(n_logps, p_mask)
             w = len(part) / len(nll_mb) * keep
             self._backward(self.cfg.loss.nll_coef * w * nl * self._grad_scale(dp), "nll")

@@ -272,7 +272,7 @@ class Runtime:
         from mel_core.model.engines.hf import HFEngine
         return HFEngine(self._policy.model, self._policy.tokenizer, loader=self._policy.load_checkpoint,
                         max_batch_sequences=self.cfg.sampling.chunk_sequences, progress=True,  # bars on a TTY only
-                        stop_ids=self.stop_ids)
+                        stop_ids=self.stop_ids, compute=self._policy.compute)
 
     @property
     def _engine_takes_weights(self) -> bool:

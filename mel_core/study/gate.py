@@ -145,7 +145,7 @@ def option_logprobs(rt: Runtime, contexts: list[str], prefixes: list[str], optio
     was_training = policy.model.training
     policy.model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), policy.compute():
             for i in range(0, len(rows), micro):
                 chunk = rows[i:i + micro]
                 ids, attn, mask, _ = (t.to(policy.device) for t in policy.encode([c for c, _ in chunk],

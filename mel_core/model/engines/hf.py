@@ -7,7 +7,8 @@ starts mid-campaign (resume) and must first move the shared model to a saved che
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -19,8 +20,11 @@ from mel_core.tokens import encode_prompts, left_pad
 class HFEngine:
     def __init__(self, model, tokenizer, *, max_batch_sequences: int = 256,
                  loader: Callable[[str], None] | None = None, progress: bool = False,
-                 stop_ids: Sequence[int] | None = None):
+                 stop_ids: Sequence[int] | None = None, compute: Callable[[], ContextManager] = contextlib.nullcontext):
         self.model = model
+        # Where generate runs: the policy's compute dtype (Policy.compute), so rollouts are sampled from the
+        # numerics the update's log-probs use; plain for a model held in the dtype it computes in.
+        self.compute = compute
         self.tokenizer = tokenizer
         # What ends a completion (mel_core.tokens.stop_token_ids): eos, and a chat template's end of turn.
         self.stop_ids = list(stop_ids) if stop_ids else [tokenizer.eos_token_id]
@@ -60,7 +64,8 @@ class HFEngine:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_k=0, top_p=params.top_p)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-            seqs = self.model.generate(**enc, **kwargs)  # [b, L_prompt + L_new]
+            with self.compute():
+                seqs = self.model.generate(**enc, **kwargs)  # [b, L_prompt + L_new]
         finally:
             self.model.train(was_training)
         stops = set(self.stop_ids)

@@ -8,7 +8,8 @@ The engine runs beside the trainable policy, not on it: both stay resident (no s
 trains in-process with transformers, and the engine is moved to each new version:
 
 - full fine-tuning, after an update: :meth:`VLLMEngine.update_weights` takes the trained module's
-  parameters as (name, tensor) pairs — no checkpoint is read — and vLLM's in-place reload
+  parameters as (name, tensor) pairs — no checkpoint is read; float32 master weights come rounded to the
+  engine's dtype, model.dtype (:meth:`mel_core.model.policy.Policy.named_weights`) — and vLLM's in-place reload
   (``reload_weights(weights_iterator=...)`` on the worker, the model's own ``load_weights``) copies them
   into its model, through ``LLM.collective_rpc`` with a function that runs on the worker, as TRL's
   colocate mode does. That needs the worker in this process: the engine is built with vLLM's V1

@@ -32,7 +32,7 @@ def run_chunk(config: dict, job: ChunkJob) -> list[Completion]:
         if threads:
             torch.set_num_threads(threads)
         policy = Policy(cfg, job.base_path or job.path)  # LoRA: the base model, adapters loaded below
-        engine = HFEngine(policy.model, policy.tokenizer, loader=policy.load_weights)
+        engine = HFEngine(policy.model, policy.tokenizer, loader=policy.load_weights, compute=policy.compute)
         if not job.base_path:
             engine.version = job.version  # built from this version's own weights
         _LOADED[key] = (policy, engine)
