@@ -1,112 +1,164 @@
-"""One MEL step and one GRPO step at a real model size on one GPU: where the time and the memory go.
+"""TRL's GRPO step against mel's GRPO and MEL steps on one GPU: same model shape, batch and engine, each arm in its
+own process, per-phase seconds over repeated steps.
 
-Both steps run through the stage functions (``mel_core.step.stages``, no Prefect) on a randomly initialised Qwen3
-of the real 1.7B or 4B shape (``transformers.Qwen3Config``, the shapes of the published config.json files:
-vocab 151936, tied embeddings, head_dim 128, 8 KV heads), bf16, gradient checkpointing, generation by the HF
-engine (``model.engine: hf``, ``transformers.generate`` on the training module itself). Printed per shape:
-seconds per stage of each arm, generated tokens per second of sample / diagnose (the analyses) / replay, the
-update's seconds and MFU, peak GPU memory, and MEL step seconds / GRPO step seconds.
+    python benchmarks/gpu_step.py                      # GPU: 1.7B shape, B=16 x G=8, 256 new tokens, bf16, vLLM
+    python benchmarks/gpu_step.py decode               # the decode micro-benchmark alone: HF vs vLLM
+    python benchmarks/gpu_step.py --shape micro --device cpu   # the CPU dry run (CI-sized; < 2 minutes on 2 cores)
 
-    python benchmarks/gpu_step.py                       # GPU: --shape 1.7b 4b, B=16 G=8, 512 new tokens
-    python benchmarks/gpu_step.py --shape micro --device cpu   # a 3.7M-parameter Qwen3 on CPU, ~15 s
+**Status: this version has been dry-run on CPU only** (the micro shape, HF generation, TRL without vLLM). It
+has not run on a GPU: no number it prints at 1.7B exists yet. docs/BENCHMARKS.md keeps the H200 numbers of the
+previous version of this script (one MEL step and one GRPO step, HF engine, one process, no TRL arm).
 
-The GPU defaults were sized by estimate to finish both shapes within 5 minutes on one H200 (HF generate at
-~20-30 ms per decoding step, four generations of 512 steps per shape, plus model set-up and checkpoint
-writes). Measured on an H200 (docs/BENCHMARKS.md): 1.7B at 256 new tokens takes ~2 minutes; 4B at 512 tokens took
-over 5 minutes (the session's device time cut it before its table): ``--shape 1.7b`` alone, or fewer
-``--max-new-tokens``, in a short lease. The first generation of the process (the GRPO arm's sample) included CUDA
-warm-up: those numbers were taken with a 4-token warm-up, and the script now generates the first arm's batch at
-full length once before timing (``_warm_up``; not yet re-measured on a GPU).
+What one command does (``bench``, the default), printing as it goes so a run cut short still reports:
 
-What is real and what is scripted. A random model writes random tokens: its rollouts would never verify,
-its analyses never parse, and without an eos every generation runs to its token limit. So the *compute* is
-real and the *control flow* is decided: the engine this script hands the runtime (``Runtime.use_engine``,
-as tests/scripted.py does) first calls the runtime's real ``HFEngine.generate`` with the stage's prompts
-and sampling parameters (timed, its generated tokens counted), then returns, for each sequence, a text of
-about the same number of tokens (the tiny tokenizer's) that a script chooses, ending with eos
-(finish_reason "stop"):
+1. builds a randomly initialised Qwen3 of the chosen shape (``transformers.Qwen3Config`` with the published
+   config.json's sizes: 1.7B or 4B; ``micro`` on CPU) with the embedded tiny tokenizer, saved once in
+   ``--workdir`` (on a GPU in a process of its own);
+2. runs each arm in its own Python process (``--child``), one after the other, so no arm inherits another's
+   allocator, compiled kernels or engine:
 
-- sample: the synthetic task's step-by-step solution, right for even sample indices and off by one for odd
-  ones (every group mixed: B pairs), padded with re-check lines to the length of the real generation;
-- diagnose: an analysis in the tiny prompt set's compact layout (Bifurcation / Critique / Heuristic) that
-  parses, its critique padded to the length of the real generation, so the NLL update trains targets of the
-  analysis budget's length given retrospective contexts holding two full-length solutions;
+   - ``trl``: TRL's ``GRPOTrainer`` with ``use_vllm=True, vllm_mode="colocate"``, ``save_strategy="no"``,
+     ``num_generations=G``, ``max_completion_length`` = the rollout budget, ``per_device_train_batch_size`` =
+     ``--micro-batch-size`` with gradient accumulation so that one optimizer step covers one generation batch
+     of B x G (``generation_batch_size`` = B*G), gradient checkpointing as mel's, weights loaded in
+     ``--master-dtype`` (float32) under bf16 autocast (``bf16=True``: TRL's own default, and mel's model.master_dtype) and
+     ``generation_kwargs={"detokenize": False}`` (TRL decodes with the tokenizer itself). The random model
+     writes random tokens; a scripted reward function makes the requested fraction of groups mixed: in a
+     mixed group the even sample indices score 1 and the odd ones 0, the other groups all score 1, so
+     advantages are non-zero exactly where mel's arms have mixed groups. On CPU (no vLLM) it generates with
+     transformers (``use_vllm=False``);
+   - ``grpo``: mel's GRPO step (sample, verify, update) through ``mel_core.step.stages``;
+   - ``mel``: mel's MEL step (all seven stages) the same way, once per mixed fraction (``--mixed``);
+
+   each runs ``--warmup`` untimed steps (2 on a GPU) and ``--steps`` timed steps (3), and writes its results
+   as JSON after every step, which the parent reads: a crashed or cut arm is reported as such with the steps
+   it finished, and the others still report;
+3. prints per arm the median and min-max of each phase over the timed steps, generated and trained tokens per
+   second, the update's MFU, peak GPU memory; then the ratios mel-GRPO / TRL-GRPO and MEL / mel-GRPO, with
+   and without the checkpoint save, against the goals (mel-GRPO / TRL-GRPO <= 1.0; MEL / mel-GRPO <= 1.35
+   at 50% mixed; update MFU >= 35% at 1.7B).
+
+Phases (seconds of one step; ``torch.cuda.synchronize`` before and after each, none on CPU):
+
+- rollouts / analyses / replays: the engine's generate calls of the sample / diagnose (+ abstract) / replay
+  stages; for TRL its ``vLLM.generate`` (or ``model.generate``) less the weight sync inside it;
+- weight sync: handing the trained weights to the engine. mel: ``VLLMEngine.update_weights`` (what
+  ``Runtime.trained_to`` does after an update; nothing for the HF engine, which generates with the trained
+  module itself). TRL: ``vllm_generation.sync_weights``;
+- score (TRL only): the rest of ``_generate_and_score_completions``: tokenizing, the rewards, and the extra
+  forward pass for the old log-probs that TRL takes whenever it generates with vLLM (its importance-sampling
+  correction);
+- train: mel ``Policy.train_step`` (forward, backward, AdamW over the B*G rollouts and the accepted M*);
+  TRL the rest of its optimizer step (forward/backward of every micro-batch, clipping, AdamW, the Trainer's
+  own bookkeeping);
+- save: mel's update stage writes a checkpoint (weights + AdamW state) every step: ``Policy.save_checkpoint``.
+  TRL runs with ``save_strategy="no"``: 0. Hence the two ratios, with the save and without it;
+- other: what remains of the step: mel's verify, pair, abstract, the store's writes, the retrospective
+  contexts, the update's batch building.
+
+What is real and what is scripted in mel's arms. A random model writes random tokens: its rollouts would
+never verify, its analyses never parse, and without an eos every generation runs to its token limit. So the
+*compute* is real and the *control flow* is decided: the engine handed to the runtime (``Runtime.use_engine``,
+as tests/scripted.py does) first calls the real engine (vLLM or HF: ``--engine``) with the stage's prompts and
+sampling parameters (timed, its generated tokens counted), then returns, for each sequence, a text of about
+the same number of tokens that a script chooses, ending with eos:
+
+- sample: the synthetic task's step-by-step solution; in a mixed group right for even sample indices and off
+  by one for odd ones, in the other groups right; padded with re-check lines to the length of the real
+  generation. Mixed groups are spread evenly over the B positions (``is_mixed``), ``--mixed`` percent of them;
+- diagnose: an analysis in the tiny prompt set's compact layout that parses, padded to the real length, so the
+  NLL update trains targets of the analysis budget's length given retrospective contexts of two solutions;
 - replay: a right solution of the replay budget's length, so every meta-experience is accepted.
 
-Everything downstream of the engine is the pipeline's own code on those texts: verification (inline, the
-synthetic task's last ``Answer:`` line; no math-verify workers), pairing, parsing, the retrospective contexts,
-the library, the DuckDB store, and the update (``Policy.train_step``: L_RL over the B*G rollouts plus L_NLL
-over the accepted M*, micro-batched, AdamW) and the checkpoint the update stage writes. Stage seconds
-exclude the script's own text building (printed apart; milliseconds). Generation runs to the token limit
-(a random model almost never samples eos), as a real model's longest rollouts do; HF ``generate`` is not a
-serving engine (vLLM is), so the sampling numbers are the HF engine's.
+Everything downstream of the engine is the pipeline's own code on those texts. Stage seconds exclude the
+script's own text building (printed apart; milliseconds). TRL's arm needs no script: its reward is decided by
+sample index, and its completions are the model's random tokens (the same lengths: both run to the limit).
+mel's GRPO and TRL train every one of the B*G sequences whatever its advantage, so their compute does not
+depend on the mixed fraction: they run once (at the first ``--mixed``); MEL runs at each fraction.
 
-The update's MFU counts model FLOPs 6 * N * tokens: N the non-embedding parameters over every trained token
-(prompt + completion, no padding) plus the tied embedding as lm_head over the scored (completion) tokens
-(``logits_to_keep``: no logits over prompts); attention's own FLOPs are left out. Against ``--peak-tflops``
-(989: an H200's dense bf16). With gradient checkpointing the hardware also recomputes each layer's forward,
-~8N instead of 6N: printed as HFU. Update seconds are ``Policy.train_step``'s; the update stage also writes
-the checkpoint (weights + AdamW state), printed as "save".
+MFU counts model FLOPs 6 * N * tokens: N the non-embedding parameters over every trained token (prompt +
+completion, no padding) plus the tied embedding as lm_head over the scored (completion) tokens; attention's
+own FLOPs are left out. Against ``--peak-tflops`` (989: the dense bf16 peak of an H100 SXM and of an H200 by
+their datasheets). With gradient checkpointing the hardware also recomputes each layer's forward, ~8N instead
+of 6N: printed as HFU.
 
-A bare GPU host (torch with CUDA and transformers installed; no vLLM, no Prefect, no network). Besides torch
-and transformers (and what they bring: numpy, PyYAML, tqdm, tokenizers, safetensors) this script imports
-duckdb, pyarrow and omegaconf (2.4 vendors its antlr4 runtime; attrs is optional) and nothing of prefect,
-flows/ or tasks/. Checked here: a fresh virtual environment holding only torch (2.13, CPU) and transformers
-(5.23.0, and 5.17.0 as on the H200 image) with their dependencies, plus these three wheels, runs the micro
-shape. Fetch the wheels on a machine with network for the host's Python and platform (the H200 image here:
-Python 3.12.3, torch 2.11, transformers 5.17.0, pyarrow already installed: duckdb and omegaconf alone, 25 MB):
+Time. The GPU defaults (1.7B, B=16, G=8, 256 tokens, 2 + 3 steps, 50% first and then 25% and 100% for MEL
+while ``--budget-s`` = 540 lasts) were sized by estimate only, to end within 9 minutes on one H100/H200: each
+process starts its engine (vLLM: tens of seconds for loading and CUDA graph capture), and mel writes a ~10 GB
+checkpoint (1.7B, fp32 master weights + AdamW state) every step. An arm started with too little budget left is
+skipped and reported; one still running at the deadline is cut, and reports the steps it finished.
+
+``decode`` (also as ``--arms ... decode``): HF ``generate`` against vLLM ``LLM.generate`` on the same model, at
+batch 16 and 128 and context 300 and 800 (``--decode-batches``, ``--decode-contexts``), ``--decode-tokens``
+sampled tokens past a prefill (eos ignored); milliseconds per decoding step = (time of prefill + T tokens - time
+of prefill + 1 token) / T, each engine in its own process; about 20 s of measurement on a GPU besides loading.
+
+GPU host. mel's arms need torch, transformers, duckdb, pyarrow, omegaconf (and vLLM for ``--engine vllm``);
+TRL's arm needs trl, datasets and accelerate besides; a mel arm imports nothing of prefect, flows/, tasks/,
+ray, math-verify or trl (its JSON lists what it imported). This workplace's GPU image has torch 2.11 and
+transformers 5.17 but neither vLLM nor trl nor datasets, and vLLM's wheels are far above the 64 MiB a device
+call carries: there, only ``--engine hf`` runs (TRL then generates with transformers too), with the wheels of
+duckdb, omegaconf, trl and datasets (and datasets' own: dill, multiprocess, xxhash) carried in ``.whl/``:
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-        -d .whl duckdb==2.0.0 omegaconf==2.4.0 pyarrow==26.0.1   # pyarrow (55 MB) only where it is missing
-
-(``.whl/`` is in .gitignore: the wheels are never committed), then on the host, from the repository root:
-
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl duckdb==2.0.0 omegaconf==2.4.0 \
+        trl==1.16.0 datasets dill multiprocess xxhash
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_step.py        # writes its section of docs/BENCHMARKS.md
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_step.py --engine hf   # writes its section of docs/BENCHMARKS.md
 
-(with this workplace's device tool: carry [".whl"], and copy docs/BENCHMARKS.md to $OUT to bring it back).
-
-The model (~3.4 GB for 1.7B, ~8 GB for 4B in bf16) and the runs' checkpoints (4B: ~24 GB with the AdamW
-state) go to ``--workdir`` (default: a temporary directory in /dev/shm when it has 48 GiB free, else in
-$TMPDIR), one shape and one arm at a time, each removed when done.
+(untried: whether trl 1.16 runs with transformers 5.17 is not known here). The model (~3.4 GB for 1.7B in
+bf16) and the runs' checkpoints go to ``--workdir`` (default: /dev/shm when it has 48 GiB free, else $TMPDIR);
+each arm keeps one checkpoint at a time and removes its run when done.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import collections
+import contextlib
+import importlib.util
+import json
+import math
 import os
 import random
 import re
 import shutil
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+T_PROCESS = time.perf_counter()  # an arm's setup counts from here (its imports of torch before it left out)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._doc import write_section  # noqa: E402
+from benchmarks._doc import DOC, write_section  # noqa: E402
 from mel_core import config as C
 from mel_core.model import tiny
 from mel_core.model.engines.base import Completion, SamplingParams
-from mel_core.model.engines.hf import HFEngine
 from mel_core.problems.prompts import PromptSet
 from mel_core.problems.worlds import arithmetic
-from mel_core.run import executions
-from mel_core.step import stages
-from mel_core.step.runtime import Runtime
 from mel_core.vocabulary import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 GRPO_STAGES = ("sample", "verify", "update")
-GENERATING = ("sample", "diagnose", "abstract", "replay")
 MAX_POSITIONS = 40960  # Qwen3-1.7B / -4B config.json
 ROPE_THETA = 1_000_000.0
+PHASES = ("rollouts", "analyses", "replays", "weight_sync", "score", "train", "save", "other")
+PHASE_OF_STAGE = {"sample": "rollouts", "diagnose": "analyses", "abstract": "analyses", "replay": "replays",
+                  "transfer": "replays"}
+# Optional dependencies a mel arm must not need on a bare GPU host (vLLM only with --engine vllm).
+OPTIONAL = ("prefect", "flows", "tasks", "ray", "math_verify", "pebble", "trl", "peft", "vllm")
+ARM_NAMES = {"trl": "TRL GRPOTrainer", "grpo": "mel GRPO", "mel": "mel MEL",
+             "decode-hf": "decode: HF generate", "decode-vllm": "decode: vLLM"}
 
 # Qwen3's published shapes (config.json of Qwen/Qwen3-1.7B and Qwen/Qwen3-4B); micro runs on CPU.
 SHAPES = {
@@ -117,13 +169,21 @@ SHAPES = {
     "4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                intermediate_size=9728, vocab_size=151936),
 }
-# Defaults per device: (prompts B, group G, new tokens of rollouts / analyses / replays, micro-batch)
-GPU_DEFAULTS = dict(prompts=16, group_size=8, max_new_tokens=512, analysis_max_new_tokens=512,
-                    replay_max_new_tokens=512, micro_batch_size=16)
-CPU_DEFAULTS = dict(prompts=4, group_size=4, max_new_tokens=96, analysis_max_new_tokens=96,
-                    replay_max_new_tokens=96, micro_batch_size=8)
-H200_DENSE_BF16_TFLOPS = 989.0
+GPU_DEFAULTS = dict(shape="1.7b", prompts=16, group_size=8, max_new_tokens=256, analysis_max_new_tokens=256,
+                    replay_max_new_tokens=256, micro_batch_size=16, warmup=2, steps=3, budget_s=540.0,
+                    mixed=[50.0, 25.0, 100.0], decode_batches=[16, 128], decode_contexts=[300, 800], decode_tokens=32)
+CPU_DEFAULTS = dict(shape="micro", prompts=2, group_size=2, max_new_tokens=64, analysis_max_new_tokens=64,
+                    replay_max_new_tokens=64, micro_batch_size=4, warmup=1, steps=1, budget_s=600.0,
+                    mixed=[50.0], decode_batches=[2, 4], decode_contexts=[32, 64], decode_tokens=4)
+DENSE_BF16_TFLOPS = 989.0  # H100 SXM and H200, dense bf16, by their datasheets
 RULE = "If a step uses an earlier result, then copy that result exactly."
+GOALS = {"mel_grpo_over_trl": 1.0, "mel_over_grpo_at_50": 1.35, "mfu_at_1_7b": 0.35}
+
+
+def is_mixed(position: int, fraction: float) -> bool:
+    """Whether group `position` of a step is mixed: floor((p+1)f) > floor(pf), so round(B*f) of B groups are,
+    spread evenly (f = 0.5: the odd positions; f = 1: all)."""
+    return math.floor((position + 1) * fraction + 1e-9) > math.floor(position * fraction + 1e-9)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -131,7 +191,7 @@ RULE = "If a step uses an earlier result, then copy that result exactly."
 
 def build_model_dir(shape: str, path: Path, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
     """A randomly initialised Qwen3 of `shape` with the embedded tiny tokenizer (its ids are a subset of the
-    vocabulary), saved like any checkpoint; returns its parameter counts."""
+    vocabulary), saved like any checkpoint; returns its parameter counts and the KV bytes per token."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -160,9 +220,16 @@ def build_model_dir(shape: str, path: Path, dtype: torch.dtype, device: torch.de
     tok.save_pretrained(path)
     total = sum(p.numel() for p in model.parameters())  # the tied embedding counted once
     embedding = model.get_input_embeddings().weight.numel()
+    kv = s["num_hidden_layers"] * s["num_key_value_heads"] * s["head_dim"] * 2 * torch.finfo(dtype).bits // 8
     del model
-    _free(device)
-    return {"parameters": total, "embedding": embedding}
+    return {"parameters": total, "embedding": embedding, "kv_bytes_per_token": kv, "tokenizer_ids": len(tok)}
+
+
+def model_flops(tokens: int, scored: int, counts: dict, recompute: bool) -> tuple[float, float]:
+    """(model FLOPs 6N, hardware FLOPs: 8N for the layers when checkpointing recomputes their forward)."""
+    body = counts["parameters"] - counts["embedding"]
+    head = 6 * counts["embedding"] * scored  # the tied embedding as lm_head, on the completion columns only
+    return 6 * body * tokens + head, (8 if recompute else 6) * body * tokens + head
 
 
 # ------------------------------------------------------------------------------- what the model "says"
@@ -226,8 +293,9 @@ class Script:
                 f"{right[-1].removeprefix(arithmetic.ANSWER_PREFIX)}."]
         return self._padded(head, self.critique_lines, [f"Heuristic: {RULE}"], target, start)
 
-    def write(self, prompt: str, index: int, target: int) -> str:
-        """`prompt` is the model input of one of the tiny prompt set's templates (no chat template)."""
+    def write(self, prompt: str, index: int, target: int, mixed: bool = True) -> str:
+        """`prompt` is the model input of one of the tiny prompt set's templates (no chat template); `index` the
+        sample index in its group; `mixed`: whether a solve prompt's group is mixed (else every sample is right)."""
         questions = re.findall(r"^Q: (.*)$", prompt, re.MULTILINE)
         if prompt.startswith("Hint:"):  # replay: the meta-experience, then the question
             return self.solution(questions[-1].strip(), True, target, index)
@@ -236,56 +304,10 @@ class Script:
             return self.analysis(question, target, index)
         if "\nWrong:\n" in prompt:  # two_pass's second call: the heuristics
             return f"Heuristic: {RULE}"
-        return self.solution(question, index % 2 == 0, target, 7 * index)
+        return self.solution(question, index % 2 == 0 or not mixed, target, 7 * index)
 
 
-@dataclass
-class GenerateCall:
-    stage: str
-    sequences: int
-    tokens: int          # generated by the real model (up to and including eos, else to the limit)
-    generate_s: float
-    script_s: float
-
-
-@dataclass
-class BenchEngine:
-    """The runtime's HF engine generates for real; the script decides the text each sequence returns."""
-    inner: HFEngine
-    script: Script
-    device: torch.device
-    version: str | None = None
-    calls: list[GenerateCall] = field(default_factory=list)
-
-    def load_version(self, version: str, path: str) -> None:
-        self.version = version  # the HF engine's module is the policy's: Runtime.ensure_version moved it already
-
-    def generate(self, prompts, params: SamplingParams, desc: str = "") -> list[list[Completion]]:
-        _sync(self.device)
-        t0 = time.perf_counter()
-        real = self.inner.generate(prompts, params, desc=desc)
-        _sync(self.device)
-        t1 = time.perf_counter()
-        tok = self.script.tok
-        out = []
-        for prompt, group in zip(prompts, real):
-            row = []
-            for i, c in enumerate(group):
-                text = self.script.write(prompt, i, max(1, min(len(c.token_ids), params.max_new_tokens) - 1))
-                ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                if len(ids) > params.max_new_tokens:  # the length limit cuts it, as a real engine would
-                    ids = ids[:params.max_new_tokens]
-                    row.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "length"))
-                else:
-                    row.append(Completion(text, ids, "stop"))
-            out.append(row)
-        self.calls.append(GenerateCall(desc.split()[0] if desc else "generate", len(prompts) * params.n,
-                                       sum(len(c.token_ids) for g in real for c in g), t1 - t0,
-                                       time.perf_counter() - t1))
-        return out
-
-
-# ------------------------------------------------------------------------------------------ one arm
+# ------------------------------------------------------------------------------- timing in an arm
 
 
 def _sync(device: torch.device) -> None:
@@ -293,16 +315,124 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+class Clock:
+    """Seconds per phase, with a synchronize before and after each on a GPU; the device memory in use, sampled
+    after each phase."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.peak_used_gib = 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.seconds[name] += time.perf_counter() - t0
+            self.sample_memory()
+
+    def sample_memory(self) -> None:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.peak_used_gib = max(self.peak_used_gib, (total - free) / 2**30)
+
+    def take(self) -> dict[str, float]:
+        out = dict(self.seconds)
+        self.seconds.clear()
+        return out
+
+    def memory(self) -> dict:
+        if self.device.type != "cuda":
+            return {"peak_allocated_gib": None, "peak_device_used_gib": None}
+        return {"peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
+                "peak_device_used_gib": self.peak_used_gib}
 
 
-def arm_config(a, shape: str, arm: str, model_dir: Path, root: Path):
-    ov = [f"run.name=gpu-step-{shape}-{arm}", f"run.root_dir={root}", f"run.torch_threads={a.threads}",
+class Result:
+    """An arm's JSON, rewritten after every step (atomically), so the parent reads what a cut arm finished."""
+
+    def __init__(self, path: str, **head):
+        self.path = Path(path)
+        self.data = {**head, "status": "running", "steps": []}
+        self.save()
+
+    def save(self) -> None:
+        self.data["optional_modules_imported"] = sorted(m for m in OPTIONAL if sys.modules.get(m) is not None)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, default=str))
+        os.replace(tmp, self.path)
+
+    def step(self, log, k: int, warmup: bool, step_s: float, phases: dict, tokens: dict, **extra) -> None:
+        self.data["steps"].append({"step": k, "warmup": warmup, "step_s": step_s, "phases": phases,
+                                   "tokens": tokens, **extra})
+        self.save()
+        shown = " ".join(f"{p} {phases[p]:.2f}" for p in PHASES if p in phases)
+        log(f"step {k} ({'warm-up' if warmup else 'timed'}): {step_s:.2f}s | {shown}")
+
+
+# ------------------------------------------------------------------------------- mel's arms
+
+
+@dataclass
+class BenchEngine:
+    """The real engine (vLLM or HF) generates; the script decides the text each sequence returns. Told a new
+    version after an update, it does what the runtime does for its own engine: vLLM is handed the trained
+    module's weights in memory (timed as the weight sync), HF generates with that module already."""
+    inner: object
+    clock: Clock
+    mixed: float
+    version: str
+    script: Script | None = None
+    policy: object = None
+    tokens: collections.Counter = field(default_factory=collections.Counter)
+    script_s: float = 0.0
+
+    def load_version(self, version: str, path: str) -> None:
+        if version == self.version:
+            return
+        if hasattr(self.inner, "update_weights"):
+            with self.clock.phase("weight_sync"):
+                self.inner.update_weights(version, self.policy.named_weights())
+        else:
+            self.inner.version = version
+        self.version = version
+
+    def generate(self, prompts, params: SamplingParams, desc: str = "") -> list[list[Completion]]:
+        stage = desc.split()[0] if desc else "generate"
+        phase = PHASE_OF_STAGE.get(stage, "other")
+        with self.clock.phase(phase):
+            real = self.inner.generate(prompts, params, desc=desc)
+        t1 = time.perf_counter()
+        tok = self.script.tok
+        out = []
+        for position, (prompt, group) in enumerate(zip(prompts, real)):
+            mixed = is_mixed(position, self.mixed) if stage == "sample" else True
+            row = []
+            for i, c in enumerate(group):
+                text = self.script.write(prompt, i, max(1, min(len(c.token_ids), params.max_new_tokens) - 1), mixed)
+                ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                if len(ids) > params.max_new_tokens:  # the length limit cuts it, as a real engine would
+                    ids = ids[:params.max_new_tokens]
+                    row.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "length"))
+                else:
+                    row.append(Completion(text, ids, "stop"))
+            out.append(row)
+        self.tokens[phase] += sum(len(c.token_ids) for g in real for c in g)
+        self.script_s += time.perf_counter() - t1
+        return out
+
+
+def arm_config(a, arm: str, model_dir: Path, root: Path):
+    ov = [f"run.name=gpu-step-{arm}", f"run.root_dir={root}", f"run.torch_threads={a.threads}", f"run.seed={a.seed}",
           f"model.name_or_path={model_dir}", f"model.dtype={a.dtype}", f"model.master_dtype={a.master_dtype}",
           f"model.device={a.device}",
+          f"model.engine={a.engine}", f"model.vllm.kv_cache_gib={a.vllm_kv_cache_gib}",
           f"model.gradient_checkpointing={str(not a.no_gradient_checkpointing).lower()}",
           f"model.max_seq_len={a.max_seq_len}", f"prompts.dir={REPO / 'configs' / 'prompts' / 'tiny'}",
           f"sampling.prompts_per_step={a.prompts}", f"sampling.group_size={a.group_size}",
@@ -315,191 +445,512 @@ def arm_config(a, shape: str, arm: str, model_dir: Path, root: Path):
     return C.load(TINY_CONFIG, ov)
 
 
-def _warm_up(rt: Runtime, engine: HFEngine, full_length: bool) -> None:
-    """Outside the timing: what a campaign does once before step 1 (the usable problems: their prompts
-    tokenized) and a process's first kernels (allocator, cuBLAS, generate's setup). The first arm of a shape
-    (`full_length`) also generates the step's batch at full length once: on an H200 the first full-length generation of a process
-    took 2.2-2.9x as long as the same generation later (1.7B: 20.2 s vs 8.9 s; 4B: 58.2 s vs 26.6 s, with only a
-    4-token warm-up), which charged the GRPO arm (it runs first) for the process's warm-up."""
-    prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in rt.step_problems(1)]
-    engine.generate(prompts, SamplingParams(n=rt.cfg.sampling.group_size, seed=0,
-                                            max_new_tokens=rt.cfg.sampling.max_new_tokens if full_length else 4))
-    model = rt.policy.model
-    ids = torch.randint(1, len(rt.policy.tokenizer), (2, 32), device=rt.policy.device)
-    model.train()
-    model(input_ids=ids, logits_to_keep=9).logits.float().mean().backward()
-    model.zero_grad(set_to_none=True)
-    _sync(rt.policy.device)
+def mel_arm(a, arm: str, mixed: float, model_dir: Path, res: Result, log) -> None:
+    """`--warmup` + `--steps` steps of mel's `arm` (grpo | mel) from the base model, each step through the stage
+    functions as a campaign runs them, each trained version handed to the engine before the next step."""
+    from mel_core.run import executions
+    from mel_core.step import stages
+    from mel_core.step.runtime import Runtime
 
-
-def run_arm(a, shape: str, arm: str, model_dir: Path, root: Path, log, first: bool) -> dict:
-    """One step (step 1) of `arm` from the base model; seconds per stage and what the update trained. The shape's
-    `first` arm warms up at full length (_warm_up)."""
-    rt = Runtime(arm_config(a, shape, arm, model_dir, root))
+    device = torch.device(a.device)
+    clock = Clock(device)
+    rt = Runtime(arm_config(a, arm, model_dir, Path(a.result).parent / f"runs-{arm}-{mixed:g}"))
     base = rt.base_checkpoint
-    rt.ensure_version(base)
-    inner = rt.engine
-    if not isinstance(inner, HFEngine):
-        raise RuntimeError(f"expected the HF engine, got {type(inner).__name__}")
-    device = rt.policy.device
-    engine = BenchEngine(inner, Script(rt.policy.tokenizer), device)
-    rt.use_engine(engine)
-    rt.ensure_version(base)
+    engine = BenchEngine(None, clock, mixed, base.checkpoint_id)
+    if a.engine == "vllm":
+        # As Runtime._build_engine builds it, plus gpu_memory_utilization: vLLM refuses to start when less than
+        # that fraction of the device is free, and the policy is resident already (TRL's colocate default, 0.3).
+        from mel_core.model.engines.vllm import VLLMEngine
+
+        rt.use_engine(engine)
+        rt.ensure_version(base)  # the policy alone: the engine is ours
+        t0 = time.perf_counter()
+        m = rt.cfg.model
+        engine.inner = VLLMEngine(base.path, rt.policy.tokenizer, dtype=m.dtype, seed=rt.cfg.run.seed,
+                                  kv_cache_gib=m.vllm.kv_cache_gib, progress=False, stop_ids=rt.stop_ids,
+                                  gpu_memory_utilization=a.vllm_gpu_memory_utilization)
+        res.data["engine_start_s"] = time.perf_counter() - t0
+    else:
+        rt.ensure_version(base)  # the policy, and the HF engine on the policy's own module: nothing to start
+        engine.inner = rt.engine
+        rt.use_engine(engine)
+        rt.ensure_version(base)
+    engine.script, engine.policy = Script(rt.policy.tokenizer), rt.policy
     executions.register_run(rt, base)
-    _warm_up(rt, inner, full_length=first)
 
     policy = rt.policy
-    trained: dict = {}
-    train_step = policy.train_step
+    train_step, save_checkpoint = policy.train_step, policy.save_checkpoint
+    trained = collections.Counter()
 
     def timed_train_step(rl, nll, data_parallel=None):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = train_step(rl, nll, data_parallel)
-        _sync(device)
-        trained["seconds"] = time.perf_counter() - t0
+        with clock.phase("train"):
+            out = train_step(rl, nll, data_parallel)
+        t0 = time.perf_counter()  # counting the tokens is the benchmark's: left out of the step, as the script is
         batches = [(rl.prompts, rl.completion_ids)] + ([(nll.prompts, nll.target_ids)] if nll and nll.prompts else [])
-        trained["tokens"] = sum(len(p) + len(c) for prompts, comps in batches
-                                for p, c in zip(policy.encode_prompts(prompts), comps))
-        trained["scored_tokens"] = sum(len(c) for _, comps in batches for c in comps)
-        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
-        trained["rl_lengths"] = (mean([len(p) for p in policy.encode_prompts(rl.prompts)]),
-                                 mean([len(c) for c in rl.completion_ids]))
-        trained["nll_lengths"] = ((mean([len(p) for p in policy.encode_prompts(nll.prompts)]),
-                                   mean([len(c) for c in nll.target_ids])) if nll and nll.prompts else None)
-        trained["rl_sequences"], trained["nll_sequences"] = len(rl.prompts), len(nll.prompts) if nll else 0
+        trained["trained"] += sum(len(p) + len(c) for prompts, comps in batches
+                                  for p, c in zip(policy.encode_prompts(prompts), comps))
+        trained["scored"] += sum(len(c) for _, comps in batches for c in comps)
+        trained["rl_sequences"] += len(rl.prompts)
+        trained["nll_sequences"] += len(nll.prompts) if nll else 0
+        engine.script_s += time.perf_counter() - t0
         return out
 
-    policy.train_step = timed_train_step
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step = 1
-    calls = {"sample": lambda: stages.sample(rt, step, base), "verify": lambda: stages.verify(rt, step),
-             "pair": lambda: stages.pair(rt, step), "diagnose": lambda: stages.diagnose(rt, step, base),
-             "abstract": lambda: stages.abstract(rt, step, base), "replay": lambda: stages.replay(rt, step, base),
-             "update": lambda: stages.update(rt, step, base)}
-    seconds, manifests = {}, {}
-    for name in (STAGES if arm == "mel" else GRPO_STAGES):
+    def timed_save_checkpoint(path, update_stats=None):
+        with clock.phase("save"):
+            return save_checkpoint(path, update_stats=update_stats)
+
+    policy.train_step, policy.save_checkpoint = timed_train_step, timed_save_checkpoint
+    calls = {"sample": stages.sample, "verify": lambda rt, k, c: stages.verify(rt, k),
+             "pair": lambda rt, k, c: stages.pair(rt, k), "diagnose": stages.diagnose, "abstract": stages.abstract,
+             "replay": stages.replay, "update": stages.update}
+    res.data["setup_s"] = time.perf_counter() - T_PROCESS
+    log(f"setup {res.data['setup_s']:.1f}s (engine {a.engine}"
+        + (f" started in {res.data['engine_start_s']:.1f}s)" if "engine_start_s" in res.data else ")"))
+    ckpt = base
+    for k in range(1, a.warmup + a.steps + 1):
+        clock.take()
+        engine.tokens.clear()
+        trained.clear()
+        engine.script_s = 0.0
         _sync(device)
         t0 = time.perf_counter()
-        manifests[name] = calls[name]()
+        manifests = {name: calls[name](rt, k, ckpt) for name in (STAGES if arm == "mel" else GRPO_STAGES)}
         _sync(device)
-        script_s = sum(c.script_s for c in engine.calls if c.stage == name)
-        seconds[name] = time.perf_counter() - t0 - script_s
-        log(f"  {shape} {arm}: {name} {seconds[name]:.2f}s")
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    gen = {}
-    for c in engine.calls:
-        g = gen.setdefault(c.stage, {"sequences": 0, "tokens": 0, "generate_s": 0.0, "script_s": 0.0})
-        g["sequences"] += c.sequences
-        g["tokens"] += c.tokens
-        g["generate_s"] += c.generate_s
-        g["script_s"] += c.script_s
-    del policy.train_step  # the class's method again
-    out = {"arm": arm, "seconds": seconds, "step_s": sum(seconds.values()), "generation": gen, "update": trained,
-           "save_s": seconds["update"] - trained["seconds"], "peak_gib": peak, "manifests": manifests,
-           "device": str(device)}
-    shutil.rmtree(rt.run_dir, ignore_errors=True)  # its checkpoint: GBs at a real size
-    return out  # the runtime, its policy and optimizer go with this frame (the caller frees the memory)
+        step_s = time.perf_counter() - t0 - engine.script_s
+        phases = {"weight_sync": 0.0, **clock.take()}  # HF: the engine generates with the trained module itself
+        phases["other"] = step_s - sum(phases.values())
+        counts = {"reward_mean": manifests["verify"]["reward_mean"], "mixed_groups": manifests["verify"]["mixed_groups"],
+                  "pairs": manifests.get("pair", {}).get("pairs"),
+                  "diagnosed": manifests.get("diagnose", {}).get("diagnosed"),
+                  "accepted": manifests.get("replay", {}).get("accepted")}
+        res.step(log, k, k <= a.warmup, step_s, phases, {**engine.tokens, **trained}, script_s=engine.script_s,
+                 counts=counts)
+        new = manifests["update"]["checkpoint"]
+        if ckpt is not base:
+            shutil.rmtree(ckpt.path, ignore_errors=True)  # GBs at a real size: one checkpoint at a time
+        ckpt = new
+    res.data["memory"] = clock.memory()
+    shutil.rmtree(rt.run_dir, ignore_errors=True)
 
 
-# -------------------------------------------------------------------------------------- one shape
+# -------------------------------------------------------------------------------- TRL's arm
 
 
-def model_flops(tokens: int, scored: int, counts: dict, recompute: bool) -> tuple[float, float]:
-    """(model FLOPs 6N, hardware FLOPs: 8N for the layers when checkpointing recomputes their forward)."""
-    body = counts["parameters"] - counts["embedding"]
-    head = 6 * counts["embedding"] * scored  # the tied embedding as lm_head, on the completion columns only
-    return 6 * body * tokens + head, (8 if recompute else 6) * body * tokens + head
+def step_prompts(a, n: int) -> list[str]:
+    """The solve prompts of the synthetic training problems, as mel's arms render them (no chat template: the tiny
+    tokenizer has none), `n` of them in order."""
+    from mel_core.problems.sources import load_problems
+
+    cfg = C.load(TINY_CONFIG, [f"prompts.dir={REPO / 'configs' / 'prompts' / 'tiny'}"])
+    problems = load_problems(cfg.data, split="train")
+    prompts = PromptSet.load(cfg.prompts.dir)
+    return [prompts.render_solve(problems[i % len(problems)].question) for i in range(n)]
 
 
-def run_shape(a, shape: str, work: Path, log) -> dict:
+def trl_arm(a, mixed: float, model_dir: Path, res: Result, log) -> None:
+    """TRL's GRPOTrainer for `--warmup` + `--steps` optimizer steps, each over one generation batch of B x G."""
+    import trl
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import GRPOConfig, GRPOTrainer
+
     device = torch.device(a.device)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype]
-    model_dir = work / f"model-{shape}"
+    clock = Clock(device)
+    B, G, steps = a.prompts, a.group_size, a.warmup + a.steps
+    use_vllm = a.engine == "vllm"
+    res.data["trl_version"] = trl.__version__
+
+    def scripted_reward(completions, **kwargs):
+        """Completion k of the generation batch is sample k % G of group k // G (TRL's batches hold whole groups in
+        order): mixed groups score the even samples 1 and the odd ones 0, the others all 1."""
+        return [float(k % G % 2 == 0) if is_mixed(k // G % B, mixed) else 1.0 for k in range(len(completions))]
+
+    extra = dict(vllm_mode="colocate", vllm_gpu_memory_utilization=a.vllm_gpu_memory_utilization,
+                 vllm_max_model_length=a.max_seq_len, generation_kwargs={"detokenize": False}) if use_vllm else {}
+    args = GRPOConfig(
+        output_dir=str(Path(a.result).parent / "trl-out"), report_to="none", save_strategy="no",
+        use_cpu=device.type != "cuda", bf16=a.dtype == "bfloat16", model_init_kwargs={"dtype": a.master_dtype}, seed=a.seed, max_steps=steps,
+        per_device_train_batch_size=a.micro_batch_size, gradient_accumulation_steps=B * G // a.micro_batch_size,
+        num_generations=G, max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        learning_rate=C.load(TINY_CONFIG).optim.lr, gradient_checkpointing=not a.no_gradient_checkpointing,
+        shuffle_dataset=False, disable_tqdm=True, logging_steps=1, dataloader_num_workers=0,
+        use_vllm=use_vllm, **extra)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     t0 = time.perf_counter()
-    counts = build_model_dir(shape, model_dir, dtype, device, a.seed)
-    log(f"{shape}: {counts['parameters'] / 1e6:,.1f}M parameters ({counts['embedding'] / 1e6:,.1f}M embedding, tied), "
-        f"built and saved in {time.perf_counter() - t0:.1f}s")
-    arms = {}
-    for i, arm in enumerate(("grpo", "mel")):
-        arms[arm] = run_arm(a, shape, arm, model_dir, work / "runs", log, first=i == 0)
-        _free(device)  # one policy and optimizer on the device at a time
-    shutil.rmtree(model_dir, ignore_errors=True)
-    mel, grpo = arms["mel"], arms["grpo"]
-    res = {"shape": shape, "counts": counts, "arms": arms, "ratio": mel["step_s"] / grpo["step_s"]}
-    for arm, r in arms.items():
-        u = r["update"]
-        flops, hw = model_flops(u["tokens"], u["scored_tokens"], counts, not a.no_gradient_checkpointing)
-        r["update_tflops"] = flops / u["seconds"] / 1e12
-        r["mfu"] = r["update_tflops"] / a.peak_tflops if a.peak_tflops else None
-        r["hfu"] = hw / u["seconds"] / 1e12 / a.peak_tflops if a.peak_tflops else None
-    for stage in GENERATING:
-        g = mel["generation"].get(stage)
-        res[f"{stage}_tokens_per_s"] = g["tokens"] / g["generate_s"] if g else None
-    res["wall_s"] = time.perf_counter() - t0
-    return res
+    tr = GRPOTrainer(model=str(model_dir), reward_funcs=scripted_reward, args=args, processing_class=tok,
+                     train_dataset=Dataset.from_dict({"prompt": step_prompts(a, B * steps)}))
+    res.data["engine_start_s"] = time.perf_counter() - t0  # the trainer, with its colocated vLLM engine
+    for cb in (PrinterCallback, ProgressCallback):
+        tr.remove_callback(cb)
+    tokens = collections.Counter()
+
+    generate_single_turn = tr._generate_single_turn
+
+    def timed_generate_single_turn(*args_, **kwargs):
+        with clock.phase("generate"):
+            return generate_single_turn(*args_, **kwargs)
+
+    generate_and_score = tr._generate_and_score_completions
+
+    def timed_generate_and_score(inputs):
+        with clock.phase("generate_and_score"):
+            out = generate_and_score(inputs)
+        completion, prompt = int(out["completion_mask"].sum()), int(out["prompt_mask"].sum())
+        tokens.update(rollouts=completion, scored=completion, trained=prompt + completion,
+                      rl_sequences=int(out["completion_mask"].size(0)))
+        return out
+
+    tr._generate_single_turn, tr._generate_and_score_completions = timed_generate_single_turn, timed_generate_and_score
+    if use_vllm:
+        sync_weights = tr.vllm_generation.sync_weights
+
+        def timed_sync_weights():
+            with clock.phase("weight_sync"):
+                return sync_weights()
+
+        tr.vllm_generation.sync_weights = timed_sync_weights
+
+    class StepClock(TrainerCallback):
+        """A step: from the end of the previous one (or the start of training) to the end of this one."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            _sync(device)
+            self.t = time.perf_counter()
+            clock.take()
+            res.data["setup_s"] = self.t - T_PROCESS
+            log(f"setup {res.data['setup_s']:.1f}s (trainer init with its engine: {res.data['engine_start_s']:.1f}s)")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
+            now = time.perf_counter()
+            step_s, self.t = now - self.t, now
+            raw = clock.take()
+            sync, gen, gen_score = raw.get("weight_sync", 0.0), raw.get("generate", 0.0), raw.get("generate_and_score", 0.0)
+            phases = {"rollouts": gen - sync, "weight_sync": sync, "score": gen_score - gen,
+                      "train": step_s - gen_score, "save": 0.0, "other": 0.0}
+            k = state.global_step
+            res.step(log, k, k <= a.warmup, step_s, phases, dict(tokens))
+            tokens.clear()
+
+    tr.add_callback(StepClock())
+    tr.train()
+    res.data["memory"] = clock.memory()
 
 
-# --------------------------------------------------------------------------------------- reporting
+# -------------------------------------------------------------------------------- decode micro-benchmark
+
+
+def decode_arm(a, engine: str, model_dir: Path, counts: dict, res: Result, log) -> None:
+    """Prefill + decode of random prompts at each (batch, context): ms per decoding step and decoded tokens/s."""
+    from transformers import AutoTokenizer
+
+    device = torch.device(a.device)
+    clock = Clock(device)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    special = set(tok.all_special_ids)
+    ids = [i for i in range(len(tok)) if i not in special]
+    rng = random.Random(a.seed)
+    T = a.decode_tokens
+    prompts = lambda batch, ctx: [[rng.choice(ids) for _ in range(ctx)] for _ in range(batch)]
+    t0 = time.perf_counter()
+    if engine == "hf":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype)).to(device).eval()
+
+        def run(batch_ids, new):
+            x = torch.tensor(batch_ids, device=device)
+            with clock.phase("generate"), torch.no_grad():
+                model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                               do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tok.pad_token_id)
+    else:
+        from vllm import LLM
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        longest = max(a.decode_contexts) + T + 16
+        need = int(1.25 * max(a.decode_batches) * longest * counts["kv_bytes_per_token"])  # no preemption
+        llm = LLM(model=str(model_dir), dtype=a.dtype, seed=a.seed, skip_tokenizer_init=True, max_model_len=longest,
+                  kv_cache_memory_bytes=max(need, int(a.vllm_kv_cache_gib * 2**30)), enable_prefix_caching=False,
+                  gpu_memory_utilization=a.vllm_gpu_memory_utilization, enforce_eager=device.type != "cuda",
+                  generation_config="vllm")
+
+        def run(batch_ids, new):
+            sp = VSamplingParams(n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=new, min_tokens=new,
+                                 ignore_eos=True, detokenize=False, seed=a.seed)
+            with clock.phase("generate"):
+                llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch_ids], sp, use_tqdm=False)
+    res.data["engine_start_s"] = time.perf_counter() - t0
+    res.data["setup_s"] = time.perf_counter() - T_PROCESS
+    run(prompts(min(a.decode_batches), min(a.decode_contexts)), 2)  # warm-up
+    clock.take()
+    rows = res.data["rows"] = []
+    for ctx in a.decode_contexts:
+        for batch in a.decode_batches:
+            run(prompts(batch, ctx), 1)
+            prefill = clock.take()["generate"]
+            run(prompts(batch, ctx), T + 1)
+            full = clock.take()["generate"]
+            decode = max(full - prefill, 1e-9)
+            rows.append({"batch": batch, "context": ctx, "tokens": T, "prefill_s": prefill, "full_s": full,
+                         "step_ms": decode / T * 1000, "tokens_per_s": batch * T / decode})
+            res.save()
+            log(f"batch {batch} context {ctx}: prefill {prefill:.3f}s, {decode / T * 1000:.1f} ms per decoding step, "
+                f"{batch * T / decode:,.0f} tok/s")
+    res.data["memory"] = clock.memory()
+
+
+# ------------------------------------------------------------------------------------- the child
+
+
+def child_main(a) -> int:
+    """One arm in this process: its results to `a.result` (JSON) after every step."""
+    log = lambda m: print(m, flush=True)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamings, once per arm: noise here
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    res = Result(a.result, arm=a.child, mixed=a.child_mixed, engine=a.engine, device=a.device, shape=a.shape,
+                 pid=os.getpid())
+    model_dir = Path(a.model_dir)
+    try:
+        if a.child == "build":
+            res.data["counts"] = build_model_dir(a.shape, model_dir, getattr(torch, a.dtype), torch.device(a.device),
+                                                 a.seed)
+            if a.device.startswith("cuda"):
+                res.data["counts"]["device_name"] = torch.cuda.get_device_name(torch.device(a.device))
+        elif a.child == "trl":
+            trl_arm(a, a.child_mixed, model_dir, res, log)
+        elif a.child in ("grpo", "mel"):
+            mel_arm(a, a.child, a.child_mixed, model_dir, res, log)
+        else:
+            counts = json.loads((model_dir / "bench_counts.json").read_text())
+            decode_arm(a, a.child.removeprefix("decode-"), model_dir, counts, res, log)
+    except BaseException as e:
+        res.data.update(status="crashed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+        res.save()
+        raise
+    res.data["status"] = "done"
+    res.save()
+    return 0
+
+
+# ------------------------------------------------------------------------------------- the parent
+
+
+def run_child(a, argv: list[str], arm: str, mixed: float, model_dir: Path, work: Path, timeout: float, log) -> dict:
+    """`arm` in a process of its own, its output echoed line by line; killed (its whole process group) at
+    `timeout`. Returns its JSON, with the status the parent saw."""
+    tag = f"{arm} {mixed * 100:g}%" if arm in ("trl", "grpo", "mel") else arm
+    result = work / f"result-{arm}-{mixed:g}.json"
+    cmd = [sys.executable, "-u", str(Path(__file__).resolve()), *argv, "--child", arm, "--child-mixed", str(mixed),
+           "--model-dir", str(model_dir), "--result", str(result)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log(f"[{tag}] started, {timeout:.0f}s of the budget left")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+                            cwd=REPO, start_new_session=True)
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+
+    def pump():
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            log(f"  [{tag}] {line.rstrip()}")
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    cut = False
+    try:
+        rc = proc.wait(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        cut = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the arm and what it started (vLLM's workers), nothing else
+        try:
+            rc = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+    reader.join(timeout=5)
+    data = {"arm": arm, "mixed": mixed, "steps": []}
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(result.read_text())
+    data["wall_s"] = time.perf_counter() - t0
+    if cut:
+        data["status"] = f"cut: its {timeout:.0f}s of the budget ran out"
+    elif rc != 0 or data.get("status") != "done":
+        data["status"] = f"crashed (exit {rc})"
+        data["tail"] = list(tail)[-8:]
+    log(f"[{tag}] {data['status']} after {data['wall_s']:.1f}s")
+    return data
+
+
+def summarize(r: dict, counts: dict, a) -> dict:
+    """Median and min-max over the timed steps (the warm-up steps when none was timed) of each phase, the step,
+    the step without its save, tokens/s and MFU."""
+    steps = [s for s in r.get("steps", []) if not s["warmup"]]
+    r["timed"] = bool(steps)
+    steps = steps or r.get("steps", [])
+    if not steps:
+        return {}
+    stat = lambda xs: (statistics.median(xs), min(xs), max(xs))
+    out = {"n": len(steps), "step": stat([s["step_s"] for s in steps]),
+           "step_without_save": stat([s["step_s"] - s["phases"].get("save", 0.0) for s in steps])}
+    for p in PHASES:
+        if any(p in s["phases"] for s in steps):
+            out[p] = stat([s["phases"].get(p, 0.0) for s in steps])
+    tokens = lambda s, k: s["tokens"].get(k, 0)
+    out["generated"] = {p: statistics.median([tokens(s, p) for s in steps]) for p in ("rollouts", "analyses", "replays")}
+    rates = {p: [tokens(s, p) / s["phases"][p] for s in steps if s["phases"].get(p)] for p in out["generated"]}
+    out["generated_per_s"] = {p: statistics.median(v) if v else None for p, v in rates.items()}
+    out["trained"] = statistics.median([tokens(s, "trained") for s in steps])
+    trains = [s for s in steps if s["phases"].get("train")]
+    out["train_tokens_per_s"] = statistics.median([tokens(s, "trained") / s["phases"]["train"] for s in trains]) \
+        if trains else None
+    mfu, hfu = [], []
+    for s in trains:
+        flops, hw = model_flops(tokens(s, "trained"), tokens(s, "scored"), counts, not a.no_gradient_checkpointing)
+        if a.peak_tflops:
+            mfu.append(flops / s["phases"]["train"] / 1e12 / a.peak_tflops)
+            hfu.append(hw / s["phases"]["train"] / 1e12 / a.peak_tflops)
+    out["mfu"] = statistics.median(mfu) if mfu else None
+    out["hfu"] = statistics.median(hfu) if hfu else None
+    return out
 
 
 def _f(x, fmt="{:.2f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 
 
-def headline(res: dict) -> dict[str, float | None]:
-    p = "gpu_step_" + res["shape"].replace(".", "_") + "_"
-    mel, grpo = res["arms"]["mel"], res["arms"]["grpo"]
-    peaks = [r["peak_gib"] for r in (mel, grpo) if r["peak_gib"] is not None]
-    return {p + "sample_tokens_per_s": res["sample_tokens_per_s"],
-            p + "analysis_tokens_per_s": res["diagnose_tokens_per_s"],
-            p + "replay_tokens_per_s": res["replay_tokens_per_s"],
-            p + "update_s_grpo": grpo["update"]["seconds"], p + "update_s_mel": mel["update"]["seconds"],
-            p + "update_mfu_mel": mel["mfu"], p + "update_mfu_grpo": grpo["mfu"],
-            p + "peak_gpu_memory_gib": max(peaks) if peaks else None,
-            p + "mel_grpo_step_ratio": res["ratio"]}
+def _range(t) -> str:
+    return "n/a" if not t else f"{t[0]:.2f} ({t[1]:.2f}–{t[2]:.2f})"
 
 
-def table(res: dict, a) -> list[str]:
-    mel, grpo = res["arms"]["mel"], res["arms"]["grpo"]
-    c = res["counts"]
-    lines = [f"### {res['shape']}: {c['parameters'] / 1e9:.3f}B parameters ({c['embedding'] / 1e9:.3f}B tied embedding), "
-             f"{a.dtype} compute over {a.master_dtype} master weights, "
-             f"gradient checkpointing {'off' if a.no_gradient_checkpointing else 'on'}, {mel['device']}", "",
-             f"B={a.prompts} prompts x G={a.group_size}; new tokens: rollouts {a.max_new_tokens}, analyses "
-             f"{a.analysis_max_new_tokens}, replays {a.replay_max_new_tokens}; model.max_seq_len {a.max_seq_len}; "
-             f"optim.micro_batch_size {a.micro_batch_size}. MEL step: {mel['manifests']['pair']['pairs']} pairs, "
-             f"{mel['manifests']['diagnose']['diagnosed']} analyses parsed, {mel['manifests']['replay']['accepted']} "
-             f"accepted (reward mean {mel['manifests']['verify']['reward_mean']:.2f}).", "",
-             "| stage | GRPO s | MEL s | MEL sequences x generated tokens | MEL generated tok/s |", "|---|---|---|---|---|"]
-    for s in STAGES:
-        g = mel["generation"].get(s)
-        gen = f"{g['sequences']} x {g['tokens'] / g['sequences']:.0f} = {g['tokens']:,}" if g else ""
-        tps = f"{g['tokens'] / g['generate_s']:,.0f}" if g else ""
-        lines.append(f"| {s} | {_f(grpo['seconds'].get(s)) if s in grpo['seconds'] else ''} | "
-                     f"{_f(mel['seconds'].get(s))} | {gen} | {tps} |")
-    lines.append(f"| **step** | **{grpo['step_s']:.2f}** | **{mel['step_s']:.2f}** | | |")
-    lines += ["", "| update | GRPO | MEL |", "|---|---|---|"]
-    rows = [("sequences (RL + NLL)", lambda r: f"{r['update']['rl_sequences']} + {r['update']['nll_sequences']}"),
-            ("tokens trained (prompt + completion)", lambda r: f"{r['update']['tokens']:,}"),
-            ("mean RL prompt / rollout tokens", lambda r: "{:.0f} / {:.0f}".format(*r["update"]["rl_lengths"])),
-            ("mean NLL context / M* tokens", lambda r: "{:.0f} / {:.0f}".format(*r["update"]["nll_lengths"])
-             if r["update"]["nll_lengths"] else ""),
-            ("train_step s", lambda r: f"{r['update']['seconds']:.2f}"),
-            ("tokens/s", lambda r: f"{r['update']['tokens'] / r['update']['seconds']:,.0f}"),
-            ("model TFLOP/s (6N)", lambda r: f"{r['update_tflops']:.3g}"),
-            (f"MFU (6N, peak {_f(a.peak_tflops, '{:.0f}')} TFLOP/s)", lambda r: _f(r["mfu"], "{:.1%}")),
-            ("HFU (8N with recompute)", lambda r: _f(r["hfu"], "{:.1%}")),
-            ("checkpoint save s (in the update stage)", lambda r: f"{r['save_s']:.2f}"),
-            ("peak GPU memory GiB", lambda r: _f(r["peak_gib"]))]
-    lines += [f"| {name} | {fn(grpo)} | {fn(mel)} |" for name, fn in rows]
-    script_s = sum(g["script_s"] for g in mel["generation"].values())
-    lines += ["", f"- **MEL step ÷ GRPO step: {res['ratio']:.2f}**; sampling {_f(res['sample_tokens_per_s'], '{:,.0f}')} "
-              f"tok/s, analyses {_f(res['diagnose_tokens_per_s'], '{:,.0f}')} tok/s, replays "
-              f"{_f(res['replay_tokens_per_s'], '{:,.0f}')} tok/s; the script's text building "
-              f"{script_s * 1000:.0f} ms (not in the stage seconds); shape done in {res['wall_s']:.0f}s", ""]
-    return lines
+def arm_table(r: dict, s: dict) -> list[str]:
+    """One arm: its status, then each phase's median, min and max over its timed steps."""
+    name = ARM_NAMES.get(r["arm"], r["arm"])
+    mixed = f", mixed {r['mixed'] * 100:g}%" if r["arm"] in ("trl", "grpo", "mel") else ""
+    head = (f"#### {name}{mixed}: {r.get('status')}; engine {r.get('engine')}; setup {_f(r.get('setup_s'), '{:.1f}')}s "
+            f"(engine start {_f(r.get('engine_start_s'), '{:.1f}')}s); process {_f(r.get('wall_s'), '{:.0f}')}s")
+    lines = [head, ""]
+    if r.get("tail"):
+        lines += ["```", *r["tail"], "```", ""]
+    if r["arm"].startswith("decode"):
+        rows = r.get("rows", [])
+        lines += ["| batch | context | prefill s | ms per decoding step | decoded tok/s |", "|---|---|---|---|---|"]
+        lines += [f"| {x['batch']} | {x['context']} | {x['prefill_s']:.3f} | {x['step_ms']:.1f} | {x['tokens_per_s']:,.0f} |"
+                  for x in rows]
+        return lines + [""]
+    if not s:
+        return lines + ["No step finished.", ""]
+    which = f"{s['n']} timed step(s)" if r.get("timed") else f"{s['n']} warm-up step(s) only (no timed step finished)"
+    lines += [f"Per step, over {which}:", "", "| phase | median s | min s | max s |", "|---|---|---|---|"]
+    for p in PHASES:
+        if p in s:
+            lines.append(f"| {p.replace('_', ' ')} | {s[p][0]:.2f} | {s[p][1]:.2f} | {s[p][2]:.2f} |")
+    lines.append(f"| **step** | **{s['step'][0]:.2f}** | {s['step'][1]:.2f} | {s['step'][2]:.2f} |")
+    lines.append(f"| step without save | {s['step_without_save'][0]:.2f} | {s['step_without_save'][1]:.2f} | "
+                 f"{s['step_without_save'][2]:.2f} |")
+    gen = ", ".join(f"{p} {s['generated'][p]:,.0f} tokens at {_f(s['generated_per_s'][p], '{:,.0f}')} tok/s"
+                    for p in ("rollouts", "analyses", "replays") if s["generated"][p])
+    mem = r.get("memory") or {}
+    last = (r.get("steps") or [{}])[-1].get("counts")
+    imported = r.get("optional_modules_imported")
+    lines += ["", f"- generated: {gen or 'none'}",
+              f"- trained: {s['trained']:,.0f} tokens at {_f(s['train_tokens_per_s'], '{:,.0f}')} tok/s; update MFU "
+              f"{_f(s['mfu'], '{:.1%}')} (6N), HFU {_f(s['hfu'], '{:.1%}')} (8N with recompute)",
+              f"- peak memory: {_f(mem.get('peak_allocated_gib'))} GiB allocated by torch, "
+              f"{_f(mem.get('peak_device_used_gib'))} GiB of the device in use",
+              f"- optional modules imported: {', '.join(imported) or 'none'}" if imported is not None else ""]
+    if last:
+        lines.append(f"- last step: reward mean {last['reward_mean']:.2f}, {last['mixed_groups']} mixed groups"
+                     + (f", {last['pairs']} pairs, {last['diagnosed']} analyses parsed, {last['accepted']} accepted"
+                        if last.get("pairs") is not None else ""))
+    return lines + [""]
+
+
+def ratios(results: list[dict], summaries: list[dict], a, counts: dict) -> tuple[list[str], dict]:
+    """The ratio lines against the goals, and the headline numbers."""
+    by = {(r["arm"], r["mixed"]): s for r, s in zip(results, summaries) if s}
+    first = a.mixed[0] / 100
+    trl, grpo = by.get(("trl", first)), by.get(("grpo", first))
+    cpu = a.device == "cpu"
+    note = " (CPU dry run: the goals are for a GPU)" if cpu else ""
+
+    def verdict(x, goal, le=True):
+        if x is None or goal is None:
+            return ""
+        return f" — goal {'≤' if le else '≥'} {goal:g}: " + ("met" if (x <= goal if le else x >= goal) else "missed")
+
+    def ratio(num, den, key):
+        return num[key][0] / den[key][0] if num and den and den[key][0] > 0 else None
+
+    lines, heads = [], {}
+    for key, label in (("step", "with save"), ("step_without_save", "without save")):
+        x = ratio(grpo, trl, key)
+        heads[f"mel_grpo_over_trl_{key}"] = x
+        lines.append(f"- mel-GRPO ÷ TRL-GRPO, step {label}: **{_f(x)}**{verdict(x, GOALS['mel_grpo_over_trl'])}{note}")
+    for m in a.mixed:
+        mel = by.get(("mel", m / 100))
+        for key, label in (("step", "with save"), ("step_without_save", "without save")):
+            x = ratio(mel, grpo, key)
+            heads[f"mel_over_grpo_{m:g}_{key}"] = x
+            goal = GOALS["mel_over_grpo_at_50"] if m == 50 else None
+            lines.append(f"- MEL ÷ mel-GRPO at {m:g}% mixed, step {label}: **{_f(x)}**{verdict(x, goal)}"
+                         + (note if goal else ""))
+    mfus = [(arm, m, s["mfu"]) for (arm, m), s in by.items() if arm in ("trl", "grpo", "mel")]
+    goal = GOALS["mfu_at_1_7b"] if a.shape == "1.7b" else None
+    for arm, m, x in mfus:
+        heads[f"update_mfu_{arm}" + (f"_{m * 100:g}" if arm == "mel" else "")] = x
+    shown = ", ".join(f"{ARM_NAMES[arm]}{f' {m * 100:g}%' if arm == 'mel' else ''} {_f(x, '{:.1%}')}"
+                      for arm, m, x in mfus)
+    ours = [x for arm, _, x in mfus if arm in ("grpo", "mel")]
+    met = "" if not (goal and ours) else \
+        " — goal ≥ 35% at 1.7B (mel's arms): " + ("met" if all(x is not None and x >= goal for x in ours) else "missed")
+    lines.append(f"- update MFU (6N, peak {_f(a.peak_tflops, '{:.0f}')} TFLOP/s): {shown or 'n/a'}{met}"
+                 + ("" if a.peak_tflops else " (no --peak-tflops on CPU)"))
+    for (arm, m), s in by.items():
+        if arm in ("trl", "grpo", "mel"):
+            heads[f"step_s_{arm}" + (f"_{m * 100:g}" if arm == "mel" else "")] = s["step"][0]
+    return lines, heads
+
+
+def summary_table(results: list[dict], summaries: list[dict]) -> list[str]:
+    lines = ["| arm | mixed | status | step s, median (min–max) | without save | rollouts | analyses | replays | "
+             "weight sync | score | train | save | other | rollout tok/s | train tok/s | MFU | peak GiB |",
+             "|" + "---|" * 17]
+    for r, s in zip(results, summaries):
+        if r["arm"] not in ("trl", "grpo", "mel"):
+            continue
+        cell = lambda p: f"{s[p][0]:.2f}" if s and p in s else "—"
+        mem = (r.get("memory") or {}).get("peak_allocated_gib")
+        lines.append(f"| {ARM_NAMES[r['arm']]} | {r['mixed'] * 100:g}% | {r.get('status')} | {_range(s.get('step'))} | "
+                     f"{cell('step_without_save')} | " + " | ".join(cell(p) for p in PHASES) + " | "
+                     f"{_f(s['generated_per_s']['rollouts'], '{:,.0f}') if s else '—'} | "
+                     f"{_f(s['train_tokens_per_s'], '{:,.0f}') if s else '—'} | "
+                     f"{_f(s['mfu'], '{:.1%}') if s else '—'} | {_f(mem)} |")
+    return lines + [""]
+
+
+def decode_table(results: list[dict]) -> list[str]:
+    """HF against vLLM at each (batch, context) both measured: ms per decoding step and vLLM's speed-up."""
+    rows = {r["arm"]: {(x["batch"], x["context"]): x for x in r.get("rows", [])} for r in results
+            if r["arm"].startswith("decode")}
+    hf, vllm = rows.get("decode-hf", {}), rows.get("decode-vllm", {})
+    if not hf and not vllm:
+        return []
+    lines = ["| batch | context | HF ms/step | vLLM ms/step | HF tok/s | vLLM tok/s | vLLM ÷ HF tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    for key in sorted(set(hf) | set(vllm), key=lambda k: (k[1], k[0])):
+        h, v = hf.get(key), vllm.get(key)
+        lines.append(f"| {key[0]} | {key[1]} | {_f(h and h['step_ms'], '{:.1f}')} | {_f(v and v['step_ms'], '{:.1f}')} | "
+                     f"{_f(h and h['tokens_per_s'], '{:,.0f}')} | {_f(v and v['tokens_per_s'], '{:,.0f}')} | "
+                     f"{_f(h and v and v['tokens_per_s'] / h['tokens_per_s'])} |")
+    return lines + [""]
 
 
 def _workdir(a) -> tempfile.TemporaryDirectory:
@@ -512,89 +963,187 @@ def _workdir(a) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="mel-gpu-step-")
 
 
+def previous_versions(doc: Path = DOC) -> list[str]:
+    """The '### Previous script version' block of this script's section, carried over when it is rewritten."""
+    if not doc.exists():
+        return []
+    m = re.search(r"^## gpu_step\.py[ \t]*\n(.*?)(?=^## |\Z)", doc.read_text(), re.S | re.M)
+    if not m:
+        return []
+    i = m.group(1).find("### Previous script version")
+    return m.group(1)[i:].rstrip().splitlines() if i >= 0 else []
+
+
+def parent_main(a, argv: list[str]) -> dict:
+    log = lambda m: print(m, flush=True)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t_start = time.perf_counter()
+    deadline = t_start + a.budget_s
+    gpu = a.device.startswith("cuda")
+    # On a GPU the parent never initialises CUDA (the arms get the whole device): the build process names it.
+    device_name = "a GPU" if gpu else f"CPU, {a.threads} thread(s) per arm"
+    log(f"gpu_step {a.mode}: {device_name}; shape {a.shape}; B={a.prompts} x G={a.group_size}; new tokens "
+        f"{a.max_new_tokens}/{a.analysis_max_new_tokens}/{a.replay_max_new_tokens}; {a.dtype} compute over {a.master_dtype} master weights; engine {a.engine}; "
+        f"{a.warmup} warm-up + {a.steps} timed steps; mixed {' '.join(f'{m:g}%' for m in a.mixed)}; "
+        f"budget {a.budget_s:.0f}s; torch {torch.__version__}")
+    results: list[dict] = []
+    with _workdir(a) as d:
+        work = Path(d)
+        model_dir = work / f"model-{a.shape}"
+        t0 = time.perf_counter()
+        if gpu:  # initialised on the GPU in a process of its own: the parent holds no CUDA context
+            built = run_child(a, argv, "build", 0.0, model_dir, work, deadline - time.perf_counter(), log)
+            counts = built.get("counts")
+            if not counts:
+                raise SystemExit(f"the model could not be built: {built['status']}")
+            device_name = counts.get("device_name", device_name)
+        else:
+            counts = build_model_dir(a.shape, model_dir, getattr(torch, a.dtype), torch.device("cpu"), a.seed)
+        (model_dir / "bench_counts.json").write_text(json.dumps(counts))
+        log(f"model on {device_name}: {counts['parameters'] / 1e6:,.1f}M parameters ({counts['embedding'] / 1e6:,.1f}M tied embedding), "
+            f"built in {time.perf_counter() - t0:.1f}s")
+
+        plan = ([(arm, a.mixed[0] / 100) for arm in ("trl", "grpo", "mel") if arm in a.arms]
+                + [("mel", m / 100) for m in a.mixed[1:] if "mel" in a.arms])
+        if a.mode == "decode" or "decode" in a.arms:
+            plan += [("decode-hf", 0.0), ("decode-vllm", 0.0)]
+        if a.mode == "decode":
+            plan = [p for p in plan if p[0].startswith("decode")]
+        first_mel = None
+        for arm, mixed in plan:
+            left = deadline - time.perf_counter() - 5
+            skip = None
+            if arm == "decode-vllm" and importlib.util.find_spec("vllm") is None:
+                skip = "skipped: vLLM is not installed"
+            elif left < (30 if gpu else 5):
+                skip = "skipped: no time left in the budget"
+            elif arm == "mel" and first_mel is not None and first_mel * 1.1 > left:
+                skip = f"skipped: {left:.0f}s left, the first MEL arm took {first_mel:.0f}s"
+            if skip:
+                log(f"[{arm}{f' {mixed * 100:g}%' if arm in ('trl', 'grpo', 'mel') else ''}] {skip}")
+                results.append({"arm": arm, "mixed": mixed, "status": skip, "steps": []})
+                continue
+            r = run_child(a, argv, arm, mixed, model_dir, work, left, log)
+            if arm == "mel" and first_mel is None:
+                first_mel = r["wall_s"]
+            results.append(r)
+            log("\n".join(arm_table(r, summarize(r, counts, a))))
+    summaries = [summarize(r, counts, a) for r in results]
+    lines = []
+    if any(r["arm"] in ("trl", "grpo", "mel") for r in results):
+        lines += ["### Summary (medians over the timed steps; seconds)", "", *summary_table(results, summaries)]
+        ratio_lines, heads = ratios(results, summaries, a, counts)
+        lines += ["### Ratios", "", *ratio_lines, ""]
+    else:
+        heads = {}
+    if any(r["arm"].startswith("decode") for r in results):
+        lines += ["### Decode: HF generate vs vLLM", "", *decode_table(results)]
+    wall = time.perf_counter() - t_start
+    lines += [f"- Whole run: {wall:.0f}s of a {a.budget_s:.0f}s budget", ""]
+    log("\n".join(lines))
+    prefix = "gpu_step_" + a.shape.replace(".", "_") + "_"
+    for k, v in heads.items():
+        print(f"{prefix}{k}: {_f(v, '{:.4g}')}", flush=True)
+    if a.doc:
+        import transformers
+        previous = previous_versions()
+        where = (f"Ran on {device_name}." if gpu else
+                 "**This version of the script has been dry-run on CPU only** (the micro shape, HF generation, TRL "
+                 "without vLLM): no GPU number of it exists yet. The run below shows it working end to end; its "
+                 "seconds say nothing about a GPU, and on shared cores they are noisy.")
+        if previous:
+            where += " The H200 numbers at the end are from the previous version of the script."
+        details = [ln for r, s in zip(results, summaries) for ln in arm_table(r, s)]
+        cmd = "python benchmarks/gpu_step.py" + "".join(" " + x for x in argv)
+        write_section("gpu_step.py", cmd, [where, "", *lines, "### Per arm", "", *details, *previous],
+                      f"torch {torch.__version__}", f"transformers {transformers.__version__}")
+    return {"results": results, "summaries": summaries, "headline": heads, "wall_s": wall, "counts": counts}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", nargs="+", choices=list(SHAPES),
-                    help="model shapes, one after the other (default: 1.7b 4b on a GPU, micro on CPU)")
+    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "decode"],
+                    help="bench: the arms (default); decode: the decode micro-benchmark alone")
+    ap.add_argument("--shape", choices=list(SHAPES), help="model shape (default: 1.7b on a GPU, micro on CPU)")
     ap.add_argument("--device", default="auto", help="auto (cuda when torch sees a GPU) | cuda | cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype (model.dtype)")
     ap.add_argument("--master-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="weights and AdamW state (model.master_dtype); the numbers of docs/BENCHMARKS.md before "
-                         "master weights were bfloat16")
+                    help="weights and AdamW state (model.master_dtype; TRL: the dtype it loads, bf16 autocast on "
+                         "top, its own default); the H200 numbers of docs/BENCHMARKS.md were bfloat16 master weights")
+    ap.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"],
+                    help="generation of every arm: auto = vllm on a GPU where vLLM is installed, else hf "
+                         "(TRL: use_vllm=True with vllm_mode colocate, or transformers generate)")
+    ap.add_argument("--arms", nargs="+", default=["trl", "grpo", "mel"], choices=["trl", "grpo", "mel", "decode"])
+    ap.add_argument("--mixed", nargs="+", type=float, metavar="PERCENT",
+                    help="percent of mixed groups; the first for every arm, the others for MEL only while the budget "
+                         "lasts (default: 50 25 100 on a GPU, 50 on CPU)")
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
     d = "(default: {gpu} on a GPU, {cpu} on CPU)"
-    for name, help_ in (("prompts", "prompts per step B"), ("group_size", "rollouts per prompt G"),
-                        ("max_new_tokens", "rollout tokens"), ("analysis_max_new_tokens", "analysis tokens"),
-                        ("replay_max_new_tokens", "replay tokens"), ("micro_batch_size", "sequences per forward/backward")):
-        ap.add_argument("--" + name.replace("_", "-"), type=int,
+    for name, help_, kind in (("prompts", "prompts per step B", int), ("group_size", "rollouts per prompt G", int),
+                              ("max_new_tokens", "rollout tokens", int), ("analysis_max_new_tokens", "analysis tokens", int),
+                              ("replay_max_new_tokens", "replay tokens", int),
+                              ("micro_batch_size", "sequences per forward/backward (mel and TRL)", int),
+                              ("warmup", "untimed steps per arm", int), ("steps", "timed steps per arm", int),
+                              ("budget_s", "seconds for the whole run; arms that would start past it are skipped, "
+                                           "one running at it is cut", float),
+                              ("decode_tokens", "decode: tokens sampled past the prefill", int)):
+        ap.add_argument("--" + name.replace("_", "-"), type=kind,
                         help=f"{help_} {d.format(gpu=GPU_DEFAULTS[name], cpu=CPU_DEFAULTS[name])}")
+    ap.add_argument("--decode-batches", nargs="+", type=int, help="decode: batch sizes (default: 16 128 on a GPU)")
+    ap.add_argument("--decode-contexts", nargs="+", type=int, help="decode: prompt lengths (default: 300 800 on a GPU)")
     ap.add_argument("--max-seq-len", type=int, default=0,
                     help="model.max_seq_len; 0 = 2 rollouts + an analysis + 128 (the retrospective context fits whole)")
-    ap.add_argument("--chunk-sequences", type=int, default=256, help="sampling.chunk_sequences (sequences per generate)")
-    ap.add_argument("--peak-tflops", type=float, help=f"the device's dense peak for MFU (default: "
-                    f"{H200_DENSE_BF16_TFLOPS:.0f}, an H200's dense bf16 by its datasheet, on a GPU; none on CPU)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (run.torch_threads; default: 1 on CPU, where "
-                    "2 threads on 2 cores shared with other jobs ran 10-40x slower, spinning; torch's own on a GPU host)")
+    ap.add_argument("--chunk-sequences", type=int, default=256, help="sampling.chunk_sequences (HF: sequences per generate)")
+    ap.add_argument("--vllm-kv-cache-gib", type=float, default=8.0, help="mel's vLLM engine: model.vllm.kv_cache_gib")
+    ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
+                    help="vLLM's gpu_memory_utilization (TRL colocate: its KV cache; mel: the free fraction vLLM "
+                         "requires at start, its KV cache being --vllm-kv-cache-gib); TRL's default 0.3")
+    ap.add_argument("--peak-tflops", type=float, help=f"the device's dense peak for MFU (default on a GPU: "
+                    f"{DENSE_BF16_TFLOPS:.0f}, an H100 SXM's or H200's dense bf16; none on CPU)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads per arm (default: 1 on CPU, torch's own on a GPU host)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="where the model and the runs go (default: /dev/shm if it has room, else $TMPDIR)")
-    ap.add_argument("--no-doc", action="store_true", help="do not write docs/BENCHMARKS.md")
+    ap.add_argument("--doc", dest="doc", action="store_true", default=None,
+                    help="write docs/BENCHMARKS.md's section (default on a GPU)")
+    ap.add_argument("--no-doc", dest="doc", action="store_false")
+    for name in ("--child", "--model-dir", "--result"):
+        ap.add_argument(name, help=argparse.SUPPRESS)
+    ap.add_argument("--child-mixed", type=float, default=0.5, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = a.device.startswith("cuda")
-    a.shape = a.shape or (["1.7b", "4b"] if gpu else ["micro"])
     for name, value in (GPU_DEFAULTS if gpu else CPU_DEFAULTS).items():
         if getattr(a, name) is None:
             setattr(a, name, value)
+    if a.engine == "auto":
+        a.engine = "vllm" if gpu and importlib.util.find_spec("vllm") is not None else "hf"
+    if a.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        ap.error("--engine vllm: vLLM is not installed")
+    if (a.prompts * a.group_size) % a.micro_batch_size:
+        ap.error("--micro-batch-size must divide B x G (TRL accumulates whole micro-batches into one step)")
+    if a.steps < 1 or a.warmup < 0:
+        ap.error("--steps must be at least 1 and --warmup at least 0")
     a.max_seq_len = a.max_seq_len or 2 * a.max_new_tokens + a.analysis_max_new_tokens + 128
     if a.threads is None:
         a.threads = 0 if gpu else 1
     if a.peak_tflops is None and gpu:
-        a.peak_tflops = H200_DENSE_BF16_TFLOPS
+        a.peak_tflops = DENSE_BF16_TFLOPS
+    if a.doc is None:
+        a.doc = gpu and not a.child
     return a
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    log = lambda m: print(m, flush=True)
-    gpu = a.device.startswith("cuda")
-    device_name = torch.cuda.get_device_name(torch.device(a.device)) if gpu else f"CPU, {a.threads} threads"
-    log(f"gpu_step: {device_name}; shapes {' '.join(a.shape)}; torch {torch.__version__}")
-    t0 = time.perf_counter()
-    results, lines = [], []
-    with _workdir(a) as d:
-        for shape in a.shape:  # each shape's table as soon as it is done
-            results.append(run_shape(a, shape, Path(d), log))
-            lines += table(results[-1], a)
-            log("\n".join(table(results[-1], a)))
-    wall = time.perf_counter() - t0
-    heads = {k: v for r in results for k, v in headline(r).items()}
-    if not a.no_doc:
-        import transformers
-        cmd = "python benchmarks/gpu_step.py" + "".join(" " + x for x in (argv if argv is not None else sys.argv[1:]))
-        where = (f"Ran on {device_name}." if gpu else
-                 "**Ran on CPU at the micro shape: the GPU numbers (1.7B and 4B on an H200) are still missing** — "
-                 "this section shows the benchmark working end to end; its seconds say nothing about a GPU, and "
-                 "on shared cores they are noisy (the two arms' sample stages do the same work). "
-                 "Run `python benchmarks/gpu_step.py` on a GPU host (see the module docstring for the wheels it "
-                 "needs there).")
-        write_section("gpu_step.py", cmd, [
-            where, "",
-            "One GRPO step (sample, verify, update) and one MEL step (all seven stages), each from the same randomly "
-            "initialised Qwen3 of the named shape, through `mel_core.step.stages` (no Prefect), HF engine. Generation and "
-            "update are real compute at real shapes; the text each sequence returns is scripted (a solution, right for "
-            "half of each group; an analysis that parses; a replay that verifies) at the length the model generated, "
-            "so every stage runs with realistic lengths (module docstring). MFU: model FLOPs 6N per trained token "
-            "(lm_head on the scored tokens only), attention FLOPs left out.", "",
-            *lines, f"- Whole run: {wall:.0f}s", ""],
-            f"torch {torch.__version__}", f"transformers {transformers.__version__}")
-    for k, v in heads.items():
-        print(f"{k}: {_f(v, '{:.4g}')}")
-    return {"results": results, "headline": heads, "wall_s": wall, "device": device_name}
+    if a.child:
+        return child_main(a)
+    return parent_main(a, argv)
 
 
 if __name__ == "__main__":
-    main()
+    out = main()
+    sys.exit(out if isinstance(out, int) else 0)
