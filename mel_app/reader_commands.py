@@ -1,5 +1,6 @@
-"""`mel query`, `mel lineage`, `mel export`, `mel runs`, `mel report`, `mel rescore`: the commands that read a run's
-store (its published snapshot, through a reader that cannot write), and `mel rescore`, which adds reward versions."""
+"""`mel query`, `mel lineage`, `mel export`, `mel runs`, `mel report`, `mel verify`, `mel rescore`: the commands that
+read a run's store (its published snapshot, through a reader that cannot write), and `mel rescore`, which adds reward
+versions."""
 
 from __future__ import annotations
 
@@ -227,6 +228,35 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Every checkpoint file the store recorded, checked against its size and digest: one line per missing or damaged
+    file, exit 1 if there is any."""
+    from mel_core.model.checkpoints import damaged_files
+    from mel_core.run import refs
+    from mel_core.store.reader import StoreReader
+
+    ref = refs.resolve_run(args.run, args.root)
+    with StoreReader(ref.db) as store:
+        checkpoints = lineage.checkpoints_with_files(store)
+    recorded = [c for c in checkpoints if c["files"]]
+    unrecorded = len(checkpoints) - len(recorded)
+    skipped = (f"; {unrecorded} checkpoint{'s' if unrecorded != 1 else ''} without recorded files (a base model, or "
+               f"written before mel recorded them) not checked" if unrecorded else "")
+    bad_files, bad_checkpoints = 0, 0
+    for c in recorded:
+        bad = damaged_files(c["path"], c["files"])
+        for file, what in bad:
+            print(f"{file}: {what} (checkpoint {c['checkpoint_id']}, step {c['step']})")
+        bad_files, bad_checkpoints = bad_files + len(bad), bad_checkpoints + bool(bad)
+    files = sum(len(c["files"]) for c in recorded)
+    if bad_files:
+        print(f"mel: {bad_files} of {files} files damaged or missing, in {bad_checkpoints} of {len(recorded)} "
+              f"checkpoints of {ref.db}{skipped}", file=sys.stderr)
+        return 1
+    print(f"mel: {len(recorded)} checkpoints of {ref.db}, {files} files: all as they were written{skipped}")
+    return 0
+
+
 def register(sub) -> None:
     """The subcommands of this module on `mel`'s parser."""
     q = sub.add_parser("query", help="read-only SQL over a run's DuckDB file")
@@ -263,6 +293,11 @@ def register(sub) -> None:
     rc.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")
     rc.add_argument("--examples", type=int, default=5, help="flipped records printed (default: 5)")
     rc.set_defaults(fn=cmd_rescore)
+    vf = sub.add_parser("verify", help="check every checkpoint file of a run against the size and digest recorded "
+                                       "when it was written: one line per damaged or missing file, exit 1 if any")
+    vf.add_argument("run", help="run directory, run name (under --root), run id or DuckDB file")
+    vf.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")
+    vf.set_defaults(fn=cmd_verify)
     rp = sub.add_parser("report", help="markdown report with plots of a run (curves, evals, stage times, heuristics)")
     rp.add_argument("run", help="run name (under --root), run id, run directory or DuckDB file")
     rp.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")

@@ -18,7 +18,7 @@ from mel_core import config as config_mod
 from mel_core.algorithm.rewards import Verdict
 from mel_core.config import MelConfig
 from mel_core.ids import derive_seed, make_id
-from mel_core.model.checkpoints import Checkpoint, has_optimizer_state
+from mel_core.model.checkpoints import Checkpoint, has_optimizer_state, verify_checkpoint
 from mel_core.model.engines.base import Completion, SamplingParams
 from mel_core.problems.prompts import PromptSet
 from mel_core.store.database import DB_FILE
@@ -219,9 +219,12 @@ class Runtime:
     # --------------------------------------------------------------------- the loaded policy
 
     def ensure_version(self, ckpt: Checkpoint) -> None:
-        """Load the policy and the engine on first use; afterwards move both to `ckpt` if they are elsewhere."""
+        """Load the policy and the engine on first use; afterwards move both to `ckpt` if they are elsewhere. Every
+        load first checks the checkpoint's files against what was recorded when they were written."""
         from mel_core.model.policy import Policy
 
+        if self._policy is None or self._policy_version != ckpt.checkpoint_id:
+            self.check_files(ckpt)
         if self._policy is None:
             # A LoRA checkpoint holds adapters only: build on the base model, then load them.
             self._policy = Policy(self.cfg, self.base_checkpoint.path if self.cfg.model.lora.enabled else ckpt.path)
@@ -234,6 +237,18 @@ class Runtime:
         if self._engine is None:
             self._engine = self._build_engine(ckpt)
         self._serve(ckpt)
+
+    def check_files(self, ckpt: Checkpoint) -> None:
+        """DamagedCheckpoint (permanent, one line naming the file) when a file of `ckpt` is missing or differs from
+        the digest recorded with its row: the one place every load that trains or evaluates passes, so damaged
+        weights are never trained on, served or scored (Ray workers and FSDP ranks load what this process checked).
+        A checkpoint with nothing recorded (the base model, a store from before digests) loads unchecked; without a
+        store (mel gate on a fresh config) there is nothing to check against, and none is created to look."""
+        from mel_core.store import lineage
+
+        if "store" not in self.__dict__ and not (self.run_dir / DB_FILE).exists():
+            return
+        verify_checkpoint(ckpt.checkpoint_id, ckpt.path, lineage.checkpoint_files(self.store, ckpt.checkpoint_id))
 
     def use_engine(self, engine) -> None:
         """Generate with `engine` (any :class:`mel_core.model.engines.base.Engine`) instead of the configured one: Ray
