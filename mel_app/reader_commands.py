@@ -4,21 +4,24 @@ versions."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from mel_app.common import UserSQLError, find_db
 from mel_core.store import lineage, rescore_reads, run_reads
+from mel_core.store.reader import ReaderLimits
 
 
 def cmd_query(args) -> int:
     from mel_core.store import query_output
-    from mel_core.store.reader import StoreReader, check_read_only
+    from mel_core.store.reader import ReaderLimits, StoreReader, check_read_only
 
     # Everything the user can get wrong is refused before any file is opened.
     check_read_only(args.sql)
     query_output.check_print_options(args.format, args.width)
     out_format = query_output.file_format(args.out) if args.out else None
-    with StoreReader(find_db(args.db)) as store:
+    limits = ReaderLimits(memory=args.memory_limit, threads=args.threads, seconds=args.time_limit)
+    with StoreReader(find_db(args.db), limits=limits) as store:
         try:
             if out_format == "parquet":  # DuckDB's column types kept; the file is written here, not by DuckDB
                 table = store.query_user_arrow(args.sql)
@@ -257,6 +260,30 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    from mel_core.store.reader import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 for no limit)")
+    return value
+
+
 def register(sub) -> None:
     """The subcommands of this module on `mel`'s parser."""
     q = sub.add_parser("query", help="read-only SQL over a run's DuckDB file")
@@ -266,6 +293,13 @@ def register(sub) -> None:
                                                      "wide cells (see --width), and says so")
     q.add_argument("--width", type=int, default=60, help="table: max characters per cell, 0 for no limit (default 60)")
     q.add_argument("--out", help="write the result to FILE instead: .csv, .json or .parquet, by its suffix")
+    q.add_argument("--memory-limit", type=_size, default=ReaderLimits.memory, metavar="SIZE",
+                   help="memory the query may use, e.g. 4GB or 512MiB (default 1GB); past it the query stops with "
+                        "one line saying so")
+    q.add_argument("--threads", type=_positive_int, default=ReaderLimits.threads,
+                   help="DuckDB threads for the query (default 1: a reader leaves the cores to the campaign)")
+    q.add_argument("--time-limit", type=_seconds, default=ReaderLimits.seconds, metavar="SECONDS",
+                   help="seconds before the query is stopped, with one line saying so (default 60; 0 for none)")
     q.set_defaults(fn=cmd_query)
     ex = sub.add_parser("export", help="a run's rollouts, analyses, heuristics and lineage as Parquet or JSONL files")
     ex.add_argument("--db", help="DuckDB file or run directory (default: the latest under ./runs)")
