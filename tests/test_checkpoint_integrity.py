@@ -148,6 +148,12 @@ def test_a_damaged_checkpoint_is_refused_by_the_campaign_and_found_by_mel_verify
     failed = Store(db).query("SELECT stage, step, error FROM stage_runs WHERE status = 'failed'")
     assert len(failed) == 1 and failed[0]["error"].startswith("DamagedCheckpoint")  # refused once, not retried
 
+    clear_runtimes()
+    assert _mel("eval", "--checkpoint", written[2]["path"], "eval.k=0", "eval.max_problems=2") == 2  # nor scored
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"mel: checkpoint {written[2]['checkpoint_id']} is damaged, refusing to load it: {weights}:")
+    assert Store(db).query("SELECT count(*) AS n FROM eval_samples")[0]["n"] == 0
+
     assert _mel("verify", str(run_dir)) == 1
     out, err = capsys.readouterr()
     assert out.splitlines() == [f"{weights}: its contents differ from when it was written (blake2b digest mismatch) "
