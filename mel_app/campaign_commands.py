@@ -132,6 +132,15 @@ def _checkpoint_db(args, as_path: Path) -> Path | None:
 
 
 
+def _find_checkpoint(db: Path, id_or_path: str, as_path: Path) -> dict | None:
+    """The checkpoint's row in `db`, read in a frame of its own: a failed evaluation's traceback, which Prefect keeps
+    for the life of the process, then holds no reader (DuckDB reports connections alive at exit, many lines)."""
+    from mel_core.store.reader import StoreReader
+
+    with StoreReader(db) as reader:
+        return lineage.find_checkpoint(reader, id_or_path, str(as_path.resolve()))
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -141,7 +150,6 @@ def cmd_eval(args) -> int:
     from mel_core.step.runtime import get_runtime
     from mel_core.store.database import DB_FILE
     from mel_core.store.query_output import format_table
-    from mel_core.store.reader import StoreReader
     from mel_core.study.evaluation import (
         SUITES,
         dataset_name,
@@ -156,10 +164,7 @@ def cmd_eval(args) -> int:
     args.datasets = [d for d in args.datasets or [] if "=" not in d]
     as_path = Path(args.checkpoint)
     db = _checkpoint_db(args, as_path)
-    row = None
-    if db is not None:
-        with StoreReader(db) as reader:
-            row = lineage.find_checkpoint(reader, args.checkpoint, str(as_path.resolve()))
+    row = _find_checkpoint(db, args.checkpoint, as_path) if db is not None else None
     if row is None and not as_path.is_dir():
         print(f"mel: {args.checkpoint} is neither a checkpoint directory nor a checkpoint id in {db}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ deploy campaigns.
     mel gate --config configs/tiny-rules.yaml [--out F]   # D and kappa: can an A/B show anything here?
     mel compare --config configs/tiny.yaml [--name ab] [--seeds 3] [--arms grpo,mel,...] [key=value ...]   # A/B
     mel report RUN [--out DIR]                # markdown + PNG report of a run (name, id, dir or .duckdb)
+    mel verify RUN                            # every checkpoint file against its recorded digest; exit 1 if damaged
     mel serve [--port 4200]                   # standalone Prefect server + process worker
     mel deploy [--run] [key=value ...]        # prefect.yaml's campaign deployment, optionally run it
 """
@@ -34,8 +35,10 @@ DEBUG_ENV = "MEL_DEBUG"
 
 
 def _exit_code(e: BaseException) -> int:
-    """2: the input is wrong (config, data, a refused query, a store that is not mel's); 1: the work failed."""
+    """2: the input is wrong (config, data, a refused query, a store that is not mel's, a damaged checkpoint); 1: the
+    work failed."""
     from mel_core.config import ConfigError
+    from mel_core.model.checkpoints import DamagedCheckpoint
     from mel_core.problems.sources import DataError
     from mel_core.run.fork import ForkError
     from mel_core.run.listing import RunsError
@@ -46,7 +49,7 @@ def _exit_code(e: BaseException) -> int:
     from mel_core.store.query_output import OutputError
 
     bad_input = (ConfigError, DataError, StoreError, RunLocked, RunDirError, UserSQLError, ExportError, OutputError,
-                 RunsError, ForkError, RunNotFound)
+                 RunsError, ForkError, RunNotFound, DamagedCheckpoint)
     return 2 if isinstance(e, bad_input) else 1
 
 

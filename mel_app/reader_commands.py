@@ -1,23 +1,27 @@
-"""`mel query`, `mel lineage`, `mel export`, `mel runs`, `mel report`, `mel rescore`: the commands that read a run's
-store (its published snapshot, through a reader that cannot write), and `mel rescore`, which adds reward versions."""
+"""`mel query`, `mel lineage`, `mel export`, `mel runs`, `mel report`, `mel verify`, `mel rescore`: the commands that
+read a run's store (its published snapshot, through a reader that cannot write), and `mel rescore`, which adds reward
+versions."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from mel_app.common import UserSQLError, find_db
 from mel_core.store import lineage, rescore_reads, run_reads
+from mel_core.store.reader import ReaderLimits
 
 
 def cmd_query(args) -> int:
     from mel_core.store import query_output
-    from mel_core.store.reader import StoreReader, check_read_only
+    from mel_core.store.reader import ReaderLimits, StoreReader, check_read_only
 
     # Everything the user can get wrong is refused before any file is opened.
     check_read_only(args.sql)
     query_output.check_print_options(args.format, args.width)
     out_format = query_output.file_format(args.out) if args.out else None
-    with StoreReader(find_db(args.db)) as store:
+    limits = ReaderLimits(memory=args.memory_limit, threads=args.threads, seconds=args.time_limit)
+    with StoreReader(find_db(args.db), limits=limits) as store:
         try:
             if out_format == "parquet":  # DuckDB's column types kept; the file is written here, not by DuckDB
                 table = store.query_user_arrow(args.sql)
@@ -227,6 +231,59 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Every checkpoint file the store recorded, checked against its size and digest: one line per missing or damaged
+    file, exit 1 if there is any."""
+    from mel_core.model.checkpoints import damaged_files
+    from mel_core.run import refs
+    from mel_core.store.reader import StoreReader
+
+    ref = refs.resolve_run(args.run, args.root)
+    with StoreReader(ref.db) as store:
+        checkpoints = lineage.checkpoints_with_files(store)
+    recorded = [c for c in checkpoints if c["files"]]
+    unrecorded = len(checkpoints) - len(recorded)
+    skipped = (f"; {unrecorded} checkpoint{'s' if unrecorded != 1 else ''} without recorded files (a base model, or "
+               f"written before mel recorded them) not checked" if unrecorded else "")
+    bad_files, bad_checkpoints = 0, 0
+    for c in recorded:
+        bad = damaged_files(c["path"], c["files"])
+        for file, what in bad:
+            print(f"{file}: {what} (checkpoint {c['checkpoint_id']}, step {c['step']})")
+        bad_files, bad_checkpoints = bad_files + len(bad), bad_checkpoints + bool(bad)
+    files = sum(len(c["files"]) for c in recorded)
+    if bad_files:
+        print(f"mel: {bad_files} of {files} files damaged or missing, in {bad_checkpoints} of {len(recorded)} "
+              f"checkpoints of {ref.db}{skipped}", file=sys.stderr)
+        return 1
+    print(f"mel: {len(recorded)} checkpoints of {ref.db}, {files} files: all as they were written{skipped}")
+    return 0
+
+
+def _size(text: str) -> int:
+    from mel_core.store.reader import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 for no limit)")
+    return value
+
+
 def register(sub) -> None:
     """The subcommands of this module on `mel`'s parser."""
     q = sub.add_parser("query", help="read-only SQL over a run's DuckDB file")
@@ -236,6 +293,13 @@ def register(sub) -> None:
                                                      "wide cells (see --width), and says so")
     q.add_argument("--width", type=int, default=60, help="table: max characters per cell, 0 for no limit (default 60)")
     q.add_argument("--out", help="write the result to FILE instead: .csv, .json or .parquet, by its suffix")
+    q.add_argument("--memory-limit", type=_size, default=ReaderLimits.memory, metavar="SIZE",
+                   help="memory the query may use, e.g. 4GB or 512MiB (default 1GB); past it the query stops with "
+                        "one line saying so")
+    q.add_argument("--threads", type=_positive_int, default=ReaderLimits.threads,
+                   help="DuckDB threads for the query (default 1: a reader leaves the cores to the campaign)")
+    q.add_argument("--time-limit", type=_seconds, default=ReaderLimits.seconds, metavar="SECONDS",
+                   help="seconds before the query is stopped, with one line saying so (default 60; 0 for none)")
     q.set_defaults(fn=cmd_query)
     ex = sub.add_parser("export", help="a run's rollouts, analyses, heuristics and lineage as Parquet or JSONL files")
     ex.add_argument("--db", help="DuckDB file or run directory (default: the latest under ./runs)")
@@ -263,6 +327,11 @@ def register(sub) -> None:
     rc.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")
     rc.add_argument("--examples", type=int, default=5, help="flipped records printed (default: 5)")
     rc.set_defaults(fn=cmd_rescore)
+    vf = sub.add_parser("verify", help="check every checkpoint file of a run against the size and digest recorded "
+                                       "when it was written: one line per damaged or missing file, exit 1 if any")
+    vf.add_argument("run", help="run directory, run name (under --root), run id or DuckDB file")
+    vf.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")
+    vf.set_defaults(fn=cmd_verify)
     rp = sub.add_parser("report", help="markdown report with plots of a run (curves, evals, stage times, heuristics)")
     rp.add_argument("run", help="run name (under --root), run id, run directory or DuckDB file")
     rp.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")

@@ -191,6 +191,42 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path):
     assert issubclass(D.DataError, ValueError)
 
 
+@pytest.mark.parametrize("raw, said", [
+    ("NaN", "NaN is not an answer"), ("Infinity", "Infinity is not an answer"), ("-Infinity", "is not an answer"),
+    ("true", "true is not an answer"), ("false", "false is not an answer"),
+    ('{"x": 1, "y": 2}', '{"x": 1, "y": 2} is not an answer'), ("[1, 2]", "a list of 2 values"), ("[]", "a list of 0"),
+    ("[true]", "true is not an answer"), ('""', '"" is empty'), ('"   "', "is empty"), ('"$ $"', "is empty"),
+    ('"#### "', "is empty"),
+])
+def test_a_gold_answer_no_verifier_can_use_is_refused_naming_its_line(tmp_path, raw, said):
+    """Python's json reads NaN, Infinity, true, objects and lists; each used to become a string ("nan", "True",
+    '{"x": 1, ...}') that every rollout was scored against."""
+    path = tmp_path / "gold.jsonl"
+    path.write_text('{"problem": "What is 1+1?", "answer": 2}\n' + f'{{"problem": "And this?", "answer": {raw}}}\n')
+    with pytest.raises(D.DataError) as e:
+        D.load_jsonl(path)
+    assert str(e.value).startswith(f"{path}:2: field 'answer': ") and said in str(e.value), str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_gold_answers_the_verifier_reads_still_load(tmp_path):
+    path = _write(tmp_path, [{"problem": "a", "answer": ["$\\frac{1}{2}$"]}, {"problem": "b", "answer": -3},
+                             {"problem": "c", "answer": "... #### 1,000"}, {"problem": "d", "answer": 0}])
+    assert [p.answer for p in D.load_jsonl(path)] == ["\\frac{1}{2}", "-3", "... #### 1,000", "0"]
+
+
+def test_two_rows_with_one_id_are_refused_naming_both_lines(tmp_path):
+    path = _write(tmp_path, [{"id": "a", "problem": "p", "answer": 1}, {"id": "b", "problem": "q", "answer": 2},
+                             "", {"id": "a", "problem": "r", "answer": 3}])
+    with pytest.raises(D.DataError) as e:
+        D.load_jsonl(path, id_field="id", source="bench")
+    assert str(e.value) == f"{path}: lines 1 and 4 have the same id 'bench:a'"
+    # ids that read as the same id (an integral float and an int) are the same problem too
+    same = _write(tmp_path, [{"id": 7, "problem": "p", "answer": 1}, {"id": 7.0, "problem": "q", "answer": 2}], "n.jsonl")
+    with pytest.raises(D.DataError, match="lines 1 and 2 have the same id 'n:7'"):
+        D.load_jsonl(same, id_field="id")
+
+
 def test_load_problems_from_config(tmp_path):
     synthetic = D.load_problems(DataConfig(synthetic=SyntheticConfig(train_size=20, eval_size=5)), "eval")
     assert len(synthetic) == 5 and synthetic[0].problem_id == "synthetic:eval:0"

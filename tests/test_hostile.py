@@ -306,6 +306,28 @@ def test_problems_longer_than_the_context_are_named_before_step_one(prefect_harn
     assert Store(store).query("SELECT count(*) AS n FROM rollouts")[0]["n"] == 0  # no step ran
 
 
+@pytest.mark.slow
+def test_eval_refuses_a_question_longer_than_the_context_and_records_nothing(prefect_harness, tmp_path, micro_model):
+    """`mel eval` used to generate from a 20,000-token question on a 256-token model and score it."""
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n"
+                    + json.dumps({"problem": " + ".join(["12"] * 7000), "answer": "84000"}) + "\n")
+    from prefect.settings import PREFECT_API_URL
+
+    # a process of its own, as a user runs it: Prefect's logging is set up by `mel`, not by this test session
+    done = subprocess.run([sys.executable, "-m", "mel_app.cli", "eval", "--checkpoint", str(micro_model), "--datasets",
+                           str(data), f"run.root_dir={tmp_path / 'runs'}", "model.max_seq_len=256", "eval.k=0"],
+                          capture_output=True, text=True, env=dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value()),
+                          timeout=300)
+    rc, line = done.returncode, one_line(done.stderr)
+    assert rc == 2 and line.startswith(f"mel: {data}:2: the solve prompt is "), line
+    tokens = int(line.split("the solve prompt is ")[1].split()[0])
+    assert tokens > 20_000 and "eval.max_new_tokens=64 it does not fit the context of 256 tokens (1 of 2" in line
+    store = Store(tmp_path / "runs" / "tiny-arithmetic" / "mel.duckdb")
+    assert store.query("SELECT count(*) AS n FROM eval_samples")[0]["n"] == 0  # nothing generated or scored
+    assert store.query("SELECT count(*) AS n FROM evals")[0]["n"] == 0
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(C.ConfigError):
         cli.main(["--debug", "run", "--config", "configs/tiny.yaml", "optim.lr=-1"])

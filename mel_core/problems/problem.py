@@ -1,8 +1,13 @@
-"""What a training or evaluation problem is, and the error a problem source raises (a leaf module)."""
+"""What a training or evaluation problem is, what a gold answer is, and the error a problem source raises (a
+leaf module)."""
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from mel_core.errors import PermanentError
 
@@ -22,3 +27,35 @@ class Problem:
     answer: str
     source: str
     meta: dict = field(default_factory=dict)
+
+
+_GSM8K_MARK = "####"
+_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+
+
+def normalize_gold(value: Any) -> str:
+    """A dataset answer as a string: ints as is, integral floats as ints (``27.0`` -> ``"27"``), strings stripped.
+
+    GSM8K rationales (``"... #### 1,000"``) become the text after the last ``####`` with comma thousands
+    separators removed (``"1000"``). Other strings keep their commas (``"(1,2)"`` is a LaTeX tuple).
+    Raises ``TypeError``/``ValueError`` for values that are not answers (None, bool, NaN, inf).
+    """
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"not a gold answer: {value!r}")
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        f = float(value)
+        if not math.isfinite(f):
+            raise ValueError(f"not a gold answer: {value!r}")
+        return str(int(f)) if f.is_integer() else repr(f)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if not isinstance(value, str):
+        raise TypeError(f"not a gold answer: {type(value).__name__}")
+    s = value.strip()
+    if _GSM8K_MARK in s:
+        s = s.rsplit(_GSM8K_MARK, 1)[1].strip()
+        if _THOUSANDS.match(s):
+            s = s.replace(",", "")
+    return s

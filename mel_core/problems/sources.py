@@ -14,7 +14,7 @@ from typing import Any
 
 from mel_core.config import DataConfig
 from mel_core.problems import worlds
-from mel_core.problems.problem import DataError, MissingDataFile, Problem
+from mel_core.problems.problem import DataError, MissingDataFile, Problem, normalize_gold
 
 __all__ = ["DataError", "MissingDataFile", "Problem", "load_jsonl", "load_problems", "source_name", "strip_math_mode",
            "SYNTHETIC_SOURCE"]
@@ -65,20 +65,41 @@ def _normalise_answer(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _gold_answer(value: Any) -> str:
+    """A row's gold answer, as :func:`_normalise_answer` writes it; ValueError (saying why) for a value no verifier
+    can compare against — what ``normalize_gold`` refuses (true/false, NaN, infinity, an object), a list of other
+    than one answer, an empty answer — which would otherwise become the text "True", "nan" or '{"x": 1}' and be
+    scored as if it were a gold answer."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError(f"a list of {len(value)} values, not an answer (a list may hold one answer)")
+        return _gold_answer(value[0])
+    try:
+        normalize_gold(value)
+    except (TypeError, ValueError):
+        shown = json.dumps(value, ensure_ascii=False)
+        raise ValueError(f"{shown[:60] + ('…' if len(shown) > 60 else '')} is not an answer (a string or a finite "
+                         f"number)") from None
+    answer = _normalise_answer(value)
+    if not normalize_gold(answer):
+        raise ValueError(f"{json.dumps(value, ensure_ascii=False)[:60]} is empty once read as an answer")
+    return answer
+
+
 def load_jsonl(path: str | Path, question_field: str = "problem", answer_field: str = "answer",
                id_field: str = "", source: str | None = None) -> list[Problem]:
     """Problems from a JSONL file (one object per line; blank lines skipped).
 
-    Ids are ``<source>:<row id or 1-based line number>``. A bad row raises DataError naming the file
-    and line; a missing file raises MissingDataFile (a DataError and a FileNotFoundError); an empty
-    file raises DataError.
+    Ids are ``<source>:<row id or 1-based line number>``. A bad row (a gold answer no verifier can use included)
+    raises DataError naming the file and line, two rows with one id name both lines; a missing file raises
+    MissingDataFile (a DataError and a FileNotFoundError); an empty file raises DataError.
     """
     path = Path(path)
     if not path.is_file():
         raise MissingDataFile(f"problem file not found: {path}")
     source = source or source_name(path)
     problems: list[Problem] = []
-    seen_ids: set[str] = set()
+    first_line: dict[str, int] = {}  # problem id -> the line it was first seen on
     with path.open("rb") as f:
         for lineno, raw_bytes in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -101,13 +122,16 @@ def load_jsonl(path: str | Path, question_field: str = "problem", answer_field: 
             question = row[question_field]
             if not isinstance(question, str) or not question.strip():
                 raise DataError(f"{where}: field {question_field!r} must be a non-empty string")
+            try:
+                answer = _gold_answer(row[answer_field])
+            except ValueError as e:
+                raise DataError(f"{where}: field {answer_field!r}: {e}") from None
             row_id = _normalise_answer(row[id_field]) if id_field else str(lineno)
             problem_id = f"{source}:{row_id}"
-            if problem_id in seen_ids:
-                raise DataError(f"{where}: duplicate id {problem_id!r}")
-            seen_ids.add(problem_id)
-            problems.append(Problem(problem_id, question, _normalise_answer(row[answer_field]), source,
-                                    {"line": lineno}))
+            if problem_id in first_line:  # records, evaluations and caches are keyed by it: one problem per id
+                raise DataError(f"{path}: lines {first_line[problem_id]} and {lineno} have the same id {problem_id!r}")
+            first_line[problem_id] = lineno
+            problems.append(Problem(problem_id, question, answer, source, {"line": lineno}))
     if not problems:
         raise DataError(f"{path}: no problems (the file is empty)")
     return problems

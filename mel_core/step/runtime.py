@@ -18,7 +18,7 @@ from mel_core import config as config_mod
 from mel_core.algorithm.rewards import Verdict
 from mel_core.config import MelConfig
 from mel_core.ids import derive_seed, make_id
-from mel_core.model.checkpoints import Checkpoint, has_optimizer_state
+from mel_core.model.checkpoints import Checkpoint, has_optimizer_state, verify_checkpoint
 from mel_core.model.engines.base import Completion, SamplingParams
 from mel_core.problems.prompts import PromptSet
 from mel_core.store.database import DB_FILE
@@ -31,6 +31,11 @@ _log = logging.getLogger("mel")
 def run_dir_of(cfg: MelConfig) -> Path:
     """The directory of a run: its store, checkpoints, lock and task results."""
     return Path(cfg.run.root_dir).resolve() / cfg.run.name
+
+
+def problem_place(problem, source: str) -> str:
+    """Where a problem is: FILE:LINE for a row of a JSONL file, else its id."""
+    return f"{source}:{problem.meta['line']}" if "line" in problem.meta else problem.problem_id
 
 
 @dataclass(frozen=True)
@@ -164,27 +169,39 @@ class Runtime:
     def usable_problems(self):
         """The training problems whose solve prompt and a whole rollout fit the context (data.too_long decides
         what happens to the others). Needs the policy (its tokenizer): the campaign asks before step 1."""
-        from mel_core.problems.sources import DataError
-
         problems = self.train_problems
-        texts = [self.model_input(self.prompts.render_solve(p.question)) for p in problems]
-        lengths = [len(ids) for ids in self.policy.encode_prompts(texts)]
-        budget = self.context_limit - self.cfg.sampling.max_new_tokens
-        too_long = [(p, n) for p, n in zip(problems, lengths) if n > budget]
+        too_long = self.too_long(problems, self.cfg.sampling.max_new_tokens)
         if not too_long:
             return problems
-        p, n = too_long[0]
-        where = f"{self.cfg.data.source}:{p.meta['line']}" if "line" in p.meta else p.problem_id
+        where = problem_place(too_long[0][0], self.cfg.data.source)
         if self.cfg.data.too_long == "error" or len(too_long) == len(problems):
-            raise DataError(f"{where}: the solve prompt is {n} tokens; with sampling.max_new_tokens="
-                            f"{self.cfg.sampling.max_new_tokens} it does not fit the context of {self.context_limit} "
-                            f"tokens ({len(too_long)} of {len(problems)} problems do not): raise model.max_seq_len, "
-                            f"shorten sampling.max_new_tokens, or set data.too_long=skip")
+            raise self.too_long_error(too_long, len(problems), self.cfg.data.source, "sampling.max_new_tokens",
+                                      self.cfg.sampling.max_new_tokens, "set data.too_long=skip")
         _log.warning("data.too_long=skip: %d of %d training problems do not fit the context of %d tokens with "
                      "sampling.max_new_tokens=%d and are left out (first: %s)", len(too_long), len(problems),
                      self.context_limit, self.cfg.sampling.max_new_tokens, where)
         skipped = {id(q) for q, _ in too_long}
         return [q for q in problems if id(q) not in skipped]
+
+    def too_long(self, problems, max_new_tokens: int) -> list[tuple]:
+        """(problem, prompt tokens) of every problem whose solve prompt, as the model reads it, and `max_new_tokens`
+        do not fit the context: a generation from it would run past the model's window (training or evaluation).
+        Needs the policy (its tokenizer and chat template)."""
+        texts = [self.model_input(self.prompts.render_solve(p.question)) for p in problems]
+        lengths = [len(ids) for ids in self.policy.encode_prompts(texts)]
+        budget = self.context_limit - max_new_tokens
+        return [(p, n) for p, n in zip(problems, lengths) if n > budget]
+
+    def too_long_error(self, too_long: list[tuple], total: int, source: str, key: str, new_tokens: int, remedy: str):
+        """The DataError that refuses `too_long` (from :meth:`too_long`, of `total` problems of `source`, generating
+        `new_tokens` per config key `key`): one line naming the first one's file and line, its length, and what would
+        make it fit."""
+        from mel_core.problems.sources import DataError
+
+        p, n = too_long[0]
+        return DataError(f"{problem_place(p, source)}: the solve prompt is {n} tokens; with {key}={new_tokens} it does "
+                         f"not fit the context of {self.context_limit} tokens ({len(too_long)} of {total} problems do "
+                         f"not): raise model.max_seq_len, shorten {key}, or {remedy}")
 
     def step_problems(self, step: int):
         """The B problems of a step: a seeded permutation of the (usable) training problems, cycled."""
@@ -219,9 +236,12 @@ class Runtime:
     # --------------------------------------------------------------------- the loaded policy
 
     def ensure_version(self, ckpt: Checkpoint) -> None:
-        """Load the policy and the engine on first use; afterwards move both to `ckpt` if they are elsewhere."""
+        """Load the policy and the engine on first use; afterwards move both to `ckpt` if they are elsewhere. Every
+        load first checks the checkpoint's files against what was recorded when they were written."""
         from mel_core.model.policy import Policy
 
+        if self._policy is None or self._policy_version != ckpt.checkpoint_id:
+            self.check_files(ckpt)
         if self._policy is None:
             # A LoRA checkpoint holds adapters only: build on the base model, then load them.
             self._policy = Policy(self.cfg, self.base_checkpoint.path if self.cfg.model.lora.enabled else ckpt.path)
@@ -234,6 +254,18 @@ class Runtime:
         if self._engine is None:
             self._engine = self._build_engine(ckpt)
         self._serve(ckpt)
+
+    def check_files(self, ckpt: Checkpoint) -> None:
+        """DamagedCheckpoint (permanent, one line naming the file) when a file of `ckpt` is missing or differs from
+        the digest recorded with its row: the one place every load that trains or evaluates passes, so damaged
+        weights are never trained on, served or scored (Ray workers and FSDP ranks load what this process checked).
+        A checkpoint with nothing recorded (the base model, a store from before digests) loads unchecked; without a
+        store (mel gate on a fresh config) there is nothing to check against, and none is created to look."""
+        from mel_core.store import lineage
+
+        if "store" not in self.__dict__ and not (self.run_dir / DB_FILE).exists():
+            return
+        verify_checkpoint(ckpt.checkpoint_id, ckpt.path, lineage.checkpoint_files(self.store, ckpt.checkpoint_id))
 
     def use_engine(self, engine) -> None:
         """Generate with `engine` (any :class:`mel_core.model.engines.base.Engine`) instead of the configured one: Ray

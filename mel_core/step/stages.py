@@ -16,7 +16,7 @@ import torch
 from mel_core import config as config_mod
 from mel_core.algorithm import losses, meta_experience, pairing, replay_filter, retrospective
 from mel_core.ids import derive_seed, make_id
-from mel_core.model.checkpoints import Checkpoint, saved_update_stats
+from mel_core.model.checkpoints import Checkpoint, file_digests, saved_update_stats
 from mel_core.model.engines.base import SamplingParams
 from mel_core.step import analysts
 from mel_core.step.runtime import Runtime
@@ -409,8 +409,8 @@ def _train(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll) -> dict:
 
 
 def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
-    """One optimizer step on L_RL + lambda * L_NLL; the checkpoint, the update row and the "internalized"
-    links commit together after the checkpoint directory is in place."""
+    """One optimizer step on L_RL + lambda * L_NLL; the checkpoint with its files' digests, the update row and the
+    "internalized" links commit together after the checkpoint directory is in place."""
     rl = _rl_batch(rt, step)
     nll, any_accepted = _nll_batch(rt, step)
     new = Checkpoint(make_id("ckpt", rt.run_id, step, ckpt.checkpoint_id), str(rt.checkpoint_dir / f"step-{step:05d}"))
@@ -418,8 +418,12 @@ def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     if not stats["num_nll_sequences"]:
         stats["nll_loss"] = None  # the NLL of no sequences is undefined, not zero: NULL, and no metric
     learned = stage_records.accepted_heuristics(rt.store, rt.run_id, step) if any_accepted else []
-    rows = stage_records.update_records(rt.run_id, step, ckpt.checkpoint_id, new.checkpoint_id, new.path, stats, learned)
+    # Digests of the files as they are now, just written (or, after a crash before the commit, as the dead process
+    # left them): every later load checks them (Runtime.ensure_version).
+    files = file_digests(new.path)
+    rows = stage_records.update_records(rt.run_id, step, ckpt.checkpoint_id, new.checkpoint_id, new.path, stats, learned,
+                                        files)
     with rt.store.transaction() as w:
-        for table in ("checkpoints", "updates", "internalized", "metrics"):
+        for table in ("checkpoints", "checkpoint_files", "updates", "internalized", "metrics"):
             w.insert(table, rows[table])
     return {"step": step, "checkpoint": new, "loss": stats["loss"], "nll_loss": stats["nll_loss"]}

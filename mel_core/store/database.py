@@ -27,6 +27,10 @@ class ReadOnlyViolation(StoreError, PermanentError):
     """A statement a reader may not run."""
 
 
+class QueryLimit(StoreError, PermanentError):
+    """A reader's query stopped at one of its limits (memory, time): the message says which, and how to raise it."""
+
+
 class ForeignStore(StoreError, PermanentError):
     """A file that is not a mel store (not DuckDB, or a DuckDB file of someone else's): never written to."""
 
@@ -49,8 +53,8 @@ READER_SETTINGS = {
     "python_enable_replacements": False,    # the Python API must not scan the caller's variables
     "temp_directory": "",                   # no spill files: a huge query fails instead of writing to disk
 }
-# Set on the connection once it is open, the last one locking every setting: no SET / RESET / PRAGMA can undo
-# any of the above afterwards.
+# Set on the connection once it is open (after a reader's limits, mel_core.store.reader.ReaderLimits), the last one
+# locking every setting: no SET / RESET / PRAGMA can undo any of the above, or the limits, afterwards.
 READER_SESSION = ("SET enable_progress_bar = false",  # a long query must not draw on the caller's stdout
                   "SET lock_configuration = true")
 
@@ -79,15 +83,17 @@ def connect_writer(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBP
     return _connect_with_retry(path, wait_s, read_only)
 
 
-def _connect_reader(path: Path, wait_s: float) -> duckdb.DuckDBPyConnection:
-    """A read-only connection with READER_SETTINGS; a file DuckDB cannot open is named as what it is."""
+def _connect_reader(path: Path, wait_s: float, limits: tuple[str, ...] = ()) -> duckdb.DuckDBPyConnection:
+    """A read-only connection with READER_SETTINGS, then the `limits` statements (SET memory_limit, threads) and
+    READER_SESSION, which locks them all; a file DuckDB cannot open is named as what it is."""
     try:
         con = _connect_with_retry(path, wait_s, read_only=True, config=READER_SETTINGS)
     except duckdb.IOException as e:
         raise open_error(path, e) from e
-    # A process's connections to one file share a DuckDB instance: the first reader set and locked it already.
+    # A process's connections to one file share a DuckDB instance: the first reader set and locked it already
+    # (memory_limit and threads are the instance's, so a second reader of the file in the process has the first's).
     if not con.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
-        for statement in READER_SESSION:
+        for statement in (*limits, *READER_SESSION):
             con.execute(statement)
     return con
 
@@ -129,11 +135,13 @@ def _check_mel_store(con: duckdb.DuckDBPyConnection, path: Path, scan: bool) -> 
                            f"last published snapshot, if any, is {snapshot_path(path)})") from e
 
 
-def checked_reader_connection(path: Path, wait_s: float, scan: bool) -> duckdb.DuckDBPyConnection:
-    """A reader's connection to `path` once _check_mel_store passed; on failure the connection is closed and
-    the error raised without a traceback that would keep it alive (DuckDB's bindings report connections still
-    alive at exit, and an orchestrator may keep a failed run's exception for the life of the process)."""
-    con = _connect_reader(path, wait_s)
+def checked_reader_connection(path: Path, wait_s: float, scan: bool,
+                              limits: tuple[str, ...] = ()) -> duckdb.DuckDBPyConnection:
+    """A reader's connection to `path` (with the `limits` statements, see _connect_reader) once _check_mel_store
+    passed; on failure the connection is closed and the error raised without a traceback that would keep it alive
+    (DuckDB's bindings report connections still alive at exit, and an orchestrator may keep a failed run's exception
+    for the life of the process)."""
+    con = _connect_reader(path, wait_s, limits)
     problem = None
     try:
         _check_mel_store(con, path, scan=scan)

@@ -7,6 +7,8 @@ The recursive walk over ``parent_checkpoint_id`` is written out here rather than
 
 from __future__ import annotations
 
+from mel_core.model.checkpoints import FileDigest
+
 
 def heuristic_lineage(store, heuristic_id: str) -> dict | None:
     """Where a heuristic came from and which checkpoint learned it (the heuristic_lineage view)."""
@@ -18,6 +20,30 @@ def heuristic_lineage(store, heuristic_id: str) -> dict | None:
 def checkpoint(store, checkpoint_id: str) -> dict | None:
     rows = store.query("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
     return rows[0] if rows else None
+
+
+
+def checkpoint_files(store, checkpoint_id: str) -> list[FileDigest]:
+    """Every file of the checkpoint as recorded when it was written ([] for one a run did not write, or a store from
+    before files were recorded)."""
+    if not _has_column(store, "checkpoint_files", "digest"):
+        return []
+    rows = store.query("SELECT file, size, digest, algorithm FROM checkpoint_files WHERE checkpoint_id = ? "
+                       "ORDER BY file", [checkpoint_id])
+    return [FileDigest(**r) for r in rows]
+
+
+
+def checkpoints_with_files(store) -> list[dict]:
+    """Every checkpoint of the store (step, id, path; a fork's copied ones too) with its recorded files under
+    'files' (a list of FileDigest, empty when none were recorded), by step."""
+    rows = store.query("SELECT checkpoint_id, run_id, step, path FROM checkpoints ORDER BY step, checkpoint_id")
+    files: dict[str, list[FileDigest]] = {}
+    if _has_column(store, "checkpoint_files", "digest"):
+        for r in store.query("SELECT checkpoint_id, file, size, digest, algorithm FROM checkpoint_files "
+                             "ORDER BY checkpoint_id, file"):
+            files.setdefault(r.pop("checkpoint_id"), []).append(FileDigest(**r))
+    return [{**r, "files": files.get(r["checkpoint_id"], [])} for r in rows]
 
 
 
@@ -94,7 +120,7 @@ def lineage_references(store, checkpoint_id: str, source: str) -> dict[str, list
     """What a fork from `checkpoint_id` copies from its parent's store (`store`, a reader of its snapshot) so
     that lineage crosses the fork inside the fork's own file: the checkpoint chain to the base, the updates
     that wrote it, what they internalized, and each internalized heuristic's lineage (analysis, pair, both
-    rollouts, prompt), the verifiers of those rollouts and the runs all of it belongs to, marked
+    rollouts, prompt), the verifiers of those rollouts, the chain's recorded files and the runs all of it belongs to, marked
     ``copied_from`` = where the row lives in full (`source`, or the file an earlier fork copied it from).
     Nothing else of the parent is copied: no other rollout, replay, metric, evaluation or stage execution."""
     chain = checkpoint_chain(store, checkpoint_id)
@@ -108,10 +134,12 @@ def lineage_references(store, checkpoint_id: str, source: str) -> dict[str, list
     prompts = _rows_where_in(store, "prompts", "prompt_id", [p["prompt_id"] for p in pairs])
     verifiers = (_rows_where_in(store, "verifiers", "verifier_hash", [r.get("verifier_hash") for r in rollouts])
                  if _has_column(store, "verifiers", "verifier_hash") else [])
+    files = (_rows_where_in(store, "checkpoint_files", "checkpoint_id", [c["checkpoint_id"] for c in chain])
+             if _has_column(store, "checkpoint_files", "digest") else [])  # so the fork checks its start's files
     run_ids = {r["run_id"] for rows in (chain, updates, heuristics, analyses, pairs, rollouts, prompts) for r in rows}
     runs = [{**r, "copied_from": r.get("copied_from") or source}
             for r in _rows_where_in(store, "runs", "run_id", run_ids)]
     chain = [{k: v for k, v in c.items() if k != "depth"} for c in chain]
-    return {"runs": runs, "checkpoints": chain, "updates": updates, "internalized": internalized,
+    return {"runs": runs, "checkpoints": chain, "checkpoint_files": files, "updates": updates, "internalized": internalized,
             "heuristics": heuristics, "analyses": analyses, "pairs": pairs, "rollouts": rollouts, "prompts": prompts,
             "verifiers": verifiers}

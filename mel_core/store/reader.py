@@ -1,18 +1,99 @@
 """The reader: a handle on a store's published snapshot that cannot write, attach, install or block the writer,
-and the check that a user's SQL is one SELECT-like statement (the second layer of that guarantee).
+the check that a user's SQL is one SELECT-like statement (the second layer of that guarantee), and the limits a
+user's query runs under (memory, threads, time: :class:`ReaderLimits`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import duckdb
 import pyarrow as pa
 
-from mel_core.store.database import MissingStore, ReadOnlyViolation, checked_reader_connection, rows_of, snapshot_path
+from mel_core.store.database import (
+    MissingStore,
+    QueryLimit,
+    ReadOnlyViolation,
+    checked_reader_connection,
+    rows_of,
+    snapshot_path,
+)
 from mel_core.store.schema import TABLES
+
+try:
+    import resource
+except ImportError:  # not a Unix
+    resource = None
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size as DuckDB writes them: '1GB' (10^9), '512MiB' (2^20), '2.5GB', '1000000' (bytes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(text), re.IGNORECASE)
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a size (e.g. 1GB, 512MB, 4GiB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+@dataclass(frozen=True)
+class ReaderLimits:
+    """What a user's query may use (`mel query`'s defaults; each raisable by its flag).
+
+    memory: bytes. DuckDB's memory_limit covers only its buffer manager (DuckDB's "Limits" page): a string a
+    function builds (repeat('x', 2e9)) or the rows handed to Python are allocated outside it. So the query also
+    runs under a soft RLIMIT_AS of the process's address space at its start plus `memory` plus room for thread
+    stacks (:data:`_ADDRESS_SLACK`): an allocation past it fails inside DuckDB as its own Out of Memory Error (or
+    a MemoryError in Python), not as the machine's OOM killer. Restored when the query ends.
+    threads: DuckDB's threads (a reader must not take every core of a machine the campaign trains on).
+    seconds: wall time, after which the query is interrupted (con.interrupt()); 0 for none.
+    """
+    memory: int = 10**9
+    threads: int = 1
+    seconds: float = 60.0
+
+    @property
+    def statements(self) -> tuple[str, ...]:
+        """The settings, run before the reader's configuration is locked."""
+        return (f"SET memory_limit = '{self.memory}B'", f"SET threads = {self.threads}")
+
+
+_ADDRESS_SLACK = 256 << 20  # thread stacks, malloc arenas of a thread or two: not the query's data
+
+
+def _address_space() -> int:
+    """The process's virtual size in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def _address_space_cap(extra: int) -> Iterator[None]:
+    """The process's address space capped (soft RLIMIT_AS) at its size now plus `extra` bytes, then given back.
+    Where there is no RLIMIT_AS or /proc (not Linux), nothing is capped: DuckDB's memory_limit alone."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = _address_space() + extra
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if soft != resource.RLIM_INFINITY and soft <= cap:  # a tighter cap is already in place: keep it
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 class StoreReader:
@@ -22,14 +103,16 @@ class StoreReader:
     `path` is the store (``RUN/mel.duckdb``) or its run directory. Use as a context manager, or close().
     """
 
-    def __init__(self, path: str | Path, lock_wait_s: float = 10.0):
+    def __init__(self, path: str | Path, lock_wait_s: float = 10.0, limits: ReaderLimits | None = None):
         p = Path(path)
         self.path = p / "mel.duckdb" if p.is_dir() else p
         if not self.path.is_file():
             raise MissingStore(f"no store at {self.path}")
         snap = snapshot_path(self.path)
         self.source = snap if snap.is_file() else self.path  # stores written before snapshots existed
-        self.con = checked_reader_connection(self.source, lock_wait_s, scan=False)
+        self.limits = limits
+        self.con = checked_reader_connection(self.source, lock_wait_s, scan=False,
+                                             limits=limits.statements if limits else ())
 
     def __enter__(self) -> "StoreReader":
         return self
@@ -45,17 +128,50 @@ class StoreReader:
         return rows_of(self.con.execute(sql, params or []))
 
     def query_user(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """A user's SQL: one SELECT-like statement (:func:`check_read_only`), then the locked connection."""
+        """A user's SQL: one SELECT-like statement (:func:`check_read_only`), then the locked connection, under the
+        reader's limits (QueryLimit when it reaches one)."""
         check_read_only(sql)
-        cur = self.con.execute(sql)
-        cols = [d[0] for d in cur.description] if cur.description else []
-        return cols, cur.fetchall()
+        with self._bounded():
+            cur = self.con.execute(sql)
+            cols = [d[0] for d in cur.description] if cur.description else []
+            return cols, cur.fetchall()
 
     def query_user_arrow(self, sql: str) -> pa.Table:
         """:meth:`query_user` as an Arrow table: the column types DuckDB has (lists, timestamps, decimals), for
         a file the caller writes (this connection cannot write one)."""
         check_read_only(sql)
-        return self.con.sql(sql).to_arrow_table()
+        with self._bounded():
+            return self.con.sql(sql).to_arrow_table()
+
+    @contextlib.contextmanager
+    def _bounded(self) -> Iterator[None]:
+        """Run a query (and the fetch of its rows) under :attr:`limits`: a timer that interrupts it, the address
+        space cap; either one reached is a QueryLimit saying which and how to raise it."""
+        limits = self.limits
+        if limits is None:
+            yield
+            return
+        timed_out = threading.Event()
+        timer = None
+        if limits.seconds > 0:
+            timer = threading.Timer(limits.seconds, lambda: (timed_out.set(), self.con.interrupt()))
+            timer.daemon = True
+            timer.start()
+        try:
+            with _address_space_cap(limits.memory + _ADDRESS_SLACK):
+                yield
+        except duckdb.InterruptException:
+            if not timed_out.is_set():
+                raise
+            raise QueryLimit(f"query stopped at the reader's time limit of {limits.seconds:g} s (--time-limit "
+                             f"SECONDS to raise it, 0 for none)") from None
+        except (duckdb.OutOfMemoryException, MemoryError) as e:
+            said = (str(e).splitlines() or [""])[0]
+            raise QueryLimit(f"query stopped at the reader's memory limit of {_size(limits.memory)} (--memory-limit "
+                             f"SIZE to raise it){': ' + said if said else ''}") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def query_batches(self, sql: str, params: Sequence | None = None,
                       batch_rows: int = 65536) -> pa.RecordBatchReader:
@@ -66,9 +182,18 @@ class StoreReader:
         return {t: self.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}
 
 
-def open_reader(path: str | Path, lock_wait_s: float = 10.0) -> StoreReader:
-    """The Python read API: ``with open_reader("runs/tiny-demo") as r: r.query("SELECT ...")``."""
-    return StoreReader(path, lock_wait_s)
+def _size(n: int) -> str:
+    """Bytes as the flag would write them: 1GB, 512MB, 1.5GB."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n}B"
+
+
+def open_reader(path: str | Path, lock_wait_s: float = 10.0, limits: ReaderLimits | None = None) -> StoreReader:
+    """The Python read API: ``with open_reader("runs/tiny-demo") as r: r.query("SELECT ...")``; with `limits`,
+    :meth:`StoreReader.query_user` runs under them as `mel query` does."""
+    return StoreReader(path, lock_wait_s, limits)
 
 
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(?:ANALY[SZ]E\s+)?", re.IGNORECASE)

@@ -137,6 +137,16 @@ TABLES: dict[str, str] = {
         path VARCHAR,
         parent_checkpoint_id VARCHAR,
         created_at TIMESTAMP""",
+    # Every file of a checkpoint a run wrote, as it was written (mel_core.model.checkpoints.file_digests), committed
+    # with its checkpoints row: a load that trains or evaluates checks them first, `mel verify` checks them all.
+    # Checkpoints of older stores (and the base model, which no run writes) have none and load unchecked.
+    "checkpoint_files": """
+        checkpoint_id VARCHAR,
+        file VARCHAR,
+        size BIGINT,
+        digest VARCHAR,
+        algorithm VARCHAR,
+        PRIMARY KEY (checkpoint_id, file)""",
     "updates": """
         update_id VARCHAR PRIMARY KEY,
         run_id VARCHAR,

@@ -123,12 +123,15 @@ def accepted_heuristics(store, run_id: str, step: int) -> list[dict]:
 
 
 def update_records(run_id: str, step: int, checkpoint_in: str, checkpoint_out: str, path: str, stats: dict,
-                   heuristics: list[dict]) -> dict[str, list[dict]]:
-    """The rows an update commits together: the new checkpoint, the update, and what it internalized."""
+                   heuristics: list[dict], files: list) -> dict[str, list[dict]]:
+    """The rows an update commits together: the new checkpoint and its files' digests
+    (mel_core.model.checkpoints.FileDigest), the update, and what it internalized."""
     update_id = make_id("update", run_id, step, checkpoint_in)
     return {
         "checkpoints": [{"checkpoint_id": checkpoint_out, "run_id": run_id, "step": step, "path": path,
                          "parent_checkpoint_id": checkpoint_in, "created_at": now()}],
+        "checkpoint_files": [{"checkpoint_id": checkpoint_out, "file": f.file, "size": f.size, "digest": f.digest,
+                              "algorithm": f.algorithm} for f in files],
         "updates": [{"update_id": update_id, "run_id": run_id, "step": step, "checkpoint_in": checkpoint_in,
                      "checkpoint_out": checkpoint_out,
                      **{k: stats.get(k) for k in ("loss", "rl_loss", "nll_loss", "grad_norm", "num_sequences",

@@ -167,6 +167,12 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
         raise ValueError(f"dataset {dataset!r} has no problems to evaluate")
     verifier = Verifier.from_config(cfg.verify, ds.reward_kind)
     rt.ensure_version(ckpt)
+    # A prompt the context cannot hold with a whole answer would be generated past the model's window and scored:
+    # refused as a campaign refuses its training problems, before anything is generated or written.
+    too_long = rt.too_long(ds.problems, e.max_new_tokens)
+    if too_long:
+        raise rt.too_long_error(too_long, len(ds.problems), dataset, "eval.max_new_tokens", e.max_new_tokens,
+                                "leave such problems out of the dataset (or lower eval.max_problems)")
     prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in ds.problems]
     golds = [p.answer for p in ds.problems]
 
