@@ -19,6 +19,10 @@ deploy campaigns.
     mel verify RUN                            # every checkpoint file against its recorded digest; exit 1 if damaged
     mel serve [--port 4200]                   # standalone Prefect server + process worker
     mel deploy [--run] [key=value ...]        # prefect.yaml's campaign deployment, optionally run it
+    mel config show CONFIG [key=value ...] [--plain]   # the resolved config: values, help, [P]/[C], ranges, origins
+    mel --version
+
+--debug (before or after the command) shows the traceback of a failure.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import argparse
 import os
 import sys
 
-from mel_app import campaign_commands, reader_commands, server_commands
+from mel_app import campaign_commands, config_commands, reader_commands, server_commands
 from mel_app.common import UserSQLError
 
 DEBUG_ENV = "MEL_DEBUG"
+DISTRIBUTION = "mel"  # pyproject.toml's [project] name
 
 
 
@@ -63,13 +68,36 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's [project] name and version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "(not installed: pip install -e .)"
+
+
+def _debug_everywhere(sub: argparse._SubParsersAction) -> None:
+    """--debug after the command too (`mel run --config x --debug`), as the one-line error's hint reads; on every
+    subcommand, nested ones included. SUPPRESS: a subcommand that is not given --debug leaves `mel --debug`'s."""
+    for parser in dict.fromkeys(sub.choices.values()):
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help=f"show tracebacks (also: {DEBUG_ENV}=1)")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _debug_everywhere(action)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every failure is one line on stderr (and an exit code); the traceback only with --debug or MEL_DEBUG=1."""
     ap = argparse.ArgumentParser(prog="mel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_ENV}=1)")
+    ap.add_argument("--version", action="version", version=f"mel {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for commands in (campaign_commands, reader_commands, server_commands):
+    for commands in (campaign_commands, reader_commands, server_commands, config_commands):
         commands.register(sub)
+    _debug_everywhere(sub)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `mel compare` prints and records its command line
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -2,10 +2,12 @@
 
 Each field carries ``metadata={"help": ..., "source": ...}`` where ``source`` is ``"paper"`` when the
 MEL paper (arXiv 2602.10224) or the RLVR literature it builds on fixes the value, and ``"choice"``
-when the paper is silent and the value is ours. ``mel_core.config.describe()`` prints them all.
+when the paper is silent and the value is ours. ``mel_core.config.describe()`` lists them all; ``mel config show
+CONFIG`` prints them with a config's values and where each came from (``load_traced``).
 
 Loading is ``schema <- extends-chain of YAML files <- key=value overrides``; an unknown key or a
-value of the wrong type raises :class:`ConfigError` naming the key and the file it came from.
+value of the wrong type raises :class:`ConfigError` naming the key and the file it came from. ``extends:`` names
+its parent relative to the including file, else to the project's configs/ directory.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from mel_core.vocabulary import (
 PAPER = "paper"
 CHOICE = "choice"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = REPO_ROOT / "configs"  # where `extends:` looks when the including file's folder lacks the parent
 
 
 def resolve_path(p: str | Path) -> Path:
@@ -301,7 +304,7 @@ class OptimConfig:
     betas: list = doc([0.9, 0.999], "AdamW betas.")
     max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables it.", ge=0)
     mini_batch_size: int = doc(0, "Sequences per optimizer step; 0 = the whole batch (paper: mini-batch 128 = batch 128, one step).", PAPER, ge=0)
-    epochs_per_step: int = doc(1, "PPO-style passes over the step's batch (ratios against pi_old log-probs); paper: 1.", ge=1)
+    epochs_per_step: int = doc(1, "PPO-style passes over the step's batch (ratios against pi_old log-probs); paper: 1.", PAPER, ge=1)
     fsdp_processes: int = doc(1, "Processes the update stage trains in (one per GPU), its model sharded with FSDP2 "
                               "(fully_shard) and launched by torchrun (mel_core/model/distributed.py); 1 = in the flow's "
                               "process. The step is the same either way, to float reduction order (float32 compute; "
@@ -507,9 +510,22 @@ def _read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[str, Any]]:
     chain: list[tuple[str, Any]] = []
     parent = node.pop("extends", None)
     if parent is not None:
-        chain += _read_yaml_chain((path.parent / str(parent)), seen + (path,))
+        chain += _read_yaml_chain(_find_parent(path, str(parent)), seen + (path,))
     chain.append((str(path), node))
     return chain
+
+
+
+def _find_parent(path: Path, parent: str) -> Path:
+    """Where `extends: parent` of the file `path` is: relative to that file first, then to the project's configs/
+    directory (so a config anywhere can say `extends: tiny.yaml`); an absolute path as it is."""
+    if Path(parent).is_absolute():
+        return Path(parent)
+    places = [path.parent / parent, CONFIGS_DIR / parent]
+    for place in places:
+        if place.is_file():
+            return place
+    raise ConfigError(f"{path}: extends '{parent}' not found: looked for {places[0]} and {places[1]}")
 
 
 def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
@@ -525,7 +541,31 @@ def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
 def load(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> MelConfig:
     """Validated config: schema defaults <- `base` (a `to_dict` output, e.g. a run's stored config) <- YAML
     chain <- `key=value` overrides. A bad value names its key and where it was set (file or override)."""
+    return load_traced(path, overrides, base).config
+
+
+@dataclass
+class Traced:
+    """A loaded config with where its values came from (`mel config show`)."""
+    config: MelConfig
+    files: list[str]            # the extends chain, root first: the absolute path of every file read
+    origins: dict[str, str]     # dotted key a file or override set -> that file's path, or "override 'k=v'"
+
+
+def origin_of(key: str, origins: dict[str, str]) -> list[str]:
+    """Where a leaf `key` of a config was set, last word first: the file or override that set it or a section or
+    list above it, else those that set keys inside it (a dict field set key by key); [] = the default."""
+    own = _origin(key, origins, "")
+    if own:
+        return [own]
+    inside = [origin for k, origin in origins.items() if k.startswith(key + ".") or k.startswith(key + "[")]
+    return list(dict.fromkeys(reversed(inside)))
+
+
+def load_traced(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> Traced:
+    """:func:`load`, keeping the files it read and which of them (or which override) set each key."""
     cfg = OmegaConf.structured(MelConfig)
+    files: list[str] = []
     origins: dict[str, str] = {}
     if base is not None:
         try:
@@ -539,6 +579,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = (), base
             except OmegaConfBaseException as e:
                 raise _wrap(e, origin) from e
             origins.update(dict.fromkeys(_leaf_keys(node), origin))
+            files.append(origin)
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}': expected key=value")
@@ -550,7 +591,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = (), base
         origins.update(dict.fromkeys(_leaf_keys(node), f"override '{ov}'"))
     obj = OmegaConf.to_object(cfg)
     validate(obj, origins)
-    return obj
+    return Traced(obj, files, origins)
 
 
 def from_dict(d: dict) -> MelConfig:
