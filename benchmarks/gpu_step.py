@@ -45,8 +45,10 @@ The update's MFU counts model FLOPs 6 * N * tokens: N the non-embedding paramete
 (prompt + completion, no padding) plus the tied embedding as lm_head over the scored (completion) tokens
 (``logits_to_keep``: no logits over prompts); attention's own FLOPs are left out. Against ``--peak-tflops``
 (989: an H200's dense bf16). With gradient checkpointing the hardware also recomputes each layer's forward,
-~8N instead of 6N: printed as HFU. Update seconds are ``Policy.train_step``'s; the update stage also writes
-the checkpoint (weights + AdamW state), printed as "save".
+~8N instead of 6N: printed as HFU. Update seconds are ``Policy.train_step``'s; the update stage also saves
+the checkpoint (weights + AdamW state): with ``run.async_save`` (the default) it copies them to host memory and a
+thread writes the directory, which the next step's generation overlaps; both are printed (a lone step has nothing
+to overlap the write: it is waited for after the step's seconds).
 
 A bare GPU host (torch with CUDA and transformers installed; no vLLM, no Prefect, no network). Besides torch
 and transformers (and what they bring: numpy, PyYAML, tqdm, tokenizers, safetensors) this script imports
@@ -256,6 +258,7 @@ class BenchEngine:
     device: torch.device
     version: str | None = None
     calls: list[GenerateCall] = field(default_factory=list)
+    reads_checkpoints = False  # generates with the policy's module: checkpoints may be written in the background
 
     def load_version(self, version: str, path: str) -> None:
         self.version = version  # the HF engine's module is the policy's: Runtime.ensure_version moved it already
@@ -387,6 +390,11 @@ def run_arm(a, shape: str, arm: str, model_dir: Path, root: Path, log, first: bo
         script_s = sum(c.script_s for c in engine.calls if c.stage == name)
         seconds[name] = time.perf_counter() - t0 - script_s
         log(f"  {shape} {arm}: {name} {seconds[name]:.2f}s")
+    # run.async_save: the update stage copied the checkpoint to host memory and a thread writes it, which the next
+    # step's generation would overlap. Here there is none: the write alone, waited for outside the step's seconds.
+    t0 = time.perf_counter()
+    rt.settle_saves()
+    background_save_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     gen = {}
     for c in engine.calls:
@@ -397,7 +405,8 @@ def run_arm(a, shape: str, arm: str, model_dir: Path, root: Path, log, first: bo
         g["script_s"] += c.script_s
     del policy.train_step  # the class's method again
     out = {"arm": arm, "seconds": seconds, "step_s": sum(seconds.values()), "generation": gen, "update": trained,
-           "save_s": seconds["update"] - trained["seconds"], "peak_gib": peak, "manifests": manifests,
+           "save_s": seconds["update"] - trained["seconds"], "background_save_s": background_save_s, "peak_gib": peak,
+           "manifests": manifests,
            "device": str(device)}
     shutil.rmtree(rt.run_dir, ignore_errors=True)  # its checkpoint: GBs at a real size
     return out  # the runtime, its policy and optimizer go with this frame (the caller frees the memory)
@@ -491,7 +500,10 @@ def table(res: dict, a) -> list[str]:
             ("model TFLOP/s (6N)", lambda r: f"{r['update_tflops']:.3g}"),
             (f"MFU (6N, peak {_f(a.peak_tflops, '{:.0f}')} TFLOP/s)", lambda r: _f(r["mfu"], "{:.1%}")),
             ("HFU (8N with recompute)", lambda r: _f(r["hfu"], "{:.1%}")),
-            ("checkpoint save s (in the update stage)", lambda r: f"{r['save_s']:.2f}"),
+            ("checkpoint s in the update stage (the save, or with run.async_save the copy to host memory)",
+             lambda r: f"{r['save_s']:.2f}"),
+            ("checkpoint write s in the background (run.async_save; outside the step)",
+             lambda r: f"{r['background_save_s']:.2f}"),
             ("peak GPU memory GiB", lambda r: _f(r["peak_gib"]))]
     lines += [f"| {name} | {fn(grpo)} | {fn(mel)} |" for name, fn in rows]
     script_s = sum(g["script_s"] for g in mel["generation"].values())

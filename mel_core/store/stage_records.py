@@ -122,6 +122,13 @@ def accepted_heuristics(store, run_id: str, step: int) -> list[dict]:
 
 
 
+def committed_update(store, run_id: str, step: int, checkpoint_out: str) -> dict | None:
+    """The loss and NLL of the step's committed update that wrote `checkpoint_out`, or None if none is committed."""
+    rows = store.query("SELECT loss, nll_loss FROM updates WHERE run_id = ? AND step = ? AND checkpoint_out = ?",
+                       [run_id, step, checkpoint_out])
+    return rows[0] if rows else None
+
+
 def update_records(run_id: str, step: int, checkpoint_in: str, checkpoint_out: str, path: str, stats: dict,
                    heuristics: list[dict]) -> dict[str, list[dict]]:
     """The rows an update commits together: the new checkpoint, the update, and what it internalized."""
