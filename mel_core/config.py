@@ -580,14 +580,14 @@ def to_dict(cfg: MelConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# What does not change a campaign's results, and so stays out of its identity (run id, cache keys):
-# its length (extending a campaign keeps it), where it lives on disk, threads, when checkpoints are written (the same
-# bytes either way), the heuristic library's clustering (bookkeeping over the results, rebuilt when it changes), evaluation (keyed on its own, see
-# mel_core.study.evaluation.eval_config_hash), orchestration (retries, timeouts, injected faults), logging (where the
-# numbers are also sent: turning a tracker on for a running campaign resumes it and backfills) and the generation
-# engine: HF and vLLM sample the same distributions with other random streams and kernels, as other threads
-# reduce in another order, so a campaign can be resumed on the other engine.
-# A fork's parent checkpoint and store are named by their ids in run.fork; where their files are is not identity.
+# What does not change a campaign's results, and so stays out of its identity (run id, cache keys): its length
+# (extending a campaign keeps it), where it lives on disk, threads, when checkpoints are written (the same bytes
+# either way), the heuristic library's clustering (bookkeeping over the results, rebuilt when it changes),
+# evaluation (keyed on its own, see mel_core.study.evaluation.eval_config_hash), orchestration (retries, timeouts,
+# injected faults), logging (where the numbers are also sent: turning a tracker on for a running campaign resumes it
+# and backfills) and the generation engine: HF and vLLM sample the same distributions with other random streams and
+# kernels, as other threads reduce in another order, so a campaign can be resumed on the other engine. A fork's
+# parent checkpoint and store are named by their ids in run.fork; where their files are is not identity.
 RESULT_NEUTRAL_KEYS = ("run.steps", "run.root_dir", "run.cache_dir", "run.torch_threads", "run.async_save",
                        "library", "eval", "orchestration", "logging", "model.engine", "model.vllm", "model.device",
                        "optim.fsdp_processes", "run.fork.checkpoint_path", "run.fork.store")

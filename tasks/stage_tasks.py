@@ -59,7 +59,7 @@ def replay(run: RunHandle, step: int, checkpoint: Checkpoint) -> dict:
 
 # refresh_cache: the update always runs and the store decides. Its task can finish before its checkpoint is on disk
 # (run.async_save writes it in the background), so a cached result could name a checkpoint whose save died with
-# its process. The key still names the execution in stage_runs, and the result is still stored under it.
+# its process. The result is still stored under its key.
 @task(name="update", cache_key_fn=stage_cache_key("update"), persist_result=True, refresh_cache=True)
 def update(run: RunHandle, step: int, checkpoint: Checkpoint) -> dict:
     """One optimizer step on L_RL + lambda * L_NLL; its manifest names the new checkpoint. An update whose rows are

@@ -170,7 +170,8 @@ def test_async_and_sync_campaigns_write_the_same_records_and_checkpoints(sync_ru
     assert strip(result["steps"]) == strip(sync_run["steps"])
     assert [s["step"] for s in result["steps"]] == list(range(1, STEPS + 1))
     assert all("loss" in s for s in result["steps"])
-    assert [(e["step"], e["metrics"]) for e in result["evals"]] == [(e["step"], e["metrics"]) for e in sync_run["evals"]]
+    evals = lambda run: [(e["step"], e["metrics"]) for e in run["evals"]]
+    assert evals(result) == evals(sync_run)
     assert not list(Path(result["run_dir"]).glob("checkpoints/*/*.tmp-*"))
 
 
