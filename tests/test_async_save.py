@@ -1,9 +1,11 @@
 """run.async_save: each update's checkpoint is written by a background thread while the next step generates.
 
-It must change nothing but when the bytes reach the disk: an async and a sync campaign write the same records and
-bitwise the same checkpoints, and a background write that dies leaves nothing recorded of its step's update or of
-the next step — a new flow run recomputes exactly that update and ends where an undisturbed run ends. (A SIGKILL
-during a background save, in a process of its own: tests/test_resume_kill.py.)
+It must change nothing but when the bytes reach the disk: a host copy is the policy as it was when taken, written
+byte for byte as a synchronous save writes it; an async and a sync campaign write the same records and bitwise the
+same checkpoints; a background write that dies leaves nothing recorded of its step's update or of the next step —
+a new flow run recomputes exactly that update and ends where an undisturbed run ends; and a campaign that fails for
+another reason keeps the checkpoint being written. (A SIGKILL during a background save, in a process of its own:
+tests/test_resume_kill.py.)
 """
 
 import logging
@@ -219,3 +221,28 @@ def test_a_background_save_that_dies_is_recomputed_on_resume(sync_run, tmp_path,
     assert updates == [{"step": 1, "n": 2}, {"step": 2, "n": 1}, {"step": 3, "n": 1}]  # step 1's, recomputed
     assert [s["step"] for s in result["steps"]] == list(range(1, STEPS + 1))
     assert not list((tmp_path / "saves" / "checkpoints").glob("*/*.tmp-*"))  # its own temp: removed by the rewrite
+
+
+@pytest.mark.parametrize("write", ["succeeds", "dies"])
+def test_a_failed_campaign_keeps_the_checkpoint_being_written(prefect_harness, tmp_path, micro_model, monkeypatch,
+                                                              capsys, write):
+    """A campaign that fails while step 1's checkpoint is still being written (step 2's sample refused before its
+    body, so nothing else settles it) waits for the write in its failure path and commits step 1's rows: the rerun
+    need not recompute that update. If that write dies too, the campaign still fails with its own error, the write's
+    is announced, and nothing of step 1's update is recorded."""
+    from mel_core.errors import InjectedPermanentFault
+
+    def dies(path, write):
+        raise OSError(5, "Input/output error (simulated)")
+
+    if write == "dies":
+        monkeypatch.setattr(async_save, "_write", dies)
+    refused = "orchestration.faults=[{stage: sample, step: 2, when: before, kind: permanent}]"
+    with pytest.raises(InjectedPermanentFault, match="permanent fault in sample"):
+        _campaign(tmp_path, micro_model, refused)
+    s = Store(tmp_path / "saves" / "mel.duckdb")
+    kept = write == "succeeds"
+    assert s.query("SELECT step FROM updates") == ([{"step": 1}] if kept else [])
+    assert s.query("SELECT count(*) AS n FROM checkpoints WHERE step = 1")[0]["n"] == int(kept)
+    assert len(list((tmp_path / "saves").glob("checkpoints/*/step-00001"))) == int(kept)
+    assert ("mel: SaveFailed: the checkpoint of step 1" in capsys.readouterr().out) == (not kept)
