@@ -51,7 +51,9 @@ Phases (seconds of one step; ``torch.cuda.synchronize`` before and after each, n
 - train: mel ``Policy.train_step`` (forward, backward, AdamW over the B*G rollouts and the accepted M*);
   TRL the rest of its optimizer step (forward/backward of every micro-batch, clipping, AdamW, the Trainer's
   own bookkeeping);
-- save: mel's update stage writes a checkpoint (weights + AdamW state) every step: ``Policy.save_checkpoint``.
+- save: mel's update stage writes a checkpoint (weights + AdamW state) every step: ``Policy.save_checkpoint``,
+  synchronously here (the scripted engine is given with ``use_engine`` and keeps ``reads_checkpoints``, so
+  ``run.async_save`` does not apply): the write that async saves move off the critical path.
   TRL runs with ``save_strategy="no"``: 0. Hence the two ratios, with the save and without it;
 - other: what remains of the step: mel's verify, pair, abstract, the store's writes, the retrospective
   contexts, the update's batch building.

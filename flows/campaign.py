@@ -25,6 +25,7 @@ from mel_core.run.executions import register_run
 from mel_core.run.lock import run_lock
 from mel_core.run.refs import RunRef
 from mel_core.step.runtime import get_runtime, run_dir_of
+from mel_core.study.evaluation import is_due
 from mel_core.study.report import write_report
 from mel_core.study.summary import format_step, step_summary
 from mel_core.study.tracking import Tracking
@@ -80,6 +81,17 @@ def crash_dead_flow_runs(dead: dict, me: dict) -> None:
         announce(f"mel: marked Crashed what the dead campaign left unfinished: {', '.join(marked)}")
 
 
+def _settle_after_failure(rt) -> None:
+    """A campaign that fails with a checkpoint still being written keeps it if it can: the write is waited for and
+    its rows committed, so the rerun need not recompute that update. Its own failure is announced, never raised:
+    the error that stopped the campaign is the one to report."""
+    try:
+        rt.settle_saves()
+        rt.store.publish()
+    except BaseException as e:
+        announce(f"mel: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+
+
 def _campaign(rt) -> dict:
     rt.train_problems  # loaded first: a missing, malformed or empty dataset fails here, before any work
 
@@ -97,23 +109,38 @@ def _steps(rt, checkpoint) -> dict:
     # A resumed campaign walks its finished steps again (cache hits): the tracking ledger logs each one once.
     tracking = Tracking(cfg.logging, rt.run_id, rt.run_dir)
     finished = False
+    summaries, unreported = [], []
+
+    def report_committed() -> None:
+        """Announce, publish and log each step once its records are all committed: with run.async_save, step t's
+        update rows commit when step t+1 samples (its checkpoint was being written meanwhile)."""
+        while unreported and unreported[0] != rt.saving_step:
+            step = unreported.pop(0)
+            summaries.append(step_summary(rt.store, rt.run_id, step))
+            announce(format_step(summaries[-1]))
+            publish_step(rt, step, summaries[-1])
+            tracking.log_step(summaries[-1])
+
     try:
         tracking.log_config(to_dict(cfg))
         # held-out accuracy of the starting policy (a fork's: its parent's checkpoint, at the parent's step)
         evals = evaluate_if_due(rt, rt.start_step, checkpoint, announce)
         tracking.log_evals(evals)
-        summaries = []
         with without_flow_heartbeat():
             for step in range(rt.start_step + 1, cfg.run.steps + 1):  # a fork's step numbers continue its parent's
                 checkpoint = iteration(rt.handle, step, checkpoint)
-                summaries.append(step_summary(rt.store, rt.run_id, step))
-                announce(format_step(summaries[-1]))
-                publish_step(rt, step, summaries[-1])
-                tracking.log_step(summaries[-1])
+                unreported.append(step)
+                if step == cfg.run.steps or is_due(cfg, step):
+                    rt.settle_saves()  # the campaign's last checkpoint, or one about to be evaluated: on disk first
+                    rt.store.publish()  # and its rows in the snapshot readers (and the report) see
+                report_committed()
                 due = evaluate_if_due(rt, step, checkpoint, announce)  # every eval.every_n_steps, and the last
                 tracking.log_evals(due)
                 evals += due
         finished = True
+    except BaseException:
+        _settle_after_failure(rt)
+        raise
     finally:
         tracking.close(ok=finished)
 

@@ -3,7 +3,8 @@
 Each runs its body of ``mel_core.step.stages`` on the process's runtime through the run's bookkeeping (one
 ``stage_runs`` row per execution) and returns the body's small manifest. Every task takes the run, the step and
 the policy version the step starts from: together they are the task's cache key (``stage_cache_key``), so a new
-flow run of the same campaign reuses every finished stage. The stages that generate or train are given that
+flow run of the same campaign reuses every finished stage — the update excepted, which asks the store instead (see
+its task). The stages that generate or train are given that
 version; the others read only the step's records.
 """
 
@@ -16,7 +17,7 @@ from prefect import Task, task
 
 from mel_core.model.checkpoints import Checkpoint
 from mel_core.step import stages
-from mel_core.step.runtime import RunHandle
+from mel_core.step.runtime import RunHandle, runtime_of
 from tasks.common import configured, run_stage, stage_cache_key
 
 
@@ -56,10 +57,15 @@ def replay(run: RunHandle, step: int, checkpoint: Checkpoint) -> dict:
     return run_stage(run, "replay", step, stages.replay, checkpoint)
 
 
-@task(name="update", cache_key_fn=stage_cache_key("update"), persist_result=True)
+# refresh_cache: the update always runs and the store decides. Its task can finish before its checkpoint is on disk
+# (run.async_save writes it in the background), so a cached result could name a checkpoint whose save died with
+# its process. The result is still stored under its key.
+@task(name="update", cache_key_fn=stage_cache_key("update"), persist_result=True, refresh_cache=True)
 def update(run: RunHandle, step: int, checkpoint: Checkpoint) -> dict:
-    """One optimizer step on L_RL + lambda * L_NLL; its manifest names the new checkpoint."""
-    return run_stage(run, "update", step, stages.update, checkpoint)
+    """One optimizer step on L_RL + lambda * L_NLL; its manifest names the new checkpoint. An update whose rows are
+    committed returns them as recorded, with no execution recorded (as a cache hit of another stage)."""
+    done = stages.recorded_update(runtime_of(run), step, checkpoint)
+    return done if done is not None else run_stage(run, "update", step, stages.update, checkpoint)
 
 
 @dataclass(frozen=True)

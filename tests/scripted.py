@@ -91,6 +91,8 @@ class ScriptedEngine:
     """An engine that writes what `script` says, tokenized by the policy's tokenizer (or `tokenizer()`, a
     callable, when the engine is made before the policy is loaded)."""
 
+    reads_checkpoints = False  # it writes what the script says: a checkpoint may be saved in the background
+
     def __init__(self, tokenizer, script: Script):
         self._tokenizer, self.script = tokenizer, script
         self.version: str | None = None
@@ -143,7 +145,9 @@ def run_step(rt, step: int, ckpt, experience_stages: bool = True) -> dict:
         stages.diagnose(rt, step, ckpt)
         stages.abstract(rt, step, ckpt)
         stages.replay(rt, step, ckpt)
-    return stages.update(rt, step, ckpt)
+    out = stages.update(rt, step, ckpt)
+    rt.settle_saves()  # a step is done when its checkpoint and rows are (run.async_save writes them in the background)
+    return out
 
 
 @contextlib.contextmanager

@@ -70,7 +70,7 @@ def test_round_trip_and_hash_stability():
     assert C.config_hash(other) != C.config_hash(cfg)
     # where a run lives, how it is evaluated or retried does not change what it trains
     for neutral in ("run.root_dir=/elsewhere", "eval.k=4", "orchestration.default.retries=5", "run.torch_threads=1",
-                    "model.engine=vllm", "model.vllm.kv_cache_gib=2", "model.device=cpu",
+                    "run.async_save=false", "model.engine=vllm", "model.vllm.kv_cache_gib=2", "model.device=cpu",
                     "orchestration.runner=ray", "orchestration.ray.address=auto"):
         assert C.config_hash(C.load("configs/tiny.yaml", [neutral])) == C.config_hash(cfg), neutral
     assert C.config_hash(C.load("configs/tiny.yaml", ["experience.analysis_mode=two_pass"])) != C.config_hash(cfg)

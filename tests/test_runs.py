@@ -35,7 +35,9 @@ def execute_step(rt, step, ckpt) -> dict:
     for stage in ("sample", "verify", "pair", "diagnose", "abstract", "replay"):
         extra = () if stage in ("verify", "pair") else (ckpt,)
         executions.execute(rt, stage, step, getattr(stages, stage), step, *extra)
-    return executions.execute(rt, "update", step, stages.update, step, ckpt)
+    out = executions.execute(rt, "update", step, stages.update, step, ckpt)
+    rt.settle_saves()  # run.async_save: the update's rows commit once its checkpoint is written
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -86,6 +86,7 @@ def test_update_killed_after_its_checkpoint_resumes_from_it(tmp_path, monkeypatc
     stages.sample(rt, 1, base)
     stages.verify(rt, 1)
     out = stages.update(rt, 1, base)
+    rt.settle_saves()  # run.async_save: the checkpoint is written in the background
     saved = saved_update_stats(out["checkpoint"].path)
     assert saved and saved["num_sequences"] == 4 * cfg.sampling.group_size
     # the crash: the checkpoint is on disk, its rows are not; a new process starts from the base policy

@@ -158,6 +158,8 @@ class Policy:
         self.optimizer = adamw(cfg, self.model)
         self._ref_model = None
         self._base_path = str(path)
+        self._tokenizer_copy = None  # what background saves write (checkpoint_writer)
+        self._host_copy, self._host_copy_in_use = None, False  # their host buffers, and whether a writer has them
 
     def compute(self) -> contextlib.AbstractContextManager:
         """Where every forward of this policy runs (training, log-probs, HF generation, scoring): under autocast to
@@ -225,6 +227,39 @@ class Policy:
         """Write model + tokenizer + optimizer (+ the update's stats) to `path` atomically (temp dir, then rename)."""
         return write_dir_atomically(path, lambda tmp: write_checkpoint(
             tmp, self.model, self.tokenizer, self.optimizer.state_dict(), update_stats))
+
+    def checkpoint_writer(self, update_stats: dict | None = None) -> Callable[[Path], None]:
+        """What :meth:`save_checkpoint` would write now, copied to host memory now, and a function that writes it into
+        a directory later, on another thread (run.async_save, mel_core.model.async_save): the optimizer steps and
+        weight loads that follow change this policy in place, never the copy. LoRA copies the trainable adapters
+        alone, all a LoRA checkpoint holds. The tokenizer is a private copy too: encoding on the main thread may set
+        padding or truncation on the shared one while its files are being written.
+
+        The host buffers are kept and refilled by the next call (fresh memory costs more to touch than to copy),
+        unless the writer they went to has not finished: then the next copy takes fresh ones."""
+        from mel_core.model.async_save import host_copy
+
+        state = self.model.state_dict()
+        if self.lora:
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in trainable}
+        reuse = self._host_copy if not self._host_copy_in_use else None
+        self._host_copy = copied = host_copy((state, self.optimizer.state_dict()), into=reuse)
+        self._host_copy_in_use = True
+        state, optimizer_state = copied
+        stats = dict(update_stats) if update_stats is not None else None  # the caller goes on editing its own
+        if self._tokenizer_copy is None:
+            import copy
+            self._tokenizer_copy = copy.deepcopy(self.tokenizer)
+        tokenizer = self._tokenizer_copy
+
+        def write(tmp: Path) -> None:
+            try:
+                write_checkpoint(tmp, self.model, tokenizer, optimizer_state, stats, state_dict=dict(state))
+            finally:
+                if self._host_copy is copied:  # written (or failed): the next copy may refill these buffers
+                    self._host_copy_in_use = False
+        return write
 
     # ------------------------------------------------------------------------------- the update
 

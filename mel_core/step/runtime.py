@@ -7,6 +7,7 @@ built once per process and moved between versions by :meth:`Runtime.ensure_versi
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +19,7 @@ from mel_core import config as config_mod
 from mel_core.algorithm.rewards import Verdict
 from mel_core.config import MelConfig
 from mel_core.ids import derive_seed, make_id
+from mel_core.model import async_save
 from mel_core.model.checkpoints import Checkpoint, has_optimizer_state, verify_checkpoint
 from mel_core.model.engines.base import Completion, SamplingParams
 from mel_core.problems.prompts import PromptSet
@@ -61,6 +63,7 @@ class Runtime:
         self._policy_version: str | None = None  # the checkpoint the policy's weights equal; None = none
         self._engine = None
         self._given_engine = False  # an engine handed in by use_engine, kept instead of the configured one
+        self._pending_save: async_save.PendingSave | None = None  # the checkpoint being written in the background
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
 
@@ -240,8 +243,10 @@ class Runtime:
         load first checks the checkpoint's files against what was recorded when they were written."""
         from mel_core.model.policy import Policy
 
+        if self._policy is None or self._policy_version != ckpt.checkpoint_id or self._engine is None:
+            self.settle_saves()  # a load from disk follows: the checkpoint being written may be the one it reads
         if self._policy is None or self._policy_version != ckpt.checkpoint_id:
-            self.check_files(ckpt)
+            self.check_files(ckpt)  # after the settle: the files and their digests are then committed
         if self._policy is None:
             # A LoRA checkpoint holds adapters only: build on the base model, then load them.
             self._policy = Policy(self.cfg, self.base_checkpoint.path if self.cfg.model.lora.enabled else ckpt.path)
@@ -330,6 +335,55 @@ class Runtime:
             self._engine.update_weights(ckpt.checkpoint_id, self._policy.named_weights())
         else:
             self._serve(ckpt)
+
+    # ------------------------------------------------------------ checkpoints written in the background
+
+    @property
+    def saves_in_background(self) -> bool:
+        """run.async_save, where nothing has to read the new checkpoint's directory to generate from it: the HF
+        engine generates with the trained module itself, the vLLM engine (full fine-tuning) is handed its tensors in
+        memory, and an engine given with :meth:`use_engine` may say so (``reads_checkpoints = False``). LoRA adapters
+        on vLLM and Ray workers load the directory: for them the update writes it before the engine moves."""
+        given_in_memory = self._given_engine and not getattr(self._engine, "reads_checkpoints", True)
+        return self.cfg.run.async_save and (self._engine_shares_policy or self._engine_takes_weights or given_in_memory)
+
+    def save_in_background(self, step: int, ckpt: Checkpoint, write, rows: dict[str, list[dict]]) -> None:
+        """Write `ckpt`'s directory with `write` (the policy's host copy, :meth:`Policy.checkpoint_writer`) on the save
+        thread, and keep `rows` (table -> rows: the update's records) to commit once it is on disk
+        (:meth:`settle_saves`). One save at a time: an earlier one is settled first."""
+        self.settle_saves()
+        self._pending_save = async_save.start(step, ckpt, write, rows)
+
+    @property
+    def saving_step(self) -> int | None:
+        """The step whose checkpoint is being written in the background (its rows uncommitted), or None."""
+        return self._pending_save.step if self._pending_save else None
+
+    def settle_saves(self) -> None:
+        """Wait for the checkpoint being written in the background, then commit the rows its update left (checkpoint,
+        update, internalized, metrics) in one transaction. A failed write is raised here as
+        :class:`mel_core.model.async_save.SaveFailed`, permanent: whatever stage called this cannot bring the checkpoint
+        back, and until the update is recomputed nothing may be recorded on top of it."""
+        pending = self._pending_save
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            seconds = pending.future.result()
+        except BaseException as e:
+            if not pending.future.done():  # interrupted while waiting (Ctrl-C): the write goes on, still pending
+                raise
+            self._pending_save = None
+            raise async_save.SaveFailed(
+                f"the checkpoint of step {pending.step} ({pending.checkpoint.path}) could not be written in the "
+                f"background: {type(e).__name__}: {e}; nothing was recorded of it or after it: rerun the campaign to "
+                f"recompute step {pending.step}'s update from its parent checkpoint") from e
+        with self.store.transaction() as w:
+            for table, rows in pending.rows.items():
+                w.insert(table, rows)
+        self._pending_save = None
+        _log.info("step %d: checkpoint written in the background in %.1f s (%.1f s of it waited for)", pending.step,
+                  seconds, time.perf_counter() - t0)
 
     def forget_version(self) -> None:
         """The policy's weights may have left every saved version (a failed update): the next

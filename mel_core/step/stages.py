@@ -10,6 +10,8 @@ runs the same step without an orchestrator (the benchmarks and many tests do).
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -43,6 +45,9 @@ def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     params = SamplingParams(n=cfg.sampling.group_size, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                             max_new_tokens=cfg.sampling.max_new_tokens, seed=seed)
     groups = rt.engine.generate([r["prompt_text"] for r in prompt_rows], params, desc=f"sample step {step}")
+    # The previous update's checkpoint was written while this step generated (run.async_save): its rows commit
+    # before any of this step's, so no record of step t+1 exists unless step t's checkpoint and rows do.
+    rt.settle_saves()
     rollout_rows = [{"rollout_id": make_id("rollout", pr["prompt_id"], i, ckpt.checkpoint_id),
                      "prompt_id": pr["prompt_id"], "run_id": rt.run_id, "step": step, "sample_index": i,
                      "policy_version_id": ckpt.checkpoint_id, "text": c.text, "token_ids": c.token_ids,
@@ -385,45 +390,79 @@ def _distributed_update(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll)
     return saved_update_stats(new.path)  # written beside the weights by rank 0
 
 
-def _train(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll) -> dict:
+def _train(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll) -> tuple[dict, Callable[[Path], None] | None]:
     """Train the step and write `new`, or — when a process died after writing it and before the commit — take
     the checkpoint on disk as it is, rather than train again and trust the step to reproduce the same weights
-    (non-deterministic GPU kernels would not)."""
+    (non-deterministic GPU kernels would not). Returns the stats and, when the checkpoint is left to be written in
+    the background (run.async_save), its writer (the policy's state as of this step, in host memory); else None."""
     stats = saved_update_stats(new.path)
     if stats is not None:
         rt.ensure_version(new)
-        return stats
+        return stats, None
     rt.ensure_version(ckpt)
     if rt.cfg.optim.fsdp_processes > 1:
-        return _distributed_update(rt, ckpt, new, rl, nll)
+        return _distributed_update(rt, ckpt, new, rl, nll), None
+    write = None
     try:
         stats = rt.policy.train_step(rl, nll)
-        rt.policy.save_checkpoint(new.path, update_stats=stats)
+        if rt.saves_in_background:
+            write = rt.policy.checkpoint_writer(update_stats=stats)
+        else:
+            rt.policy.save_checkpoint(new.path, update_stats=stats)
     except BaseException:
         # The weights may have moved before the failure (a refused step, a failed save): the next use of
         # this process's policy, e.g. the retry, must reload `ckpt` instead of training on from them.
         rt.forget_version()
         raise
-    rt.trained_to(new)  # the HF engine's module holds the new weights already; vLLM is handed them in memory
-    return stats
+    # The HF engine's module holds the new weights already; vLLM is handed them in memory. Neither reads the
+    # directory, which is why the engine moves before a background save has written it.
+    rt.trained_to(new)
+    return stats, write
+
+
+def _new_checkpoint(rt: Runtime, step: int, ckpt: Checkpoint) -> Checkpoint:
+    return Checkpoint(make_id("ckpt", rt.run_id, step, ckpt.checkpoint_id), str(rt.checkpoint_dir / f"step-{step:05d}"))
+
+
+def recorded_update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict | None:
+    """The manifest of the step's update from `ckpt` if its rows are committed (its checkpoint is then whole on
+    disk: rows commit only after the directory is in place), else None. Reads one row, loads nothing."""
+    new = _new_checkpoint(rt, step, ckpt)
+    row = stage_records.committed_update(rt.store, rt.run_id, step, new.checkpoint_id)
+    return None if row is None else {"step": step, "checkpoint": new, "loss": row["loss"], "nll_loss": row["nll_loss"]}
 
 
 def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     """One optimizer step on L_RL + lambda * L_NLL; the checkpoint with its files' digests, the update row and the
-    "internalized" links commit together after the checkpoint directory is in place."""
+    "internalized" links commit together after the checkpoint directory is in place — here, or with run.async_save
+    when the runtime settles the background save (the next step's sample, or whatever reads the checkpoint first).
+
+    The store, not an orchestrator's cache, says whether the update is done: committed rows are returned as they
+    are; a checkpoint whole on disk without rows (its process died before the commit) is taken; else it trains."""
+    rt.settle_saves()  # one save in flight at most; and it may be this very update's, from an earlier call
+    done = recorded_update(rt, step, ckpt)
+    if done is not None:
+        return done
     rl = _rl_batch(rt, step)
     nll, any_accepted = _nll_batch(rt, step)
-    new = Checkpoint(make_id("ckpt", rt.run_id, step, ckpt.checkpoint_id), str(rt.checkpoint_dir / f"step-{step:05d}"))
-    stats = _train(rt, ckpt, new, rl, nll)
+    new = _new_checkpoint(rt, step, ckpt)
+    stats, write = _train(rt, ckpt, new, rl, nll)
     if not stats["num_nll_sequences"]:
         stats["nll_loss"] = None  # the NLL of no sequences is undefined, not zero: NULL, and no metric
     learned = stage_records.accepted_heuristics(rt.store, rt.run_id, step) if any_accepted else []
-    # Digests of the files as they are now, just written (or, after a crash before the commit, as the dead process
-    # left them): every later load checks them (Runtime.ensure_version).
-    files = file_digests(new.path)
+    # Digests of the files as written — or, after a crash before the commit, as the dead process left them: every
+    # later load checks them (Runtime.ensure_version). A background save fills them in on its thread.
     rows = stage_records.update_records(rt.run_id, step, ckpt.checkpoint_id, new.checkpoint_id, new.path, stats, learned,
-                                        files)
-    with rt.store.transaction() as w:
-        for table in ("checkpoints", "checkpoint_files", "updates", "internalized", "metrics"):
-            w.insert(table, rows[table])
+                                        [] if write is not None else file_digests(new.path))
+    if write is not None:
+        def write_and_digest(tmp: Path) -> None:
+            # Digests of the files as written, on the save thread (off the critical path); names are relative, so the
+            # temp directory's are the renamed one's. The rows commit after the thread is done (settle_saves).
+            write(tmp)
+            rows["checkpoint_files"] += stage_records.checkpoint_file_rows(new.checkpoint_id, file_digests(tmp))
+        rt.save_in_background(step, new, write_and_digest, rows)
+    else:
+        with rt.store.transaction() as w:
+            for table, table_rows in rows.items():
+                w.insert(table, table_rows)
     return {"step": step, "checkpoint": new, "loss": stats["loss"], "nll_loss": stats["nll_loss"]}

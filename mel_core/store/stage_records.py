@@ -122,6 +122,19 @@ def accepted_heuristics(store, run_id: str, step: int) -> list[dict]:
 
 
 
+def committed_update(store, run_id: str, step: int, checkpoint_out: str) -> dict | None:
+    """The loss and NLL of the step's committed update that wrote `checkpoint_out`, or None if none is committed."""
+    rows = store.query("SELECT loss, nll_loss FROM updates WHERE run_id = ? AND step = ? AND checkpoint_out = ?",
+                       [run_id, step, checkpoint_out])
+    return rows[0] if rows else None
+
+
+def checkpoint_file_rows(checkpoint_id: str, files: list) -> list[dict]:
+    """The `checkpoint_files` rows of a checkpoint's files (mel_core.model.checkpoints.FileDigest)."""
+    return [{"checkpoint_id": checkpoint_id, "file": f.file, "size": f.size, "digest": f.digest,
+             "algorithm": f.algorithm} for f in files]
+
+
 def update_records(run_id: str, step: int, checkpoint_in: str, checkpoint_out: str, path: str, stats: dict,
                    heuristics: list[dict], files: list) -> dict[str, list[dict]]:
     """The rows an update commits together: the new checkpoint and its files' digests
@@ -130,8 +143,7 @@ def update_records(run_id: str, step: int, checkpoint_in: str, checkpoint_out: s
     return {
         "checkpoints": [{"checkpoint_id": checkpoint_out, "run_id": run_id, "step": step, "path": path,
                          "parent_checkpoint_id": checkpoint_in, "created_at": now()}],
-        "checkpoint_files": [{"checkpoint_id": checkpoint_out, "file": f.file, "size": f.size, "digest": f.digest,
-                              "algorithm": f.algorithm} for f in files],
+        "checkpoint_files": checkpoint_file_rows(checkpoint_out, files),
         "updates": [{"update_id": update_id, "run_id": run_id, "step": step, "checkpoint_in": checkpoint_in,
                      "checkpoint_out": checkpoint_out,
                      **{k: stats.get(k) for k in ("loss", "rl_loss", "nll_loss", "grad_norm", "num_sequences",

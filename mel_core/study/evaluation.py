@@ -161,7 +161,9 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
 
     cfg, e = rt.cfg, rt.cfg.eval
     run_id = run_id or rt.run_id
-    step = step if step is not None else run_reads.checkpoint_step(rt.store, ckpt.checkpoint_id)
+    if step is None:
+        rt.settle_saves()  # the checkpoint's row may be one a background save (run.async_save) has yet to commit
+        step = run_reads.checkpoint_step(rt.store, ckpt.checkpoint_id)
     ds = load_dataset(cfg, dataset)
     if not ds.problems:
         raise ValueError(f"dataset {dataset!r} has no problems to evaluate")
@@ -216,6 +218,7 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
                 "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason, "reward": v.reward,
                 "extracted_answer": v.extracted, "verify_reason": v.reason, "created_at": created,
                 "verifier_hash": verifier_row["verifier_hash"]})
+    rt.settle_saves()  # no evaluation of a checkpoint is recorded before the checkpoint itself
     with rt.store.transaction() as w:
         stage_records.replace_evaluation(w, run_id, ckpt.checkpoint_id, ds.name, verifier_row, metric_rows, sample_rows)
     rt.store.publish()

@@ -30,6 +30,10 @@ class Completion:
 
 
 class Engine(Protocol):
+    """An engine may also set ``reads_checkpoints = False`` when its :meth:`load_version` never reads `path` (its
+    weights come from elsewhere): checkpoints may then be written in the background while it generates from a new
+    version (run.async_save; mel_core.step.runtime.Runtime.saves_in_background). Without it, an engine handed in with
+    ``Runtime.use_engine`` is taken to read the directory, which is then written before it moves."""
     version: str | None
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, desc: str = "") -> list[list[Completion]]:
