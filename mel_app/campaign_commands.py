@@ -280,8 +280,9 @@ def cmd_compare(args) -> int:
     ab_test.plan(cfg, args.name, args.seeds, arms)  # every arm's config validates before any work
     prefect_env(args.verbose)
     from flows.compare import compare
-
-    report = compare(config_mod.to_dict(cfg), args.name, args.seeds, command, args.out, arms)
+    from mel_app.interrupts import stop_on_signals, temporary_server
+    with temporary_server(), stop_on_signals():  # as `mel run`: Ctrl-C or SIGTERM stop the arm's campaign cleanly
+        report = compare(config_mod.to_dict(cfg), args.name, args.seeds, command, args.out, arms)
     print("\n" + ab_test.format_markdown(report))
     print(f"mel: wrote {report['markdown_path']} and {report['json_path']}")
     return 0
