@@ -47,7 +47,14 @@ def cmd_run(args) -> int:
     first = point.step + 1 if point else 1
     print(f"mel: campaign '{cfg.run.name}' — steps {first}..{cfg.run.steps}, model {cfg.model.name_or_path}, "
           f"B={cfg.sampling.prompts_per_step} G={cfg.sampling.group_size}", flush=True)
-    result = campaign(config_mod.to_dict(cfg))
+    from mel_app.interrupts import stop_on_signals, temporary_server
+    try:
+        # the temporary Prefect server (none when PREFECT_API_URL is set) outside the terminal's process group, so
+        # Ctrl-C stops the campaign, not the server it reports to; stopped when the campaign ends, however it ends
+        with temporary_server(), stop_on_signals():
+            result = campaign(config_mod.to_dict(cfg))
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (mel_app.interrupts): recorded, lock released, server gone
+        return _interrupted(e, args)
     db = result["db"]
     from mel_core.store.reader import StoreReader
     with StoreReader(db) as store:
@@ -71,6 +78,22 @@ def cmd_run(args) -> int:
         print(f"  .venv/bin/mel lineage --db {db} --checkpoint {result['final_checkpoint'].checkpoint_id} --history")
     return 0
 
+
+
+def _interrupted(e: KeyboardInterrupt, args) -> int:
+    """One line: where the signal stopped the campaign and how to resume it; 128 + the signal (130 for Ctrl-C,
+    143 for SIGTERM)."""
+    import shlex
+    import signal
+
+    from mel_core.run.executions import last_interrupted
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    at = last_interrupted()
+    where = f"in step {at[0]} ({at[1]})" if at else "between stages"
+    print(f"mel: interrupted by {signal.Signals(signum).name} {where}; the run is recorded interrupted; resume it "
+          f"(finished stages are reused): mel {shlex.join(args.argv)}", file=sys.stderr, flush=True)
+    return 128 + signum
 
 
 def _print_analysis(a: dict) -> None:
@@ -257,8 +280,9 @@ def cmd_compare(args) -> int:
     ab_test.plan(cfg, args.name, args.seeds, arms)  # every arm's config validates before any work
     prefect_env(args.verbose)
     from flows.compare import compare
-
-    report = compare(config_mod.to_dict(cfg), args.name, args.seeds, command, args.out, arms)
+    from mel_app.interrupts import stop_on_signals, temporary_server
+    with temporary_server(), stop_on_signals():  # as `mel run`: Ctrl-C or SIGTERM stop the arm's campaign cleanly
+        report = compare(config_mod.to_dict(cfg), args.name, args.seeds, command, args.out, arms)
     print("\n" + ab_test.format_markdown(report))
     print(f"mel: wrote {report['markdown_path']} and {report['json_path']}")
     return 0

@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     _log_stage_failures()
     try:
         return args.fn(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM where mel_app.interrupts handles it: 128 + the signal
         if debug:
             raise
         print("mel: interrupted (a campaign resumes where it stopped when run again)", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     except BrokenPipeError:
         # the reader of our output went away (`mel runs | head -3`): stop quietly, as cat does; stdout goes to
         # devnull so the interpreter's own flush at exit does not raise again

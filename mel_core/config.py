@@ -389,8 +389,9 @@ class FaultConfig:
     times: int = doc(1, "How many executions of that stage fail before it succeeds.", ge=1)
     when: str = doc("after", "'before' the stage body runs, or 'after' it has written its records.", one_of=("before", "after"))
     kind: str = doc("transient", "'transient' (retried), 'permanent' (fails the run at once) or 'kill' (SIGKILL the "
-                    "campaign's process group mid-stage, as a pre-empted machine; run again without it to resume).",
-                    one_of=("transient", "permanent", "kill"))
+                    "campaign's process group mid-stage, as a pre-empted machine; run again without it to resume) or "
+                    "'hang' (the stage waits until the process is signalled: a long stage, for Ctrl-C and SIGTERM "
+                    "drills).", one_of=("transient", "permanent", "kill", "hang"))
 
 
 @dataclass

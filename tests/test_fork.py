@@ -7,6 +7,7 @@ its own last checkpoint.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +182,56 @@ def test_a_fork_without_any_change_is_still_a_run_of_its_own(parent):
     cfg = fork.fork_config("configs/tiny.yaml", overrides, point)
     assert fork.config_changes(point.config, C.to_dict(cfg)) == []
     assert C.config_hash(cfg) != prt.config_hash  # the fork point is identity: another run id, checkpoints, cache
+
+
+def test_a_fork_is_named_after_its_parent_not_its_config_file(parent):
+    """The config file's run.name names the file's own run (the demo's, in the default layout): a fork without a
+    run.name= override is <parent>-fork<step>, never that directory."""
+    overrides, prt, _ = parent
+    point = fork.find_fork_point("parent@1", prt.cfg.run.root_dir)
+    cfg = fork.fork_config("configs/tiny.yaml", [o for o in overrides if not o.startswith("run.name=")], point)
+    assert cfg.run.name == "parent-fork1"
+    named = fork.fork_config("configs/tiny.yaml", overrides + ["run.name=elsewhere"], point)
+    assert named.run.name == "elsewhere"
+
+
+def test_a_fork_never_writes_into_another_runs_directory(parent, child, capsys):
+    overrides, prt, _ = parent
+    rt, *_ = child
+    root = Path(prt.cfg.run.root_dir)
+    (root / "taken").mkdir()
+    (root / "taken" / "notes.txt").write_text("someone else's")
+    before = {p: sorted(os.listdir(root / p)) for p in os.listdir(root)}
+    # a named directory that exists; the fork's default name, already the run of another fork (another λ)
+    for more, where in ((["run.name=taken"], root / "taken"), (["loss.nll_coef=0.25"], rt.run_dir)):
+        assert cli.main(["run", "--config", "configs/tiny.yaml", "--fork", "parent@2", *overrides, *more]) == 2
+        err = capsys.readouterr().err
+        assert f"run directory {where} already exists and holds another run" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert {p: sorted(os.listdir(root / p)) for p in os.listdir(root)} == before  # nothing was created or written
+    # the fork's own directory is no refusal: the same command again resumes it
+    point = fork.find_fork_point("parent@2", root)
+    again = fork.fork_config("configs/tiny.yaml", overrides + ["loss.nll_coef=0.5", "optim.lr=1e-5"], point)
+    assert again.run.name == rt.cfg.run.name and C.config_hash(again) == rt.config_hash
+
+
+def test_a_damaged_checkpoint_refuses_the_fork_before_it_registers(parent, capsys):
+    """A truncated weights file is found from the digests the parent recorded: one line, exit 2, no run directory,
+    no registered run (the fork's run never shows as `interrupted 0/1`)."""
+    overrides, prt, _ = parent
+    root = prt.cfg.run.root_dir
+    (ckpt,) = [c for c in lineage.run_checkpoints(prt.store, prt.run_id) if c["step"] == 1]
+    weights = next(p for p in (os.path.join(ckpt["path"], f) for f in os.listdir(ckpt["path"]))
+                   if p.endswith(".safetensors"))
+    kept = open(weights, "rb").read()
+    before = sorted(os.listdir(root))
+    try:
+        with open(weights, "wb") as f:
+            f.write(kept[: len(kept) // 2])
+        assert cli.main(["run", "--config", "configs/tiny.yaml", "--fork", "parent@1", *overrides]) == 2
+    finally:
+        with open(weights, "wb") as f:
+            f.write(kept)
+    err = capsys.readouterr().err
+    assert "--fork parent@1:" in err and "is damaged" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(root)) == before and "parent-fork1" not in before

@@ -16,13 +16,20 @@ import time
 import uuid
 
 from mel_core.config import to_dict
-from mel_core.errors import InjectedFault, InjectedPermanentFault, is_transient
+from mel_core.errors import InjectedFault, InjectedPermanentFault, interruption, is_transient
 from mel_core.ids import now
 from mel_core.model.checkpoints import Checkpoint
 from mel_core.step.runtime import Runtime
 from mel_core.store import lineage, stage_records
 
 _log = logging.getLogger("mel")
+# (step, stage, signal name) of the last stage a signal stopped in this process (what `mel run` reports)
+_stopped: dict = {}
+
+
+def last_interrupted() -> tuple[int, str, str] | None:
+    """(step, stage, 'SIGINT' or 'SIGTERM') of the last stage execution a signal stopped in this process."""
+    return _stopped.get("at")
 
 
 def execute(rt: Runtime, stage: str, step: int, fn, *args, cache_key: str | None = None, **kwargs):
@@ -37,12 +44,19 @@ def execute(rt: Runtime, stage: str, step: int, fn, *args, cache_key: str | None
         out = fn(rt, *args, **kwargs)
         _inject_fault(rt, stage, step, "after")
     except BaseException as e:
-        retry = "a transient failure: retried if the stage's retries allow" if is_transient(e) else "not retried"
-        _log.warning("step %s %s failed (%s: %s); %s", step, stage, type(e).__name__,
-                     (str(e).splitlines() or [""])[0][:300], retry)
+        stopped = interruption(e)  # Ctrl-C or SIGTERM: the run is interrupted, not failed; it resumes here
+        if stopped:
+            _stopped["at"] = (step, stage, stopped)
+            _log.warning("step %s %s interrupted (%s)", step, stage, stopped)
+            status, error = "interrupted", f"stopped by {stopped}"
+        else:
+            retry = "a transient failure: retried if the stage's retries allow" if is_transient(e) else "not retried"
+            _log.warning("step %s %s failed (%s: %s); %s", step, stage, type(e).__name__,
+                         (str(e).splitlines() or [""])[0][:300], retry)
+            status, error = "failed", f"{type(e).__name__}: {e}"[:2000]
         rt.store.update("stage_runs", "stage_run_id", [{
             "stage_run_id": row_id, "finished_at": now(), "seconds": time.perf_counter() - t0,
-            "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}])
+            "status": status, "error": error}])
         rt.store.publish()
         raise
     rt.store.update("stage_runs", "stage_run_id", [{
@@ -58,6 +72,9 @@ def _inject_fault(rt: Runtime, stage: str, step: int, when: str) -> None:
             continue
         if f.kind == "kill":  # no exception, no bookkeeping: the process group is gone, as on a pre-emption
             os.killpg(os.getpgid(0), signal.SIGKILL)
+        if f.kind == "hang":  # a long stage: it ends when a signal (Ctrl-C, SIGTERM) raises in this thread
+            while True:
+                time.sleep(0.1)
         failed = stage_records.injected_failures(rt.store, rt.run_id, step, stage)
         if failed < f.times:
             cls = InjectedFault if f.kind == "transient" else InjectedPermanentFault

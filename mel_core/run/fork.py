@@ -10,8 +10,11 @@ What a fork is (docs/DESIGN.md, "Forks"):
 - **Step numbering continues the parent's.** A fork of step S runs steps S+1 .. run.steps: ``run.steps`` is the
   number of the last step, as in its parent, so a fork of step 2 of a 3-step run with ``run.steps=3`` trains one
   step, step 3, on the problems and seeds its parent's step 3 had — the counterfactual the fork is for.
-- **Its own store.** A fork writes its own run directory, never its parent's; when the config keeps the parent's
-  name it is named ``<parent name>-fork<S>``. The data of steps <= S is not copied.
+- **Its own store.** A fork writes its own new run directory, never its parent's nor any other run's: it is named
+  ``<parent name>-fork<S>`` unless a ``run.name=`` override names it (the config file's run.name names the file's
+  own run, the demo's say), and refused when that directory exists and does not hold this very fork (a resume).
+  Every refusal comes before the run lock and registration: a refused fork creates nothing. The data of steps <= S
+  is not copied.
 - **Lineage crosses the fork by copying references.** When the fork registers, it copies from the parent's
   published snapshot the checkpoint chain up to the fork point and the lineage of every heuristic internalized on
   it (mel_core.store.lineage.lineage_references), marked ``runs.copied_from``. Its first update names the parent's
@@ -29,7 +32,7 @@ from pathlib import Path
 from mel_core import config as config_mod
 from mel_core.config import MelConfig
 from mel_core.errors import PermanentError
-from mel_core.model.checkpoints import checkpoint_problem
+from mel_core.model.checkpoints import DamagedCheckpoint, checkpoint_problem, verify_checkpoint
 from mel_core.run import refs
 from mel_core.store import lineage
 from mel_core.store.reader import StoreReader
@@ -80,7 +83,8 @@ def find_fork_point(spec: str, runs_root: str | Path) -> ForkPoint:
     with StoreReader(ref.db) as reader:
         row = refs.pick_run(reader, ref)
         had = lineage.run_checkpoints(reader, row["run_id"])
-    ckpt = next((c for c in had if c["step"] == step), None)
+        ckpt = next((c for c in had if c["step"] == step), None)
+        files = lineage.checkpoint_files(reader, ckpt["checkpoint_id"]) if ckpt else []
     steps = sorted({c["step"] for c in had})
     if ckpt is None:
         have = f"it has checkpoints at steps {_ranges(steps)}" if steps else "it has no checkpoint yet"
@@ -89,6 +93,10 @@ def find_fork_point(spec: str, runs_root: str | Path) -> ForkPoint:
     if problem:
         raise ForkError(f"--fork {spec}: the checkpoint of step {step} ({ckpt['checkpoint_id']}) at {ckpt['path']} "
                         f"cannot be loaded: {problem}")
+    try:  # its recorded files, checked now: a damaged checkpoint is refused before the fork creates anything
+        verify_checkpoint(ckpt["checkpoint_id"], ckpt["path"], files)
+    except DamagedCheckpoint as e:
+        raise ForkError(f"--fork {spec}: {e}") from None
     return ForkPoint(row["run_id"], row["name"], step, ckpt["checkpoint_id"], str(Path(ckpt["path"]).resolve()),
                      str(ref.db.resolve()), json.loads(row["config_json"] or "{}"))
 
@@ -104,22 +112,54 @@ def _ranges(steps: list[int]) -> str:
     return ", ".join(out)
 
 
+def default_name(point: ForkPoint) -> str:
+    return f"{point.run_name}-fork{point.step}"
+
+
 def fork_config(path: str | Path, overrides: list[str], point: ForkPoint) -> MelConfig:
-    """The fork's config: FILE <- overrides <- run.fork; named ``<parent>-fork<STEP>`` when it would otherwise
-    write into its parent's run directory; ForkError when it changes the model the checkpoint is of."""
+    """The fork's config: FILE <- overrides <- run.fork. Its name is ``<parent>-fork<STEP>`` unless a ``run.name=``
+    override names it (FILE's run.name names FILE's own run, e.g. the demo's, not the fork), and always when that
+    name is its parent's. ForkError when it changes the model the checkpoint is of, or when its run directory
+    exists and holds anything but this fork itself (resuming a fork is running the same command again)."""
     from mel_core.step.runtime import run_dir_of
 
+    named = any(o.partition("=")[0].strip() == "run.name" for o in overrides)
     overrides = list(overrides) + point.overrides()
-    cfg = config_mod.load(path, overrides)
+    cfg = config_mod.load(path, overrides if named else overrides + [f"run.name={default_name(point)}"])
     if run_dir_of(cfg) == Path(point.store).parent:
-        cfg = config_mod.load(path, overrides + [f"run.name={point.run_name}-fork{point.step}"])
+        cfg = config_mod.load(path, overrides + [f"run.name={default_name(point)}"])
     changed = [(k, old, new) for k, old, new in config_changes(point.config, config_mod.to_dict(cfg))
                if k.startswith(MODEL_KEYS)]
     if changed:
         k, old, new = changed[0]
         raise ForkError(f"--fork: a fork trains on from its parent's checkpoint, so it keeps its model: {k} is "
                         f"{old!r} in {point.run_name} and {new!r} here")
+    _refuse_foreign_dir(cfg)
     return cfg
+
+
+def _refuse_foreign_dir(cfg: MelConfig) -> None:
+    """ForkError unless the fork's run directory is new, or is this fork's own (its store records the fork's run: a
+    resume). Empty, or holding only a lock, counts as new: a fork stopped before it registered."""
+    from mel_core.ids import make_id
+    from mel_core.run.lock import LOCK_FILE
+    from mel_core.step.runtime import run_dir_of
+    from mel_core.store.database import DB_FILE
+
+    run_dir = run_dir_of(cfg)
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} - {LOCK_FILE}:
+        return
+    run_id = make_id("run", cfg.run.name, config_mod.config_hash(cfg))
+    own = False
+    if (run_dir / DB_FILE).is_file():
+        try:
+            with StoreReader(run_dir / DB_FILE) as reader:
+                own = bool(reader.query("SELECT 1 FROM runs WHERE run_id = ?", [run_id]))
+        except Exception:
+            own = False
+    if not own:
+        raise ForkError(f"--fork: the fork's run directory {run_dir} already exists and holds another run; a fork "
+                        f"never writes into another run's directory: name it with run.name=NEW_NAME")
 
 
 def _flatten(d, prefix: str = "") -> dict:

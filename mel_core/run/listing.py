@@ -59,7 +59,8 @@ def planned_steps(config_json: str | None) -> int | None:
 
 
 def stopped_by_user(execution: dict) -> bool:
-    """A stage stopped by Ctrl-C is recorded as failed with the KeyboardInterrupt (mel_core.run.executions)."""
+    """A stage stopped by Ctrl-C or SIGTERM is recorded `interrupted` (mel_core.run.executions); stores written
+    before that recorded Ctrl-C as `failed` with the KeyboardInterrupt."""
     return (execution.get("error") or "").startswith("KeyboardInterrupt")
 
 
