@@ -40,8 +40,16 @@ def read(run_dir: str) -> dict:
         "FROM analyses a JOIN pairs p USING (pair_id) JOIN prompts pr ON pr.prompt_id = p.prompt_id ORDER BY a.step, "
         "a.analysis_id")
     evals = store.query("SELECT step, value FROM evals WHERE metric = 'pass@1' ORDER BY step")
+    run = store.query("SELECT name, config_json, created_at FROM runs ORDER BY created_at LIMIT 1")[0]
+    cfg = json.loads(run["config_json"])
+    setting = {"name": run["name"], "created_at": str(run["created_at"]),
+               "prompts_per_step": cfg["sampling"]["prompts_per_step"], "group_size": cfg["sampling"]["group_size"],
+               "pairs_per_group": cfg["experience"]["pairs_per_group"],
+               "analysis_temperature": cfg["experience"]["analysis_temperature"],
+               "analysis_max_new_tokens": cfg["experience"]["analysis_max_new_tokens"],
+               "steps": len({a["step"] for a in analyses})}
     updates = store.query("SELECT step, loss, rl_loss, nll_loss, num_sequences FROM updates ORDER BY step")
-    return {"run_dir": run_dir, "analyses": analyses, "evals": evals, "updates": updates}
+    return {"run_dir": run_dir, "setting": setting, "analyses": analyses, "evals": evals, "updates": updates}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -53,6 +61,9 @@ def summarize(runs: list[dict]) -> dict:
     accepted = [a for a in rows if a["status"] == "accepted"]
     per_section = {name: sum(name in f for f in found) for name in FOUR}
     return {
+        "runs": [{**r["setting"], "analyses": len(r["analyses"]),
+                  "outcomes": dict(collections.Counter(a["reject_reason"] or a["status"] for a in r["analyses"]))}
+                 for r in runs],
         "analyses": n,
         "outcomes": dict(outcome.most_common()),
         "parsed": sum(a["reject_reason"] in (None, "replay_failed") for a in rows),
@@ -98,6 +109,11 @@ def write(runs: list[dict], s: dict, argv: list[str]) -> None:
     lines = [f"# SmolLM2-135M-Instruct's own analyses ({s['analyses']} analyses)", "",
              f"Written by `.venv/bin/python docs/results/smollm2_analyses.py {' '.join(argv)}` from the run(s) "
              "listed in docs/RESULTS.md section 4; numbers in smollm2.json.", "",
+             "| run | steps with analyses | B x G, pairs per group | analysis T, token limit | analyses |",
+             "|---|---|---|---|---|",
+             *[f"| {r['name']} ({r['created_at'][:16]}) | {r['steps']} | {r['prompts_per_step']} x {r['group_size']}, "
+               f"{r['pairs_per_group']} | {r['analysis_temperature']}, {r['analysis_max_new_tokens']} | {r['analyses']} |"
+               for r in s["runs"]], "",
              "| outcome | analyses | share |", "|---|---|---|",
              *[f"| {k} | {v} | {v / n:.1%} |" for k, v in s["outcomes"].items()], "",
              f"- parsed (reached the replay): {s['parsed']} ({s['parsed'] / n:.1%})",
@@ -128,7 +144,7 @@ def main(argv: list[str]) -> dict:
     runs = [read(d) for d in argv]
     s = summarize(runs)
     write(runs, s, argv)
-    print(json.dumps({k: v for k, v in s.items() if k != "heldout_pass1"}, indent=1, default=str))
+    print(json.dumps({k: v for k, v in s.items() if k not in ("heldout_pass1", "runs")}, indent=1, default=str))
     return s
 
 
