@@ -18,7 +18,13 @@ from mel_core import config as config_mod
 from mel_core.algorithm.rewards import Verdict
 from mel_core.config import MelConfig
 from mel_core.ids import derive_seed, make_id
-from mel_core.model.checkpoints import Checkpoint, has_optimizer_state, verify_checkpoint
+from mel_core.model.checkpoints import (
+    Checkpoint,
+    has_optimizer_state,
+    require_checkpoint_dir,
+    resolve_checkpoint_path,
+    verify_checkpoint,
+)
 from mel_core.model.engines.base import Completion, SamplingParams
 from mel_core.problems.prompts import PromptSet
 from mel_core.store.database import DB_FILE
@@ -235,11 +241,23 @@ class Runtime:
 
     # --------------------------------------------------------------------- the loaded policy
 
+    def locate(self, ckpt: Checkpoint) -> Checkpoint:
+        """`ckpt` with its path where the checkpoint is now (mel_core.model.checkpoints.resolve_checkpoint_path
+        against this run's directory): a Checkpoint from a cached task result or a store of a run since copied or
+        moved names the original's directory. MissingCheckpoint (permanent, one line naming the run directory) when
+        it is nowhere (never read as a hub name)."""
+        path = resolve_checkpoint_path(ckpt.path, self.run_dir)
+        if not path.is_absolute():
+            return ckpt  # a base model's hub name: transformers downloads it
+        require_checkpoint_dir(ckpt.checkpoint_id, path, self.run_dir)
+        return ckpt if str(path) == ckpt.path else Checkpoint(ckpt.checkpoint_id, str(path))
+
     def ensure_version(self, ckpt: Checkpoint) -> None:
         """Load the policy and the engine on first use; afterwards move both to `ckpt` if they are elsewhere. Every
         load first checks the checkpoint's files against what was recorded when they were written."""
         from mel_core.model.policy import Policy
 
+        ckpt = self.locate(ckpt)
         if self._policy is None or self._policy_version != ckpt.checkpoint_id:
             self.check_files(ckpt)
         if self._policy is None:

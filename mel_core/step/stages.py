@@ -16,7 +16,7 @@ import torch
 from mel_core import config as config_mod
 from mel_core.algorithm import losses, meta_experience, pairing, replay_filter, retrospective
 from mel_core.ids import derive_seed, make_id
-from mel_core.model.checkpoints import Checkpoint, file_digests, saved_update_stats
+from mel_core.model.checkpoints import Checkpoint, file_digests, portable_path, saved_update_stats
 from mel_core.model.engines.base import SamplingParams
 from mel_core.step import analysts
 from mel_core.step.runtime import Runtime
@@ -421,8 +421,8 @@ def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     # Digests of the files as they are now, just written (or, after a crash before the commit, as the dead process
     # left them): every later load checks them (Runtime.ensure_version).
     files = file_digests(new.path)
-    rows = stage_records.update_records(rt.run_id, step, ckpt.checkpoint_id, new.checkpoint_id, new.path, stats, learned,
-                                        files)
+    rows = stage_records.update_records(rt.run_id, step, ckpt.checkpoint_id, new.checkpoint_id,
+                                        portable_path(new.path, rt.run_dir), stats, learned, files)  # movable runs
     with rt.store.transaction() as w:
         for table in ("checkpoints", "checkpoint_files", "updates", "internalized", "metrics"):
             w.insert(table, rows[table])
