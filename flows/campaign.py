@@ -105,8 +105,9 @@ def _steps(rt, checkpoint) -> dict:
         summaries = []
         with without_flow_heartbeat():
             for step in range(rt.start_step + 1, cfg.run.steps + 1):  # a fork's step numbers continue its parent's
-                # where it is now: a cached result of an earlier process names the directory it had then
-                checkpoint = rt.locate(iteration(rt.handle, step, checkpoint))
+                # where it is now (a cached result of an earlier process names the directory it had then); checked
+                # where it is loaded, so a finished step whose checkpoint was pruned is walked past
+                checkpoint = rt.locate(iteration(rt.handle, step, checkpoint), strict=False)
                 summaries.append(step_summary(rt.store, rt.run_id, step))
                 announce(format_step(summaries[-1]))
                 publish_step(rt, step, summaries[-1])

@@ -147,14 +147,21 @@ def test_a_copied_run_reads_its_own_checkpoints_and_a_moved_one_extends_evaluate
     assert fork[3]["checkpoint_id"] == mine[3]["checkpoint_id"] and Path(fork[3]["path"]).is_relative_to(moved)
     assert (third / f"{NAME}-fork3" / fork[4]["path"] / "model.safetensors").is_file()
 
-    # A checkpoint that is nowhere: one line naming the run directory, exit 2, nothing retried, no hub lookup.
-    shutil.rmtree(step4)
+    # An old checkpoint pruned: a finished step is walked past (only the checkpoint a step starts from is loaded).
+    shutil.rmtree(moved / mine[2]["path"])
+    assert _run(third, micro_model, 5) == 0, capsys.readouterr()
+    mine = _checkpoints(moved)
+    step5 = moved / mine[5]["path"]
+
+    # The checkpoint a step starts from is nowhere: one line naming the run directory, exit 2, not retried, no hub.
+    shutil.rmtree(step5)
     capsys.readouterr()
-    assert _run(third, micro_model, 5) == 2
+    assert _run(third, micro_model, 6) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"mel: checkpoint {mine[4]['checkpoint_id']}: no directory at {step4} "
+    assert last.startswith(f"mel: checkpoint {mine[5]['checkpoint_id']}: no directory at {step5} "
                            f"(run directory {moved})"), last
-    assert "hub" not in last.lower().replace("never looked up on the hugging face hub", "")
-    failed = Store(moved / "mel.duckdb").query("SELECT stage, step FROM stage_runs WHERE status = 'failed'")
-    assert len(failed) <= 1, failed  # refused once (in the step's first stage, or before it), never retried
-    assert not (moved / Path(mine[4]["path"]).parent / "step-00005").exists()
+    assert "hub" not in last.lower()
+    failed = Store(moved / "mel.duckdb").query("SELECT stage, step, error FROM stage_runs WHERE status = 'failed'")
+    assert [(f["stage"], f["step"]) for f in failed] == [("sample", 6)], failed  # refused once, never retried
+    assert failed[0]["error"].startswith("MissingCheckpoint")
+    assert not (step5.parent / "step-00006").exists()

@@ -88,6 +88,9 @@ def require_checkpoint_dir(checkpoint_id: str, path: str | Path, run_dir: str | 
     if p.is_dir():
         return p
     where = f" (run directory {run_dir})" if run_dir is not None else ""
+    tail = _run_tail(p)
+    if run_dir is not None and tail is not None and Path(run_dir).joinpath(*tail) != p:
+        where = f" nor at {Path(run_dir).joinpath(*tail)}{where}"  # a stale path: say where this run's own would be
     raise MissingCheckpoint(f"checkpoint {checkpoint_id}: no directory at {p}{where}: its files were moved or deleted "
                             f"(a run's checkpoints are under its own directory, <run>/checkpoints/)")
 

@@ -241,15 +241,17 @@ class Runtime:
 
     # --------------------------------------------------------------------- the loaded policy
 
-    def locate(self, ckpt: Checkpoint) -> Checkpoint:
+    def locate(self, ckpt: Checkpoint, strict: bool = True) -> Checkpoint:
         """`ckpt` with its path where the checkpoint is now (mel_core.model.checkpoints.resolve_checkpoint_path
         against this run's directory): a Checkpoint from a cached task result or a store of a run since copied or
         moved names the original's directory. MissingCheckpoint (permanent, one line naming the run directory) when
-        it is nowhere (never read as a hub name)."""
+        it is nowhere (never read as a hub name) — unless not `strict`: a checkpoint only handed on, not loaded (the
+        result of a finished step a resumed campaign walks past; its directory may have been pruned)."""
         path = resolve_checkpoint_path(ckpt.path, self.run_dir)
         if not path.is_absolute():
             return ckpt  # a base model's hub name: transformers downloads it
-        require_checkpoint_dir(ckpt.checkpoint_id, path, self.run_dir)
+        if strict:
+            require_checkpoint_dir(ckpt.checkpoint_id, path, self.run_dir)
         return ckpt if str(path) == ckpt.path else Checkpoint(ckpt.checkpoint_id, str(path))
 
     def ensure_version(self, ckpt: Checkpoint) -> None:
