@@ -128,7 +128,9 @@ def _steps(rt, checkpoint) -> dict:
         tracking.log_evals(evals)
         with without_flow_heartbeat():
             for step in range(rt.start_step + 1, cfg.run.steps + 1):  # a fork's step numbers continue its parent's
-                checkpoint = iteration(rt.handle, step, checkpoint)
+                # where it is now (a cached result of an earlier process names the directory it had then); checked
+                # where it is loaded, so a finished step whose checkpoint was pruned is walked past
+                checkpoint = rt.locate(iteration(rt.handle, step, checkpoint), strict=False)
                 unreported.append(step)
                 if step == cfg.run.steps or is_due(cfg, step):
                     rt.settle_saves()  # the campaign's last checkpoint, or one about to be evaluated: on disk first

@@ -164,6 +164,16 @@ def _find_checkpoint(db: Path, id_or_path: str, as_path: Path) -> dict | None:
         return lineage.find_checkpoint(reader, id_or_path, str(as_path.resolve()))
 
 
+def _in_a_run(as_path: Path, db: Path | None) -> bool:
+    """Whether the checkpoint directory `as_path` is inside a run directory (a store beside its checkpoints, or the
+    <run>/checkpoints/<hash>/step-NNNNN layout): its model and settings are that run's, never a default config's."""
+    if not as_path.is_dir():
+        return False
+    if db is not None and as_path.resolve().is_relative_to(db.parent.resolve()):
+        return True
+    return len(as_path.resolve().parts) > 3 and as_path.resolve().parts[-3] == "checkpoints"
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -197,13 +207,29 @@ def cmd_eval(args) -> int:
         return 2
     # One load: the run's own config (same model, prompts and data settings) unless --config names another, with the
     # run's directory as where the evaluations are written (the runtime's store is <root_dir>/<name>/mel.duckdb).
-    base = json.loads(row["config_json"]) if not args.config and row and row["config_json"] else None
+    run_config = json.loads(row["config_json"]) if row and row["config_json"] else None
+    if run_config is None and not args.config and _in_a_run(as_path, db):
+        print(f"mel: {args.checkpoint} is in a run directory whose store does not know it, so the config it was "
+              f"trained with is unknown: pass --config FILE", file=sys.stderr)
+        return 2
     where = []
     if db is not None:
         if db.name != DB_FILE:
             raise config_mod.ConfigError(f"--db: expected a run directory or its {DB_FILE}, got {db}")
         where = [f"run.root_dir={db.parent.parent.resolve()}", f"run.name={db.parent.name}"]
+    base = run_config if not args.config else None
     cfg = config_mod.load(args.config or (None if base else "configs/tiny.yaml"), [*args.overrides, *where], base=base)
+    if run_config is not None and args.config:
+        from mel_core.run.fork import MODEL_KEYS, config_changes
+        changed = [c for c in config_changes(run_config, config_mod.to_dict(cfg)) if c[0].startswith(MODEL_KEYS)]
+        if changed:
+            k, old, new = changed[0]
+            print(f"mel: --config {args.config}: {k} is {new!r} here and {old!r} in the run the checkpoint belongs to "
+                  f"({db.parent}): its weights are of that model; leave out --config to use the run's", file=sys.stderr)
+            return 2
+    chosen = f"the run's own, from {db}" if base else args.config or "configs/tiny.yaml"
+    print(f"mel: config: {chosen}" + (" (the checkpoint belongs to no run; --config FILE chooses another)"
+                                      if not base and not args.config else ""), flush=True)
     # --suite adds its benchmarks before any --datasets (both are evaluated; the table shows the suite's)
     datasets = (suite_datasets(args.suite, args.datasets or []) if args.suite else
                 args.datasets or list(cfg.eval.datasets))

@@ -40,10 +40,10 @@ DISTRIBUTION = "mel"  # pyproject.toml's [project] name
 
 
 def _exit_code(e: BaseException) -> int:
-    """2: the input is wrong (config, data, a refused query, a store that is not mel's, a damaged checkpoint); 1: the
+    """2: the input is wrong (config, data, a refused query, a store that is not mel's, a damaged or missing checkpoint); 1: the
     work failed."""
     from mel_core.config import ConfigError
-    from mel_core.model.checkpoints import DamagedCheckpoint
+    from mel_core.model.checkpoints import DamagedCheckpoint, MissingCheckpoint
     from mel_core.problems.sources import DataError
     from mel_core.run.fork import ForkError
     from mel_core.run.listing import RunsError
@@ -54,7 +54,7 @@ def _exit_code(e: BaseException) -> int:
     from mel_core.store.query_output import OutputError
 
     bad_input = (ConfigError, DataError, StoreError, RunLocked, RunDirError, UserSQLError, ExportError, OutputError,
-                 RunsError, ForkError, RunNotFound, DamagedCheckpoint)
+                 RunsError, ForkError, RunNotFound, DamagedCheckpoint, MissingCheckpoint)
     return 2 if isinstance(e, bad_input) else 1
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from mel_core.errors import is_transient
+from mel_core.model.checkpoints import Checkpoint
 from mel_core.run.executions import execute
 from mel_core.step.runtime import RunHandle, runtime_of
 from mel_core.step.stages import STAGE_VERSIONS
@@ -53,6 +54,15 @@ def run_stage(run: RunHandle, stage: str, step: int, body, *args):
 
     ctx = TaskRunContext.get()
     key = ctx.task_run.cache_key if ctx and ctx.task_run else None
-    return execute(runtime_of(run), stage, step, body, step, *args, cache_key=key)
+    return execute(runtime_of(run), stage, step, _located(body), step, *args, cache_key=key)
+
+
+def _located(body):
+    """The body with every Checkpoint it is given where it is now (Runtime.locate): a checkpoint a cached result
+    of an earlier process handed on names the directory it had then, and the run may since have been moved or
+    copied. A checkpoint that is nowhere fails the stage at once (MissingCheckpoint: permanent, not retried)."""
+    def run(rt, step, *args):
+        return body(rt, step, *(rt.locate(a) if isinstance(a, Checkpoint) else a for a in args))
+    return run
 
 

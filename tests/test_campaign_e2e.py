@@ -5,11 +5,14 @@ solve), so every table fills on every machine; the micro model trains for real a
 caches and checkpoints are the real ones.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from mel_core import config as config_mod
+from mel_core.model.checkpoints import resolve_checkpoint_path
 from mel_core.step.runtime import clear_runtimes
 from mel_core.store.schema import TABLES
 from mel_core.store.writer import Store
@@ -85,8 +88,9 @@ def test_checkpoint_after_update_differs(campaign_run):
     _, result = campaign_run
     s = Store(result["db"])
     ckpts = s.query("SELECT step, path FROM checkpoints ORDER BY step")
-    before = load_file(f"{ckpts[0]['path']}/model.safetensors")
-    after = load_file(f"{ckpts[1]['path']}/model.safetensors")
+    run_dir = Path(result["db"]).parent  # a run's own checkpoints are recorded relative to its directory
+    before = load_file(f"{resolve_checkpoint_path(ckpts[0]['path'], run_dir)}/model.safetensors")
+    after = load_file(f"{resolve_checkpoint_path(ckpts[1]['path'], run_dir)}/model.safetensors")
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 

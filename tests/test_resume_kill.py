@@ -11,11 +11,11 @@ catch. The same command without the fault resumes it.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from mel_core.model.checkpoints import resolve_checkpoint_path
 from mel_core.store.reader import StoreReader
 from mel_core.store.writer import Store
 
@@ -70,8 +70,8 @@ def test_sigkill_during_update_then_resume(tmp_path, micro_model):
         "   WHERE c.checkpoint_id IS NULL) AS n")[0]["n"]
     assert orphans == 0
     # every checkpoint directory recorded exists, and no half-written temp directory was left behind
-    for c in s.query("SELECT path FROM checkpoints WHERE step > 0"):
-        assert (Path(c["path"]) / "model.safetensors").exists()
+    for c in s.query("SELECT path FROM checkpoints WHERE step > 0"):  # recorded relative to the run directory
+        assert not c["path"].startswith("/") and (root / "kill" / c["path"] / "model.safetensors").exists()
     assert not list((root / "kill" / "checkpoints").glob("*/*.tmp-*"))
 
 
@@ -130,6 +130,8 @@ def test_sigkill_during_a_background_save_then_resume(tmp_path, micro_model):
               "num_nll_sequences"
     assert s.query(f"SELECT {columns} FROM updates ORDER BY step") == \
         reference.query(f"SELECT {columns} FROM updates ORDER BY step")
+    dirs = (root / "kill", tmp_path / "undisturbed" / "kill")
     for a, b in zip(*(st.query("SELECT path FROM checkpoints WHERE step > 0 ORDER BY step") for st in (s, reference))):
-        got, want = (load_file(Path(r["path"]) / "model.safetensors") for r in (a, b))
+        got, want = (load_file(resolve_checkpoint_path(r["path"], d) / "model.safetensors")
+                     for r, d in zip((a, b), dirs))
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

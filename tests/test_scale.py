@@ -17,6 +17,7 @@ pytest.importorskip("prefect_ray", reason="prefect-ray not installed: run make t
 import torch
 from safetensors.torch import load_file
 
+from mel_core.model.checkpoints import resolve_checkpoint_path
 from mel_core.store.writer import Store
 from tests.servers import MEL, standalone_server
 
@@ -76,7 +77,8 @@ def test_losses_and_final_weights_match(runs):
     q = "SELECT step, loss, rl_loss, nll_loss FROM updates ORDER BY step"
     for x, y in zip(local.query(q), ray.query(q)):
         assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], abs=1e-6), (x, y)
-    paths = [s.query("SELECT path FROM checkpoints ORDER BY step DESC LIMIT 1")[0]["path"] for s in runs]
+    paths = [resolve_checkpoint_path(s.query("SELECT path FROM checkpoints ORDER BY step DESC LIMIT 1")[0]["path"],
+                                     s.path.parent) for s in runs]
     a, b = (load_file(f"{p}/model.safetensors") for p in paths)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 

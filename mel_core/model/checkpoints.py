@@ -9,6 +9,11 @@ into a temp directory and renamed into place, whole or absent.
 Every file of a checkpoint a run writes has its size and digest recorded in the store with the checkpoint's row
 (:func:`file_digests`; ``checkpoint_files``), and a load that trains or evaluates checks them first
 (:func:`damaged_files`, :class:`DamagedCheckpoint`): damaged weights are refused, never trained on.
+
+Runs are movable: the store records a checkpoint the run wrote by its path relative to the run directory
+(:func:`portable_path`), and every reader turns a recorded path into a directory with :func:`resolve_checkpoint_path`
+against where the store is now; a path that resolves to nothing is :class:`MissingCheckpoint` (permanent, never a
+hub lookup).
 """
 
 from __future__ import annotations
@@ -32,6 +37,62 @@ class Checkpoint:
     a policy version, end to end."""
     checkpoint_id: str
     path: str
+
+
+class MissingCheckpoint(PermanentError, FileNotFoundError):
+    """A checkpoint's directory is not where its run says: moved or deleted. Retrying cannot bring it back, and the
+    path must never be read as a hub model name."""
+
+
+def portable_path(path: str | Path, run_dir: str | Path) -> str:
+    """What the store records of a checkpoint's directory: its path relative to the run directory when it is inside
+    it (``checkpoints/<config hash>/step-NNNNN``: the run can be copied or moved), else its absolute path (a base
+    model, a fork's parent's checkpoint) or the hub name it is."""
+    p, rd = Path(path), Path(run_dir).absolute()
+    if not p.is_absolute():
+        return str(path)  # a hub model name
+    try:
+        return p.relative_to(rd).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _run_tail(p: Path) -> tuple[str, ...] | None:
+    """``('checkpoints', hash, 'step-NNNNN')`` when `p` is a run's checkpoint directory, else None."""
+    parts = p.parts
+    return parts[-3:] if len(parts) > 3 and parts[-3] == "checkpoints" else None
+
+
+def resolve_checkpoint_path(path: str | Path, run_dir: str | Path) -> Path:
+    """The directory a checkpoint path recorded in the store of `run_dir` (the directory the store file is in now)
+    names: the one function every reader of a recorded checkpoint path calls.
+
+    A relative path (what runs record) is relative to `run_dir`. An absolute one (stores written before runs were
+    movable, cached task results, a fork's parent) is taken as it is, unless it is another directory's
+    ``checkpoints/<hash>/step-NNNNN`` and the same tail exists under `run_dir`: then it is this run's own copy (a run
+    copied with ``cp -a`` reads its own checkpoints, not the original's; a moved run finds them where they are now).
+    A relative path that is no run's (``org/model``, a base checkpoint's hub name) is returned as it is. Whether the
+    result exists is the caller's to check."""
+    p, rd = Path(path), Path(run_dir)
+    if not p.is_absolute():  # relative to the run directory, or a hub model's name (a base checkpoint)
+        return rd / p if p.parts[:1] == ("checkpoints",) or (rd / p).is_dir() else p
+    tail = _run_tail(p)
+    if tail is not None and p.parent.parent.parent != rd and (rd.joinpath(*tail)).is_dir():
+        return rd.joinpath(*tail)
+    return p
+
+
+def require_checkpoint_dir(checkpoint_id: str, path: str | Path, run_dir: str | Path | None) -> Path:
+    """`path` if it is a directory, else MissingCheckpoint in one line naming the run directory."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    where = f" (run directory {run_dir})" if run_dir is not None else ""
+    tail = _run_tail(p)
+    if run_dir is not None and tail is not None and Path(run_dir).joinpath(*tail) != p:
+        where = f" nor at {Path(run_dir).joinpath(*tail)}{where}"  # a stale path: say where this run's own would be
+    raise MissingCheckpoint(f"checkpoint {checkpoint_id}: no directory at {p}{where}: its files were moved or deleted "
+                            f"(a run's checkpoints are under its own directory, <run>/checkpoints/)")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")

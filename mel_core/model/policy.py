@@ -26,7 +26,7 @@ from mel_core.algorithm import losses
 from mel_core.atomic_files import write_dir_atomically
 from mel_core.config import MelConfig
 from mel_core.errors import PermanentError
-from mel_core.model.checkpoints import OPTIMIZER_FILE, write_checkpoint
+from mel_core.model.checkpoints import OPTIMIZER_FILE, MissingCheckpoint, write_checkpoint
 from mel_core.tokens import encode_prompts
 
 
@@ -123,6 +123,18 @@ def apply_optimizer_settings(cfg: MelConfig, optimizer: torch.optim.Optimizer) -
         group.update(adamw_settings(cfg))
 
 
+def local_or_hub(path: str | Path) -> str:
+    """`path` as transformers is to read it. A path that names a local directory (absolute, ./ ../ ~, or one that
+    exists) must be one: transformers would otherwise take a missing directory for a hub repo id and fail with a
+    hub error that reads as transient. MissingCheckpoint (permanent, one line) instead; a hub name passes."""
+    text = str(path)
+    p = Path(text).expanduser()
+    if (p.is_absolute() or text.startswith((".", "~")) or p.exists()) and not p.is_dir():
+        raise MissingCheckpoint(f"{text}: no such model or checkpoint directory (a local path, never looked up on "
+                                f"the Hugging Face hub)")
+    return text
+
+
 class Policy:
     def __init__(self, cfg: MelConfig, path: str | Path, prepare: Callable[[torch.nn.Module], None] | None = None):
         """The model and tokenizer at `path` (full or with LoRA adapters) and its optimizer. `prepare` changes the
@@ -132,6 +144,7 @@ class Policy:
 
         hf_logging.disable_progress_bar()  # per-step loads/saves would flood the campaign's output
         self.cfg = cfg
+        path = local_or_hub(path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -186,7 +199,7 @@ class Policy:
         """Move the model (not the optimizer: a generation worker never steps) to the weights saved at `path`."""
         from transformers import AutoModelForCausalLM
 
-        path = Path(path)
+        path = Path(local_or_hub(path))
         weights = path / "model.safetensors"
         adapter = path / "adapter_model.safetensors"
         if self.lora:

@@ -18,7 +18,7 @@ import uuid
 from mel_core.config import to_dict
 from mel_core.errors import InjectedFault, InjectedPermanentFault, interruption, is_transient
 from mel_core.ids import now
-from mel_core.model.checkpoints import Checkpoint
+from mel_core.model.checkpoints import Checkpoint, portable_path
 from mel_core.step.runtime import Runtime
 from mel_core.store import lineage, stage_records
 
@@ -102,6 +102,6 @@ def register_run(rt: Runtime, base: Checkpoint) -> None:
                            "parent_checkpoint_id": fork.checkpoint_id or None,
                            "model_json": json.dumps(rt.model_provenance, sort_keys=True)}])
         w.insert("checkpoints", [{"checkpoint_id": base.checkpoint_id, "run_id": rt.run_id, "step": rt.start_step,
-                                  "path": base.path, "parent_checkpoint_id": None, "created_at": now()}])
+                                  "path": portable_path(base.path, rt.run_dir), "parent_checkpoint_id": None, "created_at": now()}])
         stage_records.mark_interrupted(w, rt.run_id)
     rt.store.publish()

@@ -20,7 +20,13 @@ from mel_core.algorithm.rewards import Verdict
 from mel_core.config import MelConfig
 from mel_core.ids import derive_seed, make_id
 from mel_core.model import async_save
-from mel_core.model.checkpoints import Checkpoint, has_optimizer_state, verify_checkpoint
+from mel_core.model.checkpoints import (
+    Checkpoint,
+    has_optimizer_state,
+    require_checkpoint_dir,
+    resolve_checkpoint_path,
+    verify_checkpoint,
+)
 from mel_core.model.engines.base import Completion, SamplingParams
 from mel_core.problems.prompts import PromptSet
 from mel_core.store.database import DB_FILE
@@ -238,6 +244,20 @@ class Runtime:
 
     # --------------------------------------------------------------------- the loaded policy
 
+    def locate(self, ckpt: Checkpoint, strict: bool = True) -> Checkpoint:
+        """`ckpt` with its path where the checkpoint is now (mel_core.model.checkpoints.resolve_checkpoint_path
+        against this run's directory): a Checkpoint from a cached task result or a store of a run since copied or
+        moved names the original's directory. MissingCheckpoint (permanent, one line naming the run directory) when
+        it is nowhere (never read as a hub name) — unless not `strict`: a checkpoint only handed on, not loaded (the
+        result of a finished step a resumed campaign walks past; its directory may have been pruned)."""
+        path = resolve_checkpoint_path(ckpt.path, self.run_dir)
+        if not path.is_absolute():
+            return ckpt  # a base model's hub name: transformers downloads it
+        writing = self._pending_save is not None and self._pending_save.checkpoint.checkpoint_id == ckpt.checkpoint_id
+        if strict and not writing:  # the one being written in the background is there once settled
+            require_checkpoint_dir(ckpt.checkpoint_id, path, self.run_dir)
+        return ckpt if str(path) == ckpt.path else Checkpoint(ckpt.checkpoint_id, str(path))
+
     def ensure_version(self, ckpt: Checkpoint) -> None:
         """Load the policy and the engine on first use; afterwards move both to `ckpt` if they are elsewhere. Every
         load first checks the checkpoint's files against what was recorded when they were written."""
@@ -245,6 +265,7 @@ class Runtime:
 
         if self._policy is None or self._policy_version != ckpt.checkpoint_id or self._engine is None:
             self.settle_saves()  # a load from disk follows: the checkpoint being written may be the one it reads
+        ckpt = self.locate(ckpt)
         if self._policy is None or self._policy_version != ckpt.checkpoint_id:
             self.check_files(ckpt)  # after the settle: the files and their digests are then committed
         if self._policy is None:

@@ -18,7 +18,7 @@ import torch
 from mel_core import config as config_mod
 from mel_core.algorithm import losses, meta_experience, pairing, replay_filter, retrospective
 from mel_core.ids import derive_seed, make_id
-from mel_core.model.checkpoints import Checkpoint, file_digests, saved_update_stats
+from mel_core.model.checkpoints import Checkpoint, file_digests, portable_path, saved_update_stats
 from mel_core.model.engines.base import SamplingParams
 from mel_core.step import analysts
 from mel_core.step.runtime import Runtime
@@ -452,7 +452,8 @@ def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     learned = stage_records.accepted_heuristics(rt.store, rt.run_id, step) if any_accepted else []
     # Digests of the files as written — or, after a crash before the commit, as the dead process left them: every
     # later load checks them (Runtime.ensure_version). A background save fills them in on its thread.
-    rows = stage_records.update_records(rt.run_id, step, ckpt.checkpoint_id, new.checkpoint_id, new.path, stats, learned,
+    rows = stage_records.update_records(rt.run_id, step, ckpt.checkpoint_id, new.checkpoint_id,
+                                        portable_path(new.path, rt.run_dir), stats, learned,  # movable runs
                                         [] if write is not None else file_digests(new.path))
     if write is not None:
         def write_and_digest(tmp: Path) -> None:

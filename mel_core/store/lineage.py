@@ -7,7 +7,19 @@ The recursive walk over ``parent_checkpoint_id`` is written out here rather than
 
 from __future__ import annotations
 
-from mel_core.model.checkpoints import FileDigest
+from pathlib import Path
+
+from mel_core.model.checkpoints import FileDigest, resolve_checkpoint_path
+
+
+def _located(store, rows: list[dict]) -> list[dict]:
+    """Checkpoint rows with 'path' where the directory is now: recorded paths are relative to the run directory (the
+    directory the store file is in) or, in older stores, absolute (mel_core.model.checkpoints.resolve_checkpoint_path)."""
+    db = getattr(store, "path", None)
+    if db is None:
+        return rows
+    run_dir = Path(db).absolute().parent
+    return [{**r, "path": str(resolve_checkpoint_path(r["path"], run_dir))} if r.get("path") else r for r in rows]
 
 
 def heuristic_lineage(store, heuristic_id: str) -> dict | None:
@@ -18,7 +30,7 @@ def heuristic_lineage(store, heuristic_id: str) -> dict | None:
 
 
 def checkpoint(store, checkpoint_id: str) -> dict | None:
-    rows = store.query("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
+    rows = _located(store, store.query("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id]))
     return rows[0] if rows else None
 
 
@@ -37,7 +49,8 @@ def checkpoint_files(store, checkpoint_id: str) -> list[FileDigest]:
 def checkpoints_with_files(store) -> list[dict]:
     """Every checkpoint of the store (step, id, path; a fork's copied ones too) with its recorded files under
     'files' (a list of FileDigest, empty when none were recorded), by step."""
-    rows = store.query("SELECT checkpoint_id, run_id, step, path FROM checkpoints ORDER BY step, checkpoint_id")
+    rows = _located(store, store.query("SELECT checkpoint_id, run_id, step, path FROM checkpoints "
+                                       "ORDER BY step, checkpoint_id"))
     files: dict[str, list[FileDigest]] = {}
     if _has_column(store, "checkpoint_files", "digest"):
         for r in store.query("SELECT checkpoint_id, file, size, digest, algorithm FROM checkpoint_files "
@@ -55,11 +68,12 @@ def checkpoint_heuristics(store, checkpoint_id: str) -> list[dict]:
 
 
 def find_checkpoint(store, id_or_path: str, path: str) -> dict | None:
-    """A checkpoint by id or by directory, with its run's config (to evaluate it with the run's own settings)."""
-    rows = store.query("SELECT c.checkpoint_id, c.path, c.step, c.run_id, r.config_json FROM checkpoints c "
-                       "LEFT JOIN runs r USING (run_id) WHERE c.checkpoint_id = ? OR c.path = ? ORDER BY c.step LIMIT 1",
-                       [id_or_path, path])
-    return rows[0] if rows else None
+    """A checkpoint by id or by directory (`path`, absolute: compared with where each recorded checkpoint is now, so
+    a moved or copied run finds its own), with its run's config (to evaluate it with the run's own settings)."""
+    rows = _located(store, store.query("SELECT c.checkpoint_id, c.path, c.step, c.run_id, r.config_json "
+                                       "FROM checkpoints c LEFT JOIN runs r USING (run_id) ORDER BY c.step"))
+    return next((r for r in rows if r["checkpoint_id"] == id_or_path), None) or \
+        next((r for r in rows if r["path"] == str(path)), None)
 
 
 # The chain from one checkpoint up to its base, walking parent_checkpoint_id: only the tables that existed
@@ -73,8 +87,8 @@ _CHAIN = ("WITH RECURSIVE chain(checkpoint_id, depth) AS (SELECT CAST(? AS VARCH
 def checkpoint_chain(store, checkpoint_id: str) -> list[dict]:
     """The checkpoint and every one before it (its parent, the parent's parent, ... the base), base first, across
     forks; [] when the store does not know the checkpoint."""
-    return store.query(_CHAIN + "SELECT c.*, chain.depth FROM chain JOIN checkpoints c USING (checkpoint_id) "
-                                "ORDER BY chain.depth DESC", [checkpoint_id])
+    return _located(store, store.query(_CHAIN + "SELECT c.*, chain.depth FROM chain JOIN checkpoints c "
+                                                "USING (checkpoint_id) ORDER BY chain.depth DESC", [checkpoint_id]))
 
 
 
@@ -96,9 +110,9 @@ def run_checkpoints(store, run_id: str) -> list[dict]:
     run of the same store may have written first — or, for a fork, its parent's)."""
     started_from = "OR c.checkpoint_id IN (SELECT parent_checkpoint_id FROM runs WHERE run_id = ?)" \
         if _has_column(store, "runs", "parent_checkpoint_id") else ""
-    return store.query(f"SELECT c.* FROM checkpoints c WHERE c.run_id = ? OR c.checkpoint_id IN "
-                       f"(SELECT checkpoint_in FROM updates WHERE run_id = ?) {started_from} ORDER BY c.step",
-                       [run_id, run_id] + ([run_id] if started_from else []))
+    return _located(store, store.query(f"SELECT c.* FROM checkpoints c WHERE c.run_id = ? OR c.checkpoint_id IN "
+                                       f"(SELECT checkpoint_in FROM updates WHERE run_id = ?) {started_from} "
+                                       f"ORDER BY c.step", [run_id, run_id] + ([run_id] if started_from else [])))
 
 
 

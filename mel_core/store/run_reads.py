@@ -71,6 +71,8 @@ def last_checkpoint(reader, run_id: str) -> dict | None:
     """The run's newest checkpoint (step 0: the starting policy)."""
     rows = reader.query("SELECT checkpoint_id, step, path FROM checkpoints WHERE run_id = ? ORDER BY step DESC, "
                         "created_at DESC LIMIT 1", [run_id])
+    from mel_core.store.lineage import _located
+    rows = _located(reader, rows)
     return rows[0] if rows else None
 
 
