@@ -17,7 +17,7 @@ import torch
 from mel_core import config as config_mod
 from mel_core.atomic_files import temp_name
 from mel_core.model import async_save
-from mel_core.model.checkpoints import OPTIMIZER_FILE
+from mel_core.model.checkpoints import OPTIMIZER_FILE, resolve_checkpoint_path
 from mel_core.store.schema import TABLES
 from mel_core.store.writer import Store
 from tests.scripted import scripted_runtimes
@@ -124,7 +124,9 @@ def _records(db) -> dict[str, list[dict]]:
 
 
 def _checkpoint_dirs(db) -> dict[int, Path]:
-    return {r["step"]: Path(r["path"]) for r in Store(db).query("SELECT step, path FROM checkpoints WHERE step > 0")}
+    run_dir = Path(db).parent  # paths are stored relative to it (movable runs)
+    return {r["step"]: resolve_checkpoint_path(r["path"], run_dir)
+            for r in Store(db).query("SELECT step, path FROM checkpoints WHERE step > 0")}
 
 
 def _assert_same_checkpoints(db, reference_db) -> None:
