@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ TIME = "/usr/bin/time"
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--keep", metavar="DIR", help="copy the demo's run directory (store, checkpoints) to DIR")
     a = ap.parse_args(argv)
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     env.pop("VIRTUAL_ENV", None)
@@ -42,6 +44,8 @@ def main(argv=None) -> dict:
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"make demo-real failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        if a.keep:
+            shutil.copytree(clone / "runs", a.keep, dirs_exist_ok=True)  # paths in the store are run-relative
     peak_gb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 2**20
     out = proc.stdout.splitlines()
     keep = [ln for ln in out if ln.startswith(("step ", "eval step", "model smollm2", "mel: campaign", "mel: one analysis", "mel: done"))
