@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from mel_core import config as C
 from mel_core.model import sources
@@ -111,4 +112,15 @@ def test_one_mel_step_on_the_real_model_through_prefect(prefect_harness, smollm2
     assert update["num_sequences"] == 4 and update["loss"] == update["loss"]  # recorded, finite
     for a in store.query("SELECT trained_token_ids FROM analyses WHERE trained_token_ids IS NOT NULL"):
         assert a["trained_token_ids"][-1] == 2  # M* ends with the token the generation stops on
-    assert Path(result["final_checkpoint"].path, "model.safetensors").is_file()
+    final = Path(result["final_checkpoint"].path)
+    assert (final / "model.safetensors").is_file()
+    # a resume or an evaluation loads it into a fresh policy: the tied lm_head (not in the file) follows the embedding
+    from safetensors.torch import load_file
+
+    from mel_core.model.policy import Policy
+    policy = Policy(cfg, smollm2.path)
+    policy.load_checkpoint(final)
+    saved = load_file(str(final / "model.safetensors"))
+    emb = policy.model.get_input_embeddings().weight
+    assert "lm_head.weight" not in saved and policy.model.get_output_embeddings().weight is emb
+    assert torch.equal(emb.detach(), saved["model.embed_tokens.weight"])

@@ -135,6 +135,19 @@ def local_or_hub(path: str | Path) -> str:
     return text
 
 
+def _load_tied(model, state: dict, path) -> None:
+    """load_state_dict that knows tied weights: save_pretrained writes a tied lm_head once, under the embedding's name
+    (SmolLM2, Qwen3-0.6B/1.7B/4B), so its key is missing from the file but its tensor is loaded through the embedding.
+    Anything else missing or unexpected is refused, as a strict load would."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for name, p in params.items() if name in state}
+    untied = [k for k in missing if k not in params or id(params[k]) not in loaded]
+    if untied or unexpected:
+        raise RuntimeError(f"{path}: weights that do not fit the model (missing {untied[:5]}, unexpected "
+                           f"{list(unexpected)[:5]})")
+
+
 class Policy:
     def __init__(self, cfg: MelConfig, path: str | Path, prepare: Callable[[torch.nn.Module], None] | None = None):
         """The model and tokenizer at `path` (full or with LoRA adapters) and its optimizer. `prepare` changes the
@@ -215,7 +228,7 @@ class Policy:
         else:
             state = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.master_dtype).state_dict()
         if not self.lora:
-            self.model.load_state_dict(state)
+            _load_tied(self.model, state, path)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The full model's parameters as (name, tensor) pairs, named as in its checkpoint: what an engine beside the
