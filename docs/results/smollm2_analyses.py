@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's mel_core, not an installed one
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # benchmarks.parse_rate reads the fixtures
 from mel_core.algorithm.meta_experience.sections import find_sections, prepare
 from mel_core.store.reader import StoreReader
 
@@ -60,6 +61,14 @@ def summarize(runs: list[dict]) -> dict:
     replayed = [a for a in rows if a["status"] == "accepted" or a["reject_reason"] == "replay_failed"]
     accepted = [a for a in rows if a["status"] == "accepted"]
     per_section = {name: sum(name in f for f in found) for name in FOUR}
+    # the parse rate on this real output, before and after the parser learned the paper's titles (the revision and
+    # file benchmarks/parse_rate.py compares on the fixture corpus)
+    from benchmarks.parse_rate import load_revision
+    from mel_core.algorithm import meta_experience
+    before = load_revision("bb9e215", "mel_core/meta_experience.py")
+    parse_rate = {label: sum(parser.parse_analysis(a["raw_text"] or "", gold_answer=a["gold_answer"],
+                                                   question=a["question"]).ok for a in rows)
+                  for label, parser in (("before (bb9e215)", before), ("after", meta_experience))}
     return {
         "runs": [{**r["setting"], "analyses": len(r["analyses"]),
                   "outcomes": dict(collections.Counter(a["reject_reason"] or a["status"] for a in r["analyses"]))}
@@ -67,6 +76,7 @@ def summarize(runs: list[dict]) -> dict:
         "analyses": n,
         "outcomes": dict(outcome.most_common()),
         "parsed": sum(a["reject_reason"] in (None, "replay_failed") for a in rows),
+        "parse_rate_before_after": parse_rate,
         "all_four_sections": sum(set(FOUR) <= f for f in found),
         "sections_found": per_section,
         "ran_to_length_limit": sum(a["finish_reason"] == "length" for a in rows),
@@ -116,7 +126,8 @@ def write(runs: list[dict], s: dict, argv: list[str]) -> None:
                for r in s["runs"]], "",
              "| outcome | analyses | share |", "|---|---|---|",
              *[f"| {k} | {v} | {v / n:.1%} |" for k, v in s["outcomes"].items()], "",
-             f"- parsed (reached the replay): {s['parsed']} ({s['parsed'] / n:.1%})",
+             f"- parsed (reached the replay): {s['parsed']} ({s['parsed'] / n:.1%}); re-parsed now: "
+             + ", ".join(f"{k} {v}/{s['analyses']}" for k, v in s["parse_rate_before_after"].items()),
              f"- all four sections of the paper's format found: {s['all_four_sections']} ({s['all_four_sections'] / n:.1%}); "
              "each section: " + ", ".join(f"{k} {v}" for k, v in s["sections_found"].items()),
              f"- ran to the length limit: {s['ran_to_length_limit']} ({s['ran_to_length_limit'] / n:.1%}); "
@@ -127,8 +138,8 @@ def write(runs: list[dict], s: dict, argv: list[str]) -> None:
              f"- acceptance (accepted / analyses): {s['accepted']}/{s['analyses']}; retention (accepted / replayed): "
              f"{s['accepted']}/{s['replayed']}", ""]
     for h in s["heldout_pass1"]:
-        lines.append(f"- held-out greedy Pass@1 ({h['run']}): {h['first']['value']:.3f} at step {h['first']['step']} "
-                     f"-> {h['last']['value']:.3f} at step {h['last']['step']}")
+        first = (f"{h['first']['value']:.3f} at step {h['first']['step']} -> " if h["first"] != h["last"] else "")
+        lines.append(f"- held-out greedy Pass@1 ({h['run']}): {first}{h['last']['value']:.3f} at step {h['last']['step']}")
     lines += ["", f"## Accepted analyses ({len(accepted)} quoted)", ""]
     for a in accepted:
         lines += _quote(a)
