@@ -11,6 +11,7 @@ import pytest
 from mel_core import config as C
 from mel_core.algorithm.rewards.math_answers import verify_math_batch
 from mel_core.problems import sources as D
+from mel_core.problems.problem import DataError
 from mel_core.study import evaluation as ev
 
 FILE = Path(__file__).resolve().parent.parent / "data" / "olympiadbench" / "test.jsonl"
@@ -49,12 +50,16 @@ def test_a_one_element_list_answer_is_that_answer(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in [
         {"question": "Both roots?", "final_answer": ["$69$,$84$"], "is_multiple_answer": True},
         {"question": "Half?", "final_answer": ["\\frac{1}{2}"], "is_multiple_answer": False},
-        {"question": "Odd list", "final_answer": ["1", "2"], "is_multiple_answer": True},
     ]) + "\n")
     # no data.* settings: the loader finds 'question' and 'final_answer' itself
     ds = ev.load_dataset(C.load("configs/tiny.yaml"), str(path))
-    assert ds.name == "olympiad" and [p.question for p in ds.problems] == ["Both roots?", "Half?", "Odd list"]
-    assert [p.answer for p in ds.problems] == ["69,84", "\\frac{1}{2}", '["1", "2"]']  # only one-element lists unwrap
+    assert ds.name == "olympiad" and [p.question for p in ds.problems] == ["Both roots?", "Half?"]
+    assert [p.answer for p in ds.problems] == ["69,84", "\\frac{1}{2}"]  # one-element lists unwrap
+    # a list of several values is no answer the verifier could check: refused with its line, not turned into JSON text
+    with path.open("a") as f:
+        f.write(json.dumps({"question": "Odd list", "final_answer": ["1", "2"], "is_multiple_answer": True}) + "\n")
+    with pytest.raises(DataError, match=r":3: field 'final_answer': a list of 2 values"):
+        ev.load_dataset(C.load("configs/tiny.yaml"), str(path))
 
 
 def test_shipped_quirky_rows_normalise(shipped):

@@ -309,7 +309,7 @@ def test_evaluating_a_subset_measures_accuracy_on_that_rule(micro_model, tmp_pat
 
     cfg = config_mod.load("configs/tiny-rules.yaml", [
         "run.name=rules-eval", f"run.root_dir={tmp_path}", f"model.name_or_path={micro_model}", "eval.k=0",
-        "eval.max_new_tokens=400",  # the micro model's tokenizer spells the words in pieces
+        "eval.max_new_tokens=400", "model.max_seq_len=512",  # the micro model's tokenizer spells words in pieces
         "data.synthetic.eval_size=24", "data.synthetic.train_size=24"])
     rt, base = scripted_runtime(cfg, _SolvesOneRule("jump"))
     results = {d: evaluation.evaluate(rt, base, d) for d in ["synthetic", "synthetic:jump", "synthetic:stay"]}
