@@ -25,6 +25,7 @@ from mel_core.run.executions import register_run
 from mel_core.run.lock import run_lock
 from mel_core.run.refs import RunRef
 from mel_core.step.runtime import get_runtime, run_dir_of
+from mel_core.step.stages import experience_step
 from mel_core.study.evaluation import is_due
 from mel_core.study.report import write_report
 from mel_core.study.summary import format_step, step_summary
@@ -116,7 +117,7 @@ def _steps(rt, checkpoint) -> dict:
         update rows commit when step t+1 samples (its checkpoint was being written meanwhile)."""
         while unreported and unreported[0] != rt.saving_step:
             step = unreported.pop(0)
-            summaries.append(step_summary(rt.store, rt.run_id, step))
+            summaries.append(step_summary(rt.store, rt.run_id, step, experience_step(rt, step)))
             announce(format_step(summaries[-1]))
             publish_step(rt, step, summaries[-1])
             tracking.log_step(summaries[-1])

@@ -416,6 +416,15 @@ class OrchestrationConfig:
     default: StagePolicy = section(StagePolicy, "Retry/timeout policy of every stage.")
     stages: Dict[str, StagePolicy] = doc({}, "Per-stage overrides of the default policy, keyed by stage name.")
     faults: List[FaultConfig] = doc([], "Fault injection for tests and drills: fail a stage at a step.")
+    overlap: int = doc(0, "Our choice beyond the paper [C]: 0 = each step's stages in sequence, as the paper's "
+                       "algorithm reads | 1 = step t+1's rollouts and the analyses of step t's pairs are generated in "
+                       "one engine batch (the analyses by pi_t, the policy that samples step t+1), then step t's "
+                       "abstract and replay run, and step t+1's update trains L_RL on its own rollouts (GRPO stays "
+                       "on-policy) plus L_NLL on the meta-experience accepted from step t's pairs: the NLL target is "
+                       "one step stale. Step 1 trains no NLL and the last step's pairs are never analysed. A GRPO "
+                       "run (experience.enabled false) is unchanged. Why: MEL's extra generation then rides in the "
+                       "rollouts' batch (prime-rl and AReaL overlap likewise); docs/BENCHMARKS.md has the cost.",
+                       one_of=(0, 1))
 
 
 @dataclass

@@ -69,6 +69,7 @@ class Script:
     rollout: Callable[[str, int], str] | None = None
     replay: Callable[[str], str] | None = None
     seen: list[str] = field(default_factory=list)  # every prompt generated for, in order
+    batches: list[list[int]] = field(default_factory=list)  # prompts per request of each generate_many call
 
     def write(self, prompt: str, index: int) -> str:
         """The tiny prompt set (``Q: …``) or the paper's (``### Problem`` / ``Problem:`` headers)."""
@@ -110,6 +111,12 @@ class ScriptedEngine:
         self.calls.append((len(prompts), params))
         return [[self._completion(self.script.write(p, i), params.max_new_tokens) for i in range(params.n)]
                 for p in prompts]
+
+    def generate_many(self, requests, desc: str = "") -> list[list[list[Completion]]]:
+        """Several requests in one batch (orchestration.overlap), each written as `generate` writes it."""
+        self.script.batches.append([len(prompts) for prompts, _ in requests])
+        return [[[self._completion(self.script.write(p, i), params.max_new_tokens) for i in range(params.n)]
+                 for p in prompts] for prompts, params in requests]
 
     def _completion(self, text: str, max_new_tokens: int) -> Completion:
         tok = self.tokenizer

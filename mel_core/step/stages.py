@@ -10,6 +10,7 @@ runs the same step without an orchestrator (the benchmarks and many tests do).
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ from mel_core import config as config_mod
 from mel_core.algorithm import losses, meta_experience, pairing, replay_filter, retrospective
 from mel_core.ids import derive_seed, make_id
 from mel_core.model.checkpoints import Checkpoint, file_digests, portable_path, saved_update_stats
-from mel_core.model.engines.base import SamplingParams
+from mel_core.model.engines.base import SamplingParams, generate_together
 from mel_core.step import analysts
 from mel_core.step.runtime import Runtime
 from mel_core.store import library, stage_records
@@ -32,8 +33,17 @@ STAGE_VERSIONS = {"warm_start": 2, "sample": 1, "verify": 2, "pair": 2, "diagnos
 # ---------------------------------------------------------------------------------- 1. sample
 
 
+def experience_step(rt: Runtime, step: int) -> int:
+    """The step whose pairs step `step` analyses (abstract, replay) and whose accepted meta-experience its update
+    trains on: the step itself, or with orchestration.overlap the one before (its analyses were generated in this
+    step's rollout batch)."""
+    return step - rt.cfg.orchestration.overlap
+
+
 def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
-    """B prompts x G rollouts from pi_old at the rollout temperature, in one engine call."""
+    """B prompts x G rollouts from pi_old at the rollout temperature, in one engine call. With
+    orchestration.overlap, the analyses of the previous step's pairs are generated in the same call (by the same
+    policy, pi_old of this step) and written with this step's rollouts."""
     cfg = rt.cfg
     rt.ensure_version(ckpt)
     problems = rt.step_problems(step)
@@ -44,7 +54,17 @@ def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     seed = derive_seed(cfg.run.seed, step, "sample")
     params = SamplingParams(n=cfg.sampling.group_size, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                             max_new_tokens=cfg.sampling.max_new_tokens, seed=seed)
-    groups = rt.engine.generate([r["prompt_text"] for r in prompt_rows], params, desc=f"sample step {step}")
+    rollout_prompts = [r["prompt_text"] for r in prompt_rows]
+    analysed = experience_step(rt, step)
+    pending = _analyses_to_write(rt, analysed, ckpt) if analysed < step and cfg.experience.enabled else None
+    if pending is not None and pending.prompts and cfg.experience.analyst == "policy":
+        groups, analysis_groups = generate_together(
+            rt.engine, [(rollout_prompts, params), (pending.prompts, _analysis_params(rt, analysed, "diagnose"))],
+            desc=f"sample step {step} + diagnose step {analysed}")
+        analysis_outs = [c for (c,) in analysis_groups]
+    else:
+        groups = rt.engine.generate(rollout_prompts, params, desc=f"sample step {step}")
+        analysis_outs = _write_analyses(rt, analysed, pending) if pending is not None else []
     # The previous update's checkpoint was written while this step generated (run.async_save): its rows commit
     # before any of this step's, so no record of step t+1 exists unless step t's checkpoint and rows do.
     rt.settle_saves()
@@ -53,13 +73,18 @@ def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
                      "policy_version_id": ckpt.checkpoint_id, "text": c.text, "token_ids": c.token_ids,
                      "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
                     for pr, completions in zip(prompt_rows, groups) for i, c in enumerate(completions)]
+    analysis_rows, counts = _analysis_records(rt, analysed, ckpt, pending, analysis_outs) if pending else ([], {})
     with rt.store.transaction() as w:
         w.insert("steps", [{"step_id": make_id("step", rt.run_id, step), "run_id": rt.run_id, "step": step,
                             "policy_version_id": ckpt.checkpoint_id, "seed": seed}])
         w.insert("prompts", prompt_rows)
         w.insert("rollouts", rollout_rows)
+        if pending:
+            w.insert("analyses", analysis_rows)
+            w.insert("metrics", stage_records.metric_rows(rt.run_id, analysed, counts))
     return {"step": step, "prompts": len(prompt_rows), "rollouts": len(rollout_rows),
-            "tokens": sum(r["num_tokens"] for r in rollout_rows)}
+            "tokens": sum(r["num_tokens"] for r in rollout_rows),
+            **({"analysed_step": analysed, **counts} if pending else {})}
 
 
 # ---------------------------------------------------------------------------------- 2. verify
@@ -125,26 +150,47 @@ def retrospective_prompt(rt: Runtime, render, incorrect: str, correct: str) -> r
                              rt.cfg.experience.long_context)
 
 
-def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
-    """The policy reads [I, x, y-, y+] and writes s* and C — one batched call over the step's pairs.
+@dataclass
+class PendingAnalyses:
+    """The pairs of a step to analyse and their analysis prompts within the window (None: did not fit)."""
+    pairs: list[dict]
+    fitted: list[retrospective.Fitted]
 
-    single_pass: the same generation goes on to the heuristics, which `abstract` parses. two_pass: the
-    diagnosis part alone is kept (and is the NLL target), and `abstract` asks for H in a second call. An
-    analysis cut off by the length limit is rejected as `truncated`: never replayed, never trained on.
-    """
+    @property
+    def todo(self) -> list[tuple[dict, retrospective.Fitted]]:
+        return [(p, f) for p, f in zip(self.pairs, self.fitted) if f.prompt is not None]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [f.prompt for _, f in self.todo]
+
+    def __bool__(self) -> bool:
+        return bool(self.pairs)
+
+
+def _analyses_to_write(rt: Runtime, step: int, ckpt: Checkpoint) -> PendingAnalyses:
+    """Load: the step's pairs and the prompt that asks `ckpt`'s policy for each one's analysis."""
     pairs = stage_records.pairs_with_texts(rt.store, rt.run_id, step)
-    if not pairs:
-        return {"step": step, "analyses": 0, "diagnosed": 0}
-    rt.ensure_version(ckpt)
-    two_pass = rt.cfg.experience.analysis_mode == "two_pass"
-    render_prompt = rt.prompts.render_diagnose if two_pass else rt.prompts.render_analysis
-    fitted = [retrospective_prompt(rt, lambda a, b, q=p["question"]: render_prompt(q, a, b), p["incorrect"], p["correct"])
-              for p in pairs]
-    todo = [(p, f) for p, f in zip(pairs, fitted) if f.prompt is not None]
-    outs = analysts.write(rt, "diagnose", [p for p, _ in todo], [f.prompt for _, f in todo],
-                          _analysis_params(rt, step, "diagnose"), desc=f"diagnose step {step}") if todo else []
-    analysis_rows = [_skipped_analysis(rt, step, ckpt, p) for p, f in zip(pairs, fitted) if f.prompt is None]
-    for (p, f), c in zip(todo, outs):
+    if pairs:
+        rt.ensure_version(ckpt)
+    render = rt.prompts.render_diagnose if rt.cfg.experience.analysis_mode == "two_pass" else rt.prompts.render_analysis
+    return PendingAnalyses(pairs, [retrospective_prompt(rt, lambda a, b, q=p["question"]: render(q, a, b),
+                                                        p["incorrect"], p["correct"]) for p in pairs])
+
+
+def _write_analyses(rt: Runtime, step: int, pending: PendingAnalyses) -> list:
+    """Compute: one analysis per pair that fits, by the configured analyst, in one batched call."""
+    todo = pending.todo
+    return analysts.write(rt, "diagnose", [p for p, _ in todo], pending.prompts, _analysis_params(rt, step, "diagnose"),
+                          desc=f"diagnose step {step}") if todo else []
+
+
+def _analysis_records(rt: Runtime, step: int, ckpt: Checkpoint, pending: PendingAnalyses,
+                      outs: list) -> tuple[list[dict], dict]:
+    """The analyses' rows (each parsed for s* and C, or rejected with its reason) and the stage's counts."""
+    analysis_rows = [_skipped_analysis(rt, step, ckpt, p) for p, f in zip(pending.pairs, pending.fitted)
+                     if f.prompt is None]
+    for (p, f), c in zip(pending.todo, outs):
         parsed = meta_experience.parse_diagnosis(c.text)
         reason = ("truncated" if c.finish_reason == "length" else
                   "no_known_error" if c.text == analysts.UNKNOWN_ERROR else parsed.reject_reason)
@@ -157,11 +203,24 @@ def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
             "critique": parsed.critique, "parsed": reason is None,
             "status": "diagnosed" if reason is None else "rejected", "reject_reason": reason,
             "mode": rt.cfg.experience.analysis_mode, "analyst": rt.cfg.experience.analyst})
-    diagnosed = sum(r["status"] == "diagnosed" for r in analysis_rows)
-    counts = {"analyses": len(todo), "diagnosed": diagnosed,
+    counts = {"analyses": len(outs), "diagnosed": sum(r["status"] == "diagnosed" for r in analysis_rows),
               "truncated": sum(r["reject_reason"] == "truncated" for r in analysis_rows),
-              "retro_shortened": sum(f.shortened for f in fitted),
-              "retro_skipped": sum(f.prompt is None for f in fitted)}
+              "retro_shortened": sum(f.shortened for f in pending.fitted),
+              "retro_skipped": sum(f.prompt is None for f in pending.fitted)}
+    return analysis_rows, counts
+
+
+def diagnose(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
+    """The policy reads [I, x, y-, y+] and writes s* and C — one batched call over the step's pairs.
+
+    single_pass: the same generation goes on to the heuristics, which `abstract` parses. two_pass: the
+    diagnosis part alone is kept (and is the NLL target), and `abstract` asks for H in a second call. An
+    analysis cut off by the length limit is rejected as `truncated`: never replayed, never trained on.
+    """
+    pending = _analyses_to_write(rt, step, ckpt)
+    if not pending:
+        return {"step": step, "analyses": 0, "diagnosed": 0}
+    analysis_rows, counts = _analysis_records(rt, step, ckpt, pending, _write_analyses(rt, step, pending))
     with rt.store.transaction() as w:
         w.insert("analyses", analysis_rows)
         w.insert("metrics", stage_records.metric_rows(rt.run_id, step, counts))
@@ -444,12 +503,12 @@ def update(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     if done is not None:
         return done
     rl = _rl_batch(rt, step)
-    nll, any_accepted = _nll_batch(rt, step)
+    nll, any_accepted = _nll_batch(rt, experience_step(rt, step))  # with orchestration.overlap: the step before's M
     new = _new_checkpoint(rt, step, ckpt)
     stats, write = _train(rt, ckpt, new, rl, nll)
     if not stats["num_nll_sequences"]:
         stats["nll_loss"] = None  # the NLL of no sequences is undefined, not zero: NULL, and no metric
-    learned = stage_records.accepted_heuristics(rt.store, rt.run_id, step) if any_accepted else []
+    learned = stage_records.accepted_heuristics(rt.store, rt.run_id, experience_step(rt, step)) if any_accepted else []
     # Digests of the files as written — or, after a crash before the commit, as the dead process left them: every
     # later load checks them (Runtime.ensure_version). A background save fills them in on its thread.
     rows = stage_records.update_records(rt.run_id, step, ckpt.checkpoint_id, new.checkpoint_id,

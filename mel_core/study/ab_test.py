@@ -13,7 +13,9 @@ seed + i) every arm runs a whole campaign from the same config, changed only by 
 - ``grpo+sft``: the MEL pipeline, but the NLL trains on the accepted pairs' correct rollouts (count-matched to
   MEL's acceptances: the rejection-sampling baseline);
 - ``mel-nofilter``: every parsed analysis kept (the replay runs, but does not filter);
-- ``mel-transfer``: MEL with experience.transfer_replays = 2 (an acceptance rule beyond the paper).
+- ``mel-transfer``: MEL with experience.transfer_replays = 2 (an acceptance rule beyond the paper);
+- ``mel-overlap``: MEL with orchestration.overlap = 1 (step t's analyses in step t+1's rollout batch, the NLL
+  target one step stale): does the cheaper schedule learn the same?
 
 Every arm starts from the same checkpoint, and a step's problems and sampling seed derive from (run.seed, step)
 only, so at each seed all arms train on the same problems in the same order (:func:`identical_problems`).
@@ -58,6 +60,7 @@ ARM_OVERRIDES: dict[str, dict[str, object]] = {
     "grpo+sft": {"experience.enabled": True, "experience.nll_target": "correct_rollout"},
     "mel-nofilter": {"experience.enabled": True, "experience.filter": "none"},
     "mel-transfer": {"experience.enabled": True, "experience.transfer_replays": 2},
+    "mel-overlap": {"experience.enabled": True, "orchestration.overlap": 1},
 }
 ARMS = tuple(ARM_OVERRIDES)
 DEFAULT_ARMS = ("grpo", "mel")

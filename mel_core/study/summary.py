@@ -7,18 +7,38 @@ from mel_core.store.writer import Store
 from mel_core.vocabulary import STAGES
 
 
-def step_summary(store: Store, run_id: str, step: int) -> dict:
-    """Metrics of one step plus seconds per stage (latest completed execution of each)."""
-    return {"step": step, **run_reads.step_metrics(store, run_id, step),
-            "stage_seconds": run_reads.stage_seconds_of_step(store, run_id, step)}
+# What the analyses of a step's pairs record (diagnose, abstract, replay), under the step of the pairs.
+EXPERIENCE_METRICS = ("analyses", "diagnosed", "truncated", "retro_shortened", "retro_skipped", "candidates",
+                      "abstract_truncated", "accepted", "retention_ratio", "replay_passed", "transfer_rejected")
+EXPERIENCE_STAGES = ("diagnose", "abstract", "replay")
+
+
+def step_summary(store: Store, run_id: str, step: int, experience_step: int | None = None) -> dict:
+    """Metrics of one step plus seconds per stage (latest completed execution of each). With `experience_step`
+    (orchestration.overlap: the step whose meta-experience this step's update trained on), the experience metrics
+    and the abstract and replay seconds are that step's: what this step's flow ran and its update learned from."""
+    metrics = run_reads.step_metrics(store, run_id, step)
+    seconds = run_reads.stage_seconds_of_step(store, run_id, step)
+    if experience_step is not None and experience_step != step:
+        metrics = {k: v for k, v in metrics.items() if k not in EXPERIENCE_METRICS}
+        seconds = {k: v for k, v in seconds.items() if k not in EXPERIENCE_STAGES}
+        earlier = run_reads.step_metrics(store, run_id, experience_step)
+        if earlier:
+            metrics.update({k: v for k, v in earlier.items() if k in EXPERIENCE_METRICS},
+                           experience_step=experience_step)
+            seconds.update({k: v for k, v in run_reads.stage_seconds_of_step(store, run_id, experience_step).items()
+                            if k in EXPERIENCE_STAGES})
+    return {"step": step, **metrics, "stage_seconds": seconds}
 
 
 def format_step(s: dict) -> str:
     g = lambda k, fmt="{:.0f}": fmt.format(s[k]) if s.get(k) is not None else "-"
     secs = s.get("stage_seconds", {})
     stage_part = " ".join(f"{st}={secs[st]:.1f}" for st in STAGES if st in secs)
+    lagged = f" (of step {s['experience_step']})" if s.get("experience_step") not in (None, s["step"]) else ""
     return (f"step {s['step']:>3} | reward {g('reward_mean', '{:.3f}')} | mixed {g('mixed_groups')}/{g('groups')} "
-            f"| analyses {g('analyses')} | accepted {g('accepted')} | retention {g('retention_ratio', '{:.2f}')} "
+            f"| analyses {g('analyses')} | accepted {g('accepted')}{lagged} "
+            f"| retention {g('retention_ratio', '{:.2f}')} "
             f"| nll {g('nll_loss', '{:.3f}')} | s/stage {stage_part}")
 
 

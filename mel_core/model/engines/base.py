@@ -43,6 +43,20 @@ class Engine(Protocol):
         """Serve the policy saved at `path` from now on (no-op if already serving `version`)."""
 
 
+Request = tuple[Sequence[str], SamplingParams]
+
+
+def generate_together(engine, requests: Sequence[Request], desc: str = "") -> list[list[list[Completion]]]:
+    """Several generations — each its prompts and its own sampling parameters — in one engine batch where the engine
+    can (its ``generate_many``: vLLM schedules every sequence together; the HF engine pads them into shared chunks),
+    else one call each. Per request, what ``generate`` returns (orchestration.overlap: a step's rollouts and the
+    previous step's analyses share one batch)."""
+    many = getattr(engine, "generate_many", None)
+    if many is not None:
+        return many(requests, desc=desc)
+    return [engine.generate(prompts, params, desc=desc) for prompts, params in requests]
+
+
 @dataclass
 class Chunk:
     """One unit of generation: a slice of the expanded prompt list ([P*n], each prompt n times in a row),

@@ -8,12 +8,13 @@ starts mid-campaign (resume) and must first move the shared model to a saved che
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Callable, ContextManager, Sequence
 
 import torch
 
 from mel_core import progress
-from mel_core.model.engines.base import Chunk, Completion, SamplingParams, chunked, regroup
+from mel_core.model.engines.base import Chunk, Completion, Request, SamplingParams, chunked, regroup
 from mel_core.tokens import encode_prompts, left_pad
 
 
@@ -47,6 +48,40 @@ class HFEngine:
             chunks = progress.bar(chunks, desc=desc or "generate")  # drawn on a terminal only
         out = [c for chunk in chunks for c in self.generate_chunk(chunk, params)]
         return regroup(out, len(prompts), params.n)
+
+    def generate_many(self, requests: Sequence[Request], desc: str = "") -> list[list[list[Completion]]]:
+        """Requests that sample alike (same temperature and top_p) share chunks: every row is decoded to its chunk's
+        longest `max_new_tokens` and then cut at its own — what stopping there would have produced, since decoding is
+        left to right. Chunk i is seeded with the first request's seed + i. Requests that sample differently run one
+        after the other."""
+        live = [(prompts, params) for prompts, params in requests if prompts]
+        if len({(p.temperature, p.top_p) for _, p in live}) > 1 or len(live) < 2:
+            return [self.generate(prompts, params, desc=desc) for prompts, params in requests]
+        rows = [(prompt, params.max_new_tokens) for prompts, params in requests for prompt in prompts
+                for _ in range(params.n)]  # [sum P*n]
+        first = live[0][1]
+        out: list[Completion] = []
+        starts = range(0, len(rows), self.max_batch_sequences)
+        for index, start in enumerate(progress.bar(starts, desc=desc or "generate") if self.progress and len(starts) > 1
+                                      else starts):
+            part = rows[start:start + self.max_batch_sequences]
+            params = replace(first, n=1, max_new_tokens=max(limit for _, limit in part))
+            done = self.generate_chunk(Chunk(index, [prompt for prompt, _ in part]), params)
+            out += [self._cut(c, limit) for c, (_, limit) in zip(done, part)]
+        results, at = [], 0
+        for prompts, params in requests:
+            size = len(prompts) * params.n
+            results.append(regroup(out[at:at + size], len(prompts), params.n))
+            at += size
+        return results
+
+    def _cut(self, c: Completion, limit: int) -> Completion:
+        """`c` as a generation limited to `limit` new tokens would have ended."""
+        if len(c.token_ids) <= limit:
+            return c
+        ids = c.token_ids[:limit]
+        return Completion(text=self.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
+                          finish_reason="stop" if ids[-1] in set(self.stop_ids) else "length")
 
     @torch.no_grad()
     def generate_chunk(self, chunk: Chunk, params: SamplingParams) -> list[Completion]:

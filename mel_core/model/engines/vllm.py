@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from mel_core.model.engines.base import Completion, SamplingParams
+from mel_core.model.engines.base import Completion, Request, SamplingParams
 from mel_core.tokens import encode_prompts
 
 # vLLM's INFO lines (one per stage of engine start, per request batch) would bury the campaign's
@@ -209,28 +209,40 @@ class VLLMEngine:
         j-th sample with its seed + j): reproducible whatever else is in the batch, and no two
         sequences of a call share a random stream, even for identical prompts.
         """
+        return self.generate_many([(prompts, params)], desc=desc)[0]
+
+    def generate_many(self, requests: Sequence[Request], desc: str = "") -> list[list[list[Completion]]]:
+        """Several generations, each with its own sampling parameters, in one ``LLM.generate`` call: vLLM schedules
+        all their sequences together (orchestration.overlap). Each request is seeded as :meth:`generate` seeds it."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
-        if not prompts:
-            return []
         tok = self.tokenizer
         stops = set(self.stop_ids)
-        n = params.n
-        prompt_ids = encode_prompts(tok, prompts)  # as the HF engine and the trainer encode them (mel_core.tokens)
-        greedy = params.temperature <= 0
-        base_seed = int(params.seed) % _SEED_MODULUS
-        # vLLM refuses n > 1 for greedy requests: one sequence, repeated n times (what sampling it n times gives).
-        drawn = 1 if greedy else n
-        requests = [VSamplingParams(
-            n=drawn, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
-            top_k=0, max_tokens=params.max_new_tokens, seed=None if greedy else base_seed + i * n,
-            stop_token_ids=list(self.stop_ids), logprobs=0 if params.logprobs else None, detokenize=False)
-            for i in range(len(prompts))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], requests,
+        prompt_ids, vparams, shapes = [], [], []
+        for prompts, params in requests:
+            n = params.n
+            greedy = params.temperature <= 0
+            base_seed = int(params.seed) % _SEED_MODULUS
+            # vLLM refuses n > 1 for greedy requests: one sequence, repeated n times (what sampling it n times gives).
+            drawn = 1 if greedy else n
+            prompt_ids += encode_prompts(tok, prompts)  # as the HF engine and the trainer encode them (mel_core.tokens)
+            vparams += [VSamplingParams(
+                n=drawn, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+                top_k=0, max_tokens=params.max_new_tokens, seed=None if greedy else base_seed + i * n,
+                stop_token_ids=list(self.stop_ids), logprobs=0 if params.logprobs else None, detokenize=False)
+                for i in range(len(prompts))]
+            shapes.append((len(prompts), n, drawn))
+        if not prompt_ids:
+            return [[] for _ in requests]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], vparams,
                                     lora_request=self._lora_request,
                                     use_tqdm=self.progress and sys.stderr.isatty())
-        seqs = [sorted(out.outputs, key=lambda c: c.index) * (n // drawn) for out in outputs]  # [P][n]
+        seqs = []  # [sum P][n]
+        at = 0
+        for num_prompts, n, drawn in shapes:
+            seqs += [sorted(out.outputs, key=lambda c: c.index) * (n // drawn) for out in outputs[at:at + num_prompts]]
+            at += num_prompts
         new = [list(c.token_ids) for group in seqs for c in group]
         texts = tok.batch_decode(new, skip_special_tokens=True)  # one call, as the HF engine decodes
         flat = []
@@ -238,7 +250,11 @@ class VLLMEngine:
             logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs)] if c.logprobs is not None else None
             flat.append(Completion(text=text, token_ids=ids,
                                    finish_reason="stop" if ids and ids[-1] in stops else "length", logprobs=logprobs))
-        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+        results, at = [], 0
+        for num_prompts, n, _ in shapes:
+            results.append([flat[at + i * n:at + (i + 1) * n] for i in range(num_prompts)])
+            at += num_prompts * n
+        return results
 
     def close(self) -> None:
         """Stop vLLM's engine processes (they also stop when this process exits)."""
