@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from mel_core.config import step_stages
 from mel_core.model.checkpoints import Checkpoint
 from mel_core.step.runtime import RunHandle, runtime_of
 from tasks import stage_tasks
@@ -24,9 +25,11 @@ def iteration(run: RunHandle, step: int, checkpoint: Checkpoint) -> Checkpoint:
     rollouts = task.sample(run, step, checkpoint)
     rewards = task.verify(run, step, checkpoint, wait_for=[rollouts])
     experience = rewards
-    if runtime_of(run).cfg.experience.enabled:
+    stages = step_stages(runtime_of(run).cfg)  # GRPO: no MEL stage; count-matched grpo+sft: pair only
+    if "pair" in stages:
         # 3. Contrast a correct and an incorrect rollout of the same (mixed) group.
-        pairs = task.pair(run, step, checkpoint, wait_for=[rewards])
+        experience = pairs = task.pair(run, step, checkpoint, wait_for=[rewards])
+    if "diagnose" in stages:
         # 4-5. The policy locates the bifurcation point, critiques, and abstracts If/Then heuristics.
         analyses = task.diagnose(run, step, checkpoint, wait_for=[pairs])
         heuristics = task.abstract(run, step, checkpoint, wait_for=[analyses])
