@@ -8,7 +8,7 @@ stored text when the update builds its batch. Pure functions: labels and text in
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 # experience.nll_parts -> the parts of M whose tokens carry loss (None: every token, titles and end token included)
 SELECTED_PARTS: dict[str, tuple[str, ...] | None] = {

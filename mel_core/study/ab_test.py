@@ -149,7 +149,7 @@ def _sources_first(order: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def count_matched(arm: Arm, finished: dict[tuple[str, int], "ArmRun"]) -> MelConfig:
+def count_matched(arm: Arm, finished: dict[tuple[str, int], ArmRun]) -> MelConfig:
     """The config `arm` runs with, once the arms before it at its seed have: a count-matched arm (COUNT_MATCHED)
     names the finished run it matches (experience.count_match_run_id and count_match_store); any other is as
     planned."""
