@@ -286,7 +286,8 @@ class ExperienceConfig:
                           "compare: count-matched to MEL's acceptances) | accepted_replay = the first (lowest "
                           "replay_index) verified replay of the analysis given the plain solve prompt of its "
                           "problem, without M (our positive control, mel-distill: context distillation of the "
-                          "lesson into the context-free solver; one target per accepted M).", PAPER,
+                          "lesson into the context-free solver; one target per accepted M that has a verified replay, i.e. every one "
+                          "under experience.filter: replay).", PAPER,
                           one_of=NLL_TARGETS)
     nll_parts: str = doc("all", "Which tokens of M* carry NLL loss (nll_target: meta_experience): all = every "
                          "token, section titles and the end token included (the paper) | heuristics = the tokens "
@@ -340,7 +341,8 @@ class LossConfig:
                                  "(one per accepted M; two in two_pass) | batch = their sum divided by B = "
                                  "sampling.prompts_per_step (the paper's Eq. 10 read literally: the NLL term is "
                                  "normalised like L_RL, by the batch), i.e. accepted x (targets / B). With "
-                                 "mini-batches each optimizer step divides by its share of B.", PAPER,
+                                 "mini-batches each optimizer step divides by its share of B. Our default reads "
+                                 "Eq. 10's NLL term as a mean over M; batch is the other reading.",
                                  one_of=NLL_NORMALIZATIONS)
 
 
