@@ -31,7 +31,9 @@ def compare(config: dict, name: str, seeds: int = 3, command: str = "", out: str
     runs = []
     for arm in ab_test.plan(cfg, name, seeds, tuple(arms)):
         announce(f"compare: arm {arm.arm} seed {arm.seed} -> run {arm.config.run.name}")
-        result = campaign(to_dict(arm.config))
+        # grpo+sft takes its per-step NLL counts from the mel run of its seed, which plan() put before it
+        config = ab_test.count_matched(arm, {(r.arm, r.seed): r for r in runs})
+        result = campaign(to_dict(config))
         runs.append(ab_test.ArmRun(arm.arm, arm.seed, arm.config.run.name, result["run_id"], result["db"],
                                        result["final_checkpoint"].checkpoint_id))
         clear_runtimes()  # this arm's policy is not needed again: free it before the next arm loads its own

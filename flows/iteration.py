@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from mel_core.config import step_stages
 from mel_core.model.checkpoints import Checkpoint
 from mel_core.step.runtime import RunHandle, runtime_of
 from mel_core.step.stages import experience_step
@@ -30,9 +31,12 @@ def iteration(run: RunHandle, step: int, checkpoint: Checkpoint) -> Checkpoint:
     rollouts = task.sample(run, step, checkpoint)
     rewards = task.verify(run, step, checkpoint, wait_for=[rollouts])
     experience = [rewards]
-    if rt.cfg.experience.enabled:
+    stages = step_stages(rt.cfg)  # GRPO: no MEL stage; count-matched grpo+sft: pair only
+    if "pair" in stages:
         # 3. Contrast a correct and an incorrect rollout of the same (mixed) group.
         pairs = task.pair(run, step, checkpoint, wait_for=[rewards])
+        experience = [pairs]
+    if "diagnose" in stages:
         analysed = experience_step(rt, step)  # overlap: step t-1
         # 4-5. The policy locates the bifurcation point, critiques, and abstracts If/Then heuristics (overlap: the
         # analyses of step t-1's pairs were generated in this step's rollout batch).

@@ -29,9 +29,13 @@ from mel_core.vocabulary import (
     ANALYSTS,
     EXTRACTIONS,
     LONG_CONTEXT_MODES,
+    NLL_NORMALIZATIONS,
+    NLL_PARTS,
+    NLL_TARGETS,
     POLICY_LOSSES,
     REPLAY_CONTEXTS,
     RULES_EXCEPTION_RULES,
+    STAGES,
     TRACKERS,
     TRUNCATED_REWARDS,
     WORLDS,
@@ -279,8 +283,33 @@ class ExperienceConfig:
     nll_target: str = doc("meta_experience", "What the NLL term trains on for each accepted analysis: "
                           "meta_experience = M* given C_retro (the paper) | correct_rollout = the pair's correct "
                           "rollout given its solve prompt (our rejection-sampling baseline, grpo+sft in mel "
-                          "compare: count-matched to MEL's acceptances).", PAPER,
-                          one_of=("meta_experience", "correct_rollout"))
+                          "compare: count-matched to MEL's acceptances) | accepted_replay = the first (lowest "
+                          "replay_index) verified replay of the analysis given the plain solve prompt of its "
+                          "problem, without M (our positive control, mel-distill: context distillation of the "
+                          "lesson into the context-free solver; one target per accepted M that has a verified replay, i.e. every one "
+                          "under experience.filter: replay).", PAPER,
+                          one_of=NLL_TARGETS)
+    nll_parts: str = doc("all", "Which tokens of M* carry NLL loss (nll_target: meta_experience): all = every "
+                         "token, section titles and the end token included (the paper) | heuristics = the tokens "
+                         "of the kept If/Then rules only | critique+heuristics = those and the critique's (s* "
+                         "and the rest get none). A target left with no trained token (two_pass's diagnosis "
+                         "under heuristics) is dropped, so it counts in no average. The NLL of every part is "
+                         "still logged (nll_<part>). Our option, to see which part of M moves the solver.", PAPER,
+                         one_of=NLL_PARTS)
+    mask_quoted_solution: bool = doc(False, "Critique tokens that copy a line of the pair's incorrect or correct "
+                                     "solution verbatim (a stripped line of at least "
+                                     "mel_core.algorithm.nll_targets.QUOTE_MIN_CHARS characters, found in M*'s "
+                                     "text) get no NLL loss: the critique's own words are trained, not a copy of "
+                                     "the solution the context already shows. Computed when the update builds its "
+                                     "batch, from the stored texts (older stores work). Our option.")
+    count_match_run_id: str = doc("", "grpo+sft count-matched (nll_target: correct_rollout): the run whose "
+                                  "per-step accepted analyses this run matches — at step t the NLL trains on as "
+                                  "many distinct correct rollouts of this run's pairs (in pair-id order) as that "
+                                  "run accepted at step t, and this run does not diagnose, abstract or replay. "
+                                  "Empty = off: the accepted pairs' correct rollouts of this run's own MEL "
+                                  "pipeline. mel compare sets it to its mel arm of the same seed, run first.")
+    count_match_store: str = doc("", "The DuckDB store holding count_match_run_id (its run directory's mel.duckdb); "
+                                 "read only.")
     filter: str = doc("replay", "How a candidate is kept: replay = its replay must verify (the paper) | none = every "
                       "parsed candidate is kept, the replay still runs and is recorded (our control: what the "
                       "filter selects).", PAPER, one_of=("replay", "none"))
@@ -307,6 +336,14 @@ class LossConfig:
     epsilon_high: Optional[float] = doc(None, "Upper clip for DAPO clip-higher; None uses epsilon.", gt=0)
     beta: float = doc(0.0, "KL coefficient to the reference policy (k3); 0 as in the paper.", PAPER, ge=0)
     nll_coef: float = doc(1.0, "lambda in L = L_RL + lambda * L_NLL.", PAPER, ge=0)
+    nll_normalization: str = doc("accepted", "How L_NLL averages its targets; each target's NLL is the mean over "
+                                 "its trained tokens in both: accepted = the mean over the step's NLL targets "
+                                 "(one per accepted M; two in two_pass) | batch = their sum divided by B = "
+                                 "sampling.prompts_per_step (the paper's Eq. 10 read literally: the NLL term is "
+                                 "normalised like L_RL, by the batch), i.e. accepted x (targets / B). With "
+                                 "mini-batches each optimizer step divides by its share of B. Our default reads "
+                                 "Eq. 10's NLL term as a mean over M; batch is the other reading.",
+                                 one_of=NLL_NORMALIZATIONS)
 
 
 @dataclass
@@ -744,6 +781,17 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
          "experience.analyst", f"policy, model:<path>, oracle or mismatched, got {analyst!r}")
     need(analyst in ("policy",) or not analyst.startswith(("oracle", "mismatched")) or cfg.data.source == "synthetic",
          "experience.analyst", "oracle and mismatched analysts need an embedded world (data.source: synthetic)")
+    exp = cfg.experience
+    need(exp.nll_target == "meta_experience" or (exp.nll_parts == "all" and not exp.mask_quoted_solution),
+         "experience.nll_parts", "nll_parts and mask_quoted_solution select tokens of M*: they need "
+         "experience.nll_target: meta_experience")
+    need(bool(exp.count_match_run_id) == bool(exp.count_match_store), "experience.count_match_run_id",
+         "count matching names both the run (count_match_run_id) and its store (count_match_store)")
+    need(not exp.count_match_run_id or exp.nll_target == "correct_rollout", "experience.count_match_run_id",
+         "count matching is for nll_target: correct_rollout (grpo+sft)")
+    need(exp.nll_target != "accepted_replay" or exp.replay_max_new_tokens <= cfg.sampling.max_new_tokens,
+         "experience.replay_max_new_tokens", "accepted_replay trains a replay after the solve prompt, which fits "
+         "with sampling.max_new_tokens: must be <= sampling.max_new_tokens")
     need(cfg.experience.pairs_per_group >= 1 or cfg.experience.pairing == "disjoint", "experience.pairs_per_group",
          "must be >= 1 (0 means 'as many as possible' for pairing: disjoint only)")
     need(cfg.model.device in ("auto", "cpu", "cuda") or cfg.model.device.startswith("cuda:"), "model.device",
@@ -775,6 +823,17 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
         need(name in ALL_STAGES, f"orchestration.stages.{name}", f"unknown stage; one of {list(ALL_STAGES)}")
     for i, f in enumerate(cfg.orchestration.faults):
         need(f.stage in ALL_STAGES, f"orchestration.faults[{i}].stage", f"unknown stage; one of {list(ALL_STAGES)}")
+
+
+def step_stages(cfg: MelConfig) -> tuple[str, ...]:
+    """The stages a training step runs, in order: all seven with MEL; sample, verify and update for GRPO
+    (experience.enabled false); and for count-matched grpo+sft (experience.count_match_run_id) pair as well but no
+    analysis, its NLL count coming from the matched run."""
+    if not cfg.experience.enabled:
+        return ("sample", "verify", "update")
+    if cfg.experience.count_match_run_id:
+        return ("sample", "verify", "pair", "update")
+    return STAGES
 
 
 def describe(cls: type = MelConfig, prefix: str = "") -> list[tuple[str, str, str]]:

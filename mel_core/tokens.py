@@ -88,6 +88,20 @@ def encode_target(tokenizer, text: str, spans: Sequence[tuple[str, int, int]], p
     return ids + [eos], labels + [0]
 
 
+def token_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """The character span in `text` of each of `ids`, `ids` being `text` encoded as a completion (an NLL target
+    without its end token): the fast tokenizer's offsets when it encodes `text` to exactly `ids`; else (a slow
+    tokenizer, or ids encoded span by span) the lengths of the decoded growing prefixes."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        if list(enc["input_ids"]) == list(ids):
+            return [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+    except NotImplementedError:
+        pass
+    ends = [len(tokenizer.decode(list(ids[:i + 1]))) for i in range(len(ids))]
+    return list(zip([0] + ends[:-1], ends))
+
+
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int):
     """[B, L] input ids and attention mask, left-padded (generation appends on the right)."""
     import torch

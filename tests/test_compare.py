@@ -71,11 +71,16 @@ def test_arm_configs_differ_only_in_what_mel_adds():
 
 def test_control_arms_change_only_their_own_keys():
     cfg = C.load("configs/tiny.yaml", ["run.steps=2"])
-    arms = cmp.plan(cfg, "ab", 1, cmp.parse_arms("mel-oracle,grpo+sft,mel-mismatched,mel-nofilter,mel-transfer"))
-    assert [a.arm for a in arms] == ["grpo", "mel-oracle", "grpo+sft", "mel-mismatched", "mel-nofilter",
-                                     "mel-transfer"]  # grpo first: the baseline every difference is taken to
+    arms = cmp.plan(cfg, "ab", 1, cmp.parse_arms("mel-oracle,grpo+sft,mel-mismatched,mel-nofilter,mel-transfer,mel,"
+                                                  "mel-distill,mel-heuristics,mel-unquoted"))
+    # grpo first: the baseline every difference is taken to; grpo+sft just after the mel arm it is count-matched to
+    assert [a.arm for a in arms] == ["grpo", "mel-oracle", "mel-mismatched", "mel-nofilter", "mel-transfer", "mel",
+                                     "grpo+sft", "mel-distill", "mel-heuristics", "mel-unquoted"]
     by = {a.arm: C.to_dict(a.config) for a in arms}
     assert by["grpo+sft"]["run"]["name"] == "ab-grpo-sft-s0"
+    assert by["mel-distill"]["experience"]["nll_target"] == "accepted_replay"
+    assert by["mel-heuristics"]["experience"]["nll_parts"] == "heuristics"
+    assert by["mel-unquoted"]["experience"]["mask_quoted_solution"] is True
     assert by["mel-oracle"]["experience"]["analyst"] == "oracle"
     assert by["mel-mismatched"]["experience"]["analyst"] == "mismatched"
     assert by["grpo+sft"]["experience"]["nll_target"] == "correct_rollout"
@@ -88,6 +93,26 @@ def test_control_arms_change_only_their_own_keys():
         assert changed <= expected, (arm, changed)
     with pytest.raises(C.ConfigError, match="unknown arm"):
         cmp.parse_arms("mel,ppo")
+
+
+def test_grpo_sft_is_pointed_at_the_mel_run_of_its_seed():
+    cfg = C.load("configs/tiny.yaml", ["run.steps=2"])
+    with pytest.raises(C.ConfigError, match="add mel"):
+        cmp.plan(cfg, "ab", 1, cmp.parse_arms("grpo+sft"))
+    arms = cmp.plan(cfg, "ab", 2, cmp.parse_arms("grpo+sft,mel"))
+    for seed in (0, 1):  # the rotation of arms never puts grpo+sft before its mel
+        order = [a.arm for a in arms if a.seed == seed]
+        assert order.index("mel") < order.index("grpo+sft")
+    sft = next(a for a in arms if a.arm == "grpo+sft" and a.seed == 1)
+    finished = {("mel", 0): cmp.ArmRun("mel", 0, "ab-mel-s0", "run-a", "/x/a.duckdb", "c"),
+                ("mel", 1): cmp.ArmRun("mel", 1, "ab-mel-s1", "run-b", "/x/b.duckdb", "c")}
+    matched = cmp.count_matched(sft, finished).experience
+    assert (matched.count_match_run_id, matched.count_match_store) == ("run-b", "/x/b.duckdb")
+    assert C.step_stages(cmp.count_matched(sft, finished)) == ("sample", "verify", "pair", "update")
+    mel = next(a for a in arms if a.arm == "mel")
+    assert cmp.count_matched(mel, finished) is mel.config  # any other arm runs as planned
+    with pytest.raises(C.ConfigError, match="run first"):
+        cmp.count_matched(sft, {("mel", 0): finished[("mel", 0)]})
 
 
 def test_holm_adjusts_in_step_down_order():

@@ -333,6 +333,20 @@ def nll_loss(per_token_logps: Tensor, target_mask: Tensor) -> tuple[Tensor, dict
                   "num_tokens": float(mask.sum())}
 
 
+def nll_denominator(normalization: str, num_targets: int, batch_prompts: float) -> float:
+    """What the summed per-target NLLs of one optimizer step are divided by (loss.nll_normalization): ``accepted``
+    = the number of targets (their mean: one per accepted M, two in two_pass) | ``batch`` = B, the prompts of the
+    step (``batch_prompts``: its share of them when the step is a mini-batch), the paper's Eq. 10 read literally.
+    So batch = accepted x num_targets / B."""
+    if normalization == "accepted":
+        return float(max(num_targets, 1))
+    if normalization == "batch":
+        if batch_prompts <= 0:
+            raise ValueError("batch normalization needs a positive number of prompts")
+        return float(batch_prompts)
+    raise ValueError(f"unknown NLL normalization {normalization!r}; known: ['accepted', 'batch']")
+
+
 def nll_by_part(per_token_logps: Tensor, target_mask: Tensor, part_ids: Tensor, num_parts: int) -> tuple[Tensor, Tensor]:
     """Summed NLL and token count of each part of the targets (for logging, no grad): [M, T] log-probs, mask
     and part index per token -> ([num_parts] sums of -log p, [num_parts] token counts)."""

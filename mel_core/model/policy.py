@@ -47,11 +47,13 @@ class RLBatch:
 class NLLBatch:
     """Accepted meta-experiences: retrospective context (analysis prompt) and the trained text M* (ids, eos
     last). `parts` labels each target id with the index in `part_names` of the part of M it belongs to; the
-    update logs the NLL of each part (nll_<name>)."""
+    update logs the NLL of each part (nll_<name>) over every target id. `trained` is 1 for each target id that
+    carries loss, 0 for one that does not (experience.nll_parts, mask_quoted_solution); None: every id does."""
     prompts: list[str]
     target_ids: list[list[int]]
     parts: list[list[int]] | None = None
     part_names: Sequence[str] = ()
+    trained: list[list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -375,8 +377,7 @@ class Policy:
         ref = self._frozen_logps(self._reference(), ids, attn, mask, T, micro) if L.beta > 0 else None  # [N, T]
         rl_data = (ids, attn, mask, rl.advantages.to(self.device), old, ref, attn.sum(1).cpu())
         use_nll = nll is not None and len(nll.prompts) > 0 and L.nll_coef > 0
-        nll_data = (tuple(t.to(self.device) for t in self.encode(nll.prompts, nll.target_ids, nll.parts))
-                    if use_nll else None)  # ids, attn, mask, parts
+        nll_data = self._encode_nll(nll) if use_nll else None  # ids, attn, mask, parts, loss mask
         mini_batches = [torch.arange(i, min(i + mini, N)) for i in range(0, N, mini)]
         nll_parts = (torch.tensor_split(torch.arange(nll_data[0].size(0)), len(mini_batches)) if use_nll
                      else [torch.arange(0)] * len(mini_batches))
@@ -389,8 +390,10 @@ class Policy:
             for mb, nll_mb in zip(mini_batches, nll_parts):
                 self.optimizer.zero_grad(set_to_none=True)
                 rl_total, metrics = self._rl_micro_steps(rl_data, mb, micro, data_parallel)
+                # loss.nll_normalization: batch divides by this optimizer step's share of the B prompts
+                batch_prompts = self.cfg.sampling.prompts_per_step * len(mb) / N
                 nll_total = self._nll_micro_steps(nll_data, nll_mb, micro, data_parallel,
-                                                  part_sums if part_names and epoch == 0 else None)
+                                                  part_sums if part_names and epoch == 0 else None, batch_prompts)
                 if data_parallel is not None:  # each rank summed its share of the micro-batches
                     rl_total, nll_total, *values = DataParallel.sum([rl_total, nll_total, *metrics.values()])
                     metrics = dict(zip(metrics, values))
@@ -402,7 +405,8 @@ class Policy:
                     sums[k] = sums.get(k, 0.0) + v
         self.optimizer.zero_grad(set_to_none=True)
         out = {k: v / steps for k, v in sums.items()}  # means over the optimizer steps of this update
-        out.update(num_sequences=N, num_nll_sequences=len(nll.prompts) if use_nll else 0, optimizer_steps=steps)
+        out.update(num_sequences=N, num_nll_sequences=len(nll.prompts) if use_nll else 0, optimizer_steps=steps,
+                   num_nll_trained_tokens=int(nll_data[4].sum()) if use_nll else 0)
         out.update(self._nll_by_part(part_sums, part_names, data_parallel))
         return out
 
@@ -432,21 +436,36 @@ class Policy:
                 metrics[k] = metrics.get(k, 0.0) + w * float(v)
         return total, metrics
 
+    def _encode_nll(self, nll: NLLBatch) -> tuple[torch.Tensor, ...]:
+        """The NLL targets laid out for the update: ids, attention, target mask and part labels (Policy.encode), and
+        the loss mask — the target mask less the ids `nll.trained` leaves without loss."""
+        ids, attn, mask, labels = self.encode(nll.prompts, nll.target_ids, nll.parts)
+        loss_mask = mask.clone()
+        if nll.trained is not None:
+            for i, (row, target) in enumerate(zip(nll.trained, nll.target_ids, strict=True)):
+                if len(row) != len(target):
+                    raise ValueError(f"NLL target {i}: {len(row)} trained flags for {len(target)} ids")
+                loss_mask[i, :len(row)] = torch.tensor(list(row), dtype=loss_mask.dtype)
+        return tuple(t.to(self.device) for t in (ids, attn, mask, labels, loss_mask))
+
     def _nll_micro_steps(self, data, nll_mb: torch.Tensor, micro: int, dp: DataParallel | None,
-                         part_sums: torch.Tensor | None) -> float:
-        """Backward of lambda * L_NLL over this mini-batch's share of the accepted M* (token mean per sequence,
-        mean over sequences); with `part_sums`, each part's summed NLL and token count are added to it."""
+                         part_sums: torch.Tensor | None, batch_prompts: float) -> float:
+        """Backward of lambda * L_NLL over this mini-batch's share of the targets: each target's mean NLL over its
+        trained tokens, summed and divided per loss.nll_normalization (losses.nll_denominator: the number of targets,
+        or `batch_prompts`); with `part_sums`, each part's summed NLL and token count over every target token are
+        added to it."""
         if data is None or not len(nll_mb):
             return 0.0
-        ids, attn, mask, labels = data
+        ids, attn, mask, labels, loss_mask = data
+        denominator = losses.nll_denominator(self.cfg.loss.nll_normalization, len(nll_mb), batch_prompts)
         total = 0.0
         parts = list(torch.split(nll_mb, micro))
         for part, keep in (dp.my_parts(parts) if dp else [(p, 1.0) for p in parts]):
             p_ids, p_attn, p_mask = self._rows(ids, attn, mask, part)  # [m, p+t], [m, p+t], [m, t]
             with self.compute():
                 n_logps = losses.per_token_logps(self.model, p_ids, p_attn, p_mask.size(1), 1.0)  # [m, t]
-            nl, _ = losses.nll_loss(n_logps, p_mask)
-            w = len(part) / len(nll_mb) * keep
+            nl, _ = losses.nll_loss(n_logps, loss_mask[part, :p_mask.size(1)])  # mean over the part's targets
+            w = len(part) / denominator * keep
             self._backward(self.cfg.loss.nll_coef * w * nl * self._grad_scale(dp), "nll")
             total += w * nl.item()
             if part_sums is not None and keep:

@@ -17,14 +17,14 @@ from typing import Callable
 import torch
 
 from mel_core import config as config_mod
-from mel_core.algorithm import losses, meta_experience, pairing, replay_filter, retrospective
+from mel_core.algorithm import losses, meta_experience, nll_targets, pairing, replay_filter, retrospective
 from mel_core.ids import derive_seed, make_id
 from mel_core.model.checkpoints import Checkpoint, file_digests, portable_path, saved_update_stats
 from mel_core.model.engines.base import SamplingParams, generate_together
 from mel_core.step import analysts
 from mel_core.step.runtime import Runtime
 from mel_core.store import library, stage_records
-from mel_core.tokens import encode_target
+from mel_core.tokens import encode_target, token_offsets
 
 # Bump a stage's version when its logic changes, so cached results of the old logic are not reused.
 STAGE_VERSIONS = {"warm_start": 2, "sample": 1, "verify": 2, "pair": 2, "diagnose": 2, "abstract": 3,
@@ -56,7 +56,8 @@ def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
                             max_new_tokens=cfg.sampling.max_new_tokens, seed=seed)
     rollout_prompts = [r["prompt_text"] for r in prompt_rows]
     analysed = experience_step(rt, step)
-    pending = _analyses_to_write(rt, analysed, ckpt) if analysed < step and cfg.experience.enabled else None
+    analyses_here = analysed < step and "diagnose" in config_mod.step_stages(cfg)  # overlap: step t-1's, in this batch
+    pending = _analyses_to_write(rt, analysed, ckpt) if analyses_here else None
     if pending is not None and pending.prompts and cfg.experience.analyst == "policy":
         groups, analysis_groups = generate_together(
             rt.engine, [(rollout_prompts, params), (pending.prompts, _analysis_params(rt, analysed, "diagnose"))],
@@ -373,6 +374,7 @@ def _replays(rt: Runtime, step: int, jobs: list[tuple[dict, dict]], params: Samp
             ("replay", a["analysis_id"], kind, problem["prompt_id"], s.sample_index)
         rows.append({"replay_id": make_id(*key), "analysis_id": a["analysis_id"], "run_id": rt.run_id, "step": step,
                      "replay_index": s.sample_index, "prompt_text": prompts[s.prompt_index], "text": s.completion.text,
+                     "token_ids": s.completion.token_ids,
                      "reward": s.verdict.reward, "verify_reason": s.verdict.reason, "kind": kind,
                      "prompt_id": problem["prompt_id"], "finish_reason": s.completion.finish_reason,
                      "extracted_answer": s.verdict.extracted, "verifier_hash": verifier_hash})
@@ -419,22 +421,75 @@ def _rl_batch(rt: Runtime, step: int):
 
 
 def _nll_batch(rt: Runtime, step: int):
-    """The accepted M* given their retrospective contexts; in two_pass M spans two generations, each learned
-    given its own prompt. Empty when MEL is off (a GRPO run) or nothing was accepted."""
+    """What the NLL term trains on (experience.nll_target): the accepted M* given their retrospective contexts (in
+    two_pass M spans two generations, each learned given its own prompt), with loss on the tokens nll_parts and
+    mask_quoted_solution keep; or y+ / a verified replay given the solve prompt. Empty when MEL is off (a GRPO
+    run) or nothing was accepted."""
     from mel_core.model.policy import NLLBatch
 
-    if not (rt.cfg.experience.enabled and rt.cfg.loss.nll_coef > 0):
+    exp = rt.cfg.experience
+    if not (exp.enabled and rt.cfg.loss.nll_coef > 0):
         return NLLBatch(prompts=[], target_ids=[]), False
-    if rt.cfg.experience.nll_target == "correct_rollout":  # the grpo+sft baseline: y+ given its solve prompt
-        rollouts = stage_records.accepted_correct_rollouts(rt.store, rt.run_id, step)
-        return NLLBatch(prompts=[r["prompt_text"] for r in rollouts], target_ids=[r["token_ids"] for r in rollouts]), \
-            bool(rollouts)
+    if exp.nll_target != "meta_experience":  # grpo+sft, mel-distill: a solution given the solve prompt, no M
+        rows = _solution_targets(rt, step)
+        return NLLBatch(prompts=[r["prompt_text"] for r in rows], target_ids=[r["token_ids"] for r in rows]), bool(rows)
     accepted = stage_records.accepted_targets(rt.store, rt.run_id, step)
-    targets = [(a["prompt_text"], a["trained_token_ids"], a["trained_parts"]) for a in accepted]
-    targets += [(a["abstract_prompt_text"], a["abstract_trained_token_ids"], a["abstract_trained_parts"])
-                for a in accepted if a["abstract_trained_token_ids"]]
-    return NLLBatch(prompts=[p for p, _, _ in targets], target_ids=[t for _, t, _ in targets],
-                    parts=[s for _, _, s in targets], part_names=meta_experience.PARTS), bool(accepted)
+    targets = [(a["prompt_text"], a["trained_text"], a["trained_token_ids"], a["trained_parts"], a)
+               for a in accepted]
+    targets += [(a["abstract_prompt_text"], a["abstract_trained_text"], a["abstract_trained_token_ids"],
+                 a["abstract_trained_parts"], a) for a in accepted if a["abstract_trained_token_ids"]]
+    selecting = exp.nll_parts != "all" or exp.mask_quoted_solution
+    masks = [_loss_mask(rt, text, ids, parts, a) if selecting else None for _, text, ids, parts, a in targets]
+    kept = [(t, m) for t, m in zip(targets, masks) if m is None or any(m)]  # a target with no trained token: none
+    return NLLBatch(prompts=[t[0] for t, _ in kept], target_ids=[t[2] for t, _ in kept],
+                    parts=[t[3] for t, _ in kept], part_names=meta_experience.PARTS,
+                    trained=[m for _, m in kept] if selecting else None), bool(accepted)
+
+
+def _solution_targets(rt: Runtime, step: int) -> list[dict]:
+    """accepted_replay (mel-distill): each accepted M's first verified replay; correct_rollout (grpo+sft): the
+    accepted pairs' correct rollouts, or with count matching as many paired ones as the matched run accepted."""
+    exp = rt.cfg.experience
+    if exp.nll_target == "accepted_replay":
+        replays = stage_records.accepted_replays(rt.store, rt.run_id, step)
+        return [{**r, "token_ids": _replay_ids(rt, r)} for r in replays]
+    if exp.count_match_run_id:
+        return _count_matched_rollouts(rt, step)
+    return stage_records.accepted_correct_rollouts(rt.store, rt.run_id, step)
+
+
+def _loss_mask(rt: Runtime, text: str, ids: list[int], parts: list[int], analysis: dict) -> list[int]:
+    """Which ids of a stored M* target carry loss (nll_targets.loss_mask); the critique's quotes of the pair's
+    solutions are found in its text (its ids without the end token)."""
+    quoted = None
+    if rt.cfg.experience.mask_quoted_solution:
+        lines = nll_targets.quotable_lines([analysis["incorrect"], analysis["correct"]])
+        offsets = token_offsets(rt.policy.tokenizer, text, ids[:-1])
+        quoted = nll_targets.tokens_within(text, offsets, nll_targets.quoted_spans(text, lines))
+    return nll_targets.loss_mask(parts, meta_experience.PARTS, rt.cfg.experience.nll_parts, quoted)
+
+
+def _replay_ids(rt: Runtime, replay: dict) -> list[int]:
+    """A replay's completion ids as generated (stores before replays kept them: its text encoded, with the end token
+    the generation stopped on)."""
+    if replay["token_ids"] is not None:
+        return list(replay["token_ids"])
+    ids, _ = encode_target(rt.policy.tokenizer, replay["text"], [], (), end_id=rt.stop_ids[0])
+    return ids if replay["finish_reason"] == "stop" else ids[:-1]
+
+
+def _count_matched_rollouts(rt: Runtime, step: int) -> list[dict]:
+    """grpo+sft count-matched (experience.count_match_run_id): as many distinct correct rollouts of this step's pairs
+    as the matched run accepted at this step (fewer when this step has fewer)."""
+    from mel_core.store.reader import StoreReader
+
+    exp = rt.cfg.experience
+    with StoreReader(exp.count_match_store) as other:
+        n = stage_records.accepted_count(other, exp.count_match_run_id, step)
+    if n is None:
+        raise config_mod.ConfigError(f"config key 'experience.count_match_run_id': run {exp.count_match_run_id} in "
+                                     f"{exp.count_match_store} has no accepted count at step {step} (run it first)")
+    return stage_records.paired_correct_rollouts(rt.store, rt.run_id, step, n) if n else []
 
 
 def _distributed_update(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll) -> dict:

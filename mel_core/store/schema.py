@@ -129,7 +129,8 @@ TABLES: dict[str, str] = {
         prompt_id VARCHAR,
         finish_reason VARCHAR,
         extracted_answer VARCHAR,
-        verifier_hash VARCHAR""",
+        verifier_hash VARCHAR,
+        token_ids INTEGER[]""",
     "checkpoints": """
         checkpoint_id VARCHAR PRIMARY KEY,
         run_id VARCHAR,

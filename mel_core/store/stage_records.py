@@ -97,11 +97,48 @@ def rollouts_to_train(store, run_id: str, step: int) -> list[dict]:
 
 
 def accepted_targets(store, run_id: str, step: int) -> list[dict]:
-    """The accepted meta-experiences of the step: each trained text's context, token ids and parts."""
+    """The accepted meta-experiences of the step: each trained text's context, text, token ids and parts, and the
+    pair's two solutions (what a critique may quote)."""
     return store.query(
-        "SELECT analysis_id, prompt_text, trained_token_ids, trained_parts, abstract_prompt_text, "
-        "abstract_trained_token_ids, abstract_trained_parts FROM analyses "
-        "WHERE run_id = ? AND step = ? AND status = 'accepted' ORDER BY analysis_id", [run_id, step])
+        "SELECT a.analysis_id, a.prompt_text, a.trained_text, a.trained_token_ids, a.trained_parts, "
+        "a.abstract_prompt_text, a.abstract_trained_text, a.abstract_trained_token_ids, a.abstract_trained_parts, "
+        "ri.text AS incorrect, rc.text AS correct FROM analyses a JOIN pairs pa USING (pair_id) "
+        "JOIN rollouts ri ON ri.rollout_id = pa.incorrect_rollout_id "
+        "JOIN rollouts rc ON rc.rollout_id = pa.correct_rollout_id "
+        "WHERE a.run_id = ? AND a.step = ? AND a.status = 'accepted' ORDER BY a.analysis_id", [run_id, step])
+
+
+
+def accepted_replays(store, run_id: str, step: int) -> list[dict]:
+    """For each accepted analysis of the step that has one, its first verified replay (lowest replay_index among
+    its own replays with reward > 0) and the plain solve prompt of its problem (mel-distill trains on these)."""
+    return store.query(
+        "SELECT a.analysis_id, p.prompt_text, rp.replay_id, rp.text, rp.token_ids, rp.finish_reason "
+        "FROM analyses a JOIN replays rp ON rp.analysis_id = a.analysis_id AND rp.kind = 'self' AND rp.reward > 0 "
+        "JOIN pairs pa ON pa.pair_id = a.pair_id JOIN prompts p ON p.prompt_id = pa.prompt_id "
+        "WHERE a.run_id = ? AND a.step = ? AND a.status = 'accepted' "
+        "QUALIFY row_number() OVER (PARTITION BY a.analysis_id ORDER BY rp.replay_index) = 1 "
+        "ORDER BY a.analysis_id", [run_id, step])
+
+
+
+def paired_correct_rollouts(store, run_id: str, step: int, limit: int) -> list[dict]:
+    """The first `limit` distinct correct rollouts of the step's pairs, in pair-id order (a hash: no position or
+    reward order), each with its solve prompt (the count-matched grpo+sft trains on these)."""
+    return store.query(
+        "SELECT rollout_id, prompt_text, token_ids FROM (SELECT r.rollout_id, p.prompt_text, r.token_ids, "
+        "min(pa.pair_id) AS first_pair FROM pairs pa JOIN rollouts r ON r.rollout_id = pa.correct_rollout_id "
+        "JOIN prompts p ON p.prompt_id = pa.prompt_id WHERE pa.run_id = ? AND pa.step = ? GROUP BY ALL) "
+        "ORDER BY first_pair LIMIT ?", [run_id, step, limit])
+
+
+
+def accepted_count(store, run_id: str, step: int) -> int | None:
+    """How many analyses the run accepted at the step, or None when its replay stage has not run there (no
+    `accepted` metric: the run has not reached the step, or does not run MEL)."""
+    rows = store.query("SELECT value FROM metrics WHERE run_id = ? AND step = ? AND name = 'accepted'",
+                       [run_id, step])
+    return int(rows[0]["value"]) if rows else None
 
 
 

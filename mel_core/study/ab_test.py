@@ -10,12 +10,21 @@ seed + i) every arm runs a whole campaign from the same config, changed only by 
   knowledge: does a correct lesson reach the solver at all?);
 - ``mel-mismatched``: the oracle's analysis with each lesson swapped for another rule's of the nearest length
   (the extra-gradient control: as much NLL, on lessons that do not fit);
-- ``grpo+sft``: the MEL pipeline, but the NLL trains on the accepted pairs' correct rollouts (count-matched to
-  MEL's acceptances: the rejection-sampling baseline);
+- ``grpo+sft``: GRPO plus NLL on correct rollouts of its own pairs given their solve prompts, as many at each step
+  as the ``mel`` arm of the same seed accepted (the rejection-sampling baseline, count-matched). It runs no
+  analysis, abstraction or replay — only pair — so its equal-time read-out does not pay for a pipeline it does not
+  use: the harness runs ``mel`` first at each seed and points the arm at it (:func:`count_matched`;
+  experience.count_match_run_id / count_match_store), so ``--arms`` must include ``mel``;
 - ``mel-nofilter``: every parsed analysis kept (the replay runs, but does not filter);
 - ``mel-transfer``: MEL with experience.transfer_replays = 2 (an acceptance rule beyond the paper);
 - ``mel-overlap``: MEL with orchestration.overlap = 1 (step t's analyses in step t+1's rollout batch, the NLL
   target one step stale): does the cheaper schedule learn the same?
+- ``mel-distill``: the MEL pipeline, but the NLL trains on each accepted M's first verified replay given the plain
+  solve prompt, without M (context distillation: the positive control, a channel by which a lesson that helps in
+  context is known to reach the context-free solver);
+- ``mel-heuristics``: MEL with loss on the If/Then rules of M* only (experience.nll_parts = heuristics);
+- ``mel-unquoted``: MEL with no loss on the critique's verbatim copies of a solution line
+  (experience.mask_quoted_solution).
 
 Every arm starts from the same checkpoint, and a step's problems and sampling seed derive from (run.seed, step)
 only, so at each seed all arms train on the same problems in the same order (:func:`identical_problems`).
@@ -61,7 +70,12 @@ ARM_OVERRIDES: dict[str, dict[str, object]] = {
     "mel-nofilter": {"experience.enabled": True, "experience.filter": "none"},
     "mel-transfer": {"experience.enabled": True, "experience.transfer_replays": 2},
     "mel-overlap": {"experience.enabled": True, "orchestration.overlap": 1},
+    "mel-distill": {"experience.enabled": True, "experience.nll_target": "accepted_replay"},
+    "mel-heuristics": {"experience.enabled": True, "experience.nll_parts": "heuristics"},
+    "mel-unquoted": {"experience.enabled": True, "experience.mask_quoted_solution": True},
 }
+# arm -> the arm of the same seed whose per-step accepted counts it matches (run before it: :func:`count_matched`)
+COUNT_MATCHED = {"grpo+sft": "mel"}
 ARMS = tuple(ARM_OVERRIDES)
 DEFAULT_ARMS = ("grpo", "mel")
 BOOTSTRAP_RESAMPLES = 10_000
@@ -117,12 +131,40 @@ def plan(cfg: MelConfig, name: str, seeds: int, arms: tuple[str, ...] = DEFAULT_
     if cfg.loss.nll_coef <= 0 and any(a != BASELINE for a in arms):
         raise ConfigError("config key 'loss.nll_coef': the MEL arms need lambda > 0")
     arms = parse_arms(",".join(arms))
+    for arm, source in COUNT_MATCHED.items():
+        if arm in arms and source not in arms:
+            raise ConfigError(f"--arms: {arm} is count-matched to the {source} arm of each seed: add {source}")
     out = []
     for i in range(seeds):
         seed = cfg.run.seed + i
-        order = arms[i % len(arms):] + arms[:i % len(arms)]
+        order = _sources_first(arms[i % len(arms):] + arms[:i % len(arms)])
         out += [Arm(arm, seed, arm_config(cfg, name, arm, seed)) for arm in order]
     return out
+
+
+def _sources_first(order: tuple[str, ...]) -> tuple[str, ...]:
+    """`order` with each count-matched arm moved to just after the arm it matches, when it came before it."""
+    out = list(order)
+    for arm, source in COUNT_MATCHED.items():
+        if arm in out and source in out and out.index(arm) < out.index(source):
+            out.remove(arm)
+            out.insert(out.index(source) + 1, arm)
+    return tuple(out)
+
+
+def count_matched(arm: Arm, finished: dict[tuple[str, int], ArmRun]) -> MelConfig:
+    """The config `arm` runs with, once the arms before it at its seed have: a count-matched arm (COUNT_MATCHED)
+    names the finished run it matches (experience.count_match_run_id and count_match_store); any other is as
+    planned."""
+    source = COUNT_MATCHED.get(arm.arm)
+    if source is None:
+        return arm.config
+    matched = finished.get((source, arm.seed))
+    if matched is None:
+        raise ConfigError(f"compare: {arm.arm} at seed {arm.seed} needs the {source} arm of that seed to run first")
+    d = config_mod.to_dict(arm.config)
+    d["experience"].update(count_match_run_id=matched.run_id, count_match_store=str(matched.db))
+    return config_mod.from_dict(d)
 
 
 @dataclass
