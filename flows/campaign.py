@@ -14,7 +14,7 @@ steps — reuses what finished and continues from the first unfinished stage.
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.evaluate_checkpoint import evaluate_if_due
@@ -32,7 +32,7 @@ from mel_core.study.summary import format_step, step_summary
 from mel_core.study.tracking import Tracking
 from tasks.artifacts import publish_campaign_summary, publish_report_link, publish_step
 from tasks.common import configured
-from tasks.flow_runs import crash_orphans, this_flow_run
+from tasks.flow_runs import crash_orphans, tag_this_flow_run, this_flow_run
 from tasks.warm_start import warm_start
 
 
@@ -51,7 +51,7 @@ def announce(line: str) -> None:
     get_run_logger().info(line)
 
 
-@flow(name="mel-campaign")
+@flow(name="mel-campaign", flow_run_name="{config[run][name]}")
 def campaign(config: dict) -> dict:
     """`config` is a plain dict (mel_core.config.to_dict; what a deployment passes): validated once here, before
     any work starts; everything below takes the runtime's handle."""
@@ -93,9 +93,20 @@ def _settle_after_failure(rt) -> None:
         announce(f"mel: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
 
 
+def run_tags(rt) -> list[str]:
+    """What a campaign's flow runs are tagged with, to filter them in the UI and `prefect flow-run ls`: the run's name,
+    id and seed (and, in `mel compare`, its arm: flows/compare.py)."""
+    return [f"run:{rt.cfg.run.name}", f"run_id:{rt.run_id}", f"seed:{rt.cfg.run.seed}"]
+
+
 def _campaign(rt) -> dict:
     rt.train_problems  # loaded first: a missing, malformed or empty dataset fails here, before any work
+    tag_this_flow_run(run_tags(rt))  # the run id exists only now: the campaign's flow run gets its tags here
+    with tags(*run_tags(rt)):  # and every step's and evaluation's flow run and task run as they are created
+        return _campaign_tagged(rt)
 
+
+def _campaign_tagged(rt) -> dict:
     # A fork starts from its parent's checkpoint: nothing to build.
     base = rt.start_checkpoint if rt.cfg.run.fork.run_id else configured(warm_start, rt.handle)(rt.handle)
     register_run(rt, base)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, tags
 
 from flows.campaign import announce, campaign
 from mel_core.config import from_dict, to_dict
@@ -33,7 +33,8 @@ def compare(config: dict, name: str, seeds: int = 3, command: str = "", out: str
         announce(f"compare: arm {arm.arm} seed {arm.seed} -> run {arm.config.run.name}")
         # grpo+sft takes its per-step NLL counts from the mel run of its seed, which plan() put before it
         config = ab_test.count_matched(arm, {(r.arm, r.seed): r for r in runs})
-        result = campaign(to_dict(config))
+        with tags(f"arm:{arm.arm}"):  # beside the run's own tags (flows/campaign.py run_tags)
+            result = campaign(to_dict(config))
         runs.append(ab_test.ArmRun(arm.arm, arm.seed, arm.config.run.name, result["run_id"], result["db"],
                                        result["final_checkpoint"].checkpoint_id))
         clear_runtimes()  # this arm's policy is not needed again: free it before the next arm loads its own

@@ -21,7 +21,7 @@ from mel_core.step.stages import experience_step
 from tasks import stage_tasks
 
 
-@flow(name="mel-iteration", flow_run_name="step-{step}", log_prints=True, validate_parameters=False)
+@flow(name="mel-iteration", flow_run_name="{run.name}/step-{step}", log_prints=True, validate_parameters=False)
 def iteration(run: RunHandle, step: int, checkpoint: Checkpoint) -> Checkpoint:
     """One step from policy version `checkpoint`; returns the policy version it trained."""
     task = stage_tasks.for_run(run)  # each stage's task with this campaign's result storage and retry policy

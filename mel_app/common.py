@@ -3,6 +3,7 @@ error a user's SQL raises."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mel_app.environment import prefect_environment
@@ -12,9 +13,17 @@ class UserSQLError(RuntimeError):
     """The user's SQL failed or asked for something a reader may not do."""
 
 
+QUIET_LOGGING = Path(__file__).with_name("prefect_logging.yml")
+
+
 def prefect_env(verbose: bool) -> None:
-    """Prefect silent unless -v: mel prints its own one-line progress and failure lines (a failed stage logs one
-    line through logger 'mel')."""
+    """Prefect silent on the terminal unless -v: mel prints its own one-line progress and failure lines (a failed
+    stage logs one line through logger 'mel'); the flow and task runs' logs still reach Prefect's API and UI
+    (prefect_logging.yml)."""
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(QUIET_LOGGING))
+    elif os.environ.get("PREFECT_LOGGING_SETTINGS_PATH") == str(QUIET_LOGGING):
+        del os.environ["PREFECT_LOGGING_SETTINGS_PATH"]  # inherited from a quiet mel: -v shows Prefect's run logs
     prefect_environment(logging_level="INFO" if verbose else "CRITICAL")
 
 

@@ -79,6 +79,9 @@ def ensure_pool(url: str, env: dict, limit: int | None = None) -> None:
 
 def start_worker(url: str, env: dict, **popen) -> subprocess.Popen:
     """A process worker for the pool: it runs each flow run as a child process of its own."""
+    # The worker's flow runs start in the checkout (prefect.yaml's pull step); their runs are written under the
+    # directory `mel serve` was started in (flows/deploy.py, MEL_WORK_DIR), never into the checkout.
+    env = {"MEL_WORK_DIR": os.getcwd(), **env}
     return subprocess.Popen([prefect_cli(), "worker", "start", "--pool", POOL, "--type", "process"],
                             env=dict(env, PREFECT_API_URL=url), start_new_session=True, **popen)
 

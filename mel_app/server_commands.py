@@ -42,6 +42,10 @@ def cmd_deploy(args) -> int:
 
     run = trigger(serve.DEPLOYMENT, args.config, args.overrides, args.timeout)
     print(f"mel: flow run {run.name} ({run.id}): {run.state.type.value}", flush=True)
+    if run.state.is_failed() or run.state.is_crashed():
+        from flows.deploy import failure_lines
+        for line in failure_lines(run):
+            print(f"mel: {line}", file=sys.stderr, flush=True)
     return 0 if run.state.is_completed() else 1
 
 

@@ -54,7 +54,19 @@ def run_stage(run: RunHandle, stage: str, step: int, body, *args):
 
     ctx = TaskRunContext.get()
     key = ctx.task_run.cache_key if ctx and ctx.task_run else None
-    return execute(runtime_of(run), stage, step, _located(body), step, *args, cache_key=key)
+    manifest = execute(runtime_of(run), stage, step, _located(body), step, *args, cache_key=key)
+    if ctx is not None:
+        # to the task run's log in Prefect's API and UI (`prefect flow-run logs`); the terminal shows it with -v only
+        from prefect.logging import get_run_logger
+        get_run_logger().info(f"{stage} step {step}: {manifest_line(manifest)}")
+    return manifest
+
+
+def manifest_line(manifest: dict) -> str:
+    """A stage's manifest as one log line: its counts, a checkpoint by id."""
+    def shown(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(getattr(v, "checkpoint_id", v))
+    return ", ".join(f"{k}={shown(v)}" for k, v in manifest.items() if k != "step")
 
 
 def _located(body):

@@ -32,6 +32,22 @@ def this_flow_run() -> dict | None:
             "api_url": PREFECT_API_URL.value() or f"temporary server on {PREFECT_HOME.value()}"}
 
 
+def tag_this_flow_run(tags: list[str]) -> None:
+    """Add `tags` to the flow run this code runs in (its own tags are fixed when it is created, before a campaign
+    knows its run id). Bookkeeping for the UI: a failure is ignored, never raised."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(ctx.flow_run.id, tags=sorted(set(ctx.flow_run.tags) | set(tags)))
+    except Exception:  # noqa: BLE001 - the UI's tags never stop a campaign
+        pass
+
+
 def crashed_message(successor: dict) -> str:
     """What a dead campaign's flow runs say in the UI: who took over."""
     who = successor.get("prefect") or {}

@@ -114,6 +114,7 @@ def _counts(db: Path) -> dict:
 @pytest.fixture
 def cli_env(monkeypatch):
     monkeypatch.delenv("PREFECT_LOGGING_LEVEL", raising=False)
+    monkeypatch.delenv("PREFECT_LOGGING_SETTINGS_PATH", raising=False)
 
 
 @pytest.mark.slow

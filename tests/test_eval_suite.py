@@ -100,6 +100,7 @@ def test_sampled_columns_follow_eval_k():
 def cli_env(monkeypatch):
     """`mel eval` sets Prefect's variables for its process; give them back after the test."""
     monkeypatch.delenv("PREFECT_LOGGING_LEVEL", raising=False)
+    monkeypatch.delenv("PREFECT_LOGGING_SETTINGS_PATH", raising=False)
 
 
 @pytest.mark.slow

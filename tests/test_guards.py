@@ -30,7 +30,7 @@ def _mel_run(root, name, *more) -> int:
 @pytest.fixture
 def cli_env(monkeypatch):
     """`mel run` sets Prefect's variables for its process; give them back after each test."""
-    for var in ("PREFECT_LOGGING_LEVEL",):
+    for var in ("PREFECT_LOGGING_LEVEL", "PREFECT_LOGGING_SETTINGS_PATH"):
         monkeypatch.delenv(var, raising=False)
 
 

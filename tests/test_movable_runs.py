@@ -89,6 +89,7 @@ def _flip(path: Path) -> None:
 @pytest.fixture
 def cli_env(monkeypatch):
     monkeypatch.delenv("PREFECT_LOGGING_LEVEL", raising=False)
+    monkeypatch.delenv("PREFECT_LOGGING_SETTINGS_PATH", raising=False)
 
 
 @pytest.mark.slow

@@ -33,15 +33,27 @@ def test_serve_deploy_and_run_a_campaign(tmp_path, micro_model):
                               capture_output=True, text=True, timeout=120)
         assert typo.returncode == 2 and "run.stepz" in typo.stderr
 
-        root = tmp_path / "runs"
+        # run.root_dir left relative: the run lands under the directory `mel deploy --run` ran in, not in the
+        # checkout the worker's flow run starts in
+        user = tmp_path / "user"
+        user.mkdir()
+        small = ["run.steps=1", f"model.name_or_path={micro_model}", "sampling.prompts_per_step=4",
+                 "sampling.group_size=4", "eval.every_n_steps=0", f"run.cache_dir={tmp_path / 'cache'}"]
         done = subprocess.run([*MEL, "deploy", "--api-url", url, "--run", "--timeout", "600", "run.name=served",
-                               "run.steps=1", f"run.root_dir={root}", f"model.name_or_path={micro_model}",
-                               "sampling.prompts_per_step=4", "sampling.group_size=4"],
-                              env=env, capture_output=True, text=True, timeout=900)
+                               *small], env=env, cwd=user, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout + done.stderr + log.read_text()[-3000:]
         assert "COMPLETED" in done.stdout
-        s = Store(root / "served" / "mel.duckdb")
+        s = Store(user / "runs" / "served" / "mel.duckdb")
         assert s.query("SELECT count(*) AS n FROM updates WHERE step = 1")[0]["n"] == 1
+        assert not (serve.REPO / "runs" / "served").exists()
+
+        # a failed stage: its task run and error line on the terminal, and where the whole log is
+        failed = subprocess.run([*MEL, "deploy", "--api-url", url, "--run", "--timeout", "600", "run.name=broken",
+                                 "orchestration.faults=[{stage: update, step: 1, when: before, kind: permanent}]",
+                                 *small], env=env, cwd=user, capture_output=True, text=True, timeout=900)
+        assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout + failed.stderr
+        assert "mel: failed: task run update" in failed.stderr and "injected" in failed.stderr.lower(), failed.stderr
+        assert "prefect flow-run logs" in failed.stderr
 
         limit = subprocess.run([serve.prefect_cli(), "work-pool", "inspect", serve.POOL], capture_output=True,
                                text=True, env=dict(env, PREFECT_API_URL=url))

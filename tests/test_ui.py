@@ -94,13 +94,13 @@ def test_the_campaign_and_a_step_flow_run_render(served, campaign, tmp_path):
     top = _one(campaign["runs"], "mel-campaign")
     text = _page(served, f"/runs/flow-run/{top.id}", "campaign-flow-run", tmp_path)
     assert f"{top.name} Completed" in text and "Flow mel-campaign" in text and "Subflow Runs" in text
-    step = _one(campaign["runs"], "mel-iteration", "step-1")
+    step = _one(campaign["runs"], "mel-iteration", "ui/step-1")
     text = _page(served, f"/runs/flow-run/{step.id}", "step-1-flow-run", tmp_path)
     assert "step-1 Completed" in text and "7 Task runs" in text and f"Parent Run {top.name}" in text
 
 
 def test_a_stage_task_run_renders(served, campaign, tmp_path):
-    step = _one(campaign["runs"], "mel-iteration", "step-2")
+    step = _one(campaign["runs"], "mel-iteration", "ui/step-2")
     (update,) = [t for t in campaign["tasks"] if t.flow_run_id == step.id and t.name.startswith("update")]
     text = _page(served, f"/runs/task-run/{update.id}", "update-task-run", tmp_path)
     assert update.name in text and "Completed" in text and "step-2" in text
