@@ -11,16 +11,29 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mel_core.config import DataConfig
 from mel_core.problems import worlds
 from mel_core.problems.problem import DataError, MissingDataFile, Problem, normalize_gold
 
-__all__ = ["DataError", "Fields", "MissingDataFile", "Problem", "field_value", "held_out", "load_file", "load_jsonl",
-           "load_problems", "source_name", "strip_math_mode", "SYNTHETIC_SOURCE"]
+__all__ = [
+    "SYNTHETIC_SOURCE",
+    "DataError",
+    "Fields",
+    "MissingDataFile",
+    "Problem",
+    "field_value",
+    "held_out",
+    "load_file",
+    "load_jsonl",
+    "load_problems",
+    "source_name",
+    "strip_math_mode",
+]
 
 SYNTHETIC_SOURCE = "synthetic"
 
@@ -141,7 +154,7 @@ def _table_rows(path: Path) -> list[dict]:
         return pq.read_table(str(path)).to_pylist()
     except DataError:
         raise
-    except Exception as e:  # pyarrow/datasets say why in their own words
+    except Exception as e:  # noqa: BLE001 (pyarrow/datasets raise many kinds: say why in their own words)
         raise DataError(f"{path}: cannot read it as a table ({type(e).__name__}: "
                         f"{(str(e).splitlines() or [''])[0][:200]})") from None
 

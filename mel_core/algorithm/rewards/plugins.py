@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
+import importlib.machinery
 import math
 import numbers
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mel_core.algorithm.rewards.verdicts import CORRECT, WRONG
 from mel_core.config import ConfigError
@@ -47,20 +48,22 @@ class Plugin:
 
 
 def _find(module: str) -> tuple[Any, str]:
-    """The module's import spec and the sys.path entry it is found under: the Python path first, then the working
-    directory (as ``python -m`` has it; the ``mel`` entry point does not)."""
-    for extra in (None, os.getcwd()):
-        with _on_path(extra):
-            try:
-                found = importlib.util.find_spec(module)
-            except (ImportError, ValueError):
-                found = None
-        if found is not None and found.origin and os.path.isfile(found.origin):
-            entry = os.path.dirname(found.origin)  # up one folder per dotted part (a package's __init__: one more)
-            for _ in range(module.count(".") + (1 if found.submodule_search_locations is not None else 0)):
-                entry = os.path.dirname(entry)
-            return found, entry
-    raise ConfigError(f"verify.reward: no module {module!r} on the Python path or under {os.getcwd()}")
+    """The module's import spec and the sys.path entry it is found under, searching the Python path, then the working
+    directory (as ``python -m`` has it; the ``mel`` entry point does not). Files only, and never what this process has
+    imported already under that name (importlib's ``find_spec`` would answer with that)."""
+    parts = module.split(".")
+    entries = [os.path.abspath(e or os.getcwd()) for e in sys.path] + [os.getcwd()]
+    spec = importlib.machinery.PathFinder.find_spec(parts[0], entries)
+    entry = None
+    if spec is not None and spec.origin:
+        top = spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin
+        entry = os.path.dirname(top)
+    for part in parts[1:]:
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        spec = importlib.machinery.PathFinder.find_spec(part, locations) if locations else None
+    if spec is None or entry is None or not spec.origin or not os.path.isfile(spec.origin):
+        raise ConfigError(f"verify.reward: no module {module!r} on the Python path or under {os.getcwd()}")
+    return spec, entry
 
 
 class _on_path:
@@ -80,10 +83,15 @@ class _on_path:
 
 
 def load_function(module: str, function: str, search_dir: str) -> Callable:
-    """The plug-in's callable (its module imported with ``search_dir`` on the path; Python caches the module)."""
-    if search_dir not in sys.path:
-        sys.path.append(search_dir)  # after the entries already there: it cannot shadow an installed module
-    fn = getattr(importlib.import_module(module), function, None)
+    """The plug-in's callable: its module imported from ``search_dir`` (put in front of the path for the import
+    only). A module of that name imported from elsewhere before is imported again from here."""
+    loaded = sys.modules.get(module)
+    if loaded is not None and not os.path.abspath(getattr(loaded, "__file__", None) or "/").startswith(
+            os.path.join(search_dir, "")):
+        for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+            del sys.modules[name]
+    with _on_path(search_dir):
+        fn = getattr(importlib.import_module(module), function, None)
     if not callable(fn):
         raise ConfigError(f"verify.reward: module {module!r} has no function {function!r}")
     return fn
@@ -101,7 +109,7 @@ def resolve(spec: str) -> Plugin:
         load_function(module, function, search_dir)
     except ConfigError:
         raise
-    except Exception as e:  # the plug-in's own import failed: say how, in one line
+    except Exception as e:  # noqa: BLE001 (the plug-in's own import failed, with any error: say how, in one line)
         raise ConfigError(f"verify.reward: importing {module!r} failed: {type(e).__name__}: "
                           f"{(str(e).splitlines() or [''])[0][:200]}") from None
     with open(found.origin, "rb") as f:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mel_core.algorithm.rewards import plugins
 from mel_core.algorithm.rewards.math_answers import check_choice, verify_math_batch
@@ -21,9 +22,9 @@ from mel_core.algorithm.rewards.verdicts import (
     DEFAULT_TIMEOUT_S,
     DEFAULT_TRUNCATED_REWARD,
     LENGTH,
+    TIMEOUT,
     TRUNCATED,
     VERIFIER_VERSION,
-    TIMEOUT,
     Verdict,
 )
 from mel_core.vocabulary import EXTRACTIONS, TRUNCATED_REWARDS
