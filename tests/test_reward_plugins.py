@@ -192,3 +192,18 @@ def test_a_campaign_whose_rewards_are_all_zero_says_so_once(plugin_dir, tmp_path
         campaign(C.to_dict(cfg))
     out = capsys.readouterr().out
     assert out.count("mel: no mixed groups in 2 steps: MEL has nothing to analyse (every rollout scored 0)") == 1
+
+
+def test_the_readme_example_plugins_score_in_the_workers():
+    """examples/my_rewards.py, found from the repository root (the tests' working directory) as `mel` run there
+    finds it: exact match of the Answer: line with a JSON field of the row, and a unit-test runner."""
+    exact = Verifier("plugin", plugin=plugins.resolve("examples.my_rewards:answer_line"))
+    rows = [{"expected": "no"}, {"expected": "no"}, {}]
+    problems = [Problem(f"p:{i}", "q", "7", "p", row=r) for i, r in enumerate(rows)]
+    got = exact.verify(["x\nAnswer: no", "Answer: yes", "Answer: 7"], ["7"] * 3, problems=problems)
+    assert [v.reward for v in got] == [1.0, 0.0, 1.0]
+    runner = Verifier("plugin", timeout_s=20, plugin=plugins.resolve("examples.my_rewards:unit_tests"))
+    code = "```python\ndef add(a, b):\n    return a + b\n```"
+    row = {"tests": ["assert add(1, 2) == 3", "assert add(2, 2) == 5"]}
+    got = runner.verify([code, "no code"], ["", ""], problems=[Problem("u:1", "q", "-", "u", row=row)] * 2)
+    assert [(v.reward, v.reason) for v in got] == [(0.5, "partial"), (0.0, "wrong_answer")]

@@ -55,8 +55,8 @@ def _find(module: str) -> tuple[Any, str]:
     entries = [os.path.abspath(e or os.getcwd()) for e in sys.path] + [os.getcwd()]
     spec = importlib.machinery.PathFinder.find_spec(parts[0], entries)
     entry = None
-    if spec is not None and spec.origin:
-        top = spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin
+    if spec is not None and (spec.submodule_search_locations or spec.origin):  # a package (namespace too), a file
+        top = next(iter(spec.submodule_search_locations)) if spec.submodule_search_locations else spec.origin
         entry = os.path.dirname(top)
     for part in parts[1:]:
         locations = list(spec.submodule_search_locations or []) if spec is not None else []

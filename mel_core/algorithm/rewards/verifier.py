@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mel_core.algorithm.rewards import plugins
 from mel_core.algorithm.rewards.math_answers import check_choice, verify_math_batch
+from mel_core.algorithm.rewards.plugins import Plugin, problem_record, resolve
 from mel_core.algorithm.rewards.pool import check_timeout, shared_pool
 from mel_core.algorithm.rewards.synthetic import verify_synthetic
 from mel_core.algorithm.rewards.verdicts import (
@@ -62,7 +62,7 @@ def _plugin_batch(v: Verifier, texts: list, golds: list, problems: list) -> list
     plug-in scores 0 with its reason, as math-verify's do."""
     p = v.plugin
     tasks = [("plugin", (p.module, p.function, p.search_dir, "" if t is None else str(t),
-                         plugins.problem_record(problem, g)))
+                         problem_record(problem, g)))
              for t, g, problem in zip(texts, golds, problems)]
     verdicts = []
     for status, payload in shared_pool().run(tasks, v.timeout_s):
@@ -94,7 +94,7 @@ class Verifier:
     extraction: str = DEFAULT_EXTRACTION
     truncated_reward: str = DEFAULT_TRUNCATED_REWARD
     timeout_s: float | None = DEFAULT_TIMEOUT_S
-    plugin: plugins.Plugin | None = None
+    plugin: Plugin | None = None
 
     def __post_init__(self) -> None:
         check_choice("reward kind", self.kind, tuple(REWARDS))
@@ -116,7 +116,7 @@ class Verifier:
         elif reward in BUILTIN_REWARDS:
             kind = reward
         else:
-            kind, plugin = "plugin", plugins.resolve(reward)
+            kind, plugin = "plugin", resolve(reward)
         return cls(kind=kind, extraction=verify_cfg.extraction, truncated_reward=verify_cfg.truncated_reward,
                    timeout_s=verify_cfg.timeout_s, plugin=plugin)
 
