@@ -28,7 +28,7 @@ from mel_core.step.runtime import get_runtime, run_dir_of
 from mel_core.step.stages import experience_step
 from mel_core.study.evaluation import is_due
 from mel_core.study.report import write_report
-from mel_core.study.summary import format_step, step_summary
+from mel_core.study.summary import NO_SIGNAL_STEPS, format_step, no_signal_warning, step_summary
 from mel_core.study.tracking import Tracking
 from tasks.artifacts import publish_campaign_summary, publish_report_link, publish_step
 from tasks.common import configured
@@ -132,6 +132,9 @@ def _steps(rt, checkpoint) -> dict:
             announce(format_step(summaries[-1]))
             publish_step(rt, step, summaries[-1])
             tracking.log_step(summaries[-1])
+            no_signal = no_signal_warning(summaries, min(NO_SIGNAL_STEPS, cfg.run.steps - rt.start_step))
+            if no_signal:
+                announce(no_signal)
 
     try:
         tracking.log_config(to_dict(cfg))

@@ -25,6 +25,8 @@ def cmd_run(args) -> int:
         point = fork_mod.find_fork_point(args.fork, cfg.run.root_dir)
         cfg = fork_mod.fork_config(args.config, args.overrides, point)
     load_problems(cfg.data)  # a missing, malformed or empty dataset is reported before Prefect starts
+    from mel_core.algorithm.rewards.verifier import Verifier, reward_kind_for_source
+    Verifier.from_config(cfg.verify, reward_kind_for_source(cfg.data.source))  # and a reward plug-in that is not one
     if cfg.model.name_or_path != "tiny":  # a named model is fetched (once), a folder checked, before Prefect starts
         from mel_core.model import sources
         sources.resolve(cfg.model.name_or_path, cfg.run.cache_dir)

@@ -232,10 +232,21 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = doc("synthetic", "'synthetic' (embedded task) or a path to a JSONL file of problems.")
-    question_field: str = doc("problem", "JSONL field holding the question.")
-    answer_field: str = doc("answer", "JSONL field holding the gold answer.")
-    id_field: str = doc("", "JSONL field holding a row id; empty means the line number.")
+    source: str = doc("synthetic", "'synthetic' (embedded task) or the path of a local data file: JSONL, Parquet (a file "
+                      "or a folder of them), Arrow, or a datasets save_to_disk folder (of a DatasetDict, its train split).")
+    question_field: str = doc("problem", "Field holding the question; a dotted path reads a nested one "
+                              "(extra_info.question).")
+    answer_field: str = doc("answer", "Field holding the gold answer (dotted path as question_field).")
+    id_field: str = doc("", "Field holding a row id (dotted path as question_field); empty means the line (JSONL) or "
+                        "row (tables) number.")
+    messages_field: str = doc("messages", "Field of a chat-style record (a list of {role, content} messages), read when "
+                              "a row has no question_field: the last user turn is the question and, when the row has "
+                              "no answer_field, the assistant turn after it the gold answer. Empty: off.")
+    eval_fraction: float = doc(0.0, "Hold out this fraction of data.source as its evaluation split (eval.datasets: "
+                               "heldout), left out of training: the problems whose ids hash lowest, the same for every "
+                               "run and seed. 0 = none. Our choice.", ge=0, lt=1)
+    eval_source: str = doc("", "A separate file as the evaluation split (eval.datasets: heldout), read with the same "
+                           "fields; empty = none (or data.eval_fraction).")
     too_long: str = doc("error", "A training problem whose solve prompt plus sampling.max_new_tokens does not fit the "
                         "context (model.max_seq_len, and the model's own window): error (refuse the campaign before "
                         "step 1, naming the problem) | skip (leave such problems out, counted in the log). Our "
@@ -365,7 +376,12 @@ class OptimConfig:
 
 @dataclass
 class VerifyConfig:
-    timeout_s: float = doc(5.0, "Time limit per verified item (math-verify runs in a worker process).", gt=0)
+    reward: str = doc("auto", "The reward: auto = by the dataset (synthetic for the embedded worlds, math for files) | "
+                      "math (math-verify, with verify.extraction) | synthetic (the world's Answer: line) | "
+                      "module:function = a plug-in, function(completion, problem) -> a float in [0, 1] or a bool, run "
+                      "in the worker pool with verify.timeout_s per item, for every dataset of the run (README "
+                      "'Reward plug-ins'). Our choice.")
+    timeout_s: float = doc(5.0, "Time limit per verified item (math-verify or a plug-in runs in a worker process).", gt=0)
     extraction: str = doc("boxed_last", "Where a math answer is read: boxed_last (the content of the LAST \\boxed{} / "
                           "\\fbox{}, parsed by math-verify; no box = no_answer) | math_verify (math-verify's own "
                           "chain, which falls back to the last number: a text cut off at '40+2=42 and then' scores "
@@ -395,7 +411,7 @@ class PromptsConfig:
 
 @dataclass
 class EvalConfig:
-    datasets: List[str] = doc([], "Datasets to evaluate on: 'synthetic' (the held-out split), 'synthetic:<subset>' (a named part of it: the rules world's plain, skip, jump, stay) or JSONL paths (MATH-500, AIME24/25, AMC23, OlympiadBench, GSM8K).")
+    datasets: List[str] = doc([], "Datasets to evaluate on: 'synthetic' (the held-out split), 'synthetic:<subset>' (a named part of it: the rules world's plain, skip, jump, stay), 'heldout' (the training file's held-out split: data.eval_fraction or data.eval_source) or paths of data files as data.source (MATH-500, AIME24/25, AMC23, OlympiadBench, GSM8K).")
     greedy: bool = doc(True, "Greedy Pass@1.", PAPER)
     temperature: float = doc(0.6, "Sampling temperature of Avg@k / Pass@k.", PAPER, ge=0)
     k: int = doc(8, "Samples per problem for Avg@k / Pass@k (unbiased estimator, Chen et al. 2021); 0 = greedy only.", PAPER, ge=0)
@@ -680,6 +696,11 @@ RESULT_NEUTRAL_KEYS = ("run.steps", "run.root_dir", "run.cache_dir", "run.torch_
                        "library", "eval", "orchestration", "logging", "model.engine", "model.vllm", "model.device",
                        "optim.fsdp_processes", "run.fork.checkpoint_path", "run.fork.store")
 
+# Keys added after runs were stored: hashed only when set to other than their default (the value they had in effect
+# before), so every earlier config keeps its hash, its run id and its caches.
+HASHED_WHEN_SET = (("data.messages_field", "messages"), ("data.eval_fraction", 0.0), ("data.eval_source", ""),
+                   ("verify.reward", "auto"))
+
 
 def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) -> str:
     """Stable hash of everything that changes results (all but RESULT_NEUTRAL_KEYS). A run that is not a fork
@@ -693,6 +714,13 @@ def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) 
     # hashes as then (float32 configs keep their run ids); bfloat16 compute over float32 master weights is new.
     if d["model"]["master_dtype"] == d["model"]["dtype"] or d["model"]["lora"]["enabled"]:  # LoRA: no effect
         d["model"].pop("master_dtype")
+    for dotted, default in HASHED_WHEN_SET:  # (added later: a config that leaves them unset keeps its run id)
+        *parents, leaf = dotted.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p, {})
+        if node.get(leaf, default) == default:
+            node.pop(leaf, None)
     for dotted in exclude:
         *parents, leaf = dotted.split(".")
         node = d
@@ -810,6 +838,10 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
     need(rules.min_commands <= rules.max_commands, "data.synthetic.rules.min_commands", "must be <= max_commands")
     need(set(rules.weak_rules) <= set(RULES_EXCEPTION_RULES), "data.synthetic.rules.weak_rules",
          f"only exception rules can be weak: any of {', '.join(RULES_EXCEPTION_RULES)}, got {rules.weak_rules}")
+    need(not (cfg.data.eval_fraction and cfg.data.eval_source), "data.eval_source",
+         "one held-out split: data.eval_fraction (a part of data.source) or data.eval_source (another file), not both")
+    need(cfg.verify.reward in ("auto", "math", "synthetic") or cfg.verify.reward.count(":") == 1, "verify.reward",
+         f"auto, math, synthetic or module:function, got {cfg.verify.reward!r}")
     need(cfg.eval.greedy or cfg.eval.k > 0, "eval.greedy", "with eval.k = 0, greedy must be on (nothing to evaluate)")
     need(cfg.eval.k == 0 or cfg.eval.temperature > 0, "eval.temperature", "must be > 0 when eval.k > 0 (sampled)")
     need(cfg.eval.every_n_steps <= 0 or bool(cfg.eval.datasets), "eval.datasets",

@@ -3,6 +3,7 @@ leaf module)."""
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
@@ -27,6 +28,15 @@ class Problem:
     answer: str
     source: str
     meta: dict = field(default_factory=dict)
+    # The data row it was read from, as the file holds it (nested fields included; {} for the embedded worlds): what
+    # a reward plug-in (verify.reward: module:function) is given beside the completion. Not part of equality.
+    row: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def row_json(self) -> str | None:
+        """:attr:`row` as the store keeps it (prompts.row_json, eval_samples.row_json), None when there is none: what
+        a reward plug-in is given again when `mel rescore` verifies a stored record."""
+        return json.dumps(self.row, ensure_ascii=False, sort_keys=True, default=str) if self.row else None
 
 
 _GSM8K_MARK = "####"

@@ -158,14 +158,16 @@ class Runtime:
         return Verifier.from_config(self.cfg.verify, self.reward_kind)
 
     def solve(self, prompts: Sequence[str], golds: Sequence[str], params: SamplingParams, desc: str = "",
-              verifier=None) -> list[Solved]:
+              verifier=None, problems: Sequence | None = None) -> list[Solved]:
         """Generate `params.n` solutions per prompt in one engine call and score them all in one verifier call
         (this run's verifier unless another is given): what replays, evaluations and the gate share. [P * n]
-        solutions in prompt order, each with its prompt's index, its sample index and its verdict."""
+        solutions in prompt order, each with its prompt's index, its sample index and its verdict. `problems` (one
+        per prompt) is what a reward plug-in is given beside the gold."""
         outs = self.engine.generate(list(prompts), params, desc=desc)
         flat = [(j, i, c) for j, cs in enumerate(outs) for i, c in enumerate(cs)]
         verdicts = (verifier or self.verifier).verify([c.text for *_, c in flat], [golds[j] for j, *_ in flat],
-                                                      [c.finish_reason for *_, c in flat])
+                                                      [c.finish_reason for *_, c in flat],
+                                                      None if problems is None else [problems[j] for j, *_ in flat])
         return [Solved(j, i, c, v) for (j, i, c), v in zip(flat, verdicts)]
 
     @property

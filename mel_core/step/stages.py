@@ -49,7 +49,8 @@ def sample(rt: Runtime, step: int, ckpt: Checkpoint) -> dict:
     problems = rt.step_problems(step)
     prompt_rows = [{"prompt_id": make_id("prompt", rt.run_id, step, pos, prob.problem_id), "run_id": rt.run_id,
                     "step": step, "position": pos, "problem_id": prob.problem_id, "question": prob.question,
-                    "answer": prob.answer, "prompt_text": rt.model_input(rt.prompts.render_solve(prob.question))}
+                    "answer": prob.answer, "prompt_text": rt.model_input(rt.prompts.render_solve(prob.question)),
+                    "row_json": prob.row_json}
                    for pos, prob in enumerate(problems)]
     seed = derive_seed(cfg.run.seed, step, "sample")
     params = SamplingParams(n=cfg.sampling.group_size, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
@@ -95,7 +96,7 @@ def verify(rt: Runtime, step: int) -> dict:
     """Binary reward per rollout; unparsable output scores 0 with its reason, never a crash."""
     rows = stage_records.rollouts_to_verify(rt.store, rt.run_id, step)
     verdicts = rt.verifier.verify([r["text"] for r in rows], [r["answer"] for r in rows],
-                                  [r["finish_reason"] for r in rows])
+                                  [r["finish_reason"] for r in rows], problems=rows)
     groups: dict[str, list[float]] = defaultdict(list)
     for r, v in zip(rows, verdicts):
         groups[r["prompt_id"]].append(v.reward)
@@ -364,7 +365,8 @@ def _replays(rt: Runtime, step: int, jobs: list[tuple[dict, dict]], params: Samp
     """Solve each (analysis, problem) job with the analysis's M in context: rewards per analysis, and the rows."""
     prompts = [rt.model_input(rt.prompts.render_validation(problem["question"], a["replay_text"]))
                for a, problem in jobs]
-    solved = rt.solve(prompts, [problem["answer"] for _, problem in jobs], params, desc=desc)
+    solved = rt.solve(prompts, [problem["answer"] for _, problem in jobs], params, desc=desc,
+                      problems=[problem for _, problem in jobs])
     rewards, rows = defaultdict(list), []
     verifier_hash = rt.verifier.identity_hash
     for s in solved:

@@ -7,18 +7,21 @@ from __future__ import annotations
 
 def records_to_rescore(store, run_id: str) -> list[dict]:
     """Every verified reward record of the run — rollouts, replays, evaluation samples — with what verifying it
-    again takes: its text, gold answer and how its generation ended (a replay written before replays kept their
+    again takes: its text, gold answer, problem (id, question, data row: what a reward plug-in is given) and how
+    its generation ended (a replay written before replays kept their
     finish_reason ended at the length limit if it was scored 'truncated')."""
     return store.query(
         "SELECT 'rollout' AS record_kind, r.rollout_id AS record_id, r.text, p.answer, r.finish_reason, "
-        "NULL AS dataset FROM rollouts r JOIN prompts p USING (prompt_id) WHERE r.run_id = ? AND r.reward IS NOT NULL "
+        "NULL AS dataset, p.problem_id, p.question, p.row_json FROM rollouts r JOIN prompts p USING (prompt_id) "
+        "WHERE r.run_id = ? AND r.reward IS NOT NULL "
         "UNION ALL "
         "SELECT 'replay', rp.replay_id, rp.text, p.answer, coalesce(rp.finish_reason, CASE WHEN rp.verify_reason = "
-        "'truncated' THEN 'length' END), NULL FROM replays rp JOIN analyses a USING (analysis_id) "
+        "'truncated' THEN 'length' END), NULL, p.problem_id, p.question, p.row_json FROM replays rp JOIN analyses a USING (analysis_id) "
         "JOIN pairs pa ON pa.pair_id = a.pair_id JOIN prompts p ON p.prompt_id = coalesce(rp.prompt_id, pa.prompt_id) "
         "WHERE rp.run_id = ? AND rp.reward IS NOT NULL "
         "UNION ALL "
-        "SELECT 'eval_sample', s.sample_id, s.text, s.answer, s.finish_reason, s.dataset FROM eval_samples s "
+        "SELECT 'eval_sample', s.sample_id, s.text, s.answer, s.finish_reason, s.dataset, s.problem_id, s.question, "
+        "s.row_json FROM eval_samples s "
         "WHERE s.run_id = ? AND s.reward IS NOT NULL ORDER BY record_kind, record_id", [run_id, run_id, run_id])
 
 

@@ -41,7 +41,8 @@ TABLES: dict[str, str] = {
         problem_id VARCHAR,
         question VARCHAR,
         answer VARCHAR,
-        prompt_text VARCHAR""",
+        prompt_text VARCHAR,
+        row_json VARCHAR""",
     "rollouts": """
         rollout_id VARCHAR PRIMARY KEY,
         prompt_id VARCHAR,
@@ -206,7 +207,8 @@ TABLES: dict[str, str] = {
         extracted_answer VARCHAR,
         verify_reason VARCHAR,
         created_at TIMESTAMP,
-        verifier_hash VARCHAR""",
+        verifier_hash VARCHAR,
+        row_json VARCHAR""",
     # Every verifier that produced a reward here: its identity (mel_core.algorithm.rewards.verifier.Verifier.identity: logic version,
     # kind, extraction, truncation rule, time limit, math-verify's and its parser's versions) by its hash.
     "verifiers": """

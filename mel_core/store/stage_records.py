@@ -18,9 +18,11 @@ def metric_rows(run_id: str, step: int, values: dict) -> list[dict]:
 
 
 def rollouts_to_verify(store, run_id: str, step: int) -> list[dict]:
-    """Every rollout of the step with its gold answer and how its generation ended."""
+    """Every rollout of the step with its gold answer, how its generation ended and its problem (what a reward
+    plug-in is given)."""
     return store.query(
-        "SELECT r.rollout_id, r.prompt_id, r.text, r.finish_reason, p.answer FROM rollouts r JOIN prompts p "
+        "SELECT r.rollout_id, r.prompt_id, r.text, r.finish_reason, p.answer, p.problem_id, p.question, p.row_json "
+        "FROM rollouts r JOIN prompts p "
         "USING (prompt_id) WHERE r.run_id = ? AND r.step = ? ORDER BY r.rollout_id", [run_id, step])
 
 
@@ -59,7 +61,7 @@ def analyses_to_replay(store, run_id: str, step: int) -> list[dict]:
     mid-stage — those it had already decided (accepted, or rejected as replay_failed). Deciding those again
     is idempotent: the same seed replays the same completions, the same verdicts and the same rows."""
     return store.query(
-        "SELECT a.analysis_id, pr.prompt_id, pr.question, pr.answer, a.replay_text, "
+        "SELECT a.analysis_id, pr.prompt_id, pr.question, pr.answer, pr.problem_id, pr.row_json, a.replay_text, "
         "list(h.text ORDER BY h.position) AS heuristics, list(DISTINCT h.cluster_id) AS clusters "
         "FROM analyses a JOIN pairs pa USING (pair_id) JOIN prompts pr ON pr.prompt_id = pa.prompt_id "
         "JOIN heuristics h ON h.analysis_id = a.analysis_id WHERE a.run_id = ? AND a.step = ? "

@@ -31,7 +31,7 @@ from mel_core.ids import derive_seed, make_id, now
 from mel_core.model.checkpoints import Checkpoint
 from mel_core.model.engines.base import SamplingParams
 from mel_core.problems import worlds
-from mel_core.problems.sources import Problem, load_jsonl, source_name
+from mel_core.problems.sources import Fields, Problem, load_file, load_jsonl, load_problems, source_name
 from mel_core.step.runtime import Runtime
 from mel_core.store import run_reads, stage_records
 from mel_core.study.metrics import avg_at_k, mean_pass_at_k
@@ -48,14 +48,33 @@ class EvalDataset:
     reward_kind: str  # 'synthetic' (exact integer) or 'math' (math-verify)
 
 
+# The held-out split of the training data (data.eval_fraction of data.source, or data.eval_source) as an eval dataset.
+HELDOUT = "heldout"
+
+
+def _file_digest(path: Path) -> str:
+    """The bytes of a file, or of every file under a folder (a Parquet or save_to_disk dataset), hashed."""
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if not path.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _fingerprint(cfg: MelConfig, dataset: str) -> str:
-    """Changes when the dataset's problems would: the synthetic task's settings, or the file's bytes."""
+    """Changes when the dataset's problems would: the synthetic task's settings, or the file's bytes (of the
+    held-out split: its file's, and the fraction held out)."""
     from mel_core.config import resolve_path
 
     if _synthetic_subset(dataset) is not None:
         return hashlib.sha256(json.dumps(asdict(cfg.data.synthetic), sort_keys=True).encode()).hexdigest()[:16]
-    path = resolve_path(dataset)
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+    if dataset.strip() == HELDOUT:
+        d = cfg.data
+        return _file_digest(resolve_path(d.eval_source or d.source)) + f":{d.eval_fraction}:{d.messages_field}"
+    return _file_digest(resolve_path(dataset))
 
 
 def _jsonl_fields(path: Path, cfg: MelConfig) -> tuple[str, str, str]:
@@ -86,7 +105,7 @@ def _synthetic_subset(dataset: str) -> str | None:
 def reward_kind(dataset: str) -> str:
     """How a dataset's answers are verified: 'synthetic' for the embedded world's held-out split or a named part of
     it ('synthetic:stay'), 'math' (math-verify) for a file."""
-    return "synthetic" if _synthetic_subset(dataset) is not None else "math"
+    return "synthetic" if _synthetic_subset(dataset) is not None else "math"  # (heldout: of a file, so math)
 
 
 def dataset_name(dataset: str) -> str:
@@ -98,6 +117,8 @@ def dataset_name(dataset: str) -> str:
     subset = _synthetic_subset(dataset)
     if subset is not None:
         return f"{SYNTHETIC}:{subset}" if subset else SYNTHETIC
+    if dataset.strip() == HELDOUT:
+        return HELDOUT
     return source_name(resolve_path(dataset))
 
 
@@ -123,10 +144,16 @@ def load_dataset(cfg: MelConfig, dataset: str) -> EvalDataset:
         return EvalDataset(SYNTHETIC, problems, reward_kind(dataset))
     if subset is not None:
         return EvalDataset(f"{SYNTHETIC}:{subset}", synthetic_subset_problems(cfg, subset)[:cap], reward_kind(dataset))
+    if dataset.strip() == HELDOUT:
+        if cfg.data.source == SYNTHETIC:
+            raise ConfigError("dataset 'heldout': the embedded world's held-out split is 'synthetic'")
+        return EvalDataset(HELDOUT, load_problems(cfg.data, "eval")[:cap], reward_kind(dataset))
     path = resolve_path(dataset)
-    if not path.is_file():
+    if not path.exists():
         load_jsonl(path)  # raises its (permanent) missing-file error, naming the file
-    problems = load_jsonl(path, *_jsonl_fields(path, cfg))[:cap]
+    fields = Fields(*_jsonl_fields(path, cfg), cfg.data.messages_field) if path.is_file() and path.suffix == ".jsonl" \
+        else Fields.of(cfg.data)
+    problems = load_file(path, fields)[:cap]
     return EvalDataset(dataset_name(dataset), problems, reward_kind(dataset))
 
 
@@ -139,6 +166,11 @@ def eval_config_hash(cfg: MelConfig, dataset: str) -> str:
                "greedy": e.greedy, "temperature": e.temperature, "k": e.k, "max_new_tokens": e.max_new_tokens,
                "max_problems": e.max_problems, "seed": cfg.run.seed, "prompts": asdict(cfg.prompts),
                "solve": PromptSet.load(cfg.prompts.dir).solve, "verify": asdict(cfg.verify)}
+    if cfg.verify.reward == "auto":  # (as before verify.reward existed: cached evaluations stay valid)
+        shaping["verify"].pop("reward")
+    else:  # a plug-in's identity holds its source's hash: an edited plug-in evaluates anew
+        from mel_core.algorithm.rewards.verifier import Verifier
+        shaping["verify"]["reward"] = Verifier.from_config(cfg.verify, reward_kind(dataset)).identity_hash
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -191,7 +223,7 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
     for greedy, params in modes:
         t0 = time.perf_counter()
         solved = rt.solve(prompts, golds, params, desc=f"eval {ds.name} {'greedy' if greedy else f'k={params.n}'}",
-                          verifier=verifier)
+                          verifier=verifier, problems=ds.problems)
         seconds = time.perf_counter() - t0
         rewards = [[s.verdict.reward for s in solved[j * params.n:(j + 1) * params.n]] for j in range(len(golds))]
         if greedy:
@@ -217,7 +249,7 @@ def evaluate(rt: Runtime, ckpt: Checkpoint, dataset: str, *, run_id: str | None 
                 "temperature": params.temperature, "sample_index": i, "text": c.text,
                 "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason, "reward": v.reward,
                 "extracted_answer": v.extracted, "verify_reason": v.reason, "created_at": created,
-                "verifier_hash": verifier_row["verifier_hash"]})
+                "verifier_hash": verifier_row["verifier_hash"], "row_json": p.row_json})
     rt.settle_saves()  # no evaluation of a checkpoint is recorded before the checkpoint itself
     with rt.store.transaction() as w:
         stage_records.replace_evaluation(w, run_id, ckpt.checkpoint_id, ds.name, verifier_row, metric_rows, sample_rows)

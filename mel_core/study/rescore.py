@@ -75,7 +75,7 @@ def verdict_rows(todo: list[dict], verifiers: dict[str, Verifier], run_kind: str
     for kind, group in sorted(by_kind.items()):
         verifier = verifiers[kind]
         verdicts = verifier.verify([r["text"] for r in group], [r["answer"] for r in group],
-                                   [r["finish_reason"] for r in group])
+                                   [r["finish_reason"] for r in group], problems=group)
         rows += [{"record_id": r["record_id"], "verifier_hash": verifier.identity_hash, "record_kind": r["record_kind"],
                   "run_id": run_id, "reward": v.reward, "extracted_answer": v.extracted, "verify_reason": v.reason,
                   "created_at": created} for r, v in zip(group, verdicts)]

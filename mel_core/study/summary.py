@@ -42,6 +42,23 @@ def format_step(s: dict) -> str:
             f"| nll {g('nll_loss', '{:.3f}')} | s/stage {stage_part}")
 
 
+# A campaign whose first this-many steps hold no mixed group says so once (no_signal_warning).
+NO_SIGNAL_STEPS = 5
+
+
+def no_signal_warning(summaries: list[dict], steps: int = NO_SIGNAL_STEPS) -> str | None:
+    """The campaign's one line when its first `steps` step summaries hold no mixed group (every group's rollouts
+    all scored alike, so there is no pair to analyse and no GRPO advantage): at the `steps`-th summary only, so it
+    is said once; None otherwise."""
+    if steps < 1 or len(summaries) != steps or any(s.get("mixed_groups") for s in summaries):
+        return None
+    rewards = [s["reward_mean"] for s in summaries if s.get("reward_mean") is not None]
+    scored = ("every rollout scored 0" if rewards and max(rewards) == 0 else
+              "every rollout scored 1" if rewards and min(rewards) == 1 else "every group scored all alike")
+    return (f"mel: no mixed groups in {steps} steps: MEL has nothing to analyse ({scored}); check the reward "
+            f"(verify.reward, data.answer_field) or start from a policy that solves some of the problems")
+
+
 def acceptance(summaries: list[dict]) -> tuple[int, int]:
     """(accepted, candidates) summed over the steps (a GRPO-only step has neither: counted as 0)."""
     return (int(sum(s.get("accepted") or 0 for s in summaries)),

@@ -1,4 +1,5 @@
-"""What runs inside the verification worker processes: math-verify's parse and verify, one item at a time."""
+"""What runs inside the verification worker processes, one item at a time: math-verify's parse and verify, and
+reward plug-ins (mel_core.algorithm.rewards.plugins)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,14 @@ def _compare_item(gold: str, pred: str, match_types, float_rounding: int, strict
                           allow_set_relation_comp=allow_set_relation_comp, timeout_seconds=None))
 
 
+def _plugin_item(module: str, function: str, search_dir: str, text: str, problem: dict) -> tuple[float, None, str]:
+    """A reward plug-in (verify.reward: module:function) on one completion: its value judged as a reward."""
+    from mel_core.algorithm.rewards.plugins import judge, load_function
+
+    reward, reason = judge(load_function(module, function, search_dir)(text, problem))
+    return reward, None, reason
+
+
 def _test_crash() -> None:
     """TEST-ONLY op: the worker dies mid-item (as a segfault or an OOM kill would end it)."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -87,7 +96,7 @@ def _test_alloc(nbytes: int) -> int:
     return len(bytearray(nbytes))
 
 
-_OPS = {"math": _math_item, "compare": _compare_item, "_test_crash": _test_crash, "_test_alloc": _test_alloc}
+_OPS = {"math": _math_item, "compare": _compare_item, "plugin": _plugin_item, "_test_crash": _test_crash, "_test_alloc": _test_alloc}
 
 
 def worker_init(memory_mb: int) -> None:
