@@ -121,7 +121,7 @@ def _steps(rt, checkpoint) -> dict:
     # A resumed campaign walks its finished steps again (cache hits): the tracking ledger logs each one once.
     tracking = Tracking(cfg.logging, rt.run_id, rt.run_dir)
     finished = False
-    summaries, unreported = [], []
+    summaries, unreported, cached = [], [], set()
 
     def report_committed() -> None:
         """Announce, publish and log each step once its records are all committed: with run.async_save, step t's
@@ -129,7 +129,7 @@ def _steps(rt, checkpoint) -> dict:
         while unreported and unreported[0] != rt.saving_step:
             step = unreported.pop(0)
             summaries.append(step_summary(rt.store, rt.run_id, step, experience_step(rt, step)))
-            announce(format_step(summaries[-1]))
+            announce(format_step(summaries[-1]) + (" | cached" if step in cached else ""))
             publish_step(rt, step, summaries[-1])
             tracking.log_step(summaries[-1])
             no_signal = no_signal_warning(summaries, min(NO_SIGNAL_STEPS, cfg.run.steps - rt.start_step))
@@ -145,7 +145,10 @@ def _steps(rt, checkpoint) -> dict:
             for step in range(rt.start_step + 1, cfg.run.steps + 1):  # a fork's step numbers continue its parent's
                 # where it is now (a cached result of an earlier process names the directory it had then); checked
                 # where it is loaded, so a finished step whose checkpoint was pruned is walked past
+                executed = rt.stage_executions
                 checkpoint = rt.locate(iteration(rt.handle, step, checkpoint), strict=False)
+                if rt.stage_executions == executed:  # every stage a cache hit: the step finished in an earlier process
+                    cached.add(step)
                 unreported.append(step)
                 if step == cfg.run.steps or is_due(cfg, step):
                     rt.settle_saves()  # the campaign's last checkpoint, or one about to be evaluated: on disk first

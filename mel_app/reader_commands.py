@@ -196,7 +196,8 @@ def _print_rescore(store, run_row: dict, done, examples: int) -> None:
     for v in done.verifiers.values():
         print(f"  new:      {describe_verifier(v)}")
     print("  the original rewards are untouched; the new version is in table rewards")
-    print(f"\nflipped: {flipped} of {total} (down: 1 -> 0, up: 0 -> 1)")
+    down, up = sum(t["down"] for t in totals), sum(t["up"] for t in totals)
+    print(f"\nflipped: {flipped} of {total} rewards ({down} went from 1 to 0, {up} from 0 to 1)")
     if totals:
         print(format_table(list(totals[0]), [tuple(t.values()) for t in totals]))
     flips = rescore_reads.reward_flips(store, run_id, hashes, limit=examples)

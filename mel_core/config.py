@@ -591,6 +591,16 @@ def _read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[str, Any]]:
 
 
 
+def find_config(path: str | Path) -> Path:
+    """A config named on the command line: as given, else — a relative path not found here, such as the default
+    configs/tiny.yaml from another directory — under the project's root (CONFIGS_DIR's parent)."""
+    given = Path(path)
+    if given.is_absolute() or given.is_file():
+        return given
+    project = REPO_ROOT / given
+    return project if project.is_file() else given
+
+
 def _find_parent(path: Path, parent: str) -> Path:
     """Where `extends: parent` of the file `path` is: relative to that file first, then to the project's configs/
     directory (so a config anywhere can say `extends: tiny.yaml`); an absolute path as it is."""
@@ -648,7 +658,7 @@ def load_traced(path: str | Path | None = None, overrides: list[str] | tuple = (
         except OmegaConfBaseException as e:
             raise _wrap(e, "base config") from e
     if path is not None:
-        for origin, node in _read_yaml_chain(Path(path)):
+        for origin, node in _read_yaml_chain(find_config(path)):
             try:
                 cfg = OmegaConf.merge(cfg, _legacy(node))
             except OmegaConfBaseException as e:

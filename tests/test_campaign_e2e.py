@@ -146,16 +146,19 @@ def test_the_campaign_links_its_report_and_summarises_itself(campaign_run):
     assert candidates > 0 and f"| {accepted} | {candidates} | {accepted / candidates:.2f} |" in summary.data
 
 
-def test_rerunning_the_campaign_adds_no_rows(campaign_run):
+def test_rerunning_the_campaign_adds_no_rows(campaign_run, capsys):
     from flows.campaign import campaign
 
     cfg, result = campaign_run
     before = Store(result["db"]).counts()
     clear_runtimes()
+    capsys.readouterr()
     again = campaign(config_mod.to_dict(cfg))
     after = Store(result["db"]).counts()
     assert after == before  # every stage was a cache hit: no new rows, no new stage executions
     assert again["final_checkpoint"] == result["final_checkpoint"]
+    step_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(step_lines) == 2 and all(line.endswith(" | cached") for line in step_lines)  # marked as walked past
 
 
 def test_a_fork_campaign_runs_the_steps_after_its_fork_point(campaign_run, micro_model):

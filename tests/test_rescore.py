@@ -104,7 +104,7 @@ def test_rescore_with_boxed_last_flips_exactly_the_constructed_records(math_run,
     accepted = store.query("SELECT text FROM heuristics WHERE accepted ORDER BY text")
     assert [h["text"] for h in accepted] == sorted(RULES.values())  # both were accepted under math_verify
 
-    assert "flipped: 4 of 8" in out
+    assert "flipped: 4 of 8 rewards (3 went from 1 to 0, 1 from 0 to 1)" in out
     assert "accepted heuristics that would not have been accepted under the new verifier: 1" in out
     assert RULES[A] in out and RULES[B] not in out
     with StoreReader(math_run.run_dir) as reader:  # published: readers see the new version and the views

@@ -35,6 +35,7 @@ def last_interrupted() -> tuple[int, str, str] | None:
 def execute(rt: Runtime, stage: str, step: int, fn, *args, cache_key: str | None = None, **kwargs):
     """Run one stage body and record the execution in `stage_runs` (one row per execution)."""
     row_id = uuid.uuid4().hex
+    rt.stage_executions += 1
     t0 = time.perf_counter()
     rt.store.insert("stage_runs", [{"stage_run_id": row_id, "run_id": rt.run_id, "step": step, "stage": stage,
                                     "cache_key": cache_key, "started_at": now(), "status": "running"}])

@@ -60,6 +60,7 @@ class Runtime:
 
     def __init__(self, cfg: MelConfig):
         self.cfg = cfg
+        self.stage_executions = 0  # stage bodies run by this process (mel_core.run.executions): a resumed step has none
         self.config_hash = config_mod.config_hash(cfg)
         self.run_id = make_id("run", cfg.run.name, self.config_hash)
         self.run_dir = run_dir_of(cfg)
