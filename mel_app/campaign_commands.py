@@ -148,12 +148,12 @@ def _announce_fork(point, cfg) -> None:
 
 def _checkpoint_db(args, as_path: Path) -> Path | None:
     """The DuckDB file that knows the checkpoint: --db, else the run directory holding a checkpoint path,
-    else (for an id) the latest run under ./runs."""
+    else (for an id) the run under ./runs that recorded it."""
     if args.db:
         return find_db(args.db)
     if as_path.exists():
         return next((d / "mel.duckdb" for d in as_path.resolve().parents if (d / "mel.duckdb").exists()), None)
-    return find_db(None)
+    return find_db(None, holds=lambda r: lineage.checkpoint(r, args.checkpoint) is not None)
 
 
 

@@ -27,17 +27,31 @@ def prefect_env(verbose: bool) -> None:
     prefect_environment(logging_level="INFO" if verbose else "CRITICAL")
 
 
-def find_db(arg: str | None) -> Path:
-    """The store a reader command names (a file or a run directory), else the newest under ./runs."""
+def find_db(arg: str | None, root: str | Path = "runs", holds=None) -> Path:
+    """The store a reader command names: a run as every command takes it — a run directory, its .duckdb file, a run
+    name under `root`, or a run id (mel_core.run.refs.resolve_run). With none given: the store under `root` that
+    `holds(reader)` (the one that knows the heuristic or checkpoint id asked about), else the newest, saying which
+    it chose when there are several."""
+    import sys
+
+    from mel_core.run.refs import resolve_run
     from mel_core.store.database import MissingStore
 
     if arg:
-        p = Path(arg)
-        p = p / "mel.duckdb" if p.is_dir() else p
-        if not p.is_file():
-            raise MissingStore(f"no store at {p}")
-        return p
-    found = sorted(Path("runs").glob("*/mel.duckdb"), key=lambda p: p.stat().st_mtime)
+        return resolve_run(arg, root).db
+    found = sorted(Path(root).glob("*/mel.duckdb"), key=lambda p: p.stat().st_mtime, reverse=True)
     if not found:
-        raise MissingStore("no run found under ./runs; pass --db PATH")
-    return found[-1]
+        raise MissingStore(f"no run found under {root}/; name one (a run directory, name or id) with --db")
+    if holds is not None:
+        from mel_core.store.reader import StoreReader
+        for db in found:
+            try:
+                with StoreReader(db, lock_wait_s=5) as reader:
+                    if holds(reader):
+                        return db
+            except Exception:  # noqa: BLE001 - not a mel store, or unreadable: look further
+                continue
+    if len(found) > 1:
+        print(f"mel: no run given: using {found[0].parent} (the newest of {len(found)} runs under {root}/; "
+              f"name another with --db)", file=sys.stderr)
+    return found[0]

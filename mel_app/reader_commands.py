@@ -48,6 +48,10 @@ def cmd_query(args) -> int:
 
 
 
+RUN_HELP = ("a run directory, its .duckdb file, a run name under ./runs or a run id (default: the newest run under "
+            "./runs, named on stderr when there are several)")
+
+
 def duckdb_error():
     import duckdb
     return duckdb.Error
@@ -57,7 +61,10 @@ def duckdb_error():
 def cmd_lineage(args) -> int:
     from mel_core.store.reader import StoreReader
 
-    with StoreReader(find_db(args.db)) as store:
+    wanted = args.checkpoint or args.heuristic_id  # no --db: the run that knows this id, wherever it is under runs/
+    holds = (lambda r: lineage.checkpoint(r, wanted) is not None) if args.checkpoint else \
+        (lambda r: lineage.heuristic_lineage(r, wanted) is not None) if wanted else None
+    with StoreReader(find_db(args.db, holds=holds)) as store:
         return _lineage(args, store)
 
 
@@ -289,7 +296,7 @@ def register(sub) -> None:
     """The subcommands of this module on `mel`'s parser."""
     q = sub.add_parser("query", help="read-only SQL over a run's DuckDB file")
     q.add_argument("sql")
-    q.add_argument("--db", help="DuckDB file or run directory (default: the latest under ./runs)")
+    q.add_argument("--db", metavar="RUN", help=RUN_HELP)
     q.add_argument("--format", default="table", help="table (default), csv, json or markdown; only table cuts "
                                                      "wide cells (see --width), and says so")
     q.add_argument("--width", type=int, default=60, help="table: max characters per cell, 0 for no limit (default 60)")
@@ -303,7 +310,7 @@ def register(sub) -> None:
                    help="seconds before the query is stopped, with one line saying so (default 60; 0 for none)")
     q.set_defaults(fn=cmd_query)
     ex = sub.add_parser("export", help="a run's rollouts, analyses, heuristics and lineage as Parquet or JSONL files")
-    ex.add_argument("--db", help="DuckDB file or run directory (default: the latest under ./runs)")
+    ex.add_argument("--db", metavar="RUN", help=RUN_HELP)
     ex.add_argument("--out", required=True, help="directory for the files (created if missing; files replaced whole)")
     ex.add_argument("--what", default="", help="comma-separated: rollouts,analyses,heuristics,lineage (default: all)")
     ex.add_argument("--accepted-only", action="store_true",
@@ -318,7 +325,8 @@ def register(sub) -> None:
     lg.add_argument("--checkpoint", help="list every heuristic this checkpoint internalized instead")
     lg.add_argument("--history", action="store_true", help="with --checkpoint: every checkpoint before it (across "
                                                            "forks) and every heuristic internalized on the way")
-    lg.add_argument("--db")
+    lg.add_argument("--db", metavar="RUN", help="a run directory, its .duckdb, a run name under ./runs or a run id "
+                    "(default: the run under ./runs that knows the id asked about)")
     lg.set_defaults(fn=cmd_lineage)
     rc = sub.add_parser("rescore", help="re-score a run's rollouts, replays and eval samples with another verifier "
                                         "(a new reward version beside the old) and print what flipped")
