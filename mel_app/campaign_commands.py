@@ -13,9 +13,6 @@ from mel_core.study.ab_test import ARMS, DEFAULT_ARMS, command_line
 
 def cmd_run(args) -> int:
     from mel_core import config as config_mod
-    from mel_core.problems.sources import load_problems
-    from mel_core.run import lock
-    from mel_core.step.runtime import run_dir_of
 
     # Everything that can be refused is refused here, before Prefect starts or any file is created.
     cfg = config_mod.load(args.config, args.overrides)
@@ -24,22 +21,7 @@ def cmd_run(args) -> int:
         from mel_core.run import fork as fork_mod
         point = fork_mod.find_fork_point(args.fork, cfg.run.root_dir)
         cfg = fork_mod.fork_config(args.config, args.overrides, point)
-    load_problems(cfg.data)  # a missing, malformed or empty dataset is reported before Prefect starts
-    from mel_core.algorithm.rewards.verifier import Verifier, reward_kind_for_source
-    Verifier.from_config(cfg.verify, reward_kind_for_source(cfg.data.source))  # and a reward plug-in that is not one
-    if cfg.model.name_or_path != "tiny":  # a named model is fetched (once), a folder checked, before Prefect starts
-        from mel_core.model import sources
-        sources.resolve(cfg.model.name_or_path, cfg.run.cache_dir)
-    run_dir = run_dir_of(cfg)
-    held = lock.holder(run_dir)
-    if held:
-        raise lock.RunLocked(f"run directory {run_dir} is in use by another campaign: pid {held.get('pid')} on "
-                                f"{held.get('host')}, started {held.get('started_at')}; wait for it to end, "
-                                f"or stop it, then run again (it resumes)")
-    lock.ensure_writable(run_dir)
-    if (run_dir / "mel.duckdb").exists():  # a foreign or damaged store is named before Prefect starts
-        from mel_core.store.database import verify_store
-        verify_store(run_dir / "mel.duckdb")
+    preflight(cfg)
     prefect_env(args.verbose)
     from flows.campaign import campaign
 
@@ -80,6 +62,31 @@ def cmd_run(args) -> int:
         print(f"  .venv/bin/mel lineage --db {db} --checkpoint {result['final_checkpoint'].checkpoint_id} --history")
     return 0
 
+
+
+def preflight(cfg) -> None:
+    """Everything a campaign of `cfg` can be refused for, checked before Prefect starts or any file is created (`mel
+    run` and the Python API, mel.run): its dataset, its reward, its model, its run directory and store."""
+    from mel_core.algorithm.rewards.verifier import Verifier, reward_kind_for_source
+    from mel_core.problems.sources import load_problems
+    from mel_core.run import lock
+    from mel_core.step.runtime import run_dir_of
+
+    load_problems(cfg.data)  # a missing, malformed or empty dataset is reported before Prefect starts
+    Verifier.from_config(cfg.verify, reward_kind_for_source(cfg.data.source))  # and a reward plug-in that is not one
+    if cfg.model.name_or_path != "tiny":  # a named model is fetched (once), a folder checked, before Prefect starts
+        from mel_core.model import sources
+        sources.resolve(cfg.model.name_or_path, cfg.run.cache_dir)
+    run_dir = run_dir_of(cfg)
+    held = lock.holder(run_dir)
+    if held:
+        raise lock.RunLocked(f"run directory {run_dir} is in use by another campaign: pid {held.get('pid')} on "
+                                f"{held.get('host')}, started {held.get('started_at')}; wait for it to end, "
+                                f"or stop it, then run again (it resumes)")
+    lock.ensure_writable(run_dir)
+    if (run_dir / "mel.duckdb").exists():  # a foreign or damaged store is named before Prefect starts
+        from mel_core.store.database import verify_store
+        verify_store(run_dir / "mel.duckdb")
 
 
 def _interrupted(e: KeyboardInterrupt, args) -> int:
