@@ -115,6 +115,24 @@ def test_grpo_sft_is_pointed_at_the_mel_run_of_its_seed():
         cmp.count_matched(sft, {("mel", 0): finished[("mel", 0)]})
 
 
+def test_equal_time_reads_the_arm_at_grpos_training_time_between_two_evaluations():
+    # GRPO trains 4 steps of 1 s (budget 4 s); the arm's steps take 1.5 s: 4 s is 1/3 of the way from its
+    # evaluation at step 2 (3 s) to the one at step 4 (6 s)
+    steps = lambda secs: [{"step": i + 1, "seconds": x} for i, x in enumerate(secs)]
+    at = lambda step, p1, p2: {("synthetic", step): {"p1": p1, "p2": p2}}
+    records = {("grpo", 0): {"steps": steps([1.0] * 4), "greedy": {**at(0, 0, 0), **at(4, 1, 1)}},
+               ("mel", 0): {"steps": steps([1.5] * 4), "greedy": {**at(0, 0, 0), **at(2, 0, 1), **at(4, 1, 1)}}}
+    values, step = cmp._equal_time_readout(records, "mel", 0, "synthetic")
+    assert step == pytest.approx(2 + (4 - 3) / (6 - 3) * 2)
+    assert values == {"p1": pytest.approx(1 / 3), "p2": pytest.approx(1.0)}
+    # an arm as fast as GRPO is read at its last evaluation; one past the budget at its first is read from the base
+    records[("fast", 0)] = {**records[("grpo", 0)]}
+    assert cmp._equal_time_readout(records, "fast", 0, "synthetic") == ({"p1": 1, "p2": 1}, 4.0)
+    records[("slow", 0)] = {"steps": steps([8.0] * 4), "greedy": {**at(0, 0, 0), **at(4, 1, 1)}}
+    values, step = cmp._equal_time_readout(records, "slow", 0, "synthetic")
+    assert step == pytest.approx(4 * 4 / 32) and values["p1"] == pytest.approx(0.125)
+
+
 def test_holm_adjusts_in_step_down_order():
     assert cmp.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert cmp.holm([0.5]) == [0.5]

@@ -31,7 +31,8 @@ only, so at each seed all arms train on the same problems in the same order (:fu
 
 Statistics. Endpoints are fixed before any run: for every arm other than grpo and every held-out dataset, the
 greedy Pass@1 difference (arm - GRPO) **at equal steps** (the final checkpoint) and **at equal wall time** (each
-arm's last evaluation whose cumulative training seconds do not exceed GRPO's total, seed by seed). The first
+arm read at GRPO's total training seconds, seed by seed, interpolated per problem between the two evaluations
+around that time: :func:`_equal_time_readout`; reports before 2026-12-07 read the last evaluation within it). The first
 of eval.datasets is the **primary** dataset: its endpoints (arms x 2 read-outs) form the family that is
 Holm-corrected; the others (e.g. the rules world's per-rule subsets) are secondary, reported with their CIs and
 uncorrected p-values. Each difference has a paired, crossed bootstrap CI (:func:`paired_bootstrap`: per-(seed,
@@ -281,13 +282,24 @@ def _elapsed(records: dict, arm: str, seed: int) -> dict[int, float]:
     return out
 
 
-def _equal_time_step(records: dict, arm: str, seed: int, dataset: str) -> int:
-    """The arm's last evaluated step whose cumulative training time does not exceed GRPO's whole campaign."""
+def _equal_time_readout(records: dict, arm: str, seed: int, dataset: str) -> tuple[dict[str, float], float]:
+    """The arm's greedy reward per problem at GRPO's whole training time (cumulative sample..update seconds, seed by
+    seed), interpolated linearly in training seconds between the two evaluations around that time; and the step
+    where it is read (fractional between them). An arm whose last evaluation is within the budget is read there;
+    one whose first evaluation after the base is already past it, between the base and that one. Interpolating
+    per problem makes each cell a number in [0, 1], whose mean is the interpolated Pass@1."""
     budget = max(_elapsed(records, BASELINE, seed).values())
     elapsed = _elapsed(records, arm, seed)
-    evaluated = sorted(step for (ds, step) in records[(arm, seed)]["greedy"] if ds == dataset)
-    within = [step for step in evaluated if elapsed.get(step, float("inf")) <= budget + 1e-9]
-    return within[-1] if within else evaluated[0]
+    greedy = records[(arm, seed)]["greedy"]
+    evaluated = sorted(step for (ds, step) in greedy if ds == dataset)
+    times = [elapsed.get(step, float("inf")) for step in evaluated]
+    within = [i for i, t in enumerate(times) if t <= budget + 1e-9]
+    i = within[-1] if within else 0
+    if i == len(evaluated) - 1 or times[i + 1] == float("inf"):
+        return greedy[(dataset, evaluated[i])], float(evaluated[i])
+    w = (budget - times[i]) / (times[i + 1] - times[i])
+    a, b = greedy[(dataset, evaluated[i])], greedy[(dataset, evaluated[i + 1])]
+    return {p: (1 - w) * a[p] + w * b[p] for p in a}, evaluated[i] + w * (evaluated[i + 1] - evaluated[i])
 
 
 def _difference(records: dict, seeds: list[int], arm: str, dataset: str, readout: str, n_resamples: int) -> dict:
@@ -295,10 +307,13 @@ def _difference(records: dict, seeds: list[int], arm: str, dataset: str, readout
     cells = {}
     for s in seeds:
         g_final = max(step for (ds, step) in records[(BASELINE, s)]["greedy"] if ds == dataset)
-        a_step = (max(step for (ds, step) in records[(arm, s)]["greedy"] if ds == dataset) if readout == "equal_steps"
-                  else _equal_time_step(records, arm, s, dataset))
-        cells[s] = (records[(arm, s)]["greedy"][(dataset, a_step)], records[(BASELINE, s)]["greedy"][(dataset, g_final)],
-                    a_step)
+        if readout == "equal_steps":
+            a_step = max(step for (ds, step) in records[(arm, s)]["greedy"] if ds == dataset)
+            a_values = records[(arm, s)]["greedy"][(dataset, a_step)]
+        else:
+            a_values, a_step = _equal_time_readout(records, arm, s, dataset)
+            a_step = round(a_step, 1)
+        cells[s] = (a_values, records[(BASELINE, s)]["greedy"][(dataset, g_final)], a_step)
     problem_sets = {frozenset(a) for a, _, _ in cells.values()} | {frozenset(g) for _, g, _ in cells.values()}
     if len(problem_sets) != 1 or not next(iter(problem_sets)):
         raise ValueError(f"{dataset}: the arms' evaluations do not cover the same problems")
