@@ -356,6 +356,7 @@ def format_probe(r: dict) -> str:
     """The probe's report as markdown: NLL per part, the gradient table, the confirmation."""
     n = len(r["lessons_per_batch"])
     lines = [f"# Gradient probe: {r['world']} world, checkpoint {r['checkpoint']['path']}", "",
+             *([f"`{r['command']}`", ""] if r.get("command") else []),
              (f"{r['decisions']} held-out weak-rule decisions; {n} batches of {r['rollouts_per_batch']} rollouts with "
               f"{r['lessons_per_batch']} oracle analyses of their incorrect rollouts (broken rules: "
               f"{r['lesson_rules']}); lr {r['lr']:g}, lambda {r['nll_coef']:g}. |g_dec| = {r['g_dec_norm']:.4g}."),
