@@ -276,6 +276,9 @@ def cmd_gate(args) -> int:
     from mel_core.step.runtime import get_runtime
     from mel_core.study import gate
 
+    if args.probe_batches < 1 or args.probe_steps < 1:
+        print("mel: --probe-batches and --probe-steps must be at least 1", file=sys.stderr)
+        return 2
     cfg = config_mod.load(args.config, args.overrides)
     settings = gate.GateSettings(max_problems=args.problems, kappa_steps=args.kappa_steps,
                                  kappa_volume=args.kappa_volume, resamples=args.resamples, seed=args.seed)
@@ -290,9 +293,17 @@ def cmd_gate(args) -> int:
         ckpt = Checkpoint(make_id("ckpt", "path", str(path)), str(path))
     else:
         ckpt = rt.base_checkpoint  # the config's starting policy (the tiny warm start, built if needed)
-    report = gate.run_gate(rt, ckpt, settings)
-    report["command"] = command_line(args.argv)
-    text = gate.format_gate(report)
+    if args.probe:  # the per-part gradient probe instead of the gate's measurements (mel_core/study/probe.py)
+        from mel_core.study import probe
+        report = probe.run_probe(rt, ckpt, probe.ProbeSettings(
+            batches=args.probe_batches, steps=args.probe_steps, max_problems=args.problems,
+            resamples=args.resamples, seed=args.seed))
+        report["command"] = command_line(args.argv)
+        text = probe.format_probe(report)
+    else:
+        report = gate.run_gate(rt, ckpt, settings)
+        report["command"] = command_line(args.argv)
+        text = gate.format_gate(report)
     print(text)
     if args.out:
         out = Path(args.out)
@@ -357,6 +368,11 @@ def register(sub) -> None:
                     help="lessons per kappa step (default: one per pair, MEL's volume at full acceptance)")
     gp.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per CI")
     gp.add_argument("--seed", type=int, default=0, help="seed of the gate's sampling and injected errors")
+    gp.add_argument("--probe", action="store_true",
+                    help="instead of the gate: the per-part gradient probe (cosines of s*, C, H and the RL batch "
+                         "with the held-out weak-rule decisions' gradient, confirmed by optimizer steps per part)")
+    gp.add_argument("--probe-batches", type=int, default=3, help="--probe: batch seeds (default 3)")
+    gp.add_argument("--probe-steps", type=int, default=5, help="--probe: optimizer steps per part and batch (default 5)")
     gp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 loss.nll_coef=2")
     gp.set_defaults(fn=cmd_gate)
     cp = sub.add_parser("compare", help="A/B: GRPO vs MEL (and control arms) on identical data and seeds, "

@@ -199,6 +199,13 @@ class WarmStartConfig:
     validation_fraction: float = doc(0.07, "Fraction that teach solving with a heuristic in context (the validation prompt).", ge=0, le=1)
     eval_problems: int = doc(200, "Held-out problems for the greedy accuracy printed after warm start.", ge=1)
     seed: int = doc(0, "Seed of warm-start data and initialisation.", ge=0)
+    analysis_lessons: str = doc("all", "Which errors the analysis examples analyse: all (every rule's, weak ones "
+                                "included) | strong_only (only rules outside data.synthetic.rules.weak_rules: the "
+                                "policy learns the analysis format, but never writes a weak rule's lesson, so the "
+                                "heuristic of a weak-rule analysis is new to it and carries loss). Validation "
+                                "examples keep every lesson in context, so a stated lesson still fixes the solve. "
+                                "Our choice, for issue 22's probe (configs/tiny-rules-newlessons.yaml).",
+                                one_of=("all", "strong_only"))
 
 
 @dataclass
@@ -840,6 +847,8 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
     ws = cfg.warm_start
     need(ws.analysis_fraction + ws.validation_fraction < 1, "warm_start.analysis_fraction",
          "analysis_fraction + validation_fraction must leave room for solve examples (sum < 1)")
+    need(ws.analysis_lessons == "all" or (cfg.data.synthetic.world == "rules" and bool(cfg.data.synthetic.rules.weak_rules)),
+         "warm_start.analysis_lessons", "strong_only needs a world with weak rules (data.synthetic.world: rules)")
     if cfg.experience.enabled and cfg.experience.analysis_mode == "two_pass":
         abstract = resolve_path(cfg.prompts.dir) / "abstract.txt"
         need(abstract.is_file(), "experience.analysis_mode", f"two_pass needs {abstract}")

@@ -72,9 +72,11 @@ def solve_example(prompts: PromptSet, world, synthetic: SyntheticConfig, questio
                    "\n".join(world.taught_solution_lines(synthetic, question, rng)))
 
 
-def _injected_analysis(prompts: PromptSet, world, question: str, rng: random.Random) -> tuple[Example, str] | None:
-    """An injected error of a random applicable type, its analysis, and the type; None if no type applies."""
-    types = list(world.error_types)
+def _injected_analysis(prompts: PromptSet, world, question: str, rng: random.Random,
+                       exclude: frozenset[str] = frozenset()) -> tuple[Example, str] | None:
+    """An injected error of a random applicable type (not in `exclude`), its analysis, and the type; None if no
+    type applies."""
+    types = [t for t in world.error_types if t not in exclude]
     rng.shuffle(types)
     for error_type in types:
         injected = world.inject_error(question, error_type, rng)
@@ -86,9 +88,10 @@ def _injected_analysis(prompts: PromptSet, world, question: str, rng: random.Ran
     return None
 
 
-def analysis_example(prompts: PromptSet, world, question: str, rng: random.Random) -> Example | None:
-    """An injected error of a random applicable type, and its analysis; None if no type applies."""
-    injected = _injected_analysis(prompts, world, question, rng)
+def analysis_example(prompts: PromptSet, world, question: str, rng: random.Random,
+                     exclude: frozenset[str] = frozenset()) -> Example | None:
+    """An injected error of a random applicable type (not in `exclude`), and its analysis; None if no type applies."""
+    injected = _injected_analysis(prompts, world, question, rng, exclude)
     return None if injected is None else injected[0]
 
 
@@ -107,15 +110,27 @@ def validation_example(prompts: PromptSet, world, synthetic: SyntheticConfig, qu
     return Example("validation", prompts.render_validation(question, hint), "\n".join(solution))
 
 
+def lessons_left_out(synthetic: SyntheticConfig, analysis_lessons: str) -> frozenset[str]:
+    """The error types whose analyses the warm start never shows (warm_start.analysis_lessons): none, or with
+    strong_only the world's weak rules."""
+    if analysis_lessons == "all":
+        return frozenset()
+    return frozenset(worlds.get(synthetic.world).weak_rules(synthetic))
+
+
 def example_stream(prompts: PromptSet, synthetic: SyntheticConfig, analysis_fraction: float,
-                   validation_fraction: float, rng: random.Random, replay_context: str = "full"):
-    """An endless seeded mixture of the three kinds, on fresh questions of the world outside its held-out split."""
+                   validation_fraction: float, rng: random.Random, replay_context: str = "full",
+                   analysis_lessons: str = "all"):
+    """An endless seeded mixture of the three kinds, on fresh questions of the world outside its held-out split.
+    With analysis_lessons strong_only the analysis examples analyse only errors of rules that are not weak, so no
+    target ever states a weak rule's lesson (the validation prompts still hold every lesson in context)."""
     world = worlds.get(synthetic.world)
+    exclude = lessons_left_out(synthetic, analysis_lessons)
     while True:
         question = world.random_train_question(synthetic, rng)
         u = rng.random()
         if u < analysis_fraction:
-            ex = analysis_example(prompts, world, question, rng)
+            ex = analysis_example(prompts, world, question, rng, exclude)
         elif u < analysis_fraction + validation_fraction:
             ex = validation_example(prompts, world, synthetic, question, rng, replay_context)
         else:
@@ -342,10 +357,13 @@ def measure_analysis(model, tokenizer, prompts: PromptSet, world, problems: list
 def warm_start_key(cfg: MelConfig) -> str:
     """Hash of exactly what shapes the warm start: tiny shape, warm_start, data.synthetic, prompt texts."""
     prompts = PromptSet.load(cfg.prompts.dir)
+    warm = asdict(cfg.warm_start)
+    if warm["analysis_lessons"] == "all":  # the default leaves the key of every warm start built before it as it was
+        del warm["analysis_lessons"]
     shaping = {
         "version": WARM_START_VERSION,
         "tiny": asdict(cfg.model.tiny),
-        "warm_start": asdict(cfg.warm_start),
+        "warm_start": warm,
         "synthetic": asdict(cfg.data.synthetic),
         "prompts": prompts.core(),  # the two_pass-only templates do not shape the warm start
         "replay_context": cfg.experience.replay_context,  # what the validation examples put in context
@@ -401,7 +419,8 @@ def _train(cfg: MelConfig, prompts: PromptSet, tokenizer, key: str, t0: float, l
     optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = cosine_with_warmup(optimizer, ws.warmup_steps, ws.steps)
     stream = example_stream(prompts, cfg.data.synthetic, ws.analysis_fraction, ws.validation_fraction,
-                            random.Random(f"warm-start:{ws.seed}"), replay_context=cfg.experience.replay_context)
+                            random.Random(f"warm-start:{ws.seed}"), replay_context=cfg.experience.replay_context,
+                            analysis_lessons=ws.analysis_lessons)
     recent: list[float] = []
     bar = progress.bar(total=ws.steps, desc="warm start")  # on a terminal only; the log lines stay
     for step in range(1, ws.steps + 1):

@@ -130,16 +130,8 @@ def option_logprobs(rt: Runtime, contexts: list[str], prefixes: list[str], optio
 
     Each option is scored as the tokens that `prefix + option` adds to `prefix`'s tokens, so an option of
     several tokens is its summed log-probability; the model is in eval mode while scoring."""
-    tok, policy = rt.policy.tokenizer, rt.policy
-    rows, spans = [], []
-    for ctx, prefix, opts in zip(contexts, prefixes, options):
-        head = encode_completions(tok, [prefix])[0] if prefix else []
-        for o in opts:
-            ids = encode_completions(tok, [prefix + o])[0]
-            if ids[:len(head)] != head or len(ids) == len(head):
-                raise ValueError(f"option {o!r} does not extend the tokens of its prefix {prefix[-40:]!r}")
-            rows.append((ctx, ids))
-            spans.append((len(head), len(ids)))
+    policy = rt.policy
+    rows, spans = option_rows(policy.tokenizer, contexts, prefixes, options)
     out: list[float] = []
     micro = rt.cfg.optim.micro_batch_size or 64
     was_training = policy.model.training
@@ -157,6 +149,21 @@ def option_logprobs(rt: Runtime, contexts: list[str], prefixes: list[str], optio
         policy.model.train(was_training)
     it = iter(out)
     return [[next(it) for _ in opts] for opts in options]
+
+
+def option_rows(tok, contexts: list[str], prefixes: list[str], options: list[tuple[str, ...]]) -> tuple[list, list]:
+    """One row (context, completion ids of prefix + option) per option of every decision, and the span of the
+    option's own tokens in those ids."""
+    rows, spans = [], []
+    for ctx, prefix, opts in zip(contexts, prefixes, options):
+        head = encode_completions(tok, [prefix])[0] if prefix else []
+        for o in opts:
+            ids = encode_completions(tok, [prefix + o])[0]
+            if ids[:len(head)] != head or len(ids) == len(head):
+                raise ValueError(f"option {o!r} does not extend the tokens of its prefix {prefix[-40:]!r}")
+            rows.append((ctx, ids))
+            spans.append((len(head), len(ids)))
+    return rows, spans
 
 
 def weak_decisions(rt: Runtime, world, problems: list, weak: tuple[str, ...]) -> list[tuple]:
@@ -303,6 +310,17 @@ def discovery(rt: Runtime, world, problems: list, s: GateSettings) -> dict:
 # ------------------------------------------------------------------------------------------ 5. coupling
 
 
+def rl_batch(rt: Runtime, groups: list[tuple]) -> RLBatch:
+    """The RL batch a step trains on from its sampled groups: every rollout with its group's advantage."""
+    prompts, completions, rewards, group_ids = [], [], [], []
+    for g, (_, prompt, rollouts) in enumerate(groups):
+        for _, ids, r in rollouts:
+            prompts.append(prompt), completions.append(ids), rewards.append(r), group_ids.append(g)
+    advantages = losses.get_advantage(rt.cfg.loss.advantage)(torch.tensor(rewards, dtype=torch.float32),
+                                                           torch.tensor(group_ids))  # [B*G]
+    return RLBatch(prompts, completions, advantages)
+
+
 def _kappa_batches(rt: Runtime, world, s: GateSettings) -> list[tuple[RLBatch, NLLBatch, NLLBatch]]:
     """Per kappa step: the step's RL batch (B x G rollouts of its training problems from the checkpoint) and the
     NLL batches of its pairs' correct and mismatched lessons, each in its retrospective context."""
@@ -311,12 +329,6 @@ def _kappa_batches(rt: Runtime, world, s: GateSettings) -> list[tuple[RLBatch, N
     for step in range(1, s.kappa_steps + 1):
         seed = derive_seed(rt.cfg.run.seed, s.seed, "gate-kappa", step)
         groups = _sample_groups(rt, rt.step_problems(step), seed, f"gate kappa rollouts {step}")
-        prompts, completions, rewards, group_ids = [], [], [], []
-        for g, (_, prompt, rollouts) in enumerate(groups):
-            for _, ids, r in rollouts:
-                prompts.append(prompt), completions.append(ids), rewards.append(r), group_ids.append(g)
-        advantages = losses.get_advantage(rt.cfg.loss.advantage)(torch.tensor(rewards, dtype=torch.float32),
-                                                               torch.tensor(group_ids))  # [B*G]
         lessons = {"right": ([], [], []), "mismatched": ([], [], [])}
         for problem, incorrect, correct in _pairs(rt, groups, seed):
             analysis = world.oracle_analysis(problem.question, incorrect.splitlines())
@@ -333,7 +345,7 @@ def _kappa_batches(rt: Runtime, world, s: GateSettings) -> list[tuple[RLBatch, N
         cap = s.kappa_volume or None
         nll = {k: NLLBatch(prompts=p[:cap], target_ids=t[:cap], parts=q[:cap], part_names=meta_experience.PARTS)
                for k, (p, t, q) in lessons.items()}
-        out.append((RLBatch(prompts, completions, advantages), nll["right"], nll["mismatched"]))
+        out.append((rl_batch(rt, groups), nll["right"], nll["mismatched"]))
     return out
 
 
