@@ -1,5 +1,5 @@
-"""TRL's GRPO step against mel's GRPO and MEL steps on one GPU: same model shape, batch and engine, each arm in its
-own process, per-phase seconds over repeated steps.
+"""TRL's GRPO step against mel's GRPO and MEL steps (in sequence and with orchestration.overlap) on one GPU: same
+model shape, batch and engine, each arm in its own process, per-phase seconds over repeated steps.
 
     python benchmarks/gpu_step.py                      # GPU: 1.7B shape, B=16 x G=8, 256 new tokens, bf16, vLLM
     python benchmarks/gpu_step.py decode               # the decode micro-benchmark alone: HF vs vLLM
@@ -29,19 +29,28 @@ What one command does (``bench``, the default), printing as it goes so a run cut
      transformers (``use_vllm=False``);
    - ``grpo``: mel's GRPO step (sample, verify, update) through ``mel_core.step.stages``;
    - ``mel``: mel's MEL step (all seven stages) the same way, once per mixed fraction (``--mixed``);
+   - ``mel-overlap``: ``mel`` with ``orchestration.overlap=1`` (docs/DESIGN.md "Overlap"), once per mixed fraction:
+     step k runs sample(k) with the analyses of step k-1's pairs in the same engine call
+     (``generate_together``), verify(k), pair(k), abstract(k-1), replay(k-1), update(k) — flows/iteration.py's
+     order (no abstract or replay at the first step, a warm-up one). Both MEL arms sample their analyses at the
+     rollouts' temperature (``experience.analysis_temperature``; the tiny config's 0.7 would not): the HF engine
+     shares chunks only between requests that sample alike and runs the others one after the other;
 
    each runs ``--warmup`` untimed steps (2 on a GPU) and ``--steps`` timed steps (3), and writes its results
    as JSON after every step, which the parent reads: a crashed or cut arm is reported as such with the steps
    it finished, and the others still report;
 3. prints per arm the median and min-max of each phase over the timed steps, generated and trained tokens per
-   second, the update's MFU, peak GPU memory; then the ratios mel-GRPO / TRL-GRPO and MEL / mel-GRPO, with
-   and without the checkpoint save, against the goals (mel-GRPO / TRL-GRPO <= 1.0; MEL / mel-GRPO <= 1.35
-   at 50% mixed; update MFU >= 35% at 1.7B).
+   second, the update's MFU, peak GPU memory, its last step's engine calls; then the ratios mel-GRPO / TRL-GRPO,
+   MEL / mel-GRPO and MEL overlap / mel-GRPO, with and without the checkpoint save, against the goals (mel-GRPO /
+   TRL-GRPO <= 1.0; MEL / mel-GRPO <= 1.35 at 50% mixed, in sequence and with overlap; update MFU >= 35% at 1.7B).
 
 Phases (seconds of one step; ``torch.cuda.synchronize`` before and after each, none on CPU):
 
 - rollouts / analyses / replays: the engine's generate calls of the sample / diagnose (+ abstract) / replay
   stages; for TRL its ``vLLM.generate`` (or ``model.generate``) less the weight sync inside it;
+- rollouts+analyses (MEL overlap): sample's one shared call, rollouts and the previous step's analyses together
+  (the previous step had pairs; else its sample is "rollouts"). Its tokens are also counted per request, as
+  rollouts and analyses tokens "within rollouts+analyses" (no seconds of their own);
 - weight sync: handing the trained weights to the engine. mel: ``VLLMEngine.update_weights`` (what
   ``Runtime.trained_to`` does after an update; nothing for the HF engine, which generates with the trained
   module itself). TRL: ``vllm_generation.sync_weights``;
@@ -76,7 +85,8 @@ Everything downstream of the engine is the pipeline's own code on those texts. S
 script's own text building (printed apart; milliseconds). TRL's arm needs no script: its reward is decided by
 sample index, and its completions are the model's random tokens (the same lengths: both run to the limit).
 mel's GRPO and TRL train every one of the B*G sequences whatever its advantage, so their compute does not
-depend on the mixed fraction: they run once (at the first ``--mixed``); MEL runs at each fraction.
+depend on the mixed fraction: they run once (at the first ``--mixed``); MEL and MEL overlap run at each fraction,
+side by side.
 
 MFU counts model FLOPs 6 * N * tokens: N the non-embedding parameters over every trained token (prompt +
 completion, no padding) plus the tied embedding as lm_head over the scored (completion) tokens; attention's
@@ -84,8 +94,9 @@ own FLOPs are left out. Against ``--peak-tflops`` (989: the dense bf16 peak of a
 their datasheets). With gradient checkpointing the hardware also recomputes each layer's forward, ~8N instead
 of 6N: printed as HFU.
 
-Time. The GPU defaults (1.7B, B=16, G=8, 256 tokens, 2 + 3 steps, 50% first and then 25% and 100% for MEL
-while ``--budget-s`` = 540 lasts) were sized by estimate only, to end within 9 minutes on one H100/H200: each
+Time. The GPU defaults (1.7B, B=16, G=8, 256 tokens, 2 + 3 steps, 50% first and then 25% and 100% for MEL and
+MEL overlap while ``--budget-s`` = 540 lasts) were sized by estimate only, to end within 9 minutes on one H100/H200,
+before the overlap arm was added: with it the later fractions are the likelier to be skipped. Each
 process starts its engine (vLLM: tens of seconds for loading and CUDA graph capture), and mel writes a ~10 GB
 checkpoint (1.7B, fp32 master weights + AdamW state) every step. An arm started with too little budget left is
 skipped and reported; one still running at the deadline is cut, and reports the steps it finished.
@@ -144,7 +155,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._doc import DOC, write_section  # noqa: E402
 from mel_core import config as C
 from mel_core.model import tiny
-from mel_core.model.engines.base import Completion, SamplingParams
+from mel_core.model.engines.base import Completion, SamplingParams, generate_together
 from mel_core.problems.prompts import PromptSet
 from mel_core.problems.worlds import arithmetic
 from mel_core.vocabulary import STAGES
@@ -152,14 +163,17 @@ from mel_core.vocabulary import STAGES
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 GRPO_STAGES = ("sample", "verify", "update")
+STEP_ARMS = ("trl", "grpo", "mel", "mel-overlap")  # the arms that time training steps (not build, not decode)
+MEL_ARMS = ("mel", "mel-overlap")  # the arms run at every --mixed fraction
 MAX_POSITIONS = 40960  # Qwen3-1.7B / -4B config.json
 ROPE_THETA = 1_000_000.0
-PHASES = ("rollouts", "analyses", "replays", "weight_sync", "score", "train", "save", "other")
+PHASES = ("rollouts", "rollouts+analyses", "analyses", "replays", "weight_sync", "score", "train", "save", "other")
+GENERATED = ("rollouts", "rollouts+analyses", "analyses", "replays")  # the phases that generate: tokens counted
 PHASE_OF_STAGE = {"sample": "rollouts", "diagnose": "analyses", "abstract": "analyses", "replay": "replays",
                   "transfer": "replays"}
 # Optional dependencies a mel arm must not need on a bare GPU host (vLLM only with --engine vllm).
 OPTIONAL = ("prefect", "flows", "tasks", "ray", "math_verify", "pebble", "trl", "peft", "vllm")
-ARM_NAMES = {"trl": "TRL GRPOTrainer", "grpo": "mel GRPO", "mel": "mel MEL",
+ARM_NAMES = {"trl": "TRL GRPOTrainer", "grpo": "mel GRPO", "mel": "mel MEL", "mel-overlap": "mel MEL overlap",
              "decode-hf": "decode: HF generate", "decode-vllm": "decode: vLLM"}
 
 # Qwen3's published shapes (config.json of Qwen/Qwen3-1.7B and Qwen/Qwen3-4B); micro runs on CPU.
@@ -394,6 +408,7 @@ class BenchEngine:
     policy: object = None
     tokens: collections.Counter = field(default_factory=collections.Counter)
     script_s: float = 0.0
+    calls: list[str] = field(default_factory=list)  # the step's engine calls, by their desc
 
     def load_version(self, version: str, path: str) -> None:
         if version == self.version:
@@ -406,10 +421,35 @@ class BenchEngine:
         self.version = version
 
     def generate(self, prompts, params: SamplingParams, desc: str = "") -> list[list[Completion]]:
+        self.calls.append(desc)
         stage = desc.split()[0] if desc else "generate"
         phase = PHASE_OF_STAGE.get(stage, "other")
         with self.clock.phase(phase):
             real = self.inner.generate(prompts, params, desc=desc)
+        self.tokens[phase] += generated_tokens(real)
+        return self.scripted(stage, prompts, params, real)
+
+    def generate_many(self, requests, desc: str = "") -> list[list[list[Completion]]]:
+        """orchestration.overlap's shared call (``generate_together``; desc "sample step k + diagnose step k-1"):
+        the real engine generates every request in one call, timed as one phase named after the requests' phases
+        ("rollouts+analyses"); each request's tokens are also counted under its own phase, untimed apart."""
+        self.calls.append(desc)
+        kinds = [part.split()[0] for part in desc.split(" + ")] if desc else []
+        if len(kinds) != len(requests):  # stages.sample's call names its requests in order; nothing else calls this
+            raise ValueError(f"generate_many: {len(requests)} requests, desc {desc!r} names {len(kinds)}")
+        phases = [PHASE_OF_STAGE.get(k, "other") for k in kinds]
+        shared = "+".join(dict.fromkeys(phases))
+        with self.clock.phase(shared):
+            real = generate_together(self.inner, requests, desc=desc)
+        for phase, groups in zip(phases, real):
+            self.tokens[phase] += generated_tokens(groups)
+        self.tokens[shared] += sum(generated_tokens(groups) for groups in real)
+        return [self.scripted(kind, prompts, params, groups)
+                for kind, (prompts, params), groups in zip(kinds, requests, real)]
+
+    def scripted(self, stage: str, prompts, params: SamplingParams, real) -> list[list[Completion]]:
+        """The script's text for each of `real`'s sequences, about as long (in tokens), ending with eos; its time is
+        the script's, left out of the step."""
         t1 = time.perf_counter()
         tok = self.script.tok
         out = []
@@ -425,9 +465,12 @@ class BenchEngine:
                 else:
                     row.append(Completion(text, ids, "stop"))
             out.append(row)
-        self.tokens[phase] += sum(len(c.token_ids) for g in real for c in g)
         self.script_s += time.perf_counter() - t1
         return out
+
+
+def generated_tokens(groups: list[list[Completion]]) -> int:
+    return sum(len(c.token_ids) for g in groups for c in g)
 
 
 def arm_config(a, arm: str, model_dir: Path, root: Path):
@@ -444,12 +487,18 @@ def arm_config(a, arm: str, model_dir: Path, root: Path):
           f"optim.micro_batch_size={a.micro_batch_size}"]
     if arm == "grpo":
         ov += ["experience.enabled=false", "loss.nll_coef=0"]
+    else:  # The analyses sample as the rollouts do (the tiny config's 0.7 would not): the HF engine shares chunks
+        # only between requests of one temperature and top_p, and runs others one after the other (HFEngine.generate_many).
+        ov += [f"experience.analysis_temperature={C.load(TINY_CONFIG).sampling.temperature}"]
+    if arm == "mel-overlap":
+        ov += ["orchestration.overlap=1"]
     return C.load(TINY_CONFIG, ov)
 
 
 def mel_arm(a, arm: str, mixed: float, model_dir: Path, res: Result, log) -> None:
-    """`--warmup` + `--steps` steps of mel's `arm` (grpo | mel) from the base model, each step through the stage
-    functions as a campaign runs them, each trained version handed to the engine before the next step."""
+    """`--warmup` + `--steps` steps of mel's `arm` (grpo | mel | mel-overlap) from the base model, each step through
+    the stage functions as a campaign runs them (flows/iteration.py), each trained version handed to the engine before
+    the next step."""
     from mel_core.run import executions
     from mel_core.step import stages
     from mel_core.step.runtime import Runtime
@@ -505,6 +554,7 @@ def mel_arm(a, arm: str, mixed: float, model_dir: Path, res: Result, log) -> Non
     calls = {"sample": stages.sample, "verify": lambda rt, k, c: stages.verify(rt, k),
              "pair": lambda rt, k, c: stages.pair(rt, k), "diagnose": stages.diagnose, "abstract": stages.abstract,
              "replay": stages.replay, "update": stages.update}
+    names = STAGES if arm in MEL_ARMS else GRPO_STAGES
     res.data["setup_s"] = time.perf_counter() - T_PROCESS
     log(f"setup {res.data['setup_s']:.1f}s (engine {a.engine}"
         + (f" started in {res.data['engine_start_s']:.1f}s)" if "engine_start_s" in res.data else ")"))
@@ -514,25 +564,40 @@ def mel_arm(a, arm: str, mixed: float, model_dir: Path, res: Result, log) -> Non
         engine.tokens.clear()
         trained.clear()
         engine.script_s = 0.0
+        engine.calls.clear()
+        plan = step_plan(names, k, stages.experience_step(rt, k), rt.start_step)
         _sync(device)
         t0 = time.perf_counter()
-        manifests = {name: calls[name](rt, k, ckpt) for name in (STAGES if arm == "mel" else GRPO_STAGES)}
+        manifests = {name: calls[name](rt, of, ckpt) for name, of in plan}
         _sync(device)
         step_s = time.perf_counter() - t0 - engine.script_s
         phases = {"weight_sync": 0.0, **clock.take()}  # HF: the engine generates with the trained module itself
         phases["other"] = step_s - sum(phases.values())
         counts = {"reward_mean": manifests["verify"]["reward_mean"], "mixed_groups": manifests["verify"]["mixed_groups"],
                   "pairs": manifests.get("pair", {}).get("pairs"),
-                  "diagnosed": manifests.get("diagnose", {}).get("diagnosed"),
+                  # overlap: the analyses of step k-1's pairs, written in sample's shared call, and their replays
+                  "analysed_step": stages.experience_step(rt, k) if arm in MEL_ARMS else None,
+                  "diagnosed": manifests.get("diagnose", manifests["sample"]).get("diagnosed"),
                   "accepted": manifests.get("replay", {}).get("accepted")}
         res.step(log, k, k <= a.warmup, step_s, phases, {**engine.tokens, **trained}, script_s=engine.script_s,
-                 counts=counts)
+                 counts=counts, engine_calls=list(engine.calls))
         new = manifests["update"]["checkpoint"]
         if ckpt is not base:
             shutil.rmtree(ckpt.path, ignore_errors=True)  # GBs at a real size: one checkpoint at a time
         ckpt = new
     res.data["memory"] = clock.memory()
     shutil.rmtree(rt.run_dir, ignore_errors=True)
+
+
+def step_plan(names, step: int, analysed: int, start_step: int) -> list[tuple[str, int]]:
+    """The stages step `step` runs, each with the step it works on, in flows/iteration.py's order. In sequence
+    (`analysed` == `step`): every stage of `names` on `step`. With orchestration.overlap (`analysed` == step - 1):
+    sample(step) generates step-1's analyses in its own call, so no diagnose; abstract and replay work on step-1,
+    not at all at a campaign's first step (no earlier pairs); verify, pair and update on `step`."""
+    if analysed == step:
+        return [(name, step) for name in names]
+    return [(name, analysed if name in ("abstract", "replay") else step) for name in names
+            if name != "diagnose" and (analysed > start_step or name not in ("abstract", "replay"))]
 
 
 # -------------------------------------------------------------------------------- TRL's arm
@@ -726,7 +791,7 @@ def child_main(a) -> int:
                 res.data["counts"]["device_name"] = torch.cuda.get_device_name(torch.device(a.device))
         elif a.child == "trl":
             trl_arm(a, a.child_mixed, model_dir, res, log)
-        elif a.child in ("grpo", "mel"):
+        elif a.child in ("grpo", *MEL_ARMS):
             mel_arm(a, a.child, a.child_mixed, model_dir, res, log)
         else:
             counts = json.loads((model_dir / "bench_counts.json").read_text())
@@ -746,7 +811,7 @@ def child_main(a) -> int:
 def run_child(a, argv: list[str], arm: str, mixed: float, model_dir: Path, work: Path, timeout: float, log) -> dict:
     """`arm` in a process of its own, its output echoed line by line; killed (its whole process group) at
     `timeout`. Returns its JSON, with the status the parent saw."""
-    tag = f"{arm} {mixed * 100:g}%" if arm in ("trl", "grpo", "mel") else arm
+    tag = f"{arm} {mixed * 100:g}%" if arm in STEP_ARMS else arm
     result = work / f"result-{arm}-{mixed:g}.json"
     cmd = [sys.executable, "-u", str(Path(__file__).resolve()), *argv, "--child", arm, "--child-mixed", str(mixed),
            "--model-dir", str(model_dir), "--result", str(result)]
@@ -806,7 +871,7 @@ def summarize(r: dict, counts: dict, a) -> dict:
         if any(p in s["phases"] for s in steps):
             out[p] = stat([s["phases"].get(p, 0.0) for s in steps])
     tokens = lambda s, k: s["tokens"].get(k, 0)
-    out["generated"] = {p: statistics.median([tokens(s, p) for s in steps]) for p in ("rollouts", "analyses", "replays")}
+    out["generated"] = {p: statistics.median([tokens(s, p) for s in steps]) for p in GENERATED}
     rates = {p: [tokens(s, p) / s["phases"][p] for s in steps if s["phases"].get(p)] for p in out["generated"]}
     out["generated_per_s"] = {p: statistics.median(v) if v else None for p, v in rates.items()}
     out["trained"] = statistics.median([tokens(s, "trained") for s in steps])
@@ -835,7 +900,7 @@ def _range(t) -> str:
 def arm_table(r: dict, s: dict) -> list[str]:
     """One arm: its status, then each phase's median, min and max over its timed steps."""
     name = ARM_NAMES.get(r["arm"], r["arm"])
-    mixed = f", mixed {r['mixed'] * 100:g}%" if r["arm"] in ("trl", "grpo", "mel") else ""
+    mixed = f", mixed {r['mixed'] * 100:g}%" if r["arm"] in STEP_ARMS else ""
     head = (f"#### {name}{mixed}: {r.get('status')}; engine {r.get('engine')}; setup {_f(r.get('setup_s'), '{:.1f}')}s "
             f"(engine start {_f(r.get('engine_start_s'), '{:.1f}')}s); process {_f(r.get('wall_s'), '{:.0f}')}s")
     lines = [head, ""]
@@ -857,10 +922,13 @@ def arm_table(r: dict, s: dict) -> list[str]:
     lines.append(f"| **step** | **{s['step'][0]:.2f}** | {s['step'][1]:.2f} | {s['step'][2]:.2f} |")
     lines.append(f"| step without save | {s['step_without_save'][0]:.2f} | {s['step_without_save'][1]:.2f} | "
                  f"{s['step_without_save'][2]:.2f} |")
-    gen = ", ".join(f"{p} {s['generated'][p]:,.0f} tokens at {_f(s['generated_per_s'][p], '{:,.0f}')} tok/s"
-                    for p in ("rollouts", "analyses", "replays") if s["generated"][p])
+    shared = "rollouts+analyses" if s["generated"]["rollouts+analyses"] else None
+    rate = lambda p: (f"at {_f(s['generated_per_s'][p], '{:,.0f}')} tok/s" if s["generated_per_s"][p] or not shared
+                      else f"within {shared}")  # overlap: generated in the shared call, not timed apart
+    gen = ", ".join(f"{p} {s['generated'][p]:,.0f} tokens {rate(p)}" for p in GENERATED if s["generated"][p])
     mem = r.get("memory") or {}
-    last = (r.get("steps") or [{}])[-1].get("counts")
+    last_step = (r.get("steps") or [{}])[-1]
+    last = last_step.get("counts")
     imported = r.get("optional_modules_imported")
     lines += ["", f"- generated: {gen or 'none'}",
               f"- trained: {s['trained']:,.0f} tokens at {_f(s['train_tokens_per_s'], '{:,.0f}')} tok/s; update MFU "
@@ -869,9 +937,14 @@ def arm_table(r: dict, s: dict) -> list[str]:
               f"{_f(mem.get('peak_device_used_gib'))} GiB of the device in use",
               f"- optional modules imported: {', '.join(imported) or 'none'}" if imported is not None else ""]
     if last:
-        lines.append(f"- last step: reward mean {last['reward_mean']:.2f}, {last['mixed_groups']} mixed groups"
-                     + (f", {last['pairs']} pairs, {last['diagnosed']} analyses parsed, {last['accepted']} accepted"
-                        if last.get("pairs") is not None else ""))
+        k, analysed = last_step["step"], last.get("analysed_step")
+        of = f" of step {analysed}'s pairs" if analysed is not None and analysed != k else ""
+        none = lambda x: "no" if x is None else x
+        lines.append(f"- last step ({k}): reward mean {last['reward_mean']:.2f}, {last['mixed_groups']} mixed groups"
+                     + (f", {last['pairs']} pairs; {none(last['diagnosed'])} analyses parsed and "
+                        f"{none(last['accepted'])} accepted{of}" if last.get("pairs") is not None else ""))
+    if last_step.get("engine_calls") is not None:
+        lines.append(f"- its engine calls: {'; '.join(last_step['engine_calls']) or 'none'}")
     return lines + [""]
 
 
@@ -892,41 +965,44 @@ def ratios(results: list[dict], summaries: list[dict], a, counts: dict) -> tuple
         return num[key][0] / den[key][0] if num and den and den[key][0] > 0 else None
 
     lines, heads = [], {}
+    ran = {r["arm"] for r in results}
     for key, label in (("step", "with save"), ("step_without_save", "without save")):
         x = ratio(grpo, trl, key)
         heads[f"mel_grpo_over_trl_{key}"] = x
         lines.append(f"- mel-GRPO ÷ TRL-GRPO, step {label}: **{_f(x)}**{verdict(x, GOALS['mel_grpo_over_trl'])}{note}")
     for m in a.mixed:
-        mel = by.get(("mel", m / 100))
-        for key, label in (("step", "with save"), ("step_without_save", "without save")):
-            x = ratio(mel, grpo, key)
-            heads[f"mel_over_grpo_{m:g}_{key}"] = x
-            goal = GOALS["mel_over_grpo_at_50"] if m == 50 else None
-            lines.append(f"- MEL ÷ mel-GRPO at {m:g}% mixed, step {label}: **{_f(x)}**{verdict(x, goal)}"
-                         + (note if goal else ""))
-    mfus = [(arm, m, s["mfu"]) for (arm, m), s in by.items() if arm in ("trl", "grpo", "mel")]
+        for arm, name in (("mel", "MEL"), ("mel-overlap", "MEL overlap")):
+            if arm not in ran:  # not asked for (a skipped or crashed arm is in `results`: its ratio reads n/a)
+                continue
+            for key, label in (("step", "with save"), ("step_without_save", "without save")):
+                x = ratio(by.get((arm, m / 100)), grpo, key)
+                heads[f"{arm.replace('-', '_')}_over_grpo_{m:g}_{key}"] = x
+                goal = GOALS["mel_over_grpo_at_50"] if m == 50 else None
+                lines.append(f"- {name} ÷ mel-GRPO at {m:g}% mixed, step {label}: **{_f(x)}**{verdict(x, goal)}"
+                             + (note if goal else ""))
+    mfus = [(arm, m, s["mfu"]) for (arm, m), s in by.items() if arm in STEP_ARMS]
     goal = GOALS["mfu_at_1_7b"] if a.shape == "1.7b" else None
     for arm, m, x in mfus:
-        heads[f"update_mfu_{arm}" + (f"_{m * 100:g}" if arm == "mel" else "")] = x
-    shown = ", ".join(f"{ARM_NAMES[arm]}{f' {m * 100:g}%' if arm == 'mel' else ''} {_f(x, '{:.1%}')}"
+        heads[f"update_mfu_{arm.replace('-', '_')}" + (f"_{m * 100:g}" if arm in MEL_ARMS else "")] = x
+    shown = ", ".join(f"{ARM_NAMES[arm]}{f' {m * 100:g}%' if arm in MEL_ARMS else ''} {_f(x, '{:.1%}')}"
                       for arm, m, x in mfus)
-    ours = [x for arm, _, x in mfus if arm in ("grpo", "mel")]
+    ours = [x for arm, _, x in mfus if arm != "trl"]
     met = "" if not (goal and ours) else \
         " — goal ≥ 35% at 1.7B (mel's arms): " + ("met" if all(x is not None and x >= goal for x in ours) else "missed")
     lines.append(f"- update MFU (6N, peak {_f(a.peak_tflops, '{:.0f}')} TFLOP/s): {shown or 'n/a'}{met}"
                  + ("" if a.peak_tflops else " (no --peak-tflops on CPU)"))
     for (arm, m), s in by.items():
-        if arm in ("trl", "grpo", "mel"):
-            heads[f"step_s_{arm}" + (f"_{m * 100:g}" if arm == "mel" else "")] = s["step"][0]
+        if arm in STEP_ARMS:
+            heads[f"step_s_{arm.replace('-', '_')}" + (f"_{m * 100:g}" if arm in MEL_ARMS else "")] = s["step"][0]
     return lines, heads
 
 
 def summary_table(results: list[dict], summaries: list[dict]) -> list[str]:
-    lines = ["| arm | mixed | status | step s, median (min–max) | without save | rollouts | analyses | replays | "
-             "weight sync | score | train | save | other | rollout tok/s | train tok/s | MFU | peak GiB |",
-             "|" + "---|" * 17]
+    lines = ["| arm | mixed | status | step s, median (min–max) | without save | rollouts | rollouts+analyses | "
+             "analyses | replays | weight sync | score | train | save | other | rollout tok/s | train tok/s | MFU | "
+             "peak GiB |", "|" + "---|" * 18]
     for r, s in zip(results, summaries):
-        if r["arm"] not in ("trl", "grpo", "mel"):
+        if r["arm"] not in STEP_ARMS:
             continue
         cell = lambda p: f"{s[p][0]:.2f}" if s and p in s else "—"
         mem = (r.get("memory") or {}).get("peak_allocated_gib")
@@ -1006,13 +1082,15 @@ def parent_main(a, argv: list[str]) -> dict:
         log(f"model on {device_name}: {counts['parameters'] / 1e6:,.1f}M parameters ({counts['embedding'] / 1e6:,.1f}M tied embedding), "
             f"built in {time.perf_counter() - t0:.1f}s")
 
-        plan = ([(arm, a.mixed[0] / 100) for arm in ("trl", "grpo", "mel") if arm in a.arms]
-                + [("mel", m / 100) for m in a.mixed[1:] if "mel" in a.arms])
+        # Every arm at the first fraction, then MEL and MEL overlap side by side at each further one while the
+        # budget lasts (a cut budget leaves matched pairs).
+        plan = ([(arm, a.mixed[0] / 100) for arm in STEP_ARMS if arm in a.arms]
+                + [(arm, m / 100) for m in a.mixed[1:] for arm in MEL_ARMS if arm in a.arms])
         if a.mode == "decode" or "decode" in a.arms:
             plan += [("decode-hf", 0.0), ("decode-vllm", 0.0)]
         if a.mode == "decode":
             plan = [p for p in plan if p[0].startswith("decode")]
-        first_mel = None
+        first_wall: dict[str, float] = {}  # each MEL arm's first process, to judge whether another fits
         for arm, mixed in plan:
             left = deadline - time.perf_counter() - 5
             skip = None
@@ -1020,20 +1098,20 @@ def parent_main(a, argv: list[str]) -> dict:
                 skip = "skipped: vLLM is not installed"
             elif left < (30 if gpu else 5):
                 skip = "skipped: no time left in the budget"
-            elif arm == "mel" and first_mel is not None and first_mel * 1.1 > left:
-                skip = f"skipped: {left:.0f}s left, the first MEL arm took {first_mel:.0f}s"
+            elif arm in first_wall and first_wall[arm] * 1.1 > left:
+                skip = f"skipped: {left:.0f}s left, the first {ARM_NAMES[arm]} arm took {first_wall[arm]:.0f}s"
             if skip:
-                log(f"[{arm}{f' {mixed * 100:g}%' if arm in ('trl', 'grpo', 'mel') else ''}] {skip}")
+                log(f"[{arm}{f' {mixed * 100:g}%' if arm in STEP_ARMS else ''}] {skip}")
                 results.append({"arm": arm, "mixed": mixed, "status": skip, "steps": []})
                 continue
             r = run_child(a, argv, arm, mixed, model_dir, work, left, log)
-            if arm == "mel" and first_mel is None:
-                first_mel = r["wall_s"]
+            if arm in MEL_ARMS:
+                first_wall.setdefault(arm, r["wall_s"])
             results.append(r)
             log("\n".join(arm_table(r, summarize(r, counts, a))))
     summaries = [summarize(r, counts, a) for r in results]
     lines = []
-    if any(r["arm"] in ("trl", "grpo", "mel") for r in results):
+    if any(r["arm"] in STEP_ARMS for r in results):
         lines += ["### Summary (medians over the timed steps; seconds)", "", *summary_table(results, summaries)]
         ratio_lines, heads = ratios(results, summaries, a, counts)
         lines += ["### Ratios", "", *ratio_lines, ""]
@@ -1076,7 +1154,8 @@ def parse_args(argv=None):
     ap.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"],
                     help="generation of every arm: auto = vllm on a GPU where vLLM is installed, else hf "
                          "(TRL: use_vllm=True with vllm_mode colocate, or transformers generate)")
-    ap.add_argument("--arms", nargs="+", default=["trl", "grpo", "mel"], choices=["trl", "grpo", "mel", "decode"])
+    ap.add_argument("--arms", nargs="+", default=list(STEP_ARMS), choices=[*STEP_ARMS, "decode"],
+                    help="the arms to run (default: all but decode)")
     ap.add_argument("--mixed", nargs="+", type=float, metavar="PERCENT",
                     help="percent of mixed groups; the first for every arm, the others for MEL only while the budget "
                          "lasts (default: 50 25 100 on a GPU, 50 on CPU)")

@@ -133,6 +133,11 @@ def test_equal_time_reads_the_arm_at_grpos_training_time_between_two_evaluations
     assert step == pytest.approx(4 * 4 / 32) and values["p1"] == pytest.approx(0.125)
 
 
+def test_a_p_value_no_resample_reaches_is_a_bound_not_zero():
+    assert cmp.p_text(0.0, 10_000) == "< 2e-04" and cmp.p_text(0.041, 10_000) == "0.041"
+    assert cmp.p_text(0.0004, 10_000) == "4.0e-04"
+
+
 def test_holm_adjusts_in_step_down_order():
     assert cmp.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert cmp.holm([0.5]) == [0.5]

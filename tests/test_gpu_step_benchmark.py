@@ -3,7 +3,9 @@
 * Slow: the CPU dry run end to end (micro shape, HF generation, TRL without vLLM, 1 warm-up + 1 timed step): each
   arm in its own process printed its per-phase table, the ratio lines are there, the decode micro-benchmark ran its
   HF side (vLLM is not installed here), mel's arms imported no optional dependency a bare GPU host lacks, and the
-  model and the runs are removed. Timings' values are not checked.
+  model and the runs are removed. MEL overlap's timed step (its second) generated step 1's analyses in its rollout
+  call (one shared engine call and phase, no analyses phase of its own) and abstracted and replayed step 1's pair,
+  where sequential MEL diagnosed its own step's pair in a call of its own. Timings' values are not checked.
 * Fast: the parent's reading of arms that crashed, were cut or never ran (the others still report), and the mixed
   groups' spread.
 """
@@ -30,35 +32,49 @@ SMALLEST = ["--shape", "micro", "--device", "cpu", "--prompts", "2", "--group-si
 @pytest.mark.slow
 def test_cpu_dry_run_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), *SMALLEST,
-                           "--arms", "trl", "grpo", "mel", "decode", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           "--arms", "trl", "grpo", "mel", "mel-overlap", "decode", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=420, cwd=tmp_path)
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-4000:]
 
-    for name in ("TRL GRPOTrainer", "mel GRPO", "mel MEL"):
+    for name in ("TRL GRPOTrainer", "mel GRPO", "mel MEL", "mel MEL overlap"):
         table = out.split(f"#### {name}, mixed 50%: done", 1)
         assert len(table) == 2, f"no per-phase table of {name}:\n{out[-3000:]}"
         body = table[1].split("####", 1)[0]
         assert "| phase | median s | min s | max s |" in body and "| **step** |" in body
         assert "| step without save |" in body
-        for phase in ("rollouts", "train", "save"):
+        for phase in ("train", "save"):
             assert f"| {phase} |" in body
-        if name == "mel MEL":
-            assert "| analyses |" in body and "| replays |" in body
-            assert re.search(r"1 pairs, 1 analyses parsed, 1 accepted", body)
+        if name == "mel MEL":  # step 2 diagnoses its own pair in a call of its own, timed as the analyses
+            assert "| rollouts |" in body and "| analyses |" in body and "| replays |" in body
+            assert "| rollouts+analyses |" not in body
+            assert "- last step (2): reward mean 0.75, 1 mixed groups, 1 pairs; 1 analyses parsed and 1 accepted\n" in body
+            assert "- its engine calls: sample step 2; diagnose step 2; replay step 2\n" in body
+        elif name == "mel MEL overlap":  # step 2 writes step 1's analyses in its rollout call: no analyses phase
+            assert "| rollouts+analyses |" in body and "| replays |" in body
+            assert "| rollouts |" not in body and "| analyses |" not in body
+            assert re.search(r"- generated: rollouts \S+ tokens within rollouts\+analyses, rollouts\+analyses \S+ tokens "
+                             r"at \S+ tok/s, analyses \S+ tokens within rollouts\+analyses, replays", body)
+            assert ("- last step (2): reward mean 0.75, 1 mixed groups, 1 pairs; 1 analyses parsed and 1 accepted of "
+                    "step 1's pairs\n") in body
+            assert "- its engine calls: sample step 2 + diagnose step 1; replay step 1\n" in body
+        else:
+            assert "| rollouts |" in body
         if name == "TRL GRPOTrainer":
             assert "| score |" in body and re.search(r"optional modules imported: .*\btrl\b", body)
         else:  # a bare GPU host: none of prefect, flows, tasks, ray, math-verify, trl, peft (nor vllm with HF)
             assert "- optional modules imported: none" in body
     for line in ("mel-GRPO ÷ TRL-GRPO, step with save: **", "mel-GRPO ÷ TRL-GRPO, step without save: **",
                  "MEL ÷ mel-GRPO at 50% mixed, step with save: **", "MEL ÷ mel-GRPO at 50% mixed, step without save: **",
-                 "- update MFU (6N"):
+                 "MEL overlap ÷ mel-GRPO at 50% mixed, step with save: **",
+                 "MEL overlap ÷ mel-GRPO at 50% mixed, step without save: **", "- update MFU (6N"):
         assert line in out, line
     assert "#### decode: HF generate: done" in out and "| 2 | 16 |" in out
     assert "[decode-vllm] skipped: vLLM is not installed" in out
     heads = dict(ln.split(": ", 1) for ln in out.splitlines() if ln.startswith("gpu_step_micro_"))
     assert float(heads["gpu_step_micro_mel_grpo_over_trl_step"]) > 0
     assert float(heads["gpu_step_micro_mel_over_grpo_50_step_without_save"]) > 0
+    assert float(heads["gpu_step_micro_mel_overlap_over_grpo_50_step_without_save"]) > 0
     assert not list(tmp_path.iterdir())  # the model and the runs are removed
 
 
@@ -104,6 +120,18 @@ def test_a_cut_arm_is_killed_at_its_timeout_and_reported(tmp_path):
     a = gpu_step.parse_args(["--device", "cpu", "--no-doc"])
     r = gpu_step.run_child(a, ["--device", "cpu"], "grpo", 0.5, tmp_path / "no-model", tmp_path, 0.5, lambda m: None)
     assert r["status"].startswith("cut") and r["steps"] == []
+
+
+def test_a_step_runs_the_stages_a_campaign_runs_in_sequence_and_with_overlap():
+    from mel_core.vocabulary import STAGES
+
+    assert gpu_step.step_plan(STAGES, 2, 2, 0) == [(name, 2) for name in STAGES]
+    assert gpu_step.step_plan(gpu_step.GRPO_STAGES, 1, 1, 0) == [("sample", 1), ("verify", 1), ("update", 1)]
+    # overlap (flows/iteration.py): no diagnose (sample generates step-1's analyses); abstract and replay on step-1,
+    # and not at all at the first step, which has no earlier pairs
+    assert gpu_step.step_plan(STAGES, 1, 0, 0) == [("sample", 1), ("verify", 1), ("pair", 1), ("update", 1)]
+    assert gpu_step.step_plan(STAGES, 3, 2, 0) == [("sample", 3), ("verify", 3), ("pair", 3), ("abstract", 2),
+                                                   ("replay", 2), ("update", 3)]
 
 
 def test_mixed_groups_are_spread_evenly():

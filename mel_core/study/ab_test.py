@@ -208,6 +208,14 @@ def paired_bootstrap(diff, n_resamples: int = BOOTSTRAP_RESAMPLES, level: float 
             "n_seeds": S, "n_problems": P, "n_resamples": n_resamples, "resampling": RESAMPLING}
 
 
+def p_text(p: float, n_resamples: int) -> str:
+    """A bootstrap p-value as printed: one with no resample on the other side of 0 is only bounded by the resample
+    count (< 2/n), never "0"."""
+    if p == 0:
+        return f"< {2 / n_resamples:.0e}"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
 # -------------------------------------------------------------------------------- reading the runs
 
 
@@ -463,8 +471,10 @@ def format_markdown(report: dict) -> str:
         lines.append(f"| {e['arm']} | {e['dataset']} | {e['readout'].replace('_', ' ')} (steps {e['steps']}) | "
                      f"{_f(e['arm_pass_at_1'])} | {_f(e['grpo_pass_at_1'])} | **{e['difference']:+.3f}** | "
                      f"[{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] | "
-                     f"[{e['ci_low_simultaneous']:+.3f}, {e['ci_high_simultaneous']:+.3f}] | {e['p']:.3f} | "
-                     + (f"{e['p_holm']:.3f}{' *' if e['significant'] else ''}" if e["primary"] else "secondary") + " |")
+                     f"[{e['ci_low_simultaneous']:+.3f}, {e['ci_high_simultaneous']:+.3f}] | "
+                     f"{p_text(e['p'], e['bootstrap']['n_resamples'])} | "
+                     + (f"{p_text(e['p_holm'], e['bootstrap']['n_resamples'])}{' *' if e['significant'] else ''}"
+                        if e["primary"] else "secondary") + " |")
     if r["endpoints"]:
         b = r["endpoints"][0]["bootstrap"]
         lines += ["", (f"{b['n_seeds']} seeds x {b['n_problems']} problems, {b['n_resamples']} resamples; "
