@@ -7,10 +7,11 @@ engine's shared batch on the micro model for real.
 """
 
 import pytest
+import torch
 
 from mel_core import config as config_mod
 from mel_core.model.engines.base import Completion, SamplingParams, generate_together
-from mel_core.model.engines.hf import HFEngine
+from mel_core.model.engines.hf import HFEngine, RowTemperature
 from mel_core.model.policy import Policy
 from mel_core.store.writer import Store
 from tests.scripted import scripted_runtimes
@@ -77,8 +78,8 @@ def test_the_shared_batch_cuts_each_request_at_its_own_length(micro_model):
     engine = HFEngine(policy.model, policy.tokenizer, max_batch_sequences=64)
     chunks = []
     generate_chunk = engine.generate_chunk
-    engine.generate_chunk = lambda chunk, params: chunks.append((len(chunk.prompts), params.max_new_tokens)) or \
-        generate_chunk(chunk, params)
+    engine.generate_chunk = lambda chunk, params, **kw: chunks.append((len(chunk.prompts), params.max_new_tokens)) or \
+        generate_chunk(chunk, params, **kw)
     short = SamplingParams(n=3, temperature=1.0, max_new_tokens=2, seed=1)
     long = SamplingParams(n=1, temperature=1.0, max_new_tokens=12, seed=2)
     out_short, out_long = generate_together(engine, [(["Q: 1+2", "Q: 3+4"], short), (["Q: 5+6"], long)])
@@ -90,10 +91,20 @@ def test_the_shared_batch_cuts_each_request_at_its_own_length(micro_model):
     cut = engine._cut(Completion("x", list(range(5, 15)), "length"), 4)
     assert cut.token_ids == [5, 6, 7, 8] and cut.finish_reason == "length"
     assert cut.text == policy.tokenizer.decode([5, 6, 7, 8], skip_special_tokens=True)
-    # requests that sample differently are not merged
+    # requests at different temperatures share a chunk too (each row at its own); different nucleus cuts do not
     chunks.clear()
     generate_together(engine, [(["Q: 1+2"], short), (["Q: 5+6"], SamplingParams(temperature=0.0, max_new_tokens=3))])
+    assert chunks == [(4, 3)]
+    chunks.clear()
+    generate_together(engine, [(["Q: 1+2"], short), (["Q: 5+6"], SamplingParams(top_p=0.9, max_new_tokens=3))])
     assert chunks == [(3, 2), (1, 3)]
+
+
+def test_each_row_samples_at_its_own_temperature():
+    scores = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 4.0, 3.0]])  # [b=3, V=3]
+    out = RowTemperature(torch.tensor([1.0, 0.5, 0.0]))(None, scores.clone())
+    assert torch.equal(out[0], scores[0]) and torch.allclose(out[1], scores[1] * 2)
+    assert out[2].tolist() == [float("-inf"), 0.0, float("-inf")]  # greedy: only its argmax can be drawn
 
 
 def test_overlap_is_a_documented_choice_and_refuses_other_values(tmp_path):

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Callable, ContextManager, Sequence
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from mel_core import progress
 from mel_core.model.engines.base import Chunk, Completion, Request, SamplingParams, chunked, regroup
@@ -50,24 +51,27 @@ class HFEngine:
         return regroup(out, len(prompts), params.n)
 
     def generate_many(self, requests: Sequence[Request], desc: str = "") -> list[list[list[Completion]]]:
-        """Requests that sample alike (same temperature and top_p) share chunks: every row is decoded to its chunk's
-        longest `max_new_tokens` and then cut at its own — what stopping there would have produced, since decoding is
-        left to right. Chunk i is seeded with the first request's seed + i. Requests that sample differently run one
-        after the other."""
+        """Several requests in shared chunks: every row is decoded to its chunk's longest `max_new_tokens` and then cut
+        at its own — what stopping there would have produced, since decoding is left to right — and sampled at its own
+        request's temperature (a per-row logits processor; 0 = greedy). Chunk i is seeded with the first request's
+        seed + i. Requests with different top_p < 1 cannot share a nucleus cut: they run one after the other."""
         live = [(prompts, params) for prompts, params in requests if prompts]
-        if len({(p.temperature, p.top_p) for _, p in live}) > 1 or len(live) < 2:
+        temperatures = {p.temperature for _, p in live}
+        shareable = len({p.top_p for _, p in live}) == 1 and (len(temperatures) == 1 or live[0][1].top_p >= 1.0)
+        if len(live) < 2 or not shareable:
             return [self.generate(prompts, params, desc=desc) for prompts, params in requests]
-        rows = [(prompt, params.max_new_tokens) for prompts, params in requests for prompt in prompts
-                for _ in range(params.n)]  # [sum P*n]
+        rows = [(prompt, params.max_new_tokens, params.temperature) for prompts, params in requests
+                for prompt in prompts for _ in range(params.n)]  # [sum P*n]
         first = live[0][1]
         out: list[Completion] = []
         starts = range(0, len(rows), self.max_batch_sequences)
         for index, start in enumerate(progress.bar(starts, desc=desc or "generate") if self.progress and len(starts) > 1
                                       else starts):
             part = rows[start:start + self.max_batch_sequences]
-            params = replace(first, n=1, max_new_tokens=max(limit for _, limit in part))
-            done = self.generate_chunk(Chunk(index, [prompt for prompt, _ in part]), params)
-            out += [self._cut(c, limit) for c, (_, limit) in zip(done, part)]
+            params = replace(first, n=1, max_new_tokens=max(limit for _, limit, _ in part))
+            own = [t for _, _, t in part] if len(temperatures) > 1 else None
+            done = self.generate_chunk(Chunk(index, [prompt for prompt, _, _ in part]), params, row_temperatures=own)
+            out += [self._cut(c, limit) for c, (_, limit, _) in zip(done, part)]
         results, at = [], 0
         for prompts, params in requests:
             size = len(prompts) * params.n
@@ -84,8 +88,10 @@ class HFEngine:
                           finish_reason="stop" if ids[-1] in set(self.stop_ids) else "length")
 
     @torch.no_grad()
-    def generate_chunk(self, chunk: Chunk, params: SamplingParams) -> list[Completion]:
-        """One chunk's completions, sampled with seed params.seed + chunk.index."""
+    def generate_chunk(self, chunk: Chunk, params: SamplingParams,
+                       row_temperatures: Sequence[float] | None = None) -> list[Completion]:
+        """One chunk's completions, sampled with seed params.seed + chunk.index (with `row_temperatures`, each row
+        at its own temperature instead of params.temperature; top_p is then 1)."""
         tok = self.tokenizer
         was_training = self.model.training
         self.model.eval()
@@ -95,7 +101,10 @@ class HFEngine:
             torch.manual_seed((int(params.seed) + chunk.index) % (2**63 - 1))
             kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
                           eos_token_id=self.stop_ids)
-            if params.temperature > 0:
+            if row_temperatures is not None:
+                kwargs.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, logits_processor=LogitsProcessorList(
+                    [RowTemperature(torch.tensor(row_temperatures, dtype=torch.float32, device=self.model.device))]))
+            elif params.temperature > 0:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_k=0, top_p=params.top_p)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
@@ -108,6 +117,22 @@ class HFEngine:
         texts = tok.batch_decode(new, skip_special_tokens=True)  # one call per chunk, not per completion
         return [Completion(text=text, token_ids=ids, finish_reason="stop" if ids and ids[-1] in stops else "length")
                 for ids, text in zip(new, texts)]
+
+
+class RowTemperature(LogitsProcessor):
+    """Each row's logits divided by its own temperature; a row at 0 keeps only its argmax (greedy under sampling)."""
+
+    def __init__(self, temperatures: torch.Tensor):  # [b]
+        self.temperatures = temperatures
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores [b, V]
+        greedy = self.temperatures <= 0  # [b]
+        scaled = scores / self.temperatures.clamp(min=1e-6)[:, None]
+        if greedy.any():
+            top = scores.argmax(dim=-1, keepdim=True)  # [b, 1]
+            only_top = torch.full_like(scores, float("-inf")).scatter(1, top, 0.0)
+            scaled = torch.where(greedy[:, None], only_top, scaled)
+        return scaled
 
 
 def _through_first(ids: list[int], stops: set[int]) -> list[int]:
