@@ -716,7 +716,10 @@ RESULT_NEUTRAL_KEYS = ("run.steps", "run.root_dir", "run.cache_dir", "run.torch_
 # Keys added after runs were stored: hashed only when set to other than their default (the value they had in effect
 # before), so every earlier config keeps its hash, its run id and its caches.
 HASHED_WHEN_SET = (("data.messages_field", "messages"), ("data.eval_fraction", 0.0), ("data.eval_source", ""),
-                   ("verify.reward", "auto"))
+                   ("verify.reward", "auto"), ("orchestration.overlap", 0), ("experience.nll_parts", "all"),
+                   ("experience.mask_quoted_solution", False), ("experience.count_match_run_id", ""),
+                   ("experience.count_match_store", ""), ("loss.nll_normalization", "accepted"),
+                   ("warm_start.analysis_lessons", "all"))
 
 
 def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) -> str:
