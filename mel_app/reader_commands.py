@@ -239,6 +239,7 @@ def cmd_verify(args) -> int:
     file, exit 1 if there is any."""
     from mel_core.model.checkpoints import damaged_files
     from mel_core.run import refs
+    from mel_core.run.retention import step_ranges
     from mel_core.store.reader import StoreReader
 
     ref = refs.resolve_run(args.run, args.root)
@@ -258,11 +259,11 @@ def cmd_verify(args) -> int:
     files = sum(len(c["files"]) for c in recorded)
     if pruned:
         print(f"mel: pruned by run.keep_checkpoints (weights deleted, records kept): step"
-              f"{'s' if len(pruned) > 1 else ''} {', '.join(str(c['step']) for c in pruned)}")
+              f"{'s' if len(pruned) > 1 else ''} {step_ranges(c['step'] for c in pruned)}")
     stripped = [c for c in recorded if c["pruned_files"]]
     if stripped:
         print(f"mel: optimizer state pruned (weights kept): step{'s' if len(stripped) > 1 else ''} "
-              f"{', '.join(str(c['step']) for c in stripped)}")
+              f"{step_ranges(c['step'] for c in stripped)}")
     if bad_files:
         print(f"mel: {bad_files} of {files} files damaged or missing, in {bad_checkpoints} of {len(recorded)} "
               f"checkpoints of {ref.db}{skipped}", file=sys.stderr)

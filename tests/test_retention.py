@@ -88,7 +88,7 @@ def test_exactly_the_expected_checkpoints_remain(runs):
 
 
 def test_the_resumed_pruned_run_equals_an_unpruned_one_bit_for_bit(runs):
-    root, run_dir, run_id, ref, last, *_ = runs
+    _, run_dir, run_id, ref, last, *_ = runs
     ref_rows = _checkpoints(Path(ref["db"]), run_id)  # the same run id: retention does not change a run's identity
     rows = _checkpoints(Path(last["db"]), run_id)
     for step in (6, 7):  # trained after pruning: step 6 from step 5's optimizer state, after a resume
@@ -132,7 +132,7 @@ def test_a_fork_of_a_pruned_step_is_refused_in_one_line(runs, micro_model, capsy
 
 
 def test_verify_eval_and_lineage_say_pruned(runs, capsys):
-    root, run_dir, run_id, _, last, *_ = runs
+    _, run_dir, run_id, _, last, *_ = runs
     rows = _checkpoints(Path(last["db"]), run_id)
     assert cli.main(["verify", str(run_dir)]) == 0  # a pruned checkpoint is neither missing nor damaged
     out = capsys.readouterr().out
@@ -170,3 +170,35 @@ def test_the_plan():
     # already pruned ones are not counted among the newest; one whose optimizer state is gone is not planned twice
     done = [_c("c1", 1, pruned="t"), _c("c2", 2, optimizer_pruned=True), _c("c3", 3), _c("c4", 4)]
     assert retention.plan(done, 3, 0, set()) == retention.Plan((), ("c3",))
+
+
+class _Con:
+    """A bare DuckDB connection with the readers' `query` (rows as dicts)."""
+
+    def __init__(self, con):
+        self.con = con
+
+    def query(self, sql, params=None):
+        cur = self.con.execute(sql, params or [])
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def test_readers_of_a_store_from_before_retention(tmp_path):
+    import duckdb
+
+    from mel_core.store import lineage
+
+    con = duckdb.connect(str(tmp_path / "old.duckdb"))  # the two tables as they were before pruned_at
+    con.execute("CREATE TABLE checkpoints (checkpoint_id VARCHAR, run_id VARCHAR, step INTEGER, path VARCHAR, "
+                "parent_checkpoint_id VARCHAR, created_at TIMESTAMP)")
+    con.execute("CREATE TABLE checkpoint_files (checkpoint_id VARCHAR, file VARCHAR, size BIGINT, digest VARCHAR, "
+                "algorithm VARCHAR)")
+    con.execute("CREATE TABLE runs (run_id VARCHAR, config_json VARCHAR)")
+    con.execute("INSERT INTO checkpoints VALUES ('c1', 'r', 1, 'checkpoints/h/step-00001', NULL, NULL)")
+    con.execute("INSERT INTO checkpoint_files VALUES ('c1', 'optimizer.pt', 3, 'd', 'a')")
+    store = _Con(con)
+    [row] = lineage.checkpoints_with_files(store)
+    assert row["pruned_at"] is None and [f.file for f in row["files"]] == ["optimizer.pt"] and not row["pruned_files"]
+    assert [f.file for f in lineage.checkpoint_files(store, "c1")] == ["optimizer.pt"]
+    assert lineage.find_checkpoint(store, "c1", "/nowhere")["pruned_at"] is None

@@ -37,6 +37,7 @@ from mel_core.config import MelConfig
 from mel_core.errors import PermanentError
 from mel_core.model.checkpoints import DamagedCheckpoint, checkpoint_problem, verify_checkpoint
 from mel_core.run import refs
+from mel_core.run.retention import pin, step_ranges
 from mel_core.store import lineage
 from mel_core.store.reader import StoreReader
 
@@ -91,13 +92,13 @@ def step_checkpoint(spec: str, runs_root: str | Path, what: str = "--fork") -> t
     ckpt = next((c for c in had if c["step"] == step), None)
     steps = sorted({c["step"] for c in had})
     if ckpt is None:
-        have = f"it has checkpoints at steps {_ranges(steps)}" if steps else "it has no checkpoint yet"
+        have = f"it has checkpoints at steps {step_ranges(steps)}" if steps else "it has no checkpoint yet"
         raise ForkError(f"{what} {spec}: run {row['name']} ({row['run_id']}) has no checkpoint at step {step}; {have}")
     if ckpt.get("pruned_at") is not None:
         kept = sorted({c["step"] for c in had if c.get("pruned_at") is None})
         raise ForkError(f"{what} {spec}: the checkpoint of step {step} ({ckpt['checkpoint_id']}) was pruned at "
                         f"{ckpt['pruned_at']:%Y-%m-%d %H:%M:%S} by run.keep_checkpoints: use a kept step "
-                        f"({_ranges(kept)}), or pin a step before it is pruned (mel pin RUN@STEP)")
+                        f"({step_ranges(kept)}), or pin a step before it is pruned (mel pin RUN@STEP)")
     return ref, row, ckpt
 
 
@@ -125,12 +126,10 @@ def pin_parent(cfg: MelConfig, check: bool = True) -> None:
     retention then keeps it, optimizer state included), then (`check`: a fork that has not started yet) check it is
     still there: a parent campaign pruning meanwhile either sees the pin and keeps it, or has deleted it and the
     fork is refused in one line."""
-    from mel_core.run import retention
-
     fork = cfg.run.fork
     parent_dir = Path(fork.store).parent
     try:
-        retention.pin(parent_dir, fork.checkpoint_id, fork.step,
+        pin(parent_dir, fork.checkpoint_id, fork.step,
                       by=f"fork {cfg.run.name} ({Path(cfg.run.root_dir).resolve() / cfg.run.name})")
     except OSError as e:  # a parent directory the fork may not write (another user's, read-only): no campaign prunes it
         _log.warning("could not pin the parent's checkpoint of step %d in %s (%s: %s): the parent's "
@@ -139,17 +138,6 @@ def pin_parent(cfg: MelConfig, check: bool = True) -> None:
         raise ForkError(f"run.fork.checkpoint_path: the parent's checkpoint of step {fork.step} "
                         f"({fork.checkpoint_id}) is gone from {fork.checkpoint_path}: pruned by its run's "
                         f"run.keep_checkpoints (or deleted) before the fork pinned it")
-
-
-def _ranges(steps: list[int]) -> str:
-    """[0, 1, 2, 3, 7] -> '0-3, 7'."""
-    out, start = [], None
-    for i, s in enumerate(steps):
-        start = s if start is None else start
-        if i + 1 == len(steps) or steps[i + 1] != s + 1:
-            out.append(f"{start}" if start == s else f"{start}-{s}")
-            start = None
-    return ", ".join(out)
 
 
 def default_name(point: ForkPoint) -> str:

@@ -27,19 +27,20 @@ the deletion leaves a recorded pruning whose files the next pass deletes.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mel_core.atomic_files import write_file_atomically
 from mel_core.ids import now
 from mel_core.model.checkpoints import OPTIMIZER_FILE, resolve_checkpoint_path
-from mel_core.step.runtime import Runtime
 from mel_core.store import lineage
 
-_log = logging.getLogger("mel")
+if TYPE_CHECKING:  # the runtime brings torch: pins and the plan are read by light commands (mel pin, --fork's errors)
+    from mel_core.step.runtime import Runtime
+
 PINS_DIR = "pins"
 _ASIDE = ".pruning"  # a directory renamed aside for deletion: <step dir>.pruning
 
@@ -81,6 +82,18 @@ def is_pinned(run_dir: str | Path, checkpoint_id: str) -> bool:
     return pin_path(run_dir, checkpoint_id).is_file()
 
 
+def step_ranges(steps) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3, 7'."""
+    steps = sorted(steps)
+    out, start = [], None
+    for i, s in enumerate(steps):
+        start = s if start is None else start
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            out.append(f"{start}" if start == s else f"{start}-{s}")
+            start = None
+    return ", ".join(out)
+
+
 # ----------------------------------------------------------------------------------------------------- the plan
 
 @dataclass(frozen=True)
@@ -118,11 +131,11 @@ class Pruned:
         return bool(self.steps or self.optimizer_steps)
 
     def line(self, cfg) -> str:
-        parts = ([f"the checkpoints of step{'s' if len(self.steps) > 1 else ''} {', '.join(map(str, self.steps))}"]
+        parts = ([f"the checkpoints of step{'s' if len(self.steps) > 1 else ''} {step_ranges(self.steps)}"]
                  if self.steps else [])
         if self.optimizer_steps:
             parts.append(f"the optimizer state of step{'s' if len(self.optimizer_steps) > 1 else ''} "
-                         f"{', '.join(map(str, self.optimizer_steps))}")
+                         f"{step_ranges(self.optimizer_steps)}")
         every = f", run.keep_checkpoint_every={cfg.run.keep_checkpoint_every}" if cfg.run.keep_checkpoint_every else ""
         return f"mel: pruned {' and '.join(parts)} (run.keep_checkpoints={cfg.run.keep_checkpoints}{every})"
 
