@@ -21,6 +21,7 @@ from flows.evaluate_checkpoint import evaluate_if_due
 from flows.iteration import iteration
 from flows.workers import generation_workers
 from mel_core.config import from_dict, to_dict
+from mel_core.run import retention
 from mel_core.run.executions import register_run
 from mel_core.run.lock import run_lock
 from mel_core.run.refs import RunRef
@@ -157,6 +158,9 @@ def _steps(rt, checkpoint) -> dict:
                 due = evaluate_if_due(rt, step, checkpoint, announce)  # every eval.every_n_steps, and the last
                 tracking.log_evals(due)
                 evals += due
+                pruned = retention.prune(rt)  # run.keep_checkpoints, once the step's checkpoint is evaluated
+                if pruned:
+                    announce(pruned.line(cfg))
         finished = True
     except BaseException:
         _settle_after_failure(rt)

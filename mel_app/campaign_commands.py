@@ -143,11 +143,15 @@ def _print_before_after(evals: list[dict]) -> None:
 
 def _announce_fork(point, cfg) -> None:
     from mel_core import config as config_mod
+    from mel_core.model.checkpoints import has_optimizer_state
     from mel_core.run.fork import config_changes
 
     changes = config_changes(point.config, config_mod.to_dict(cfg))
+    optimizer = ("optimizer state" if has_optimizer_state(point.checkpoint_path) else
+                 "fresh optimizer moments (the parent kept optimizer state only for its newest checkpoint: "
+                 "run.keep_checkpoints)")
     print(f"mel: fork of run {point.run_name} ({point.run_id}) at step {point.step}: starts from its checkpoint "
-          f"{point.checkpoint_id} and optimizer state; the parent's steps 1..{point.step} are not copied", flush=True)
+          f"{point.checkpoint_id} and {optimizer}; the parent's steps 1..{point.step} are not copied", flush=True)
     print("mel:   changes: " + ("; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
                                 if changes else "none (the parent's config from that step on)"), flush=True)
 
@@ -210,6 +214,11 @@ def cmd_eval(args) -> int:
     if row is None and not as_path.is_dir():
         print(f"mel: {args.checkpoint} is neither a checkpoint directory nor a checkpoint id in {db}", file=sys.stderr)
         return 1
+    if row and row.get("pruned_at") is not None:
+        print(f"mel: checkpoint {row['checkpoint_id']} (step {row['step']}) was pruned at "
+              f"{row['pruned_at']:%Y-%m-%d %H:%M:%S} by run.keep_checkpoints: its weights are deleted, its records "
+              f"and evaluations remain; evaluate a kept step (mel verify {db.parent} lists them)", file=sys.stderr)
+        return 2
     problem = checkpoint_problem(Path(row["path"]) if row else as_path)
     if problem:
         print(f"mel: {row['path'] if row else as_path} is not a checkpoint: {problem}", file=sys.stderr)
@@ -334,6 +343,36 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_pin(args) -> int:
+    """Pin RUN@STEP's checkpoint against run.keep_checkpoints (or unpin it with --remove); without @STEP, list the
+    run's pins."""
+    from mel_core.run import fork, refs, retention
+
+    if "@" not in args.spec:
+        run_dir = refs.resolve_run(args.spec, args.root).db.parent
+        pinned = retention.pins(run_dir)
+        for cid, record in pinned.items():
+            print(f"  step {record.get('step', '?'):>3}  {cid}  pinned by {record.get('by', '?')} at {record.get('at', '?')}")
+        print(f"mel: {len(pinned)} pinned checkpoint{'s' if len(pinned) != 1 else ''} in {run_dir}")
+        return 0
+    ref, _, ckpt = fork.step_checkpoint(args.spec, args.root, what="mel pin")
+    run_dir = ref.db.parent
+    if args.remove:
+        had = retention.unpin(run_dir, ckpt["checkpoint_id"])
+        print(f"mel: {'unpinned' if had else 'was not pinned:'} the checkpoint of step {ckpt['step']} "
+              f"({ckpt['checkpoint_id']}) of {run_dir}")
+        return 0
+    retention.pin(run_dir, ckpt["checkpoint_id"], ckpt["step"], by="mel pin")
+    if not Path(ckpt["path"]).is_dir():  # pinned first, then checked: a pruning running now either kept it or is done
+        retention.unpin(run_dir, ckpt["checkpoint_id"])
+        print(f"mel: the checkpoint of step {ckpt['step']} ({ckpt['checkpoint_id']}) is gone from {ckpt['path']}: "
+              f"pruned (or deleted) before it could be pinned", file=sys.stderr)
+        return 2
+    print(f"mel: pinned the checkpoint of step {ckpt['step']} ({ckpt['checkpoint_id']}) of {run_dir}: "
+          f"run.keep_checkpoints keeps it as it is (mel pin --remove {args.spec} releases it)")
+    return 0
+
+
 def register(sub) -> None:
     """The subcommands of this module on `mel`'s parser."""
     r = sub.add_parser("run", help="run a MEL campaign")
@@ -345,6 +384,13 @@ def register(sub) -> None:
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=10")
     r.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs")
     r.set_defaults(fn=cmd_run)
+    pn = sub.add_parser("pin", help="keep a checkpoint that run.keep_checkpoints would prune (RUN@STEP), release "
+                                    "it (--remove), or list a run's pins (RUN)")
+    pn.add_argument("spec", metavar="RUN@STEP", help="a run directory, run name or run id, then @ and a step; "
+                                                    "without @STEP: list the run's pins")
+    pn.add_argument("--remove", action="store_true", help="unpin it: retention may prune it after the next step")
+    pn.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")
+    pn.set_defaults(fn=cmd_pin)
     ev = sub.add_parser("eval", help="evaluate a checkpoint: greedy Pass@1, Avg@k / Pass@k (no experience in context)")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint id (checkpoints table) or directory; rows go to the run that "
                                                        "holds it, else to the config's run")

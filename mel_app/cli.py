@@ -17,6 +17,7 @@ deploy campaigns.
     mel compare --config configs/tiny.yaml [--name ab] [--seeds 3] [--arms grpo,mel,...] [key=value ...]   # A/B
     mel report RUN [--out DIR]                # markdown + PNG report of a run (name, id, dir or .duckdb)
     mel verify RUN                            # every checkpoint file against its recorded digest; exit 1 if damaged
+    mel pin RUN@STEP [--remove]               # keep a checkpoint run.keep_checkpoints would prune (README)
     mel serve [--port 4200]                   # standalone Prefect server + process worker
     mel deploy [--run] [key=value ...]        # prefect.yaml's campaign deployment, optionally run it
     mel config show CONFIG [key=value ...] [--plain]   # the resolved config: values, help, [P]/[C], ranges, origins

@@ -78,8 +78,10 @@ def _lineage(args, store) -> int:
             return 1
         if args.history:
             return _checkpoint_history(store, args.checkpoint)
+        pruned = (f" (pruned at {ck['pruned_at']:%Y-%m-%d %H:%M:%S} by run.keep_checkpoints: weights deleted)"
+                  if ck.get("pruned_at") is not None else "")
         print(f"checkpoint {args.checkpoint} (step {ck['step']}, parent {ck['parent_checkpoint_id']})\n"
-              f"  {ck['path']}\n  internalized {len(rows)} heuristic(s):")
+              f"  {ck['path']}{pruned}\n  internalized {len(rows)} heuristic(s):")
         for r in rows:
             print(f"    {r['heuristic_id']}  [step {r['heuristic_step']}]  {r['heuristic']}")
         return 0
@@ -152,7 +154,8 @@ def _checkpoint_history(store, checkpoint_id: str) -> int:
     names = run_reads.run_names(store)
     print(f"checkpoint {checkpoint_id}: {len(chain)} checkpoints on its history, base first")
     for c in chain:
-        print(f"  step {c['step']:>3}  {c['checkpoint_id']}  run {names.get(c['run_id'], '?')} ({c['run_id']})")
+        pruned = "  [pruned: weights deleted, records kept]" if c.get("pruned_at") is not None else ""
+        print(f"  step {c['step']:>3}  {c['checkpoint_id']}  run {names.get(c['run_id'], '?')} ({c['run_id']}){pruned}")
     print(f"  internalized {len(learned)} heuristic(s) on its history:")
     for r in learned:
         print(f"    {r['heuristic_id']}  [step {r['heuristic_step']}, run {names.get(r['heuristic_run_id'], '?')}, "
@@ -244,13 +247,15 @@ def cmd_verify(args) -> int:
     file, exit 1 if there is any."""
     from mel_core.model.checkpoints import damaged_files
     from mel_core.run import refs
+    from mel_core.run.retention import step_ranges
     from mel_core.store.reader import StoreReader
 
     ref = refs.resolve_run(args.run, args.root)
     with StoreReader(ref.db) as store:
         checkpoints = lineage.checkpoints_with_files(store)
-    recorded = [c for c in checkpoints if c["files"]]
-    unrecorded = len(checkpoints) - len(recorded)
+    pruned = [c for c in checkpoints if c["pruned_at"] is not None]  # retention deleted them: not missing
+    recorded = [c for c in checkpoints if c["files"] and c["pruned_at"] is None]
+    unrecorded = len(checkpoints) - len(recorded) - len(pruned)
     skipped = (f"; {unrecorded} checkpoint{'s' if unrecorded != 1 else ''} without recorded files (a base model, or "
                f"written before mel recorded them) not checked" if unrecorded else "")
     bad_files, bad_checkpoints = 0, 0
@@ -260,6 +265,13 @@ def cmd_verify(args) -> int:
             print(f"{file}: {what} (checkpoint {c['checkpoint_id']}, step {c['step']})")
         bad_files, bad_checkpoints = bad_files + len(bad), bad_checkpoints + bool(bad)
     files = sum(len(c["files"]) for c in recorded)
+    if pruned:
+        print(f"mel: pruned by run.keep_checkpoints (weights deleted, records kept): step"
+              f"{'s' if len(pruned) > 1 else ''} {step_ranges(c['step'] for c in pruned)}")
+    stripped = [c for c in recorded if c["pruned_files"]]
+    if stripped:
+        print(f"mel: optimizer state pruned (weights kept): step{'s' if len(stripped) > 1 else ''} "
+              f"{step_ranges(c['step'] for c in stripped)}")
     if bad_files:
         print(f"mel: {bad_files} of {files} files damaged or missing, in {bad_checkpoints} of {len(recorded)} "
               f"checkpoints of {ref.db}{skipped}", file=sys.stderr)

@@ -115,6 +115,21 @@ class RunConfig:
                            "Synchronous with optim.fsdp_processes > 1 (the torchrun processes write the checkpoint) "
                            "and where the engine reads the checkpoint directory to serve a version (LoRA on vLLM, "
                            "Ray workers). Result-neutral: the same weights and records either way.")
+    keep_checkpoints: int = doc(0, "Checkpoint retention [C]: 0 keeps every step's checkpoint (weights and optimizer "
+                                "state: 13 MB a step for the tiny model, ~40 GB for a 4B one); N > 0 keeps the newest "
+                                "N of this run's checkpoints, every run.keep_checkpoint_every-th step, and pinned ones "
+                                "(a fork pins the checkpoint it starts from; `mel pin RUN@STEP` pins one by hand), and "
+                                "deletes the others' directories after each step's checkpoint is committed. The "
+                                "optimizer state (optimizer.pt, twice the weights) is then kept only for the newest "
+                                "checkpoint (all a resume reads) and pinned ones: a fork of an older kept step starts "
+                                "with fresh AdamW moments, and says so. Never deleted: the base model, a fork's "
+                                "parent checkpoint, the checkpoint the next step reads, one still being written. A "
+                                "pruned checkpoint's rows, lineage and evaluations stay; the store marks it "
+                                "(checkpoints.pruned_at) and mel verify, mel eval, mel lineage and --fork say "
+                                "'pruned' (README, 'Checkpoint retention'). Result-neutral.", ge=0)
+    keep_checkpoint_every: int = doc(0, "With run.keep_checkpoints > 0: also keep the checkpoint of every K-th step "
+                                     "(step % K == 0), weights only, e.g. for later evaluation or forks; 0 = none. "
+                                     "[C]", ge=0)
     fork: ForkConfig = section(ForkConfig, "Where a fork starts: its parent run, step and checkpoint "
                                "(`mel run --fork`).")
 
@@ -710,6 +725,7 @@ def to_dict(cfg: MelConfig) -> dict:
 # kernels, as other threads reduce in another order, so a campaign can be resumed on the other engine. A fork's
 # parent checkpoint and store are named by their ids in run.fork; where their files are is not identity.
 RESULT_NEUTRAL_KEYS = ("run.steps", "run.root_dir", "run.cache_dir", "run.torch_threads", "run.async_save",
+                       "run.keep_checkpoints", "run.keep_checkpoint_every",
                        "library", "eval", "orchestration", "logging", "model.engine", "model.vllm", "model.device",
                        "optim.fsdp_processes", "run.fork.checkpoint_path", "run.fork.store")
 
@@ -809,6 +825,8 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
     need(not fork.run_id or cfg.run.steps > fork.step, "run.steps",
          f"a fork of step {fork.step} runs steps {fork.step + 1}..run.steps (step numbers continue the parent's): "
          f"must be > {fork.step}, got {cfg.run.steps}")
+    need(cfg.run.keep_checkpoints > 0 or cfg.run.keep_checkpoint_every == 0, "run.keep_checkpoint_every",
+         "only with run.keep_checkpoints > 0 (0 keeps every checkpoint already)")
     need(cfg.model.master_dtype == "float32" or cfg.model.dtype == "bfloat16", "model.master_dtype",
          "bfloat16 master weights with float32 compute: autocast only narrows; set model.dtype: bfloat16 too "
          "(pure bfloat16) or keep master_dtype float32")

@@ -91,9 +91,12 @@ def register_run(rt: Runtime, base: Checkpoint) -> None:
     (mel_core.run.fork.references) the first time it registers, so lineage queries cross the fork in this store."""
     fork = rt.cfg.run.fork
     copies = {}
-    if fork.run_id and lineage.checkpoint(rt.store, fork.checkpoint_id) is None:  # a resumed fork has them already
+    if fork.run_id:
         from mel_core.run import fork as fork_mod
-        copies = fork_mod.references(rt.cfg)
+        first = lineage.checkpoint(rt.store, fork.checkpoint_id) is None  # a resumed fork has the references already
+        fork_mod.pin_parent(rt.cfg, check=first)  # the parent's retention keeps the checkpoint the fork starts from
+        if first:
+            copies = fork_mod.references(rt.cfg)
     with rt.store.transaction() as w:
         for table, rows in copies.items():
             w.insert(table, rows)

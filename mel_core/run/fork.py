@@ -10,7 +10,9 @@ What a fork is (docs/DESIGN.md, "Forks"):
 - **Step numbering continues the parent's.** A fork of step S runs steps S+1 .. run.steps: ``run.steps`` is the
   number of the last step, as in its parent, so a fork of step 2 of a 3-step run with ``run.steps=3`` trains one
   step, step 3, on the problems and seeds its parent's step 3 had — the counterfactual the fork is for.
-- **Its own store.** A fork writes its own new run directory, never its parent's nor any other run's: it is named
+- **Its own store.** A fork writes its own new run directory, never its parent's nor any other run's (the one file
+  it writes there is a pin, ``pins/<checkpoint id>.json``, so the parent's checkpoint retention keeps the
+  checkpoint the fork starts from: mel_core.run.retention): it is named
   ``<parent name>-fork<S>`` unless a ``run.name=`` override names it (the config file's run.name names the file's
   own run, the demo's say), and refused when that directory exists and does not hold this very fork (a resume).
   Every refusal comes before the run lock and registration: a refused fork creates nothing. The data of steps <= S
@@ -26,6 +28,7 @@ What a fork is (docs/DESIGN.md, "Forks"):
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +37,11 @@ from mel_core.config import MelConfig
 from mel_core.errors import PermanentError
 from mel_core.model.checkpoints import DamagedCheckpoint, checkpoint_problem, verify_checkpoint
 from mel_core.run import refs
+from mel_core.run.retention import pin, step_ranges
 from mel_core.store import lineage
 from mel_core.store.reader import StoreReader
 
+_log = logging.getLogger("mel")
 # What a checkpoint's weights are weights of: a fork must keep them (a LoRA checkpoint holds adapters only, a tiny
 # model's shape is its config).
 MODEL_KEYS = ("model.name_or_path", "model.tiny.", "model.lora.")
@@ -66,29 +71,44 @@ class ForkPoint:
                 f"run.fork.store={self.store}"]
 
 
-def parse_spec(spec: str) -> tuple[str, int]:
+def parse_spec(spec: str, what: str = "--fork") -> tuple[str, int]:
     """'RUN@STEP' -> (RUN, STEP); the last '@' separates them (a path may hold one)."""
     run, sep, step = spec.rpartition("@")
     if not sep or not run or not step.isdigit():
-        raise ForkError(f"--fork: expected RUN@STEP (a run directory, run name or run id, then a step number, e.g. "
+        raise ForkError(f"{what}: expected RUN@STEP (a run directory, run name or run id, then a step number, e.g. "
                         f"tiny-demo@3), got {spec!r}")
     return run, int(step)
 
 
-def find_fork_point(spec: str, runs_root: str | Path) -> ForkPoint:
-    """The run and checkpoint `spec` names, read from the run's published snapshot; ForkError in one line when
-    the run has no checkpoint at that step or its files are gone."""
-    run, step = parse_spec(spec)
+def step_checkpoint(spec: str, runs_root: str | Path, what: str = "--fork") -> tuple[refs.RunRef, dict, dict]:
+    """(the run's store, its runs row, its checkpoint row) of 'RUN@STEP', read from the run's published snapshot;
+    ForkError in one line when the run has no checkpoint at that step or retention pruned it. `what` names the
+    asker in the message (--fork, mel pin)."""
+    run, step = parse_spec(spec, what)
     ref = refs.resolve_run(run, runs_root)
     with StoreReader(ref.db) as reader:
         row = refs.pick_run(reader, ref)
         had = lineage.run_checkpoints(reader, row["run_id"])
-        ckpt = next((c for c in had if c["step"] == step), None)
-        files = lineage.checkpoint_files(reader, ckpt["checkpoint_id"]) if ckpt else []
+    ckpt = next((c for c in had if c["step"] == step), None)
     steps = sorted({c["step"] for c in had})
     if ckpt is None:
-        have = f"it has checkpoints at steps {_ranges(steps)}" if steps else "it has no checkpoint yet"
-        raise ForkError(f"--fork {spec}: run {row['name']} ({row['run_id']}) has no checkpoint at step {step}; {have}")
+        have = f"it has checkpoints at steps {step_ranges(steps)}" if steps else "it has no checkpoint yet"
+        raise ForkError(f"{what} {spec}: run {row['name']} ({row['run_id']}) has no checkpoint at step {step}; {have}")
+    if ckpt.get("pruned_at") is not None:
+        kept = sorted({c["step"] for c in had if c.get("pruned_at") is None})
+        raise ForkError(f"{what} {spec}: the checkpoint of step {step} ({ckpt['checkpoint_id']}) was pruned at "
+                        f"{ckpt['pruned_at']:%Y-%m-%d %H:%M:%S} by run.keep_checkpoints: use a kept step "
+                        f"({step_ranges(kept)}), or pin a step before it is pruned (mel pin RUN@STEP)")
+    return ref, row, ckpt
+
+
+def find_fork_point(spec: str, runs_root: str | Path) -> ForkPoint:
+    """The run and checkpoint `spec` names, read from the run's published snapshot; ForkError in one line when
+    the run has no checkpoint at that step, it was pruned, or its files are gone."""
+    ref, row, ckpt = step_checkpoint(spec, runs_root)
+    step = ckpt["step"]
+    with StoreReader(ref.db) as reader:
+        files = lineage.checkpoint_files(reader, ckpt["checkpoint_id"])
     problem = checkpoint_problem(ckpt["path"])
     if problem:
         raise ForkError(f"--fork {spec}: the checkpoint of step {step} ({ckpt['checkpoint_id']}) at {ckpt['path']} "
@@ -101,15 +121,23 @@ def find_fork_point(spec: str, runs_root: str | Path) -> ForkPoint:
                      str(ref.db.resolve()), json.loads(row["config_json"] or "{}"))
 
 
-def _ranges(steps: list[int]) -> str:
-    """[0, 1, 2, 3, 7] -> '0-3, 7'."""
-    out, start = [], None
-    for i, s in enumerate(steps):
-        start = s if start is None else start
-        if i + 1 == len(steps) or steps[i + 1] != s + 1:
-            out.append(f"{start}" if start == s else f"{start}-{s}")
-            start = None
-    return ", ".join(out)
+def pin_parent(cfg: MelConfig, check: bool = True) -> None:
+    """Pin the checkpoint a fork starts from in its parent's run directory (mel_core.run.retention: the parent's
+    retention then keeps it, optimizer state included), then (`check`: a fork that has not started yet) check it is
+    still there: a parent campaign pruning meanwhile either sees the pin and keeps it, or has deleted it and the
+    fork is refused in one line."""
+    fork = cfg.run.fork
+    parent_dir = Path(fork.store).parent
+    try:
+        pin(parent_dir, fork.checkpoint_id, fork.step,
+                      by=f"fork {cfg.run.name} ({Path(cfg.run.root_dir).resolve() / cfg.run.name})")
+    except OSError as e:  # a parent directory the fork may not write (another user's, read-only): no campaign prunes it
+        _log.warning("could not pin the parent's checkpoint of step %d in %s (%s: %s): the parent's "
+                     "run.keep_checkpoints could prune it", fork.step, parent_dir, type(e).__name__, e)
+    if check and not Path(fork.checkpoint_path).is_dir():
+        raise ForkError(f"run.fork.checkpoint_path: the parent's checkpoint of step {fork.step} "
+                        f"({fork.checkpoint_id}) is gone from {fork.checkpoint_path}: pruned by its run's "
+                        f"run.keep_checkpoints (or deleted) before the fork pinned it")
 
 
 def default_name(point: ForkPoint) -> str:

@@ -22,6 +22,7 @@ from mel_core.ids import derive_seed, make_id
 from mel_core.model import async_save
 from mel_core.model.checkpoints import (
     Checkpoint,
+    MissingCheckpoint,
     has_optimizer_state,
     require_checkpoint_dir,
     resolve_checkpoint_path,
@@ -258,8 +259,23 @@ class Runtime:
             return ckpt  # a base model's hub name: transformers downloads it
         writing = self._pending_save is not None and self._pending_save.checkpoint.checkpoint_id == ckpt.checkpoint_id
         if strict and not writing:  # the one being written in the background is there once settled
+            if not path.is_dir():
+                self._refuse_pruned(ckpt)
             require_checkpoint_dir(ckpt.checkpoint_id, path, self.run_dir)
         return ckpt if str(path) == ckpt.path else Checkpoint(ckpt.checkpoint_id, str(path))
+
+    def _refuse_pruned(self, ckpt: Checkpoint) -> None:
+        """MissingCheckpoint in one line saying 'pruned' when this run's store records that checkpoint retention
+        (run.keep_checkpoints) deleted `ckpt`'s directory."""
+        from mel_core.store import lineage
+
+        if "store" not in self.__dict__ and not (self.run_dir / DB_FILE).exists():
+            return
+        row = lineage.checkpoint(self.store, ckpt.checkpoint_id)
+        if row and row.get("pruned_at") is not None:
+            raise MissingCheckpoint(f"checkpoint {ckpt.checkpoint_id} (step {row['step']}) was pruned at "
+                                    f"{row['pruned_at']:%Y-%m-%d %H:%M:%S} by run.keep_checkpoints: its weights are "
+                                    f"deleted, its records remain (README, 'Checkpoint retention')")
 
     def ensure_version(self, ckpt: Checkpoint) -> None:
         """Load the policy and the engine on first use; afterwards move both to `ckpt` if they are elsewhere. Every
@@ -382,6 +398,13 @@ class Runtime:
     def saving_step(self) -> int | None:
         """The step whose checkpoint is being written in the background (its rows uncommitted), or None."""
         return self._pending_save.step if self._pending_save else None
+
+    @property
+    def checkpoints_in_use(self) -> set[str]:
+        """The checkpoints checkpoint retention must not touch now: the one the policy holds (the next step reads it)
+        and one being written in the background."""
+        return {c for c in (self._policy_version, self._pending_save and self._pending_save.checkpoint.checkpoint_id)
+                if c}
 
     def settle_saves(self) -> None:
         """Wait for the checkpoint being written in the background, then commit the rows its update left (checkpoint,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mel_core.model.checkpoints import FileDigest, resolve_checkpoint_path
+from mel_core.model.checkpoints import OPTIMIZER_FILE, FileDigest, resolve_checkpoint_path
 
 
 def _located(store, rows: list[dict]) -> list[dict]:
@@ -41,22 +41,30 @@ def checkpoint_files(store, checkpoint_id: str) -> list[FileDigest]:
     if not _has_column(store, "checkpoint_files", "digest"):
         return []
     rows = store.query("SELECT file, size, digest, algorithm FROM checkpoint_files WHERE checkpoint_id = ? "
-                       "ORDER BY file", [checkpoint_id])
-    return [FileDigest(**r) for r in rows]
+                       f"AND {_not_pruned(store, 'checkpoint_files')} ORDER BY file", [checkpoint_id])
+    return [FileDigest(**r) for r in rows]  # a file retention deleted (the optimizer state) is no longer expected
 
 
 
 def checkpoints_with_files(store) -> list[dict]:
-    """Every checkpoint of the store (step, id, path; a fork's copied ones too) with its recorded files under
-    'files' (a list of FileDigest, empty when none were recorded), by step."""
-    rows = _located(store, store.query("SELECT checkpoint_id, run_id, step, path FROM checkpoints "
-                                       "ORDER BY step, checkpoint_id"))
+    """Every checkpoint of the store (step, id, path, pruned_at; a fork's copied ones too) with its recorded files
+    under 'files' (a list of FileDigest, empty when none were recorded) and those retention deleted since under
+    'pruned_files' (file names), by step."""
+    rows = _located(store, store.query(f"SELECT checkpoint_id, run_id, step, path, {_pruned_at(store, 'checkpoints')} "
+                                       "FROM checkpoints ORDER BY step, checkpoint_id"))
     files: dict[str, list[FileDigest]] = {}
+    gone: dict[str, list[str]] = {}
     if _has_column(store, "checkpoint_files", "digest"):
-        for r in store.query("SELECT checkpoint_id, file, size, digest, algorithm FROM checkpoint_files "
+        for r in store.query(f"SELECT checkpoint_id, file, size, digest, algorithm, "
+                             f"{_pruned_at(store, 'checkpoint_files')} FROM checkpoint_files "
                              "ORDER BY checkpoint_id, file"):
-            files.setdefault(r.pop("checkpoint_id"), []).append(FileDigest(**r))
-    return [{**r, "files": files.get(r["checkpoint_id"], [])} for r in rows]
+            cid, pruned = r.pop("checkpoint_id"), r.pop("pruned_at")
+            if pruned is None:
+                files.setdefault(cid, []).append(FileDigest(**r))
+            else:
+                gone.setdefault(cid, []).append(r["file"])
+    return [{**r, "files": files.get(r["checkpoint_id"], []), "pruned_files": gone.get(r["checkpoint_id"], [])}
+            for r in rows]
 
 
 
@@ -70,7 +78,8 @@ def checkpoint_heuristics(store, checkpoint_id: str) -> list[dict]:
 def find_checkpoint(store, id_or_path: str, path: str) -> dict | None:
     """A checkpoint by id or by directory (`path`, absolute: compared with where each recorded checkpoint is now, so
     a moved or copied run finds its own), with its run's config (to evaluate it with the run's own settings)."""
-    rows = _located(store, store.query("SELECT c.checkpoint_id, c.path, c.step, c.run_id, r.config_json "
+    rows = _located(store, store.query(f"SELECT c.checkpoint_id, c.path, c.step, c.run_id, r.config_json, "
+                                       f"{_pruned_at(store, 'checkpoints', 'c')} "
                                        "FROM checkpoints c LEFT JOIN runs r USING (run_id) ORDER BY c.step"))
     return next((r for r in rows if r["checkpoint_id"] == id_or_path), None) or \
         next((r for r in rows if r["path"] == str(path)), None)
@@ -120,6 +129,39 @@ def _has_column(store, table: str, column: str) -> bool:
     return bool(store.query("SELECT 1 FROM duckdb_columns() WHERE table_name = ? AND column_name = ? AND "
                             "database_name = current_database()", [table, column]))
 
+
+
+def _pruned_at(store, table: str, alias: str = "") -> str:
+    """The select expression of `table`'s pruned_at: NULL in stores written before checkpoint retention."""
+    return f"{alias + '.' if alias else ''}pruned_at" if _has_column(store, table, "pruned_at") else \
+        "CAST(NULL AS TIMESTAMP) AS pruned_at"
+
+
+def _not_pruned(store, table: str) -> str:
+    return "pruned_at IS NULL" if _has_column(store, table, "pruned_at") else "true"
+
+
+# ------------------------------------------------------------------------------- checkpoint retention
+
+def own_checkpoints(store, run_id: str) -> list[dict]:
+    """The checkpoints run `run_id` wrote (not its base, not a fork's parent: those have no update of this run),
+    committed, by step: checkpoint_id, step, path (as recorded), pruned_at, and whether its optimizer state was
+    pruned ('optimizer_pruned'). What retention (mel_core.run.retention) chooses from."""
+    return store.query("SELECT c.checkpoint_id, c.step, c.path, c.pruned_at, "
+                       "EXISTS (SELECT 1 FROM checkpoint_files f WHERE f.checkpoint_id = c.checkpoint_id "
+                       "        AND f.file = ? AND f.pruned_at IS NOT NULL) AS optimizer_pruned "
+                       "FROM checkpoints c JOIN updates u ON u.checkpoint_out = c.checkpoint_id AND u.run_id = c.run_id "
+                       "WHERE c.run_id = ? ORDER BY c.step", [OPTIMIZER_FILE, run_id])
+
+
+def mark_pruned(w, checkpoint_id: str, at) -> None:
+    """The checkpoint's directory is (being) deleted by retention; `at` None: it was kept after all (pinned)."""
+    w.execute("UPDATE checkpoints SET pruned_at = ? WHERE checkpoint_id = ?", [at, checkpoint_id])
+
+
+def mark_file_pruned(w, checkpoint_id: str, file: str, at) -> None:
+    w.execute("UPDATE checkpoint_files SET pruned_at = ? WHERE checkpoint_id = ? AND file = ?",
+              [at, checkpoint_id, file])
 
 
 def _rows_where_in(store, table: str, column: str, values) -> list[dict]:

@@ -138,16 +138,20 @@ TABLES: dict[str, str] = {
         step INTEGER,
         path VARCHAR,
         parent_checkpoint_id VARCHAR,
-        created_at TIMESTAMP""",
+        created_at TIMESTAMP,
+        pruned_at TIMESTAMP""",
+    # pruned_at: when run.keep_checkpoints deleted the checkpoint's directory (mel_core.run.retention); its rows stay.
     # Every file of a checkpoint a run wrote, as it was written (mel_core.model.checkpoints.file_digests), committed
     # with its checkpoints row: a load that trains or evaluates checks them first, `mel verify` checks them all.
-    # Checkpoints of older stores (and the base model, which no run writes) have none and load unchecked.
+    # Checkpoints of older stores (and the base model, which no run writes) have none and load unchecked. pruned_at:
+    # when retention deleted the file (the optimizer state of a checkpoint that is no longer the newest).
     "checkpoint_files": """
         checkpoint_id VARCHAR,
         file VARCHAR,
         size BIGINT,
         digest VARCHAR,
         algorithm VARCHAR,
+        pruned_at TIMESTAMP,
         PRIMARY KEY (checkpoint_id, file)""",
     "updates": """
         update_id VARCHAR PRIMARY KEY,
