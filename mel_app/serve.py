@@ -65,6 +65,29 @@ def check_port_free(host: str, port: int) -> None:
             raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def hold_port(port: int):
+    """An exclusive lock on this machine's `port` for `mel serve` (a file under the temp directory): a second `mel
+    serve` on the port is refused at once, in one line. The check that the port is free cannot tell two servers
+    started together apart: Prefect's server binds its port only after a startup of many seconds, and the API that
+    then answers the second one would be the first's."""
+    import fcntl
+    import tempfile
+
+    f = open(Path(tempfile.gettempdir()) / f"mel-serve-{port}.lock", "a+")  # noqa: SIM115 (held for the process)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ServeError(f"port {port} is in use by another `mel serve` (pid {holder}); pick another --port") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 class _Output:
     """A child's output, held until the child is up (then printed, and passed through from then on), so a server
     that fails to start is reported in one line instead of its traceback."""
@@ -169,6 +192,7 @@ def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 def serve(host: str, port: int, limit: int | None, env: dict, startup_timeout_s: float = 180.0) -> int:
     """Server + worker until interrupted (or until either exits); returns the exit code."""
     url = api_url(host, port)
+    port_lock = hold_port(port)  # held until this process ends (the kernel releases it however it ends)
     if healthy(url):
         raise ServeError(f"something already answers at {url}; pick another --port")
     check_port_free(host, port)
@@ -204,6 +228,7 @@ def serve(host: str, port: int, limit: int | None, env: dict, startup_timeout_s:
         for proc in (worker, server):
             if proc is not None:
                 stop(proc)
+        port_lock.close()
 
 
 def deploy(url: str, env: dict) -> None:
