@@ -201,13 +201,14 @@ class StoreReader:
         """Rows as a stream of Arrow record batches: an export of a long campaign never holds it all in memory. The
         reader's time limit runs from this call to the stream's end; its memory is DuckDB's memory_limit (the stream
         is read by the caller's code, outside any address-space cap)."""
-        stream = self.con.sql(sql, params=list(params or [])).to_arrow_reader(batch_rows)
-
-        def batches():
-            with self._bounded(cap_memory=False):
+        def schema_then_batches():
+            with self._bounded(cap_memory=False):  # the statement may run whole before its first batch
+                stream = self.con.sql(sql, params=list(params or [])).to_arrow_reader(batch_rows)
+                yield stream.schema
                 yield from stream
 
-        return pa.RecordBatchReader.from_batches(stream.schema, batches())
+        batches = schema_then_batches()
+        return pa.RecordBatchReader.from_batches(next(batches), batches)
 
     def counts(self) -> dict[str, int]:
         return {t: self.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}
