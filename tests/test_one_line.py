@@ -242,3 +242,21 @@ def test_a_full_disk_during_a_campaign_is_one_line_without_leak_reports(prefect_
     assert "nanobind" not in everything and "Traceback" not in everything, everything[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"mel: OSError: [Errno {errno.ENOSPC}] No space left on device: "), everything[-3000:]
+
+
+def test_a_checkpoint_write_on_a_full_disk_names_the_file_and_the_free_space(tmp_path, monkeypatch):
+    import torch
+
+    from mel_core.model.checkpoints import OPTIMIZER_FILE, write_checkpoint
+
+    class Saves:
+        def save_pretrained(self, directory, **kwargs):
+            pass
+
+    def full(*args, **kwargs):  # what torch.save raises when the disk fills up under it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2048 vs 1971")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=rf"^cannot write {tmp_path / OPTIMIZER_FILE}: .* free on its filesystem "
+                                      r"\(torch.save: \[enforce fail at inline_container.cc:672\]"):
+        write_checkpoint(tmp_path, Saves(), Saves(), {}, None)

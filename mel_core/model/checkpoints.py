@@ -121,9 +121,29 @@ def write_checkpoint(directory: str | Path, model, tokenizer, optimizer_state: d
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory), **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(str(directory))
-    torch.save(optimizer_state, directory / OPTIMIZER_FILE)
+    try:
+        torch.save(optimizer_state, directory / OPTIMIZER_FILE)
+    except RuntimeError as e:  # a full disk is "[enforce fail at inline_container.cc:672] . unexpected pos ..."
+        if "inline_container" not in str(e):
+            raise
+        raise OSError(f"cannot write {directory / OPTIMIZER_FILE}: {_free(directory)} free on its filesystem "
+                      f"(torch.save: {str(e).strip().splitlines()[0][:120]})") from None
     if update_stats is not None:
         write_update_stats(directory, update_stats)
+
+
+def _free(directory: Path) -> str:
+    """Free space of `directory`'s filesystem, as a user reads it (0 B: the disk is full)."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return "unknown space"
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if free >= scale:
+            return f"{free / scale:.1f} {unit}"
+    return f"{free} B"
 
 
 def has_optimizer_state(path: str | Path) -> bool:
