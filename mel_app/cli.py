@@ -60,13 +60,27 @@ def _exit_code(e: BaseException) -> int:
 
 
 
+MAX_LINE = 400  # characters of an error line: a message that quotes hostile input (a 100,000-character value) is cut
+
+
 def _one_line(e: BaseException) -> str:
     from mel_core.errors import PermanentError
 
     first = (str(e).strip().splitlines() or [""])[0]
+    if len(first) > MAX_LINE:
+        first = f"{first[:MAX_LINE]}... ({len(first) - MAX_LINE} more characters)"
     if isinstance(e, (PermanentError, UserSQLError)):
         return first
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with usage errors in one line (argparse prints the whole usage above them): the line names
+    the command and the argument, and where the usage is."""
+
+    def error(self, message: str):
+        command = self.prog.partition(" ")[2]
+        self.exit(2, f"{self.prog}: error: {message}  (mel {command + ' ' if command else ''}--help for usage)\n")
 
 
 def _version() -> str:
@@ -91,8 +105,39 @@ def _debug_everywhere(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Every failure is one line on stderr (and an exit code); the traceback only with --debug or MEL_DEBUG=1."""
-    ap = argparse.ArgumentParser(prog="mel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Every failure is one line on stderr (and an exit code); the traceback only with --debug or MEL_DEBUG=1.
+    As the process's command (`argv` None: the `mel` script, `python -m mel_app.cli`), a failure ends the process
+    here (:func:`_exit_after_failure`)."""
+    code = _main(argv)
+    if code != 0 and argv is None:
+        _exit_after_failure(code)
+    return code
+
+
+def _exit_after_failure(code: int) -> None:
+    """End the process after a failed command without the interpreter's teardown. A failed stage's exception (kept by
+    the orchestrator's state, by tracebacks) still holds DuckDB objects at exit, and DuckDB's bindings (nanobind)
+    then print ~45 lines of "nanobind: leaked instances" under the one error line. The exit handlers still run
+    (shared store connections closed, verifier workers and servers stopped), the output is flushed; only the
+    finalization of the modules, where those lines are printed, is skipped."""
+    import atexit
+
+    _flush()
+    atexit._run_exitfuncs()
+    _flush()
+    os._exit(code)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a pipe whose reader left
+            pass
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = _Parser(prog="mel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_ENV}=1)")
     ap.add_argument("--version", action="version", version=f"mel {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -108,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM where mel_app.interrupts handles it: 128 + the signal
         if debug:
             raise
-        print("mel: interrupted (a campaign resumes where it stopped when run again)", file=sys.stderr)
+        resumes = " (a campaign resumes where it stopped when run again)" if args.cmd in ("run", "compare") else ""
+        print(f"mel: interrupted{resumes}", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
     except BrokenPipeError:
         # the reader of our output went away (`mel runs | head -3`): stop quietly, as cat does; stdout goes to

@@ -14,14 +14,13 @@ from mel_core.store.reader import ReaderLimits
 
 def cmd_query(args) -> int:
     from mel_core.store import query_output
-    from mel_core.store.reader import ReaderLimits, StoreReader, check_read_only
+    from mel_core.store.reader import StoreReader, check_read_only
 
     # Everything the user can get wrong is refused before any file is opened.
     check_read_only(args.sql)
     query_output.check_print_options(args.format, args.width)
     out_format = query_output.file_format(args.out) if args.out else None
-    limits = ReaderLimits(memory=args.memory_limit, threads=args.threads, seconds=args.time_limit)
-    with StoreReader(find_db(args.db), limits=limits) as store:
+    with StoreReader(find_db(args.db)) as store:  # bounded by the command's limits (_bounded)
         try:
             if out_format == "parquet":  # DuckDB's column types kept; the file is written here, not by DuckDB
                 table = store.query_user_arrow(args.sql)
@@ -32,14 +31,15 @@ def cmd_query(args) -> int:
     if out_format is None:
         sys.stdout.write(query_output.format_rows(args.format, cols, rows, args.width))
         return 0
-    if out_format == "parquet":
-        query_output.write_parquet_file(args.out, table)
-        n = table.num_rows
-    else:
-        text = (query_output.format_csv(cols, rows, bare_scalar=False) if out_format == "csv"
-                else query_output.format_json(cols, rows))
-        query_output.write_text_file(args.out, text)
-        n = len(rows)
+    with query_output.writing_out(f"--out {args.out}"):
+        if out_format == "parquet":
+            query_output.write_parquet_file(args.out, table)
+            n = table.num_rows
+        else:
+            text = (query_output.format_csv(cols, rows, bare_scalar=False) if out_format == "csv"
+                    else query_output.format_json(cols, rows))
+            query_output.write_text_file(args.out, text)
+            n = len(rows)
     print(f"mel: wrote {query_output.row_count(n)} to {args.out}")
     return 0
 
@@ -304,42 +304,65 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _add_limits(parser) -> None:
+    """The reader limits' flags, the same on every command that reads a store (see _bounded)."""
+    parser.add_argument("--memory-limit", type=_size, default=ReaderLimits.memory, metavar="SIZE",
+                        help="memory a read may use, e.g. 4GB or 512MiB (default 1GB); past it the read stops with "
+                             "one line saying so")
+    parser.add_argument("--threads", type=_positive_int, default=ReaderLimits.threads,
+                        help="DuckDB threads of the reader (default 1: a reader leaves the cores to the campaign)")
+    parser.add_argument("--time-limit", type=_seconds, default=ReaderLimits.seconds, metavar="SECONDS",
+                        help=f"seconds a read may run before it is stopped, with one line saying so (default "
+                             f"{ReaderLimits.seconds:g}; 0 for none)")
+
+
+def _bounded(fn):
+    """`fn` (a command) with every store reader it opens under the limits of its flags: one code path for all
+    reader commands (mel_core.store.reader.bounded_readers)."""
+    def command(args) -> int:
+        from mel_core.store.reader import bounded_readers
+
+        limits = ReaderLimits(memory=args.memory_limit, threads=args.threads, seconds=args.time_limit)
+        with bounded_readers(limits):
+            return fn(args)
+    return command
+
+
+def _reader_command(sub, name: str, fn, **kwargs):
+    """A subcommand that reads stores: its parser, with the reader limits' flags, running `fn` under them."""
+    parser = sub.add_parser(name, **kwargs)
+    _add_limits(parser)
+    parser.set_defaults(fn=_bounded(fn))
+    return parser
+
+
 def register(sub) -> None:
     """The subcommands of this module on `mel`'s parser."""
-    q = sub.add_parser("query", help="read-only SQL over a run's DuckDB file")
+    q = _reader_command(sub, "query", cmd_query, help="read-only SQL over a run's DuckDB file")
     q.add_argument("sql")
     q.add_argument("--db", metavar="RUN", help=RUN_HELP)
     q.add_argument("--format", default="table", help="table (default), csv, json or markdown; only table cuts "
                                                      "wide cells (see --width), and says so")
     q.add_argument("--width", type=int, default=60, help="table: max characters per cell, 0 for no limit (default 60)")
     q.add_argument("--out", help="write the result to FILE instead: .csv, .json or .parquet, by its suffix")
-    q.add_argument("--memory-limit", type=_size, default=ReaderLimits.memory, metavar="SIZE",
-                   help="memory the query may use, e.g. 4GB or 512MiB (default 1GB); past it the query stops with "
-                        "one line saying so")
-    q.add_argument("--threads", type=_positive_int, default=ReaderLimits.threads,
-                   help="DuckDB threads for the query (default 1: a reader leaves the cores to the campaign)")
-    q.add_argument("--time-limit", type=_seconds, default=ReaderLimits.seconds, metavar="SECONDS",
-                   help="seconds before the query is stopped, with one line saying so (default 60; 0 for none)")
-    q.set_defaults(fn=cmd_query)
-    ex = sub.add_parser("export", help="a run's rollouts, analyses, heuristics and lineage as Parquet or JSONL files")
+    ex = _reader_command(sub, "export", cmd_export,
+                         help="a run's rollouts, analyses, heuristics and lineage as Parquet or JSONL files")
     ex.add_argument("--db", metavar="RUN", help=RUN_HELP)
     ex.add_argument("--out", required=True, help="directory for the files (created if missing; files replaced whole)")
     ex.add_argument("--what", default="", help="comma-separated: rollouts,analyses,heuristics,lineage (default: all)")
     ex.add_argument("--accepted-only", action="store_true",
                     help="only accepted analyses and heuristics, and the rollouts of their pairs")
     ex.add_argument("--format", default="parquet", help="parquet (default) or jsonl")
-    ex.set_defaults(fn=cmd_export)
-    rs = sub.add_parser("runs", help="every run under a root: status, steps, last checkpoint, held-out accuracy, parent")
+    rs = _reader_command(sub, "runs", cmd_runs,
+                         help="every run under a root: status, steps, last checkpoint, held-out accuracy, parent")
     rs.add_argument("--root", default="runs", help="where the run directories are (default: runs)")
-    rs.set_defaults(fn=cmd_runs)
-    lg = sub.add_parser("lineage", help="where a heuristic came from and which checkpoint learned it")
+    lg = _reader_command(sub, "lineage", cmd_lineage, help="where a heuristic came from and which checkpoint learned it")
     lg.add_argument("heuristic_id", nargs="?")
     lg.add_argument("--checkpoint", help="list every heuristic this checkpoint internalized instead")
     lg.add_argument("--history", action="store_true", help="with --checkpoint: every checkpoint before it (across "
                                                            "forks) and every heuristic internalized on the way")
     lg.add_argument("--db", metavar="RUN", help="a run directory, its .duckdb, a run name under ./runs or a run id "
                     "(default: the run under ./runs that knows the id asked about)")
-    lg.set_defaults(fn=cmd_lineage)
     rc = sub.add_parser("rescore", help="re-score a run's rollouts, replays and eval samples with another verifier "
                                         "(a new reward version beside the old) and print what flipped")
     rc.add_argument("run", help="run name (under --root), run id, run directory or DuckDB file")
@@ -348,14 +371,14 @@ def register(sub) -> None:
     rc.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")
     rc.add_argument("--examples", type=int, default=5, help="flipped records printed (default: 5)")
     rc.set_defaults(fn=cmd_rescore)
-    vf = sub.add_parser("verify", help="check every checkpoint file of a run against the size and digest recorded "
-                                       "when it was written: one line per damaged or missing file, exit 1 if any")
+    vf = _reader_command(sub, "verify", cmd_verify,
+                         help="check every checkpoint file of a run against the size and digest recorded when it was "
+                              "written: one line per damaged or missing file, exit 1 if any")
     vf.add_argument("run", help="run directory, run name (under --root), run id or DuckDB file")
     vf.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")
-    vf.set_defaults(fn=cmd_verify)
-    rp = sub.add_parser("report", help="markdown report with plots of a run (curves, evals, stage times, heuristics)")
+    rp = _reader_command(sub, "report", cmd_report,
+                         help="markdown report with plots of a run (curves, evals, stage times, heuristics)")
     rp.add_argument("run", help="run name (under --root), run id, run directory or DuckDB file")
     rp.add_argument("--root", default="runs", help="where run names are looked up (default: runs)")
     rp.add_argument("--out", default=None, help="output directory (default: <run dir>/report)")
     rp.add_argument("--top", type=int, default=10, help="heuristic clusters listed (default: 10)")
-    rp.set_defaults(fn=cmd_report)

@@ -6,11 +6,14 @@ or `make`), telemetry off.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,12 +46,101 @@ def healthy(url: str) -> bool:
         return False
 
 
-def wait_healthy(url: str, timeout_s: float, server: subprocess.Popen | None = None) -> None:
-    """Until the API answers; a server that exits first or a timeout is an error."""
+def check_port_free(host: str, port: int) -> None:
+    """ServeError in one line unless this machine can listen on (host, port): a port another server holds (a second
+    `mel serve` on it), or a host that is not an address of this machine."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ServeError(f"--host {host!r} is not an address of this machine ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ServeError(f"port {port} on {host} is in use (another `mel serve`, or another server); "
+                                 f"pick another --port") from None
+            raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def hold_port(port: int):
+    """An exclusive lock on this machine's `port` for `mel serve` (a file under the temp directory): a second `mel
+    serve` on the port is refused at once, in one line. The check that the port is free cannot tell two servers
+    started together apart: Prefect's server binds its port only after a startup of many seconds, and the API that
+    then answers the second one would be the first's."""
+    import fcntl
+    import tempfile
+
+    f = open(Path(tempfile.gettempdir()) / f"mel-serve-{port}.lock", "a+")  # noqa: SIM115 (held for the process)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ServeError(f"port {port} is in use by another `mel serve` (pid {holder}); pick another --port") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+class _Output:
+    """A child's output, held until the child is up (then printed, and passed through from then on), so a server
+    that fails to start is reported in one line instead of its traceback."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.passing = False
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            with self.lock:
+                if self.passing:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                else:
+                    self.lines.append(line)
+
+    def pass_through(self) -> None:
+        with self.lock:
+            sys.stdout.write("".join(self.lines))
+            sys.stdout.flush()
+            self.lines, self.passing = [], True
+
+    def says(self, text: str) -> bool:
+        with self.lock:
+            return any(text in line for line in self.lines)
+
+    def why(self) -> str:
+        """The child's last line that says what went wrong (an ERROR line, else its last line)."""
+        self.thread.join(timeout=2)
+        with self.lock:
+            lines = [ln.strip() for ln in self.lines if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Traceback")]
+        return (errors or lines or ["no output"])[-1][:300]
+
+
+def wait_healthy(url: str, timeout_s: float, server: subprocess.Popen | None = None,
+                 output: _Output | None = None) -> None:
+    """Until the API answers; a server that exits first or a timeout is an error. With the server's `output`, a
+    server that could not bind its port is one (the API that answers would be another server's)."""
     deadline = time.monotonic() + timeout_s
-    while not healthy(url):
+    while True:
+        if output is not None and output.says("address already in use"):
+            raise ServeError(f"the port of {url} is in use: another server took it while this one started; pick "
+                             f"another --port")
         if server is not None and server.poll() is not None:
-            raise ServeError(f"the Prefect server exited with code {server.returncode} before {url} answered")
+            why = f": {output.why()}" if output is not None else ""
+            raise ServeError(f"the Prefect server exited with code {server.returncode} before {url} answered{why}")
+        if healthy(url):
+            return
         if time.monotonic() > deadline:
             raise ServeError(f"no healthy Prefect server at {url} after {timeout_s:.0f}s")
         time.sleep(0.25)
@@ -103,9 +195,12 @@ def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 def serve(host: str, port: int, limit: int | None, env: dict, startup_timeout_s: float = 180.0) -> int:
     """Server + worker until interrupted (or until either exits); returns the exit code."""
     url = api_url(host, port)
+    port_lock = hold_port(port)  # held until this process ends (the kernel releases it however it ends)
     if healthy(url):
         raise ServeError(f"something already answers at {url}; pick another --port")
-    server = start_server(host, port, env)
+    check_port_free(host, port)
+    server = start_server(host, port, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = _Output(server.stdout)
     worker = None
     stopping = False
 
@@ -116,7 +211,8 @@ def serve(host: str, port: int, limit: int | None, env: dict, startup_timeout_s:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        wait_healthy(url, startup_timeout_s, server)
+        wait_healthy(url, startup_timeout_s, server, output)
+        output.pass_through()
         ensure_pool(url, env, limit)
         worker = start_worker(url, env)
         print(f"mel: Prefect server at {url} (UI http://{host}:{port}), worker on pool '{POOL}', "
@@ -135,6 +231,7 @@ def serve(host: str, port: int, limit: int | None, env: dict, startup_timeout_s:
         for proc in (worker, server):
             if proc is not None:
                 stop(proc)
+        port_lock.close()
 
 
 def deploy(url: str, env: dict) -> None:

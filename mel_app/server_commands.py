@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -49,11 +50,22 @@ def cmd_deploy(args) -> int:
     return 0 if run.state.is_completed() else 1
 
 
+def _port(text: str) -> int:
+    """A TCP port a server can listen on: 1..65535 (0, "any free port", would leave the URL unknown)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (a whole number from 1 to 65535)")
+    return port
+
+
 def register(sub) -> None:
     """The subcommands of this module on `mel`'s parser."""
     sv = sub.add_parser("serve", help="a standalone Prefect server and a process worker (state under ./.prefect)")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=serve.DEFAULT_PORT)
+    sv.add_argument("--port", type=_port, default=serve.DEFAULT_PORT, help=f"1-65535 (default {serve.DEFAULT_PORT})")
     sv.add_argument("--limit", type=int, default=None,
                     help=f"most concurrent flow runs on pool {serve.POOL} (e.g. 1 per GPU host); default: no cap")
     sv.set_defaults(fn=cmd_serve)

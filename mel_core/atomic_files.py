@@ -9,6 +9,7 @@ not litter.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -83,8 +84,11 @@ def write_dir_atomically(path: str | Path, write: Callable[[Path], None]) -> Pat
 
 def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` writes a temp file beside `path`, which then replaces `path`: a reader (or a training job
-    loading an export) sees the old file or the new one whole, never a half-written one."""
+    loading an export) sees the old file or the new one whole, never a half-written one. A directory at `path` is
+    refused before anything is written (IsADirectoryError): the rename would fail only after the whole write."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory (a file is written there)", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = temp_name(path)

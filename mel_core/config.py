@@ -45,6 +45,7 @@ from mel_core.vocabulary import (
 PAPER = "paper"
 CHOICE = "choice"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+NAME_MAX = 255  # bytes of a file or directory name (Linux, macOS): a longer run.name cannot be a run directory
 CONFIGS_DIR = REPO_ROOT / "configs"  # where `extends:` looks when the including file's folder lacks the parent
 
 
@@ -585,7 +586,7 @@ def _legacy(node):
 def _wrap(err: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     msg = str(err).splitlines()[0]
-    return ConfigError(f"{origin}: bad config key '{key}': {msg}")
+    return ConfigError(f"{origin}: bad config key '{_clip(str(key))}': {_clip(msg, 200)}")
 
 
 def _read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[str, Any]]:
@@ -604,6 +605,7 @@ def _read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[str, Any]]:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, data:, ...), "
                           f"got a {type(node).__name__.removesuffix('Config').lower()}")
+    _check_sections(path, node)
     chain: list[tuple[str, Any]] = []
     parent = node.pop("extends", None)
     if parent is not None:
@@ -621,6 +623,34 @@ def find_config(path: str | Path) -> Path:
         return given
     project = REPO_ROOT / given
     return project if project.is_file() else given
+
+
+def _check_sections(path: Path, node: DictConfig) -> None:
+    """A file whose top level is not config sections is refused naming the file and its first offending line. Another
+    program's file (`extends: /etc/passwd`) reads as YAML whose one key is the whole file folded into a line; the
+    schema's error quoted that key twice."""
+    sections = [f.name for f in dataclasses.fields(MelConfig)]
+    unknown = [str(k) for k in node if str(k) not in (*sections, "extends")]
+    if unknown:
+        number, line = _first_line_of(path, unknown[0])
+        raise ConfigError(f"{path}: line {number}: {_clip(line)!r} is not a config section (a config's top level is "
+                          f"{', '.join(sections)}, or extends)")
+
+
+def _first_line_of(path: Path, key: str) -> tuple[int, str]:
+    """(1-based number, text) of the line where the top-level `key` starts; else of the first line with content."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    content = [(i, ln) for i, ln in enumerate(lines, 1) if ln.strip() and not ln.lstrip().startswith("#")]
+    for i, ln in content:
+        text = ln.rstrip()
+        if key.startswith(text) or text.startswith(key):  # a folded key starts with its first line
+            return i, text
+    return content[0] if content else (1, "")
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """`text`, cut to `limit` characters (and saying so): values quoted in an error line stay short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def _find_parent(path: Path, parent: str) -> Path:
@@ -689,13 +719,13 @@ def load_traced(path: str | Path | None = None, overrides: list[str] | tuple = (
             files.append(origin)
     for ov in overrides:
         if "=" not in ov:
-            raise ConfigError(f"override '{ov}': expected key=value")
+            raise ConfigError(f"override '{_clip(ov)}': expected key=value")
         try:
             node = _legacy(OmegaConf.from_dotlist([ov]))
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
-            raise _wrap(e, f"override '{ov}'") from e
-        origins.update(dict.fromkeys(_leaf_keys(node), f"override '{ov}'"))
+            raise _wrap(e, f"override '{_clip(ov)}'") from e
+        origins.update(dict.fromkeys(_leaf_keys(node), f"override '{_clip(ov)}'"))
     obj = OmegaConf.to_object(cfg)
     validate(obj, origins)
     return Traced(obj, files, origins)
@@ -817,6 +847,8 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
     for key, value, meta in _leaves(cfg):
         problem = _range_problem(value, meta)
         need(problem is None, key, problem or "")
+    need(len(cfg.run.name.encode()) <= NAME_MAX, "run.name",
+         f"must be a directory name of at most {NAME_MAX} bytes, got {len(cfg.run.name.encode())}")
     need(cfg.run.name.strip() != "" and "/" not in cfg.run.name and cfg.run.name not in (".", ".."), "run.name",
          f"must be a directory name (no '/'), got {cfg.run.name!r}")
     fork = cfg.run.fork

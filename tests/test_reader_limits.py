@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from mel_core.store.database import QueryLimit
-from mel_core.store.reader import ReaderLimits, StoreReader, parse_size
+from mel_core.store.reader import ReaderLimits, StoreReader, bounded_readers, parse_size
 from mel_core.store.writer import Store
 from tests.test_hostile import mel, one_line
 
@@ -84,3 +84,40 @@ def test_a_bad_limit_is_refused_by_the_parser(db, flag, value, capsys):
 def test_sizes_read_as_duckdb_writes_them():
     assert parse_size("1GB") == 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("2.5 gb") == 25 * 10**8
     assert parse_size("1000") == 1000
+
+
+# ------------------------------------------------------------------ every reader command, one code path
+
+
+@pytest.mark.parametrize("argv", [
+    ["query", "--db", "{run}", "SELECT 1"],
+    ["export", "--db", "{run}", "--out", "{tmp}/export"],
+    ["lineage", "--db", "{run}", "--checkpoint", "ckpt_none"],
+    ["runs", "--root", "{tmp}"],
+    ["verify", "{run}"],
+    ["report", "{run}", "--out", "{tmp}/report"],
+])
+def test_every_reader_command_opens_its_readers_under_its_limit_flags(db, tmp_path, monkeypatch, argv):
+    opened = []
+    init = StoreReader.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(self.limits)
+
+    monkeypatch.setattr(StoreReader, "__init__", recording_init)
+    argv = [a.replace("{run}", str(db)).replace("{tmp}", str(tmp_path)) for a in argv]
+    mel(*argv, "--memory-limit", "2GB", "--threads", "3", "--time-limit", "7")  # some fail on an empty run: fine
+    assert opened and set(opened) == {ReaderLimits(memory=2 * 10**9, threads=3, seconds=7.0)}, argv
+    with StoreReader(db) as r:  # outside a command: unbounded, as before
+        assert r.limits is None
+
+
+def test_named_reads_and_streams_stop_at_the_time_limit(db):
+    with bounded_readers(ReaderLimits(seconds=0.5)), StoreReader(db) as r:
+        assert r.query("SELECT current_setting('threads') AS t")[0]["t"] == 1
+        with pytest.raises(QueryLimit, match="time limit of 0.5 s"):
+            r.query(FOREVER)
+        with pytest.raises(QueryLimit, match="time limit of 0.5 s"):  # an export's stream (its first batch waits
+            r.query_batches("SELECT sum(hash(range)) AS s FROM range(100000000000)").read_all()  # for the sum)
+        assert r.query_batches("SELECT range AS n FROM range(3)").read_all().column("n").to_pylist() == [0, 1, 2]

@@ -18,9 +18,11 @@ hub lookup).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,9 +121,29 @@ def write_checkpoint(directory: str | Path, model, tokenizer, optimizer_state: d
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory), **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(str(directory))
-    torch.save(optimizer_state, directory / OPTIMIZER_FILE)
+    try:
+        torch.save(optimizer_state, directory / OPTIMIZER_FILE)
+    except RuntimeError as e:  # a full disk is "[enforce fail at inline_container.cc:672] . unexpected pos ..."
+        if "inline_container" not in str(e):
+            raise
+        raise OSError(f"cannot write {directory / OPTIMIZER_FILE}: {_free(directory)} free on its filesystem "
+                      f"(torch.save: {str(e).strip().splitlines()[0][:120]})") from None
     if update_stats is not None:
         write_update_stats(directory, update_stats)
+
+
+def _free(directory: Path) -> str:
+    """Free space of `directory`'s filesystem, as a user reads it (0 B: the disk is full)."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return "unknown space"
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if free >= scale:
+            return f"{free / scale:.1f} {unit}"
+    return f"{free} B"
 
 
 def has_optimizer_state(path: str | Path) -> bool:
@@ -222,6 +244,31 @@ def damaged_files(path: str | Path, recorded: list[FileDigest]) -> list[tuple[st
         if digest != to_hash[f].digest:
             bad.append((str(f), "its contents differ from when it was written (blake2b digest mismatch)"))
     return sorted(bad)
+
+
+def _unreadable(e: BaseException) -> bool:
+    """Whether `e` is how a loader fails on a cut or damaged file: safetensors' SafetensorError (a header cut short,
+    "incomplete metadata"), torch.load's zip reader errors, a pickle cut short."""
+    import pickle
+
+    if type(e).__name__ == "SafetensorError" or isinstance(e, (EOFError, pickle.UnpicklingError)):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("PytorchStreamReader", "inline_container",
+                                                                     "zip archive", "central directory"))
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path: str | Path) -> Iterator[None]:
+    """Loads of a checkpoint's files: one that fails on a truncated or damaged file (a checkpoint without recorded
+    digests, or loaded by path) is DamagedCheckpoint, one line naming the directory and what the loader said."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, DamagedCheckpoint) or not _unreadable(e):
+            raise
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read, its files are damaged or incomplete: "
+                                f"{type(e).__name__}: {said}") from None
 
 
 def verify_checkpoint(checkpoint_id: str, path: str | Path, recorded: list[FileDigest]) -> None:

@@ -26,7 +26,7 @@ from mel_core.algorithm import losses
 from mel_core.atomic_files import write_dir_atomically
 from mel_core.config import MelConfig
 from mel_core.errors import PermanentError
-from mel_core.model.checkpoints import OPTIMIZER_FILE, MissingCheckpoint, write_checkpoint
+from mel_core.model.checkpoints import OPTIMIZER_FILE, MissingCheckpoint, reading_checkpoint, write_checkpoint
 from mel_core.tokens import encode_prompts
 
 
@@ -168,8 +168,9 @@ class Policy:
         self.lora = cfg.model.lora.enabled
         # LoRA: the base never steps, so it is held in the compute dtype (a wider copy would only cost memory); peft
         # keeps the adapters float32 whatever the base's dtype (its autocast_adapter_dtype), as before master_dtype.
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=self.compute_dtype if self.lora else self.master_dtype)
+        with reading_checkpoint(path):
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=self.compute_dtype if self.lora else self.master_dtype)
         if self.lora:
             from peft import LoraConfig, get_peft_model
             lc = cfg.model.lora
@@ -205,16 +206,22 @@ class Policy:
         self.load_weights(path)
         opt = Path(path) / OPTIMIZER_FILE
         if opt.exists():
-            self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
+            with reading_checkpoint(path):
+                state = torch.load(opt, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(state)
             apply_optimizer_settings(self.cfg, self.optimizer)
         else:  # a base model: fresh optimizer state
             self.optimizer.state.clear()
 
     def load_weights(self, path: str | Path) -> None:
         """Move the model (not the optimizer: a generation worker never steps) to the weights saved at `path`."""
+        path = Path(local_or_hub(path))
+        with reading_checkpoint(path):
+            self._load_weights(path)
+
+    def _load_weights(self, path: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        path = Path(local_or_hub(path))
         weights = path / "model.safetensors"
         adapter = path / "adapter_model.safetensors"
         if self.lora:

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from mel_core.atomic_files import write_file_atomically
 from mel_core.errors import PermanentError
-from mel_core.store.query_output import json_value
+from mel_core.store.query_output import json_value, writing_out
 from mel_core.store.reader import StoreReader
 
 FORMATS = ("parquet", "jsonl")
@@ -101,7 +101,7 @@ def export_run(db: Path, out_dir: str | Path, what: list[str], accepted_only: bo
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a directory (it is created if missing)")
-    with StoreReader(db) as reader:
+    with StoreReader(db) as reader, writing_out(f"--out {out}"):
         return [export_table(reader, table, out, accepted_only, fmt) for table in what]
 
 

@@ -13,14 +13,16 @@ write files (mel_core.store), so every file is written from Python, whole or not
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import decimal
+import errno
 import io
 import json
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +170,24 @@ def file_format(path: str | Path) -> str:
     if suffix not in FILE_SUFFIXES:
         raise OutputError(f"--out {path}: the suffix says the format; expected {', '.join(FILE_SUFFIXES)}")
     return suffix[1:]
+
+
+# Errors of writing a file that say the place the user named is wrong (a directory, read-only, not writable, missing):
+# exit 2 with one line; others (disk full, I/O errors) stay the OSError they are (exit 1, one line too).
+_BAD_PLACE = {errno.EISDIR, errno.ENOTDIR, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENAMETOOLONG}
+
+
+@contextlib.contextmanager
+def writing_out(flag_and_path: str) -> Iterator[None]:
+    """Writes to the user's output (`flag_and_path`, e.g. "--out results/x.csv"): an OSError that says the place is
+    wrong becomes OutputError, one line naming the flag, the file and the reason."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _BAD_PLACE:
+            raise
+        where = f" ({e.filename})" if e.filename and not flag_and_path.endswith(str(e.filename)) else ""
+        raise OutputError(f"{flag_and_path}: cannot write there{where}: {e.strerror or e}") from None
 
 
 def write_text_file(path: str | Path, text: str) -> Path:

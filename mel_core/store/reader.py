@@ -1,6 +1,8 @@
 """The reader: a handle on a store's published snapshot that cannot write, attach, install or block the writer,
 the check that a user's SQL is one SELECT-like statement (the second layer of that guarantee), and the limits a
-user's query runs under (memory, threads, time: :class:`ReaderLimits`).
+reader runs under (memory, threads, time: :class:`ReaderLimits`). This module owns those settings: a reader opened
+with limits, or inside :func:`bounded_readers` (what every reader command of the CLI runs in), runs each of its
+statements under them, and a Ctrl-C that stops a statement is a KeyboardInterrupt (DuckDB's is a RuntimeError).
 """
 
 from __future__ import annotations
@@ -65,6 +67,21 @@ class ReaderLimits:
         return (f"SET memory_limit = '{self.memory}B'", f"SET threads = {self.threads}")
 
 
+_BOUNDED: list[ReaderLimits] = []  # the limits of bounded_readers blocks, innermost last
+
+
+@contextlib.contextmanager
+def bounded_readers(limits: ReaderLimits) -> Iterator[None]:
+    """Every reader opened inside the block without limits of its own gets `limits`: what a reader command (`mel
+    query`, `export`, `report`, `lineage`, `runs`, `verify`) runs in, so the readers it opens deep inside (the
+    export's, the report's, the listing's) are bounded as `mel query`'s is, by the same flags."""
+    _BOUNDED.append(limits)
+    try:
+        yield
+    finally:
+        _BOUNDED.remove(limits)
+
+
 _ADDRESS_SLACK = 256 << 20  # thread stacks, malloc arenas of a thread or two: not the query's data
 
 
@@ -110,9 +127,9 @@ class StoreReader:
             raise MissingStore(f"no store at {self.path}")
         snap = snapshot_path(self.path)
         self.source = snap if snap.is_file() else self.path  # stores written before snapshots existed
-        self.limits = limits
+        self.limits = limits if limits is not None else (_BOUNDED[-1] if _BOUNDED else None)
         self.con = checked_reader_connection(self.source, lock_wait_s, scan=False,
-                                             limits=limits.statements if limits else ())
+                                             limits=self.limits.statements if self.limits else ())
 
     def __enter__(self) -> "StoreReader":
         return self
@@ -124,8 +141,10 @@ class StoreReader:
         self.con.close()
 
     def query(self, sql: str, params: Sequence | None = None) -> list[dict]:
-        """Rows as dicts. The connection refuses writes and file access whatever `sql` is."""
-        return rows_of(self.con.execute(sql, params or []))
+        """Rows as dicts, under the reader's limits. The connection refuses writes and file access whatever `sql`
+        is."""
+        with self._bounded():
+            return rows_of(self.con.execute(sql, params or []))
 
     def query_user(self, sql: str) -> tuple[list[str], list[tuple]]:
         """A user's SQL: one SELECT-like statement (:func:`check_read_only`), then the locked connection, under the
@@ -144,28 +163,32 @@ class StoreReader:
             return self.con.sql(sql).to_arrow_table()
 
     @contextlib.contextmanager
-    def _bounded(self) -> Iterator[None]:
-        """Run a query (and the fetch of its rows) under :attr:`limits`: a timer that interrupts it, the address
-        space cap; either one reached is a QueryLimit saying which and how to raise it."""
+    def _bounded(self, cap_memory: bool = True) -> Iterator[None]:
+        """Run a statement (and the fetch of its rows) under :attr:`limits`: a timer that interrupts it, the address
+        space cap; either one reached is a QueryLimit saying which and how to raise it. A Ctrl-C that stops it is a
+        KeyboardInterrupt (the CLI's exit 130), limits or not."""
         limits = self.limits
-        if limits is None:
-            yield
-            return
         timed_out = threading.Event()
         timer = None
-        if limits.seconds > 0:
+        if limits is not None and limits.seconds > 0:
             timer = threading.Timer(limits.seconds, lambda: (timed_out.set(), self.con.interrupt()))
             timer.daemon = True
             timer.start()
+        cap = _address_space_cap(limits.memory + _ADDRESS_SLACK) if limits is not None and cap_memory \
+            else contextlib.nullcontext()
         try:
-            with _address_space_cap(limits.memory + _ADDRESS_SLACK):
+            with cap:
                 yield
-        except duckdb.InterruptException:
-            if not timed_out.is_set():
+        except (duckdb.InterruptException, RuntimeError) as e:
+            if not _interrupted(e):
                 raise
+            if not timed_out.is_set():  # DuckDB stops a statement on Ctrl-C itself: the user's stop, not a failure
+                raise KeyboardInterrupt from None
             raise QueryLimit(f"query stopped at the reader's time limit of {limits.seconds:g} s (--time-limit "
                              f"SECONDS to raise it, 0 for none)") from None
         except (duckdb.OutOfMemoryException, MemoryError) as e:
+            if limits is None:
+                raise
             said = (str(e).splitlines() or [""])[0]
             raise QueryLimit(f"query stopped at the reader's memory limit of {_size(limits.memory)} (--memory-limit "
                              f"SIZE to raise it){': ' + said if said else ''}") from None
@@ -175,11 +198,26 @@ class StoreReader:
 
     def query_batches(self, sql: str, params: Sequence | None = None,
                       batch_rows: int = 65536) -> pa.RecordBatchReader:
-        """Rows as a stream of Arrow record batches: an export of a long campaign never holds it all in memory."""
-        return self.con.sql(sql, params=list(params or [])).to_arrow_reader(batch_rows)
+        """Rows as a stream of Arrow record batches: an export of a long campaign never holds it all in memory. The
+        reader's time limit runs from this call to the stream's end; its memory is DuckDB's memory_limit (the stream
+        is read by the caller's code, outside any address-space cap)."""
+        def schema_then_batches():
+            with self._bounded(cap_memory=False):  # the statement may run whole before its first batch
+                stream = self.con.sql(sql, params=list(params or [])).to_arrow_reader(batch_rows)
+                yield stream.schema
+                yield from stream
+
+        batches = schema_then_batches()
+        return pa.RecordBatchReader.from_batches(next(batches), batches)
 
     def counts(self) -> dict[str, int]:
         return {t: self.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}
+
+
+def _interrupted(e: BaseException) -> bool:
+    """A statement stopped by con.interrupt() (the time limit's timer) or by DuckDB's own Ctrl-C handling, which
+    raises RuntimeError('Query interrupted') while rows are fetched."""
+    return isinstance(e, duckdb.InterruptException) or (type(e) is RuntimeError and "interrupted" in str(e).lower())
 
 
 def _size(n: int) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any, Sequence
 
 from mel_core.algorithm.rewards.verdicts import error_reason
@@ -17,6 +20,37 @@ from mel_core.algorithm.rewards.worker import run_op, worker_init
 # guard hangs it instead of failing; see docs/REWARDS.md.)
 _START_METHOD = "spawn"
 _BROKEN_POOL = "error: BrokenProcessPool"
+# Where a worker that finds itself re-running the caller's unguarded script leaves word of it (path in the environment
+# the workers inherit; one file per parent process).
+_UNGUARDED_MARK_ENV = "MEL_VERIFY_UNGUARDED_MARK"
+
+
+class UnguardedMainScript(SystemExit):
+    """The caller's script verifies at import level, without an ``if __name__ == "__main__":`` guard: every spawned
+    worker re-runs the script and, in it, tries to start workers of its own, so none can start. A SystemExit (one
+    line, exit 1, no traceback) because the script as written cannot verify anything: every verdict would be an
+    error."""
+
+
+def _unguarded_mark() -> Path:
+    return Path(tempfile.gettempdir()) / f"mel-verify-unguarded-{os.getpid()}"
+
+
+def _in_worker_start_up() -> bool:
+    """True in a spawned worker while it re-imports the parent's main script (multiprocessing's bootstrap)."""
+    import multiprocessing
+
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
+
+
+def _refuse_unguarded_main() -> None:
+    """In a worker re-running an unguarded script that reached the verifier: leave word for the parent and exit
+    quietly (multiprocessing would raise its own 20-line RuntimeError here)."""
+    mark = os.environ.get(_UNGUARDED_MARK_ENV)
+    if mark:
+        with contextlib.suppress(OSError):
+            Path(mark).touch()
+    raise SystemExit(1)
 
 
 class _Pool:
@@ -38,9 +72,12 @@ class _Pool:
 
         import pebble
 
+        if _in_worker_start_up():
+            _refuse_unguarded_main()
         if self._pebble is not None and not self._pebble.active:
             self._stop()
         if self._pebble is None:
+            os.environ[_UNGUARDED_MARK_ENV] = str(_unguarded_mark())  # inherited by the workers spawned below
             self._pebble = pebble.ProcessPool(self.max_workers, initializer=worker_init, initargs=(self.memory_mb,),
                                               context=multiprocessing.get_context(_START_METHOD))
             self.stats["pools_started"] += 1
@@ -57,6 +94,7 @@ class _Pool:
             # one more try, on a new pool.
             broken = [i for i, r in enumerate(results) if r == ("err", _BROKEN_POOL)]
             if broken:
+                self._check_main_guard()
                 for i, r in zip(broken, self._run_on_pool([tasks[i] for i in broken], timeout_s)):
                     results[i] = r
             return results
@@ -65,6 +103,20 @@ class _Pool:
         pool = self._running_pool()
         futures = [pool.schedule(run_op, args=(op, args), timeout=timeout_s) for op, args in tasks]
         return [self._outcome(f) for f in futures]
+
+    def _check_main_guard(self) -> None:
+        """UnguardedMainScript when a worker reported that it re-ran an unguarded script (see _refuse_unguarded_main)."""
+        mark = _unguarded_mark()
+        if not mark.exists():
+            return
+        mark.unlink(missing_ok=True)
+        self._stop()
+        import __main__
+
+        script = getattr(__main__, "__file__", None) or "the main script"
+        raise UnguardedMainScript(f"mel: verification workers cannot start: each one re-runs {script} (multiprocessing "
+                                  f"spawn), which verifies when it is imported; put the script's work under "
+                                  f'`if __name__ == "__main__":`')
 
     def _outcome(self, future) -> tuple[str, Any]:
         import concurrent.futures
