@@ -34,11 +34,15 @@ def find_db(arg: str | None, root: str | Path = "runs", holds=None) -> Path:
     it chose when there are several."""
     import sys
 
-    from mel_core.run.refs import resolve_run
+    from mel_core.run.refs import RunNotFound, resolve_run
     from mel_core.store.database import MissingStore
 
     if arg:
-        return resolve_run(arg, root).db
+        try:
+            return resolve_run(arg, root).db
+        except RunNotFound:
+            raise MissingStore(f"no store at {arg}: not a run directory, a .duckdb file, a run name under {root}/ "
+                               f"or the id of a run there") from None
     found = sorted(Path(root).glob("*/mel.duckdb"), key=lambda p: p.stat().st_mtime, reverse=True)
     if not found:
         raise MissingStore(f"no run found under {root}/; name one (a run directory, name or id) with --db")

@@ -67,4 +67,4 @@ def test_a_run_that_is_nowhere_is_one_line(two_runs, monkeypatch, capsys):
     monkeypatch.chdir(root)
     assert cli.main(["export", "--db", "nosuch", "--out", str(root / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no run 'nosuch'" in err[0]
+    assert len(err) == 1 and "no store at nosuch: not a run directory" in err[0]
