@@ -146,6 +146,7 @@ def _main(argv: list[str] | None) -> int:
     _debug_everywhere(sub)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `mel compare` prints and records its command line
+    args.own_process = argv is None  # `mel` is this process's command: it may change the process (a reader's nice)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     _log_stage_failures()
     try:

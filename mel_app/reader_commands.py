@@ -5,6 +5,7 @@ versions."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mel_app.common import UserSQLError, find_db
@@ -304,6 +305,9 @@ def _seconds(text: str) -> float:
     return value
 
 
+READER_NICE = 10  # a reader's default nice increment: behind the campaign for the CPU
+
+
 def _add_limits(parser) -> None:
     """The reader limits' flags, the same on every command that reads a store (see _bounded)."""
     parser.add_argument("--memory-limit", type=_size, default=ReaderLimits.memory, metavar="SIZE",
@@ -314,6 +318,10 @@ def _add_limits(parser) -> None:
     parser.add_argument("--time-limit", type=_seconds, default=ReaderLimits.seconds, metavar="SECONDS",
                         help=f"seconds a read may run before it is stopped, with one line saying so (default "
                              f"{ReaderLimits.seconds:g}; 0 for none)")
+    parser.add_argument("--nice", type=int, default=READER_NICE, metavar="N",
+                        help=f"CPU priority of the reader below the campaign's (default +{READER_NICE}: a reader that "
+                             f"computes for its whole time limit takes little of a core a campaign needs; 0 = as "
+                             f"started)")
 
 
 def _bounded(fn):
@@ -323,6 +331,8 @@ def _bounded(fn):
         from mel_core.store.reader import bounded_readers
 
         limits = ReaderLimits(memory=args.memory_limit, threads=args.threads, seconds=args.time_limit)
+        if args.nice > 0 and getattr(args, "own_process", False):  # never the caller's process (tests, the API)
+            os.nice(args.nice)
         with bounded_readers(limits):
             return fn(args)
     return command

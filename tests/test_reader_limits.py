@@ -121,3 +121,26 @@ def test_named_reads_and_streams_stop_at_the_time_limit(db):
         with pytest.raises(QueryLimit, match="time limit of 0.5 s"):  # an export's stream (its first batch waits
             r.query_batches("SELECT sum(hash(range)) AS s FROM range(100000000000)").read_all()  # for the sum)
         assert r.query_batches("SELECT range AS n FROM range(3)").read_all().column("n").to_pylist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("flag, increment", [([], 10), (["--nice", "0"], 0), (["--nice", "3"], 3)])
+def test_a_reader_runs_behind_the_campaign_for_the_cpu(db, flag, increment):
+    """`mel query` as its own process lowers its CPU priority (nice +10 by default, --nice N, 0 = as started): a
+    query that computes for its whole time limit then takes little of a core the campaign needs."""
+    import os
+    import time
+
+    reader = subprocess.Popen([sys.executable, "-m", "mel_app.cli", "query", "--db", str(db), "--time-limit", "20",
+                               *flag, FOREVER], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        stat = f"/proc/{reader.pid}/stat"
+        deadline, seen = time.monotonic() + 60, None
+        while time.monotonic() < deadline:  # its nice once the command has parsed its flags
+            seen = int(open(stat).read().rsplit(")", 1)[1].split()[16])  # field 19: nice
+            if seen != os.nice(0) or increment == 0 and time.monotonic() > deadline - 50:
+                break
+            time.sleep(0.1)
+        assert seen == min(19, os.nice(0) + increment)
+    finally:
+        reader.kill()
+        reader.wait()
