@@ -71,7 +71,7 @@ def run_plain(rt, step, ckpt):
 def run_flow(rt, step, ckpt):
     from flows.iteration import iteration
 
-    iteration(C.to_dict(rt.cfg), step, ckpt.as_dict())
+    iteration(rt.handle, step, ckpt)
 
 
 def as_in_a_campaign():
