@@ -53,7 +53,7 @@ def test_a_resumed_campaign_crashes_the_killed_ones_flow_runs(server, tmp_path, 
     assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
     runs, flows, tasks = _flow_runs(server)
     zombies = {(flows[r.flow_id], r.name) for r in runs if r.state_type.value == "RUNNING"}
-    assert ("mel-campaign", runs[0].name) in zombies and ("mel-iteration", "step-2") in zombies  # what the UI showed
+    assert ("mel-campaign", runs[0].name) in zombies and ("mel-iteration", "zombie/step-2") in zombies  # what the UI showed
     dead_campaign = runs[0]
 
     resumed = _campaign(server, root, micro_model)
@@ -68,11 +68,11 @@ def test_a_resumed_campaign_crashes_the_killed_ones_flow_runs(server, tmp_path, 
     dead = by_id[dead_campaign.id]
     assert dead.state_type.value == "CRASHED"
     assert f"taken over by flow run {successor[0].name} ({successor[0].id})" in dead.state.message
-    killed_step = [r for r in runs if r.name == "step-2" and r.state_type.value == "CRASHED"]
+    killed_step = [r for r in runs if r.name == "zombie/step-2" and r.state_type.value == "CRASHED"]
     assert len(killed_step) == 1 and successor[0].name in killed_step[0].state.message
     # the step's update task run too, and the finished ones kept their states
     crashed_tasks = {t.name.split("-")[0] for t in tasks if t.flow_run_id == killed_step[0].id
                      and t.state_type.value == "CRASHED"}
     assert crashed_tasks == {"update"}
-    step1 = [r for r in runs if r.name == "step-1"]
+    step1 = [r for r in runs if r.name == "zombie/step-1"]
     assert step1 and all(r.state_type.value == "COMPLETED" for r in step1)
