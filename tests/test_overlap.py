@@ -80,6 +80,7 @@ def test_the_shared_batch_cuts_each_request_at_its_own_length(micro_model):
     generate_chunk = engine.generate_chunk
     engine.generate_chunk = lambda chunk, params, **kw: chunks.append((len(chunk.prompts), params.max_new_tokens)) or \
         generate_chunk(chunk, params, **kw)
+    engine._cheaper_together = lambda requests: True  # as on a GPU, where a decode step costs the same for more rows
     short = SamplingParams(n=3, temperature=1.0, max_new_tokens=2, seed=1)
     long = SamplingParams(n=1, temperature=1.0, max_new_tokens=12, seed=2)
     out_short, out_long = generate_together(engine, [(["Q: 1+2", "Q: 3+4"], short), (["Q: 5+6"], long)])
@@ -98,6 +99,16 @@ def test_the_shared_batch_cuts_each_request_at_its_own_length(micro_model):
     chunks.clear()
     generate_together(engine, [(["Q: 1+2"], short), (["Q: 5+6"], SamplingParams(top_p=0.9, max_new_tokens=3))])
     assert chunks == [(3, 2), (1, 3)]
+
+
+def test_on_a_cpu_the_engine_shares_a_batch_only_when_padding_costs_no_more(micro_model):
+    cfg = config_mod.load("configs/tiny.yaml", [f"model.name_or_path={micro_model}"])
+    policy = Policy(cfg, str(micro_model))
+    engine = HFEngine(policy.model, policy.tokenizer)
+    alike = SamplingParams(n=2, max_new_tokens=8)
+    assert engine._cheaper_together([(["Q: 1+2"], alike), (["Q: 3+4"], alike)])  # same shapes: nothing padded
+    long_prompt = "Q: " + " + ".join(["1"] * 60)  # an analysis prompt beside rollout prompts, as overlap makes
+    assert not engine._cheaper_together([(["Q: 1+2"] * 8, alike), ([long_prompt], SamplingParams(max_new_tokens=16))])
 
 
 def test_each_row_samples_at_its_own_temperature():

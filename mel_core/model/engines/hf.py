@@ -58,7 +58,7 @@ class HFEngine:
         live = [(prompts, params) for prompts, params in requests if prompts]
         temperatures = {p.temperature for _, p in live}
         shareable = len({p.top_p for _, p in live}) == 1 and (len(temperatures) == 1 or live[0][1].top_p >= 1.0)
-        if len(live) < 2 or not shareable:
+        if len(live) < 2 or not shareable or not self._cheaper_together(live):
             return [self.generate(prompts, params, desc=desc) for prompts, params in requests]
         rows = [(prompt, params.max_new_tokens, params.temperature) for prompts, params in requests
                 for prompt in prompts for _ in range(params.n)]  # [sum P*n]
@@ -78,6 +78,20 @@ class HFEngine:
             results.append(regroup(out[at:at + size], len(prompts), params.n))
             at += size
         return results
+
+    def _cheaper_together(self, requests: Sequence[Request]) -> bool:
+        """Whether one padded batch costs less than a call per request. On a GPU HF decoding is bound by the host (a
+        decoding step costs about the same for 16 rows or 136), so sharing saves the second call's decode loop: yes.
+        On a CPU the cost is the padded tokens: every row is padded to the longest prompt and decoded to the longest
+        limit, so a batch of short rollout prompts with a few long analysis prompts costs more together (measured:
+        docs/BENCHMARKS.md, mel_overhead.py) — shared only when its padded tokens are no more than the calls'."""
+        if self.model.device.type != "cpu":
+            return True
+        def padded(reqs) -> int:  # rows x (longest prompt + longest limit)
+            lengths = [len(ids) for prompts, _ in reqs for ids in encode_prompts(self.tokenizer, list(prompts))]
+            rows = sum(len(prompts) * params.n for prompts, params in reqs)
+            return rows * (max(lengths) + max(params.max_new_tokens for _, params in reqs))
+        return padded(requests) <= sum(padded([r]) for r in requests)
 
     def _cut(self, c: Completion, limit: int) -> Completion:
         """`c` as a generation limited to `limit` new tokens would have ended."""
