@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mel_core.store.reader import StoreReader
-from mel_core.study.ab_test import greedy_rewards, paired_bootstrap
+from mel_core.study.ab_test import greedy_rewards, p_text, paired_bootstrap
 
 
 def final_greedy(db: str, run_id: str, dataset: str) -> dict[str, float]:
@@ -51,7 +51,7 @@ def main() -> None:
     report = json.loads(a.report.read_text())
     for c in contrasts(report, [tuple(p.split(":", 1)) for p in a.pairs], a.dataset):
         print(f"{c['contrast']:26s} {c['dataset']:15s} equal steps: {c['mean']:+.3f} "
-              f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]  p {c['p']:.3f}")
+              f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]  p {p_text(c['p'], c['n_resamples'])}")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def main() -> int:
                         f"{'yes' if r['verdict']['open'] else 'no'} |")
             print(rows[-1], flush=True)
             clear_runtimes()
-    head = ["| optim.lr | loss.nll_coef | D (%) | kappa: right - mismatched (nats) | right - RL only (nats) | "
-            "decision acc. RL only / right | D, kappa > 0 |", "|---|---|---|---|---|---|---|"]
+    head = [("| optim.lr | loss.nll_coef | D (%) | kappa: right - mismatched (nats) | right - RL only (nats) | "
+             "decision acc. RL only / right | D, kappa > 0 |"), "|---|---|---|---|---|---|---|"]
     print("\n".join(head + rows))
     command = shlex.join(["python", "experiments/gate_sweep.py", *sys.argv[1:]])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
