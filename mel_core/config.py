@@ -321,7 +321,12 @@ class ExperienceConfig:
                           "replay_index) verified replay of the analysis given the plain solve prompt of its "
                           "problem, without M (our positive control, mel-distill: context distillation of the "
                           "lesson into the context-free solver; one target per accepted M that has a verified replay, i.e. every one "
-                          "under experience.filter: replay).", PAPER,
+                          "under experience.filter: replay) | reference_solution = the embedded world's correct "
+                          "solution of each of this step's problems that not all its rollouts solved, given its solve "
+                          "prompt (with count_match_run_id: as many as that run accepted, the problems solved least "
+                          "often first); no pair, analysis or replay runs (grpo+gold in mel compare: a gold-SFT "
+                          "control that uses world knowledge, so the harness can show a positive when an NLL "
+                          "target carries decisions the policy lacks).", PAPER,
                           one_of=NLL_TARGETS)
     nll_parts: str = doc("all", "Which tokens of M* carry NLL loss (nll_target: meta_experience): all = every "
                          "token, section titles and the end token included (the paper) | heuristics = the tokens "
@@ -336,7 +341,8 @@ class ExperienceConfig:
                                      "text) get no NLL loss: the critique's own words are trained, not a copy of "
                                      "the solution the context already shows. Computed when the update builds its "
                                      "batch, from the stored texts (older stores work). Our option.")
-    count_match_run_id: str = doc("", "grpo+sft count-matched (nll_target: correct_rollout): the run whose "
+    count_match_run_id: str = doc("", "grpo+sft / grpo+gold count-matched (nll_target: correct_rollout or "
+                                  "reference_solution): the run whose "
                                   "per-step accepted analyses this run matches — at step t the NLL trains on as "
                                   "many distinct correct rollouts of this run's pairs (in pair-id order) as that "
                                   "run accepted at step t, and this run does not diagnose, abstract or replay. "
@@ -885,8 +891,12 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
          "experience.nll_target: meta_experience")
     need(bool(exp.count_match_run_id) == bool(exp.count_match_store), "experience.count_match_run_id",
          "count matching names both the run (count_match_run_id) and its store (count_match_store)")
-    need(not exp.count_match_run_id or exp.nll_target == "correct_rollout", "experience.count_match_run_id",
-         "count matching is for nll_target: correct_rollout (grpo+sft)")
+    need(not exp.count_match_run_id or exp.nll_target in ("correct_rollout", "reference_solution"),
+         "experience.count_match_run_id",
+         "count matching is for nll_target: correct_rollout (grpo+sft) or reference_solution (grpo+gold)")
+    need(exp.nll_target != "reference_solution" or not exp.enabled or cfg.data.source == "synthetic",
+         "experience.nll_target", "reference_solution trains on an embedded world's solutions: it needs "
+         "data.source: synthetic")
     need(exp.nll_target != "accepted_replay" or exp.replay_max_new_tokens <= cfg.sampling.max_new_tokens,
          "experience.replay_max_new_tokens", "accepted_replay trains a replay after the solve prompt, which fits "
          "with sampling.max_new_tokens: must be <= sampling.max_new_tokens")
@@ -931,9 +941,10 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
 
 def step_stages(cfg: MelConfig) -> tuple[str, ...]:
     """The stages a training step runs, in order: all seven with MEL; sample, verify and update for GRPO
-    (experience.enabled false); and for count-matched grpo+sft (experience.count_match_run_id) pair as well but no
-    analysis, its NLL count coming from the matched run."""
-    if not cfg.experience.enabled:
+    (experience.enabled false) and for grpo+gold (nll_target reference_solution: the world's solutions, no pairs);
+    and for count-matched grpo+sft (experience.count_match_run_id) pair as well but no analysis, its NLL count
+    coming from the matched run."""
+    if not cfg.experience.enabled or cfg.experience.nll_target == "reference_solution":
         return ("sample", "verify", "update")
     if cfg.experience.count_match_run_id:
         return ("sample", "verify", "pair", "update")

@@ -28,7 +28,7 @@ REPLAY_CONTEXTS = ("full", "heuristics")
 LONG_CONTEXT_MODES = ("shorten", "skip")
 ANALYSTS = ("policy", "oracle", "mismatched")  # and model:<path>
 # The NLL term: what it trains on, which parts of M* carry loss (mel_core.algorithm.nll_targets), how it is averaged.
-NLL_TARGETS = ("meta_experience", "correct_rollout", "accepted_replay")
+NLL_TARGETS = ("meta_experience", "correct_rollout", "accepted_replay", "reference_solution")
 NLL_PARTS = ("all", "heuristics", "critique+heuristics")
 NLL_NORMALIZATIONS = ("accepted", "batch")
 

@@ -72,10 +72,10 @@ def test_arm_configs_differ_only_in_what_mel_adds():
 def test_control_arms_change_only_their_own_keys():
     cfg = C.load("configs/tiny.yaml", ["run.steps=2"])
     arms = cmp.plan(cfg, "ab", 1, cmp.parse_arms("mel-oracle,grpo+sft,mel-mismatched,mel-nofilter,mel-transfer,mel,"
-                                                  "mel-distill,mel-heuristics,mel-unquoted"))
+                                                  "mel-distill,mel-heuristics,mel-unquoted,grpo+gold"))
     # grpo first: the baseline every difference is taken to; grpo+sft just after the mel arm it is count-matched to
     assert [a.arm for a in arms] == ["grpo", "mel-oracle", "mel-mismatched", "mel-nofilter", "mel-transfer", "mel",
-                                     "grpo+sft", "mel-distill", "mel-heuristics", "mel-unquoted"]
+                                     "grpo+sft", "mel-distill", "mel-heuristics", "mel-unquoted", "grpo+gold"]
     by = {a.arm: C.to_dict(a.config) for a in arms}
     assert by["grpo+sft"]["run"]["name"] == "ab-grpo-sft-s0"
     assert by["mel-distill"]["experience"]["nll_target"] == "accepted_replay"
@@ -84,6 +84,7 @@ def test_control_arms_change_only_their_own_keys():
     assert by["mel-oracle"]["experience"]["analyst"] == "oracle"
     assert by["mel-mismatched"]["experience"]["analyst"] == "mismatched"
     assert by["grpo+sft"]["experience"]["nll_target"] == "correct_rollout"
+    assert by["grpo+gold"]["experience"]["nll_target"] == "reference_solution"
     assert by["mel-nofilter"]["experience"]["filter"] == "none"
     assert by["mel-transfer"]["experience"]["transfer_replays"] == 2
     base = C.to_dict(C.load("configs/tiny.yaml", ["run.steps=2"]))["experience"]
@@ -97,8 +98,9 @@ def test_control_arms_change_only_their_own_keys():
 
 def test_grpo_sft_is_pointed_at_the_mel_run_of_its_seed():
     cfg = C.load("configs/tiny.yaml", ["run.steps=2"])
-    with pytest.raises(C.ConfigError, match="add mel"):
-        cmp.plan(cfg, "ab", 1, cmp.parse_arms("grpo+sft"))
+    for arm in ("grpo+sft", "grpo+gold"):
+        with pytest.raises(C.ConfigError, match="add mel"):
+            cmp.plan(cfg, "ab", 1, cmp.parse_arms(arm))
     arms = cmp.plan(cfg, "ab", 2, cmp.parse_arms("grpo+sft,mel"))
     for seed in (0, 1):  # the rotation of arms never puts grpo+sft before its mel
         order = [a.arm for a in arms if a.seed == seed]
@@ -109,6 +111,9 @@ def test_grpo_sft_is_pointed_at_the_mel_run_of_its_seed():
     matched = cmp.count_matched(sft, finished).experience
     assert (matched.count_match_run_id, matched.count_match_store) == ("run-b", "/x/b.duckdb")
     assert C.step_stages(cmp.count_matched(sft, finished)) == ("sample", "verify", "pair", "update")
+    gold = next(a for a in cmp.plan(cfg, "ab", 2, cmp.parse_arms("grpo+gold,mel")) if a.arm == "grpo+gold" and a.seed == 1)
+    assert cmp.count_matched(gold, finished).experience.count_match_run_id == "run-b"
+    assert C.step_stages(cmp.count_matched(gold, finished)) == ("sample", "verify", "update")
     mel = next(a for a in arms if a.arm == "mel")
     assert cmp.count_matched(mel, finished) is mel.config  # any other arm runs as planned
     with pytest.raises(C.ConfigError, match="run first"):

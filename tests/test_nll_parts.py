@@ -201,8 +201,8 @@ def test_count_matched_grpo_sft_takes_the_mel_arms_counts_and_runs_no_mel_stage(
     cfg = C.load("configs/tiny.yaml", ["run.steps=1", f"run.root_dir={tmp_path}", f"model.name_or_path={micro_model}",
                                        "sampling.prompts_per_step=8", "sampling.group_size=4", "eval.max_problems=4",
                                        "eval.k=0"])
-    arms = ab_test.parse_arms("grpo+sft,mel")  # grpo+sft first: the harness must run mel before it
-    assert [a.arm for a in ab_test.plan(cfg, "cm", 1, arms)] == ["grpo", "mel", "grpo+sft"]
+    arms = ab_test.parse_arms("grpo+sft,mel,grpo+gold")  # grpo+sft first: the harness must run mel before it
+    assert [a.arm for a in ab_test.plan(cfg, "cm", 1, arms)] == ["grpo", "mel", "grpo+sft", "grpo+gold"]
     script = Script(replay_solves=lambda q: sum(map(ord, q)) % 3 != 0)  # mel accepts some of its 8 analyses
     with scripted_runtimes(script):
         report = compare(C.to_dict(cfg), "cm", seeds=1, out=str(tmp_path / "cm.md"), arms=arms)
@@ -220,3 +220,55 @@ def test_count_matched_grpo_sft_takes_the_mel_arms_counts_and_runs_no_mel_stage(
         assert ran >= {"sample", "verify", "pair", "update"} and not ran & {"diagnose", "abstract", "replay"}
         config = sft.query("SELECT config_json FROM runs")[0]["config_json"]
         assert run["mel"]["run_id"] in config
+    with StoreReader(run["grpo+gold"]["db"]) as gold:  # the flow runs it: sample, verify, update, no pairs
+        update = gold.query("SELECT num_nll_sequences FROM updates")[0]
+        assert 0 < update["num_nll_sequences"] <= accepted
+        assert gold.query("SELECT count(*) AS n FROM pairs")[0]["n"] == 0
+        ran = {r["stage"] for r in gold.query("SELECT DISTINCT stage FROM stage_runs WHERE status = 'completed'")}
+        assert ran - {"warm_start"} == {"sample", "verify", "update"}
+
+
+def _solved_by_question(question: str, index: int) -> bool:
+    """Groups of 4 that solve 0 to 4 of their rollouts, by question: least-solved first is a real order."""
+    return index < sum(map(ord, question)) % 5
+
+
+def test_gold_trains_the_worlds_solution_of_each_problem_not_always_solved_least_solved_first(tmp_path, micro_model):
+    from mel_core.problems.worlds import arithmetic
+
+    rt, base = _scripted(tmp_path, micro_model, "gold", Script(solved=_solved_by_question),
+                         "experience.nll_target=reference_solution")
+    assert C.step_stages(rt.cfg) == ("sample", "verify", "update")  # no pair, analysis or replay
+    run_step(rt, 1, base, experience_stages=False)
+    nll, any_target = stages._nll_batch(rt, 1)
+    prompts = rt.store.query("SELECT p.position, p.question, p.prompt_text, avg(r.reward) AS solved FROM prompts p "
+                             "JOIN rollouts r USING (prompt_id) GROUP BY ALL ORDER BY p.position")
+    unsolved = sorted((p for p in prompts if p["solved"] < 1), key=lambda p: (p["solved"], p["position"]))
+    assert 0 < len(unsolved) < len(prompts)  # the script made some groups all right, some not
+    assert any_target and nll.prompts == [p["prompt_text"] for p in unsolved]
+    tok = rt.policy.tokenizer
+    for p, ids in zip(unsolved, nll.target_ids):
+        assert ids[-1] == rt.stop_ids[0]
+        assert tok.decode(ids[:-1]) == "\n".join(arithmetic.solution_lines(p["question"]))  # the world's, not a rollout
+    assert [p["solved"] for p in unsolved] == sorted(p["solved"] for p in unsolved)
+    assert rt.store.query("SELECT num_nll_sequences FROM updates")[0]["num_nll_sequences"] == len(unsolved)
+    assert rt.store.query("SELECT count(*) AS n FROM pairs")[0]["n"] == 0
+
+
+def test_count_matched_gold_takes_as_many_least_solved_problems_as_the_matched_run_accepted(tmp_path, micro_model):
+    src, src_base = _scripted(tmp_path, micro_model, "src", Script(solved=_solved_by_question,
+                                                                  replay_solves=lambda q: len(q) % 2 == 0))
+    run_step(src, 1, src_base)
+    src.store.publish()  # what the flow does after each stage: readers (the matched run's count) see it
+    accepted = src.store.query("SELECT count(*) AS n FROM analyses WHERE status = 'accepted'")[0]["n"]
+    rt, base = _scripted(tmp_path, micro_model, "gold-cm", Script(solved=_solved_by_question),
+                         "experience.nll_target=reference_solution", f"experience.count_match_run_id={src.run_id}",
+                         f"experience.count_match_store={src.store.path}")
+    run_step(rt, 1, base, experience_stages=False)
+    nll, _ = stages._nll_batch(rt, 1)
+    unsolved = rt.store.query("SELECT p.prompt_text FROM prompts p JOIN rollouts r USING (prompt_id) GROUP BY ALL "
+                              "HAVING avg(r.reward) < 1 ORDER BY avg(r.reward), any_value(p.position)")
+    assert 0 < accepted < len(unsolved)  # the count is matched, not every unsolved problem taken
+    assert nll.prompts == [p["prompt_text"] for p in unsolved[:accepted]]
+    with pytest.raises(C.ConfigError, match="experience.nll_target.*reference_solution trains on an embedded world"):
+        C.load("configs/tiny.yaml", ["experience.nll_target=reference_solution", "data.source=data/x.jsonl"])

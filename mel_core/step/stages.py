@@ -21,6 +21,7 @@ from mel_core.algorithm import losses, meta_experience, nll_targets, pairing, re
 from mel_core.ids import derive_seed, make_id
 from mel_core.model.checkpoints import Checkpoint, file_digests, portable_path, saved_update_stats
 from mel_core.model.engines.base import SamplingParams, generate_together
+from mel_core.problems import worlds
 from mel_core.step import analysts
 from mel_core.step.runtime import Runtime
 from mel_core.store import library, stage_records
@@ -432,7 +433,7 @@ def _nll_batch(rt: Runtime, step: int):
     exp = rt.cfg.experience
     if not (exp.enabled and rt.cfg.loss.nll_coef > 0):
         return NLLBatch(prompts=[], target_ids=[]), False
-    if exp.nll_target != "meta_experience":  # grpo+sft, mel-distill: a solution given the solve prompt, no M
+    if exp.nll_target != "meta_experience":  # grpo+sft, grpo+gold, mel-distill: a solution given the solve prompt
         rows = _solution_targets(rt, step)
         return NLLBatch(prompts=[r["prompt_text"] for r in rows], target_ids=[r["token_ids"] for r in rows]), bool(rows)
     accepted = stage_records.accepted_targets(rt.store, rt.run_id, step)
@@ -449,12 +450,15 @@ def _nll_batch(rt: Runtime, step: int):
 
 
 def _solution_targets(rt: Runtime, step: int) -> list[dict]:
-    """accepted_replay (mel-distill): each accepted M's first verified replay; correct_rollout (grpo+sft): the
-    accepted pairs' correct rollouts, or with count matching as many paired ones as the matched run accepted."""
+    """accepted_replay (mel-distill): each accepted M's first verified replay; reference_solution (grpo+gold): the
+    world's solutions of the problems the policy did not always solve; correct_rollout (grpo+sft): the accepted
+    pairs' correct rollouts, or with count matching as many paired ones as the matched run accepted."""
     exp = rt.cfg.experience
     if exp.nll_target == "accepted_replay":
         replays = stage_records.accepted_replays(rt.store, rt.run_id, step)
         return [{**r, "token_ids": _replay_ids(rt, r)} for r in replays]
+    if exp.nll_target == "reference_solution":
+        return _reference_solutions(rt, step)
     if exp.count_match_run_id:
         return _count_matched_rollouts(rt, step)
     return stage_records.accepted_correct_rollouts(rt.store, rt.run_id, step)
@@ -483,6 +487,25 @@ def _replay_ids(rt: Runtime, replay: dict) -> list[int]:
 def _count_matched_rollouts(rt: Runtime, step: int) -> list[dict]:
     """grpo+sft count-matched (experience.count_match_run_id): as many distinct correct rollouts of this step's pairs
     as the matched run accepted at this step (fewer when this step has fewer)."""
+    n = _matched_count(rt, step)
+    return stage_records.paired_correct_rollouts(rt.store, rt.run_id, step, n) if n else []
+
+
+def _reference_solutions(rt: Runtime, step: int) -> list[dict]:
+    """grpo+gold (nll_target reference_solution): the world's correct solution of each problem of the step that not
+    every rollout solved, least solved first; count-matched, only as many as the matched run accepted."""
+    world = worlds.get(rt.cfg.data.synthetic.world)
+    problems = stage_records.unsolved_problems(rt.store, rt.run_id, step)
+    if rt.cfg.experience.count_match_run_id:
+        problems = problems[:_matched_count(rt, step)]
+    end_id = rt.stop_ids[0]
+    return [{"prompt_text": p["prompt_text"],
+             "token_ids": encode_target(rt.policy.tokenizer, "\n".join(world.solution_lines(p["question"])), [], (),
+                                        end_id=end_id)[0]} for p in problems]
+
+
+def _matched_count(rt: Runtime, step: int) -> int:
+    """How many analyses the run named by experience.count_match_run_id accepted at this step."""
     from mel_core.store.reader import StoreReader
 
     exp = rt.cfg.experience
@@ -491,7 +514,7 @@ def _count_matched_rollouts(rt: Runtime, step: int) -> list[dict]:
     if n is None:
         raise config_mod.ConfigError(f"config key 'experience.count_match_run_id': run {exp.count_match_run_id} in "
                                      f"{exp.count_match_store} has no accepted count at step {step} (run it first)")
-    return stage_records.paired_correct_rollouts(rt.store, rt.run_id, step, n) if n else []
+    return n
 
 
 def _distributed_update(rt: Runtime, ckpt: Checkpoint, new: Checkpoint, rl, nll) -> dict:

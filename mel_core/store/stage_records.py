@@ -124,6 +124,15 @@ def accepted_replays(store, run_id: str, step: int) -> list[dict]:
 
 
 
+def unsolved_problems(store, run_id: str, step: int) -> list[dict]:
+    """The step's problems that not every rollout solved, the least solved first (ties in prompt position), each
+    with its question and solve prompt (grpo+gold trains on the world's solution of these)."""
+    return store.query(
+        "SELECT p.prompt_id, p.question, p.prompt_text, avg(r.reward) AS solved FROM prompts p "
+        "JOIN rollouts r USING (prompt_id) WHERE r.run_id = ? AND r.step = ? GROUP BY p.prompt_id, p.question, "
+        "p.prompt_text, p.position HAVING avg(r.reward) < 1 ORDER BY solved, p.position", [run_id, step])
+
+
 def paired_correct_rollouts(store, run_id: str, step: int, limit: int) -> list[dict]:
     """The first `limit` distinct correct rollouts of the step's pairs, in pair-id order (a hash: no position or
     reward order), each with its solve prompt (the count-matched grpo+sft trains on these)."""

@@ -22,6 +22,10 @@ seed + i) every arm runs a whole campaign from the same config, changed only by 
 - ``mel-distill``: the MEL pipeline, but the NLL trains on each accepted M's first verified replay given the plain
   solve prompt, without M (context distillation: the positive control, a channel by which a lesson that helps in
   context is known to reach the context-free solver);
+- ``grpo+gold``: GRPO plus NLL on the embedded world's correct solutions of the step's problems the policy solved
+  least often (not every rollout right), as many per step as the ``mel`` arm of its seed accepted — a gold-SFT
+  control that uses world knowledge: an NLL target that carries the decisions the policy lacks, so the harness can
+  show a positive when there is one. It runs no pair, analysis or replay;
 - ``mel-heuristics``: MEL with loss on the If/Then rules of M* only (experience.nll_parts = heuristics);
 - ``mel-unquoted``: MEL with no loss on the critique's verbatim copies of a solution line
   (experience.mask_quoted_solution).
@@ -72,11 +76,12 @@ ARM_OVERRIDES: dict[str, dict[str, object]] = {
     "mel-transfer": {"experience.enabled": True, "experience.transfer_replays": 2},
     "mel-overlap": {"experience.enabled": True, "orchestration.overlap": 1},
     "mel-distill": {"experience.enabled": True, "experience.nll_target": "accepted_replay"},
+    "grpo+gold": {"experience.enabled": True, "experience.nll_target": "reference_solution"},
     "mel-heuristics": {"experience.enabled": True, "experience.nll_parts": "heuristics"},
     "mel-unquoted": {"experience.enabled": True, "experience.mask_quoted_solution": True},
 }
 # arm -> the arm of the same seed whose per-step accepted counts it matches (run before it: :func:`count_matched`)
-COUNT_MATCHED = {"grpo+sft": "mel"}
+COUNT_MATCHED = {"grpo+sft": "mel", "grpo+gold": "mel"}
 ARMS = tuple(ARM_OVERRIDES)
 DEFAULT_ARMS = ("grpo", "mel")
 BOOTSTRAP_RESAMPLES = 10_000
