@@ -58,6 +58,11 @@ PLUGIN = textwrap.dedent('''
 
     def zero(completion, problem):
         return 0
+
+
+    def knows_the_question(completion, problem):
+        """Right only when mel gave the plug-in the problem (its question), as a data-aware reward needs."""
+        return bool(problem["question"])
 ''')
 
 
@@ -207,3 +212,24 @@ def test_the_readme_example_plugins_score_in_the_workers():
     row = {"tests": ["assert add(1, 2) == 3", "assert add(2, 2) == 5"]}
     got = runner.verify([code, "no code"], ["", ""], problems=[Problem("u:1", "q", "-", "u", row=row)] * 2)
     assert [(v.reward, v.reason) for v in got] == [(0.5, "partial"), (0.0, "wrong_answer")]
+
+
+def test_the_gate_gives_a_plugin_each_problem_as_training_and_evaluation_do(plugin_dir, tmp_path_factory,
+                                                                           monkeypatch):
+    from mel_core.problems.worlds import rules
+    from mel_core.step.runtime import Runtime
+    from mel_core.study import gate
+    from tests.conftest import build_micro_model
+    from tests.scripted import ScriptedEngine
+
+    model = build_micro_model(tmp_path_factory.mktemp("rules-micro"), config="configs/tiny-rules.yaml")
+    monkeypatch.chdir(plugin_dir)  # the plug-in is found under the working directory, which building the model left
+    rt = Runtime(C.load(str(C.REPO_ROOT / "configs" / "tiny-rules.yaml"), [
+        f"run.root_dir={plugin_dir}", f"model.name_or_path={model}", f"verify.reward={MODULE}:knows_the_question",
+        "data.synthetic.eval_size=40", "data.synthetic.train_size=64"]))
+    rt.ensure_version(rt.base_checkpoint)
+    rt.use_engine(ScriptedEngine(rt.policy.tokenizer, Script(rollout=lambda q, i: "\n".join(rules.solution_lines(q)))))
+    problems = gate.heldout(rt, gate.world_of(rt), gate.GateSettings(max_problems=2))
+    accuracy = gate.solve_accuracy(rt, problems, tuple(rt.cfg.data.synthetic.rules.weak_rules))
+    for rate in (accuracy["no_weak_rule"], *accuracy["by_subset"].values()):  # every problem reached the plug-in
+        assert rate["n"] > 0 and rate["successes"] == rate["n"]

@@ -105,15 +105,16 @@ def heldout(rt: Runtime, world, s: GateSettings) -> list:
 # --------------------------------------------------------------------------------------- 1. solving
 
 
-def _greedy(rt: Runtime, prompts: list[str], golds: list[str], desc: str) -> list[float]:
+def _greedy(rt: Runtime, prompts: list[str], golds: list[str], desc: str, problems: list) -> list[float]:
+    """Greedy rewards, one per prompt; a reward plug-in is given each prompt's problem, as in evaluation."""
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=rt.cfg.eval.max_new_tokens)
-    return [s.verdict.reward for s in rt.solve(prompts, golds, params, desc=desc)]
+    return [s.verdict.reward for s in rt.solve(prompts, golds, params, desc=desc, problems=problems)]
 
 
 def solve_accuracy(rt: Runtime, problems: list, weak: tuple[str, ...]) -> dict:
     """Greedy Pass@1 per subset, and where no weak rule applies (every subset that is not a weak rule's)."""
     rewards = _greedy(rt, [rt.model_input(rt.prompts.render_solve(p.question)) for p in problems],
-                      [p.answer for p in problems], "gate solve")
+                      [p.answer for p in problems], "gate solve", problems)
     by: dict[str, list[float]] = {}
     for p, r in zip(problems, rewards):
         by.setdefault(p.meta.get("subset"), []).append(r)
@@ -227,9 +228,11 @@ def hint_gain(rt: Runtime, world, problems: list, weak: tuple[str, ...], s: Gate
         return {"problems": 0}
     golds = [p.answer for p, _, _ in rows]
     render = lambda q, e: rt.model_input(rt.prompts.render_validation(q, e))
-    none = _greedy(rt, [rt.model_input(rt.prompts.render_solve(p.question)) for p, _, _ in rows], golds, "gate no hint")
-    right = _greedy(rt, [render(p.question, e) for p, e, _ in rows], golds, "gate right hint")
-    wrong = _greedy(rt, [render(p.question, e) for p, _, e in rows], golds, "gate mismatched hint")
+    asked = [p for p, _, _ in rows]
+    none = _greedy(rt, [rt.model_input(rt.prompts.render_solve(p.question)) for p in asked], golds, "gate no hint",
+                   asked)
+    right = _greedy(rt, [render(p.question, e) for p, e, _ in rows], golds, "gate right hint", asked)
+    wrong = _greedy(rt, [render(p.question, e) for p, _, e in rows], golds, "gate mismatched hint", asked)
     acc = lambda xs: wilson(sum(x > 0 for x in xs), len(xs))
     by_rule = {}
     for rule in weak:
@@ -250,7 +253,7 @@ def _sample_groups(rt: Runtime, problems: list, seed: int, desc: str) -> list[tu
     prompts = [rt.model_input(rt.prompts.render_solve(p.question)) for p in problems]
     params = SamplingParams(n=c.group_size, temperature=c.temperature, top_p=c.top_p,
                             max_new_tokens=c.max_new_tokens, seed=seed)
-    solved = rt.solve(prompts, [p.answer for p in problems], params, desc=desc)
+    solved = rt.solve(prompts, [p.answer for p in problems], params, desc=desc, problems=problems)
     groups = [(p, prompt, []) for p, prompt in zip(problems, prompts)]
     for x in solved:
         groups[x.prompt_index][2].append((x.completion.text, x.completion.token_ids, x.verdict.reward))
