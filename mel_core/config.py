@@ -314,6 +314,13 @@ class ExperienceConfig:
                        "the correct analysis of each incorrect rollout (uses world knowledge: a calibration arm) | "
                        "mismatched = the oracle's analysis with its lesson swapped for another rule's (the "
                        "extra-gradient control).", PAPER)
+    mismatch_pool: str = doc("all", "Which lessons the mismatched analyst swaps in: all = any other error type's of "
+                             "the world, the nearest in length | weak_rules = only the lessons of the rules world's "
+                             "weak rules (data.synthetic.rules.weak_rules). [C] On a warm start that never trained "
+                             "the weak rules' lessons (warm_start.analysis_lessons: strong_only) the right lesson is "
+                             "new text and so is every weak-rule lesson, while the strong rules' are memorised: "
+                             "weak_rules makes the mismatched lesson as new, so its NLL matches the oracle's "
+                             "(the loss-matched control).", one_of=("all", "weak_rules"))
     nll_target: str = doc("meta_experience", "What the NLL term trains on for each accepted analysis: "
                           "meta_experience = M* given C_retro (the paper) | correct_rollout = the pair's correct "
                           "rollout given its solve prompt (our rejection-sampling baseline, grpo+sft in mel "
@@ -771,7 +778,7 @@ HASHED_WHEN_SET = (("data.messages_field", "messages"), ("data.eval_fraction", 0
                    ("verify.reward", "auto"), ("orchestration.overlap", 0), ("experience.nll_parts", "all"),
                    ("experience.mask_quoted_solution", False), ("experience.count_match_run_id", ""),
                    ("experience.count_match_store", ""), ("loss.nll_normalization", "accepted"),
-                   ("warm_start.analysis_lessons", "all"))
+                   ("warm_start.analysis_lessons", "all"), ("experience.mismatch_pool", "all"))
 
 
 def config_hash(cfg: MelConfig, exclude: tuple[str, ...] = RESULT_NEUTRAL_KEYS) -> str:
@@ -885,6 +892,10 @@ def validate(cfg: MelConfig, origins: dict[str, str] | None = None, default_orig
          "experience.analyst", f"policy, model:<path>, oracle or mismatched, got {analyst!r}")
     need(analyst in ("policy",) or not analyst.startswith(("oracle", "mismatched")) or cfg.data.source == "synthetic",
          "experience.analyst", "oracle and mismatched analysts need an embedded world (data.source: synthetic)")
+    need(cfg.experience.mismatch_pool == "all" or (analyst == "mismatched" and cfg.data.synthetic.world == "rules"
+                                                     and len(cfg.data.synthetic.rules.weak_rules) >= 2),
+         "experience.mismatch_pool", "weak_rules swaps a lesson for another weak rule's: it needs experience.analyst: "
+         "mismatched, data.synthetic.world: rules and at least two data.synthetic.rules.weak_rules")
     exp = cfg.experience
     need(exp.nll_target == "meta_experience" or (exp.nll_parts == "all" and not exp.mask_quoted_solution),
          "experience.nll_parts", "nll_parts and mask_quoted_solution select tokens of M*: they need "

@@ -110,3 +110,27 @@ def test_transfer_replays_keep_only_lessons_that_do_no_worse_on_other_problems(t
     assert transfer == 2 * 6  # every candidate shares its (one) lesson's cluster with the five others: k = 2 each
     m = {r["name"]: r["value"] for r in rt.store.query("SELECT name, value FROM metrics")}
     assert m["transfer_rejected"] == 1 and m["accepted"] == 0
+
+
+def test_a_weak_rule_pool_swaps_a_lesson_only_for_another_weak_rules():
+    from mel_core.problems import worlds
+    from mel_core.problems.worlds import rules
+    from mel_core.step import analysts
+
+    cfg = C.load("configs/tiny-rules.yaml", ["experience.analyst=mismatched", "experience.mismatch_pool=weak_rules"])
+    weak, world = set(cfg.data.synthetic.rules.weak_rules), worlds.get("rules")
+    pool = analysts.mismatch_pool(cfg, world)
+    assert set(pool) == weak and len(weak) >= 2
+    for rule in weak:
+        analysis = f"Bifurcation: step 2\nCritique: wrong rule.\nHeuristic: {rules.ERROR_TYPES[rule]}"
+        lesson = analysts.mismatch(analysis, pool).splitlines()[2].removeprefix("Heuristic: ")
+        everywhere = analysts.mismatch(analysis, analysts.mismatch_pool(C.load("configs/tiny-rules.yaml"), world))
+        assert lesson != rules.ERROR_TYPES[rule] and lesson in {rules.ERROR_TYPES[w] for w in weak - {rule}}
+        assert everywhere.splitlines()[2].removeprefix("Heuristic: ") in rules.ERROR_TYPES.values()
+    assert any(analysts.mismatch(f"Heuristic: {rules.ERROR_TYPES[r]}", analysts.mismatch_pool(
+        C.load("configs/tiny-rules.yaml"), world)).removeprefix("Heuristic: ") not in
+        {rules.ERROR_TYPES[w] for w in weak} for r in weak)  # the default pool does reach the strong rules' lessons
+    with pytest.raises(C.ConfigError, match="experience.mismatch_pool"):
+        C.load("configs/tiny-rules.yaml", ["experience.mismatch_pool=weak_rules"])  # the analyst is the policy
+    with pytest.raises(C.ConfigError, match="experience.mismatch_pool"):
+        C.load("configs/tiny.yaml", ["experience.analyst=mismatched", "experience.mismatch_pool=weak_rules"])

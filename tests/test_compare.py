@@ -94,6 +94,11 @@ def test_control_arms_change_only_their_own_keys():
         assert changed <= expected, (arm, changed)
     with pytest.raises(C.ConfigError, match="unknown arm"):
         cmp.parse_arms("mel,ppo")
+    with pytest.raises(C.ConfigError, match="experience.mismatch_pool"):  # the arithmetic world has no weak rules
+        cmp.plan(cfg, "ab", 1, cmp.parse_arms("mel-mismatched-weak"))
+    rules = cmp.plan(C.load("configs/tiny-rules.yaml", ["run.steps=2"]), "ab", 1, cmp.parse_arms("mel-mismatched-weak"))
+    weak = C.to_dict(rules[1].config)["experience"]
+    assert (weak["analyst"], weak["mismatch_pool"]) == ("mismatched", "weak_rules")
 
 
 def test_grpo_sft_is_pointed_at_the_mel_run_of_its_seed():

@@ -7,7 +7,8 @@
   incorrect rollout (``World.oracle_analysis``) — it uses world knowledge and is labelled so: a calibration arm
   (does a correct lesson reach the solver?), not a method.
 - ``mismatched``: the oracle's analysis with its lesson swapped for another error type's lesson of the nearest
-  length — the extra-gradient control (as much NLL, on a lesson that does not fit).
+  length — the extra-gradient control (as much NLL, on a lesson that does not fit); with
+  ``experience.mismatch_pool: weak_rules`` only another weak rule's (loss-matched on the new-lesson warm start).
 
 Each returns one :class:`~mel_core.model.engines.base.Completion` per prompt, in order; scripted texts are encoded by
 the policy's tokenizer and end with eos, so they are parsed, replayed and trained exactly as generations are.
@@ -41,9 +42,18 @@ def write(rt, stage: str, pairs: Sequence[dict], prompts: Sequence[str], params:
     world = worlds.get(rt.cfg.data.synthetic.world)
     texts = [world.oracle_analysis(p["question"], p["incorrect"].splitlines()) for p in pairs]
     if analyst == "mismatched":
-        texts = [mismatch(t, world.error_types) if t else t for t in texts]
+        texts = [mismatch(t, mismatch_pool(rt.cfg, world)) if t else t for t in texts]
     texts = [_part(t, stage, rt.cfg.experience.analysis_mode) if t else UNKNOWN_ERROR for t in texts]
     return [_completion(rt.policy.tokenizer, t) for t in texts]
+
+
+def mismatch_pool(cfg, world) -> dict[str, str]:
+    """The lessons a mismatched analysis may take (experience.mismatch_pool): every error type's, or the weak
+    rules' only (then a lesson is swapped for one the new-lesson warm start never trained either)."""
+    if cfg.experience.mismatch_pool == "weak_rules":
+        weak = set(cfg.data.synthetic.rules.weak_rules)
+        return {k: v for k, v in world.error_types.items() if k in weak}
+    return dict(world.error_types)
 
 
 def mismatch(analysis: str, lessons: dict[str, str]) -> str:

@@ -10,6 +10,8 @@ seed + i) every arm runs a whole campaign from the same config, changed only by 
   knowledge: does a correct lesson reach the solver at all?);
 - ``mel-mismatched``: the oracle's analysis with each lesson swapped for another rule's of the nearest length
   (the extra-gradient control: as much NLL, on lessons that do not fit);
+- ``mel-mismatched-weak``: the same, swapping only among the weak rules' lessons (experience.mismatch_pool:
+  weak_rules): on the new-lesson warm start the loss-matched control (both lessons new text);
 - ``grpo+sft``: GRPO plus NLL on correct rollouts of its own pairs given their solve prompts, as many at each step
   as the ``mel`` arm of the same seed accepted (the rejection-sampling baseline, count-matched). It runs no
   analysis, abstraction or replay — only pair — so its equal-time read-out does not pay for a pipeline it does not
@@ -71,6 +73,8 @@ ARM_OVERRIDES: dict[str, dict[str, object]] = {
     "mel": {"experience.enabled": True},
     "mel-oracle": {"experience.enabled": True, "experience.analyst": "oracle"},
     "mel-mismatched": {"experience.enabled": True, "experience.analyst": "mismatched"},
+    "mel-mismatched-weak": {"experience.enabled": True, "experience.analyst": "mismatched",
+                            "experience.mismatch_pool": "weak_rules"},
     "grpo+sft": {"experience.enabled": True, "experience.nll_target": "correct_rollout"},
     "mel-nofilter": {"experience.enabled": True, "experience.filter": "none"},
     "mel-transfer": {"experience.enabled": True, "experience.transfer_replays": 2},
