@@ -42,7 +42,8 @@ def write(rt, stage: str, pairs: Sequence[dict], prompts: Sequence[str], params:
     world = worlds.get(rt.cfg.data.synthetic.world)
     texts = [world.oracle_analysis(p["question"], p["incorrect"].splitlines()) for p in pairs]
     if analyst == "mismatched":
-        texts = [mismatch(t, mismatch_pool(rt.cfg, world)) if t else t for t in texts]
+        pool = mismatch_pool(rt.cfg, world)
+        texts = [mismatch(t, pool) if t else t for t in texts]
     texts = [_part(t, stage, rt.cfg.experience.analysis_mode) if t else UNKNOWN_ERROR for t in texts]
     return [_completion(rt.policy.tokenizer, t) for t in texts]
 
